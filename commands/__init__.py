@@ -1,0 +1,1 @@
+"""The command side: HTTP handlers, command handlers, and workers reacting to events."""

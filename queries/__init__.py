@@ -1,0 +1,1 @@
+"""The query side: GET handlers over read models only."""

@@ -1,0 +1,37 @@
+"""``get_chart``: a calculated chart, shared by every reading of the same birth data."""
+
+from __future__ import annotations
+
+from almanac.adapters.replicas import ReadRouter
+from almanac.auth import Principal
+from almanac.errors import NotFound
+from almanac.readmodels import PositionWatch, ReadDatabase
+from almanac.views import SELECT_CHART, ChartView, chart_from_row
+from queries.readings import wait_for_position
+
+# A client sees a chart only through a reading of its own: birth data is personal.
+_OWNS = "SELECT 1 AS ok FROM readings WHERE chart_hash = :chart_hash AND owner = :owner LIMIT 1"
+
+
+async def get_chart(
+    chart_hash: str,
+    *,
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    min_position: int | None,
+    timeout: float,
+    router: ReadRouter | None = None,
+) -> ChartView:
+    await wait_for_position(watch, min_position, timeout)
+    if len(chart_hash) != 64 or not all(c in "0123456789abcdef" for c in chart_hash):
+        raise NotFound(f"no chart {chart_hash[:80]}")
+    source = db if router is None else await router.source(min_position)
+    row = await source.fetch_one(SELECT_CHART, {"chart_hash": chart_hash})
+    if row is None:
+        raise NotFound(f"no chart {chart_hash}")
+    if not principal.is_admin:
+        owns = await source.fetch_one(_OWNS, {"chart_hash": chart_hash, "owner": principal.owner})
+        if owns is None:
+            raise NotFound(f"no chart {chart_hash}")
+    return chart_from_row(row)

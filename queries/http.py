@@ -1,0 +1,148 @@
+"""HTTP routes of the query side."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from litestar import Request, Response, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, QueryParameter
+
+from almanac.auth import Principal
+from almanac.container import Container
+from almanac.views import ChartView, ReadingView
+from queries.charts import get_chart
+from queries.fields import parse_fields, select
+from queries.readings import (
+    MAX_PAGE,
+    Kind,
+    ReadingFilters,
+    ReadingPage,
+    Status,
+    get_reading,
+    list_readings,
+)
+
+MinPosition = Annotated[
+    int | None,
+    QueryParameter(
+        ge=0,
+        description="Wait (bounded) until the read model has reached this position; "
+        "use the `Almanac-Position` of your command to read your own write.",
+    ),
+]
+Fields = Annotated[
+    str | None,
+    QueryParameter(
+        description="Comma-separated dotted paths to return, e.g. `id,status,chart.sun`.",
+    ),
+]
+
+
+def _not_modified(request: Request[Any, Any, Any], etag: str) -> bool:
+    header = request.headers.get("if-none-match")
+    if not header:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return "*" in tags or etag in tags
+
+
+def _single(
+    request: Request[Any, Any, Any], body: Any, etag: str, position: int, fields: str | None
+) -> Response[Any]:
+    headers = {"ETag": etag, "Almanac-Position": str(position), "Cache-Control": "private"}
+    if _not_modified(request, etag):
+        return Response(None, status_code=304, headers=headers)
+    paths = parse_fields(fields, type(body))
+    return Response(body if paths is None else select(body, paths), headers=headers)
+
+
+@get("/readings/{reading_id:uuid}", summary="Get a reading", tags=["readings"])
+async def get_reading_route(
+    request: Request[Any, Any, Any],
+    reading_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    min_position: MinPosition = None,
+    fields: Fields = None,
+) -> Response[ReadingView]:
+    parse_fields(fields, ReadingView)
+    view = await get_reading(
+        reading_id,
+        db=container.read_db,
+        router=container.read_router,
+        cache=container.cache,
+        watch=container.watch,
+        principal=principal,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return _single(request, view, f'"r-{view.id}-{view.position}"', view.position, fields)
+
+
+@get("/readings", summary="List readings, newest first", tags=["readings"])
+async def list_readings_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+    status: FromQuery[Status | None] = None,
+    kind: FromQuery[Kind | None] = None,
+    created_after: Annotated[
+        datetime | None, QueryParameter(description="ISO 8601 with a time zone; inclusive.")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, QueryParameter(description="ISO 8601 with a time zone; exclusive.")
+    ] = None,
+    min_position: MinPosition = None,
+    fields: Fields = None,
+) -> Response[ReadingPage]:
+    paths = parse_fields(fields, ReadingView)
+    views, next_cursor, position = await list_readings(
+        db=container.read_db,
+        router=container.read_router,
+        watch=container.watch,
+        principal=principal,
+        filters=ReadingFilters(status, kind, created_after, created_before),
+        limit=limit,
+        cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    data: list[Any] = views if paths is None else [select(v, paths) for v in views]
+    page = ReadingPage(
+        data=data, has_more=next_cursor is not None, next_cursor=next_cursor, position=position
+    )
+    return Response(page, headers={"Almanac-Position": str(position)})
+
+
+@get("/charts/{chart_hash:str}", summary="Get a calculated chart by its hash", tags=["charts"])
+async def get_chart_route(
+    request: Request[Any, Any, Any],
+    chart_hash: FromPath[str],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    min_position: MinPosition = None,
+    fields: Fields = None,
+) -> Response[ChartView]:
+    parse_fields(fields, ChartView)
+    view = await get_chart(
+        chart_hash,
+        db=container.read_db,
+        router=container.read_router,
+        watch=container.watch,
+        principal=principal,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return _single(
+        request, view, f'"c-{view.chart_hash[:16]}-{view.position}"', view.position, fields
+    )
+
+
+# Mounted under /api/v1 by almanac.app together with the command side's handlers.
+handlers = [get_reading_route, list_readings_route, get_chart_route]

@@ -1,0 +1,65 @@
+"""Monitoring endpoints for operators (admin keys only)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+import msgspec
+from litestar import Router, get
+from litestar.di import NamedDependency
+
+from almanac.adapters.redis import RedisConnection
+from almanac.auth import Principal
+from almanac.cache import CacheStats, ReadCache
+from almanac.container import Container
+from almanac.errors import Unavailable
+
+# A monitoring request waits at most this long for Redis to answer.
+PING_TIMEOUT = 1.0
+
+
+class RedisStatus(msgspec.Struct, frozen=True):
+    status: Literal["ok", "unavailable", "not_configured"]
+    latency_ms: float | None = None
+    detail: str | None = None
+
+
+class CacheMonitoring(msgspec.Struct, frozen=True):
+    cache: CacheStats
+    redis: RedisStatus
+
+
+async def get_cache_monitoring(cache: ReadCache, redis: RedisConnection | None) -> CacheMonitoring:
+    return CacheMonitoring(cache=cache.stats(), redis=await _redis_status(redis))
+
+
+async def _redis_status(redis: RedisConnection | None) -> RedisStatus:
+    if redis is None:
+        return RedisStatus(status="not_configured")
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(redis.ping(), PING_TIMEOUT)
+    except Unavailable as exc:
+        return RedisStatus(status="unavailable", detail=exc.detail)
+    except TimeoutError:
+        return RedisStatus(status="unavailable", detail=f"no answer within {PING_TIMEOUT} s")
+    latency = round((time.perf_counter() - started) * 1000, 3)
+    return RedisStatus(status="ok", latency_ms=latency)
+
+
+@get(
+    "/monitoring/cache",
+    summary="Read cache statistics and Redis availability (admin)",
+    tags=["monitoring"],
+)
+async def get_cache_monitoring_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> CacheMonitoring:
+    principal.require_admin()
+    return await get_cache_monitoring(container.cache, container.redis)
+
+
+router = Router(path="/api/v1", route_handlers=[get_cache_monitoring_route])

@@ -1,0 +1,185 @@
+"""Readings as the read model has them: one (``get_reading``) or a page (``list_readings``)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import msgspec
+
+from almanac.adapters.replicas import ReadRouter
+from almanac.auth import Principal
+from almanac.cache import ReadCache, decode_reading, encode_entry, reading_key
+from almanac.errors import FieldError, NotFound, NotYetVisible, ValidationFailed
+from almanac.readmodels import PositionWatch, ReadDatabase
+from almanac.views import SELECT_READINGS, ReadingView, reading_from_row
+
+PROJECTION = "readings"
+MAX_PAGE = 200
+Status = Literal["requested", "chart_calculated", "generated", "failed"]
+Kind = Literal["natal", "love", "career"]
+
+_SELECT_ONE = SELECT_READINGS + " WHERE r.id = :id"
+
+
+class ReadingFilters(msgspec.Struct, frozen=True):
+    status: Status | None = None
+    kind: Kind | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
+
+
+class ReadingPage(msgspec.Struct, frozen=True):
+    data: list[Any]
+    has_more: bool
+    next_cursor: str | None
+    position: int
+
+
+class _Cursor(msgspec.Struct, frozen=True):
+    before: int
+    filters: str
+    owner: str
+
+
+def encode_cursor(cursor: _Cursor) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
+
+
+def decode_cursor(raw: str, filters: ReadingFilters, owner: str) -> _Cursor:
+    def bad(message: str) -> ValidationFailed:
+        return ValidationFailed([FieldError("cursor", message)])
+
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        cursor = msgspec.json.decode(base64.urlsafe_b64decode(padded), type=_Cursor)
+    except (ValueError, binascii.Error, msgspec.DecodeError):
+        raise bad("is not a cursor from this API; use next_cursor as given") from None
+    if cursor.filters != filters.fingerprint() or cursor.owner != owner:
+        raise bad("belongs to a listing with other filters; repeat the filters it was made with")
+    return cursor
+
+
+async def wait_for_position(watch: PositionWatch, min_position: int | None, timeout: float) -> int:
+    """Return once the read model has reached ``min_position``, or raise NotYetVisible."""
+    if min_position is None or min_position <= 0:
+        return 0
+    current = await watch.wait_for(PROJECTION, min_position, timeout)
+    if current < min_position:
+        raise NotYetVisible(
+            f"the read model is at position {current}, not yet at {min_position}; retry shortly",
+            wanted=min_position,
+            current=current,
+        )
+    return current
+
+
+async def get_reading(
+    reading_id: UUID,
+    *,
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    min_position: int | None,
+    timeout: float,
+    cache: ReadCache,
+    router: ReadRouter | None = None,
+) -> ReadingView:
+    key = reading_key(reading_id)
+    cached = decode_reading(await cache.get(key))
+    # An entry at position p reflects every event of this reading up to p.
+    if cached is not None and cached.view.position >= (min_position or 0):
+        if not principal.may_see(cached.owner):
+            raise NotFound(f"no reading {reading_id}")
+        return cached.view
+    await wait_for_position(watch, min_position, timeout)
+    mark = cache.mark()
+    source = db if router is None else await router.source(min_position)
+    row = await source.fetch_one(_SELECT_ONE, {"id": str(reading_id)})
+    if row is None:
+        raise NotFound(f"no reading {reading_id}")
+    entry = reading_from_row(row)
+    await cache.fill(key, encode_entry(entry), mark=mark)
+    if not principal.may_see(entry.owner):
+        raise NotFound(f"no reading {reading_id}")
+    return entry.view
+
+
+async def list_readings(
+    *,
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    filters: ReadingFilters,
+    limit: int,
+    cursor: str | None,
+    min_position: int | None,
+    timeout: float,
+    router: ReadRouter | None = None,
+) -> tuple[list[ReadingView], str | None, int]:
+    """Newest first, by the position of each reading's request: a stable order in which new
+    readings only ever appear at the head, so paging on is unaffected by concurrent inserts."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValidationFailed([FieldError("limit", f"must be from 1 to {MAX_PAGE}")])
+    if (
+        filters.created_after
+        and filters.created_before
+        and filters.created_after >= filters.created_before
+    ):
+        raise ValidationFailed([FieldError("created_before", "must be after created_after")])
+    await wait_for_position(watch, min_position, timeout)
+    position = await watch.current(PROJECTION)
+    where: list[str] = []
+    params: dict[str, Any] = {"limit": limit + 1}
+    if not principal.is_admin:
+        where.append("r.owner = :owner")
+        params["owner"] = principal.owner
+    if cursor is not None:
+        where.append("r.requested_position < :before")
+        params["before"] = decode_cursor(cursor, filters, principal.owner).before
+    if filters.status is not None:
+        where.append("r.status = :status")
+        params["status"] = filters.status
+    if filters.kind is not None:
+        where.append("r.kind = :kind")
+        params["kind"] = filters.kind
+    if filters.created_after is not None:
+        where.append("r.created_at >= :created_after")
+        params["created_after"] = _utc(filters.created_after, "created_after")
+    if filters.created_before is not None:
+        where.append("r.created_at < :created_before")
+        params["created_before"] = _utc(filters.created_before, "created_before")
+    sql = SELECT_READINGS.replace(
+        " FROM readings r", ", r.requested_position AS rp FROM readings r", 1
+    )
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY r.requested_position DESC LIMIT :limit"
+    source = db if router is None else await router.source(min_position)
+    if router is not None and (applied := router.applied_position(source)) is not None:
+        position = applied  # a replica's page reflects its own position (>= min_position)
+    rows = await source.fetch_all(sql, params)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = (
+        encode_cursor(_Cursor(int(rows[-1]["rp"]), filters.fingerprint(), principal.owner))
+        if more
+        else None
+    )
+    return [reading_from_row(r).view for r in rows], next_cursor, position
+
+
+def _utc(moment: datetime, field: str) -> str:
+    if moment.tzinfo is None:
+        raise ValidationFailed([FieldError(field, "give a time zone, e.g. 2026-01-01T00:00:00Z")])
+    try:
+        return moment.astimezone(UTC).isoformat()
+    except OverflowError:
+        raise ValidationFailed([FieldError(field, "is outside the representable range")]) from None

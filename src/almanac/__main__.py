@@ -1,0 +1,5 @@
+"""``python -m almanac`` runs the command line."""
+
+from almanac.cli import main
+
+main()

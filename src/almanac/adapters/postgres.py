@@ -1,0 +1,184 @@
+"""Postgres connection handling: the read-model database and database creation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import structlog
+from psycopg import sql as pgsql
+from psycopg.rows import dict_row
+from psycopg.types.string import TextLoader
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from almanac.errors import Unavailable
+from almanac.readmodels import BulkInsert, Row, Write
+
+log = structlog.get_logger("almanac.postgres")
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=512)
+def to_pyformat(sql: str) -> str:
+    """``:name`` parameters (the portable spelling) to psycopg's ``%(name)s``."""
+    return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` if it does not exist; True if it was created."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            admin_url, autocommit=True, connect_timeout=5
+        ) as conn:
+            found = await (
+                await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            ).fetchone()
+            if found:
+                return False
+            try:
+                await conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                return False  # another process created it first
+            log.info("postgres.database_created", database=name)
+            return True
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"cannot reach Postgres to create {name!r}: {exc}") from exc
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # JSON columns come back as text: msgspec decodes them faster than psycopg would.
+    conn.adapters.register_loader("jsonb", TextLoader)
+    conn.adapters.register_loader("json", TextLoader)
+
+
+class PostgresReadDatabase:
+    dialect: Literal["postgres"] = "postgres"
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8) -> None:
+        self.url = url
+        self._column_types: dict[str, dict[str, str]] = {}
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            configure=_configure,
+            kwargs={
+                "row_factory": dict_row,
+                "connect_timeout": 5,
+                # Read models are derived: rows and their tracking position commit together, so
+                # a crash loses both consistently and the projector replays from the log.
+                # Not waiting for the WAL flush takes milliseconds off projection lag.
+                "options": "-c synchronous_commit=off",
+            },
+            timeout=5,
+            check=AsyncConnectionPool.check_connection,
+        )
+
+    async def open(self) -> None:
+        await ensure_database(self.url)
+        await self.pool.open(wait=False)
+
+    async def migrate(self, statements: Sequence[str]) -> None:
+        async with self._connection() as conn, conn.transaction():
+            # Several processes may start at once; serialise their CREATE … IF NOT EXISTS.
+            await conn.execute("SELECT pg_advisory_xact_lock(7245001)")
+            for statement in statements:
+                await conn.execute(statement)
+
+    async def write(self, writes: Sequence[Write]) -> None:
+        try:
+            async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                for write in writes:
+                    if isinstance(write, BulkInsert):
+                        bulk, columns = await self._bulk_insert(cur, write)
+                        await cur.execute(bulk, columns)
+                        continue
+                    sql, params = write
+                    query = to_pyformat(sql)
+                    if len(params) == 1:
+                        await cur.execute(query, params[0])
+                    else:
+                        await cur.executemany(query, params)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"the read database is not answering: {exc}") from exc
+
+    async def _bulk_insert(
+        self, cur: psycopg.AsyncCursor[Any], write: BulkInsert
+    ) -> tuple[pgsql.Composed, list[list[Any]]]:
+        """``INSERT … SELECT * FROM unnest(%b::type[], …)``: one parameter per column, so a
+        thousand rows cost one round trip and no per-row query parsing; binary arrays spare
+        escaping every JSON document as text."""
+        types = self._column_types.get(write.table)
+        if types is None:
+            await cur.execute(
+                "SELECT attname AS column_name, format_type(atttypid, atttypmod) AS type"
+                " FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+                " AND NOT attisdropped",
+                (write.table,),
+            )
+            types = {row["column_name"]: row["type"] for row in await cur.fetchall()}
+            self._column_types[write.table] = types
+        casts = pgsql.SQL(", ").join(
+            pgsql.SQL("%b::{}[]").format(pgsql.SQL(types[c])) for c in write.columns
+        )
+        query = pgsql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({}) {}").format(
+            pgsql.Identifier(write.table),
+            pgsql.SQL(", ").join(map(pgsql.Identifier, write.columns)),
+            casts,
+            pgsql.SQL(write.on_conflict),
+        )
+        columns = [list(values) for values in zip(*write.rows, strict=True)]
+        return query, columns
+
+    async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> Row | None:
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute(to_pyformat(sql), params)
+                row: Row | None = await cur.fetchone()
+                return row
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"the read database is not answering: {exc}") from exc
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]:
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute(to_pyformat(sql), params)
+                return list(await cur.fetchall())
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"the read database is not answering: {exc}") from exc
+
+    def _connection(self) -> Any:
+        return _Connection(self.pool)
+
+    async def ping(self) -> None:
+        await self.fetch_one("SELECT 1 AS ok", {})
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class _Connection:
+    """A pooled connection whose pool time-out surfaces as ``Unavailable``."""
+
+    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+        self._pool = pool
+        self._cm: Any = None
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        self._cm = self._pool.connection()
+        try:
+            conn: psycopg.AsyncConnection[Any] = await self._cm.__aenter__()
+        except PoolTimeout as exc:
+            raise Unavailable("the read database is not answering (no connection)") from exc
+        return conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cm.__aexit__(*exc)

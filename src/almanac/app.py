@@ -1,0 +1,297 @@
+"""The Litestar application factory: routes, errors, dependencies and lifespan in one place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import uuid4
+
+import msgspec
+import structlog
+from litestar import Litestar, Request, Response, Router, get
+from litestar.config.compression import CompressionConfig
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware import ASGIMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from almanac import errors
+from almanac.auth import Principal
+from almanac.bootstrap import bootstrap
+from almanac.container import ROLES, Container
+from almanac.settings import Settings
+
+log = structlog.get_logger("almanac.http")
+
+PROBLEM = "application/problem+json"
+# The one table from error class to HTTP status (most specific class first).
+STATUS_OF: list[tuple[type[errors.AlmanacError], int, str]] = [
+    (errors.ValidationFailed, 422, "Unprocessable content"),
+    (errors.NotFound, 404, "Not found"),
+    (errors.Unauthorized, 401, "Unauthorized"),
+    (errors.Forbidden, 403, "Forbidden"),
+    (errors.NotYetVisible, 503, "Not yet visible"),
+    (errors.Unavailable, 503, "Service unavailable"),
+    (errors.Conflict, 409, "Conflict"),
+    (errors.AlmanacError, 400, "Bad request"),
+]
+
+
+def problem(
+    status: int, title: str, detail: str, request: Request[Any, Any, Any], **extra: Any
+) -> Response[dict[str, Any]]:
+    """An RFC 9457 problem response."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    request_id = request.scope.get("state", {}).get("request_id")
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="almanac"'
+    return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def almanac_error(request: Request[Any, Any, Any], exc: errors.AlmanacError) -> Response[Any]:
+    status, title = next((s, t) for cls, s, t in STATUS_OF if isinstance(exc, cls))
+    extra: dict[str, Any] = {}
+    response_headers: dict[str, str] = {}
+    if isinstance(exc, errors.ValidationFailed):
+        extra["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
+    if isinstance(exc, errors.NotYetVisible):
+        extra.update(min_position=exc.wanted, current_position=exc.current)
+        response_headers["Retry-After"] = "1"
+    if isinstance(exc, errors.Unavailable):
+        response_headers["Retry-After"] = str(exc.retry_after)
+        log.warning("http.unavailable", detail=exc.detail)
+    response = problem(status, title, exc.detail, request, **extra)
+    response.headers.update(response_headers)
+    return response
+
+
+_PATH = re.compile(r"`\$((?:\.[A-Za-z_]\w*|\[\d+\])*)`")
+_NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
+
+
+def _field_of(message: str, key: str | None) -> tuple[str, str]:
+    """Turn msgspec's ``Expected `float`, got `str` - at `$.birth.latitude``` into
+    (``birth.latitude``, ``Expected `float`, got `str```)."""
+    match = _PATH.search(message)
+    path = match.group(1).replace("[", ".").replace("]", "").lstrip(".") if match else ""
+    named = _NAMED.search(message)
+    if named:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    text = message.split(" - at ", maxsplit=1)[0]
+    if not path and key and key != "data":
+        path = key
+    return path or "body", text
+
+
+def validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    found: list[dict[str, str]] = []
+    raw = exc.extra if isinstance(exc.extra, list) else []
+    for item in raw:
+        if isinstance(item, dict):
+            field, message = _field_of(str(item.get("message", "")), item.get("key"))
+            source = item.get("source")
+            if source in ("query", "header", "path", "cookie") and item.get("key"):
+                field = str(item["key"])
+            found.append({"field": field, "message": message})
+    cause = exc.__cause__
+    if isinstance(cause, msgspec.ValidationError) and any(
+        e.get("source") == "body" for e in raw if isinstance(e, dict)
+    ):
+        # Litestar keeps only the last part of a nested path; msgspec's own message has it all
+        # (``… - at `$.data.birth` ``), so body errors are named from that.
+        field, message = _field_of(
+            str(cause).replace("`$.data.", "`$.").replace("`$.data`", "`$`"), None
+        )
+        found = [e for e in found if e["field"] != field and not _same_leaf(e["field"], field)]
+        found.insert(0, {"field": field, "message": message})
+    if not found:
+        field, message = _field_of(str(exc.detail), None)
+        found.append({"field": field, "message": message})
+    if any("malformed" in e["message"].lower() or "JSON is" in e["message"] for e in found):
+        return problem(400, "Bad request", "The request body is not valid JSON.", request)
+    if any(e["field"] == "data" for e in found):
+        return problem(400, "Bad request", "A JSON request body is required.", request)
+    fields = ", ".join(e["field"] for e in found)
+    return problem(
+        422, "Unprocessable content", f"Invalid field(s): {fields}", request, errors=found
+    )
+
+
+def _same_leaf(short: str, full: str) -> bool:
+    return full.endswith("." + short)
+
+
+def bad_encoding(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Bodies that cannot even be read as JSON text: bad UTF-8, absurd nesting."""
+    reason = "is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "is nested too deeply"
+    return problem(400, "Bad request", f"The request body {reason}.", request)
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    title = {
+        400: "Bad request",
+        404: "Not found",
+        405: "Method not allowed",
+        413: "Content too large",
+        415: "Unsupported media type",
+    }.get(exc.status_code, "HTTP error")
+    response = problem(exc.status_code, title, str(exc.detail), request)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("http.internal_error", path=request.url.path, error=str(exc))
+    return problem(500, "Internal server error", "Something went wrong on our side.", request)
+
+
+class RequestIdMiddleware(ASGIMiddleware):
+    """Binds a request id to every log line of the request and echoes it back."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        request_id = (
+            incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid4().hex
+        )
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_with_id)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+@get("/health/live", summary="Liveness", tags=["health"], include_in_schema=True)
+async def health_live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+DEGRADABLE = frozenset({"redis", "nats"})
+
+
+@get("/health/ready", summary="Readiness of the engines of the active profile", tags=["health"])
+async def health_ready(container: NamedDependency[Container]) -> Response[dict[str, Any]]:
+    checks = await container.readiness()
+    # Without Redis or NATS the process still serves (degraded), so it stays in rotation.
+    ready = all(v == "ok" for k, v in checks.items() if k not in DEGRADABLE)
+    degraded = sorted(k for k, v in checks.items() if k in DEGRADABLE and v != "ok")
+    body = {
+        "status": ("degraded" if degraded else "ok") if ready else "unavailable",
+        "degraded": degraded,
+        "profile": container.settings.profile.value,
+        "roles": list(container.roles),
+        "checks": checks,
+    }
+    return Response(body, status_code=200 if ready else 503)
+
+
+def create_app(
+    settings: Settings,
+    container: Container | None = None,
+    *,
+    roles: tuple[str, ...] | None = None,
+    on_started: Callable[[Container], None] | None = None,
+) -> Litestar:
+    """The ASGI app. Every role process serves health; only ``api`` serves the API."""
+    graph = container or bootstrap(settings, roles=roles or ROLES)
+    from commands.http import handlers as command_handlers
+    from queries.http import handlers as query_handlers
+    from queries.monitoring import router as monitoring_router
+
+    async def provide_container() -> Container:
+        return graph
+
+    async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        secret = token.strip() if scheme.lower() == "bearer" else None
+        return await graph.keyring.authenticate(secret)
+
+    async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: object) -> None:
+        # A guard runs before the body is read: no key means 401, whatever the body holds.
+        connection.state.principal = await authenticate(connection)
+
+    async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+        principal = request.state.get("principal")
+        return principal if isinstance(principal, Principal) else await authenticate(request)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await graph.start()
+        if on_started is not None:
+            on_started(graph)
+        try:
+            yield
+        finally:
+            await graph.stop()
+
+    handlers: list[Any] = [health_live, health_ready]
+    if "api" in graph.roles:
+        # One router for both sides: a path such as /readings has handlers from each.
+        handlers.append(
+            Router(
+                path="/",
+                guards=[require_key],
+                route_handlers=[
+                    Router(path="/api/v1", route_handlers=[*command_handlers, *query_handlers]),
+                    monitoring_router,
+                ],
+            )
+        )
+    return Litestar(
+        route_handlers=handlers,
+        dependencies={
+            "container": Provide(provide_container),
+            "principal": Provide(provide_principal),
+        },
+        exception_handlers={
+            errors.AlmanacError: almanac_error,
+            ValidationException: validation_error,
+            HTTPException: http_error,
+            UnicodeDecodeError: bad_encoding,
+            RecursionError: bad_encoding,
+            Exception: internal_error,
+        },
+        middleware=[RequestIdMiddleware()],
+        # Brotli for clients that accept it, gzip otherwise, above 1 KiB.
+        compression_config=CompressionConfig(
+            backend="brotli", minimum_size=1024, brotli_gzip_fallback=True
+        ),
+        lifespan=[lifespan],
+        state=State({"settings": settings}),
+        openapi_config=OpenAPIConfig(
+            title="Almanac",
+            version="0.1.0",
+            description="Astrology readings, event-sourced. Every command answers with the "
+            "position of its events (`Almanac-Position`); queries take `min_position`.",
+            path="/docs",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        ),
+        debug=False,
+        # Logging is configured once by almanac.logs (structlog), not by the framework.
+        logging_config=None,
+    )

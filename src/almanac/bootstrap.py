@@ -1,0 +1,94 @@
+"""The composition root: builds the whole object graph from Settings.
+
+Everything is constructed here and nowhere else; nothing connects at import time.
+Tests pass ``**overrides`` to swap a collaborator (a generator, a chart calculator).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from almanac.adapters.nats import NatsConnection
+from almanac.adapters.postgres import PostgresReadDatabase
+from almanac.adapters.redis import RedisConnection
+from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
+from almanac.adapters.sqlite import SqliteReadDatabase
+from almanac.auth import KeyRing
+from almanac.cache import ReadCache, TwoLevelCache
+from almanac.container import ROLES, Container
+from almanac.domain.interpretation import BuiltinGenerator, ReadingGenerator
+from almanac.eventstore import EventStore
+from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
+from almanac.settings import Profile, Settings
+from commands.worker import ReadingWorker
+from projections.cache_refresher import CacheRefresher
+from projections.readings import ReadingsProjection
+from projections.runner import ProjectionRunner
+from streams.logfeed import LogFeed
+
+
+def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: Any) -> Container:
+    store = overrides.get("store") or EventStore(settings)
+    read_db: ReadDatabase
+    read_router: ReadRouter | None = None
+    if settings.profile is Profile.SERVICES:
+        assert settings.read_postgres_url is not None
+        read_db = PostgresReadDatabase(
+            settings.read_postgres_url, max_size=settings.store.pool_size
+        )
+        redis = RedisConnection(settings.cache.redis_url) if settings.cache.redis_url else None
+        nats = NatsConnection(settings.feed.nats_url) if settings.feed.nats_url else None
+        listen_dsn = settings.store.postgres_url
+        if settings.store.read_replica_urls:
+            read_router = ReadRouter(
+                read_db,
+                [
+                    ReplicaReadDatabase(url, max_size=settings.store.pool_size)
+                    for url in settings.store.read_replica_urls
+                ],
+                max_lag=settings.store.replica_max_lag,
+                projection=ReadingsProjection.name,
+            )
+    else:
+        read_db = SqliteReadDatabase(settings.store.sqlite_read_path)
+        redis = nats = None
+        listen_dsn = None
+    feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
+    # Tests isolate their Redis keys (and invalidation channel) with a prefix.
+    cache: ReadCache = TwoLevelCache(
+        settings.cache, redis, prefix=overrides.get("cache_prefix", "")
+    )
+    watch = PositionWatch(lambda name: projection_position(read_db, name))
+    generator: ReadingGenerator = overrides.get("generator") or BuiltinGenerator()
+    worker_kwargs = {"calculate": overrides["calculate"]} if "calculate" in overrides else {}
+    worker = ReadingWorker(
+        store,
+        feed,
+        generator,
+        settings.worker,
+        batch_size=settings.feed.batch_size,
+        **worker_kwargs,
+    )
+    projector = ProjectionRunner(
+        ReadingsProjection(),
+        feed,
+        read_db,
+        watch,
+        batch_size=settings.feed.batch_size,
+        after_commit=[CacheRefresher(cache, read_db)],
+    )
+    return Container(
+        settings=settings,
+        store=store,
+        read_db=read_db,
+        watch=watch,
+        feed=feed,
+        keyring=KeyRing(store, settings.access.key_cache_ttl),
+        generator=generator,
+        cache=cache,
+        redis=redis,
+        nats=nats,
+        read_router=read_router,
+        background={"worker": [worker], "projector": [projector]},
+        roles=roles,
+    )

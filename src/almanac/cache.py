@@ -1,0 +1,589 @@
+"""The read cache: a small in-process L1 in front of a shared Redis L2.
+
+Both levels hold copies of read-model rows and are rebuildable from the read database at
+any time, so every Redis failure is answered as a miss and the caller reads the database.
+
+Who writes what:
+
+- The projector, after each commit, re-reads the changed rows from the primary and calls
+  ``refresh``: the new values go to L2 and one pipelined PUBLISH makes every other process
+  drop its L1 copy (they re-read L2 and find the new value, since the SETs ran first).
+- A query that had to read the database calls ``fill``: into L1 unless the key was
+  invalidated while it was reading (``mark``), and into L2 only where L2 has nothing and
+  for a short while (``fill_ttl``), so a possibly older row (from a replica, or a read that
+  raced a commit) never overwrites what the projector wrote and never outlives it for long.
+
+L1 entries live ``l1_ttl`` seconds, which bounds how long a lost invalidation can matter.
+While Redis is away nothing is asked of it for a backoff that grows from 1 s to 10 s; once
+the invalidation channel is subscribed again the whole L1 is cleared, because whatever
+was published meanwhile is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+import msgspec
+import structlog
+
+from almanac.adapters.redis import REDIS_ERRORS, RedisConnection
+from almanac.settings import CacheSettings
+from almanac.views import CachedReading, ChartView
+
+log = structlog.get_logger("almanac.cache")
+
+Clock = Callable[[], float]
+# Redis names under the (per-deployment or per-test) prefix.
+ENTRY_NAMESPACE = "almanac:"
+INVALIDATE_CHANNEL = "almanac:cache:invalidate"
+HOT_KEYS = "almanac:cache:hot"
+
+
+def reading_key(reading_id: UUID | str) -> str:
+    """The key of a reading; its value is a ``CachedReading`` as JSON."""
+    return f"reading:{reading_id}"
+
+
+def chart_key(chart_hash: str) -> str:
+    """The key of a chart; its value is a ``ChartView`` as JSON."""
+    return f"chart:{chart_hash}"
+
+
+_encode = msgspec.json.Encoder().encode
+_reading = msgspec.json.Decoder(CachedReading)
+_chart = msgspec.json.Decoder(ChartView)
+
+
+def encode_entry(value: CachedReading | ChartView) -> bytes:
+    return _encode(value)
+
+
+def decode_reading(data: bytes | None) -> CachedReading | None:
+    """The cached reading, or None for a miss or a value of an older shape (also a miss)."""
+    if data is None:
+        return None
+    try:
+        return _reading.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
+def decode_chart(data: bytes | None) -> ChartView | None:
+    if data is None:
+        return None
+    try:
+        return _chart.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
+class CacheStats(msgspec.Struct, frozen=True):
+    """Counters since the process started, and the current state."""
+
+    l1_hits: int
+    l1_misses: int
+    l1_size: int
+    l1_capacity: int
+    l2_enabled: bool
+    l2_hits: int
+    l2_misses: int
+    # Failed calls to Redis (reads, writes, publishes, the subscriber).
+    l2_errors: int
+    # Calls not even tried because Redis failed a moment ago (answered as misses).
+    l2_skipped: int
+    # Redis calls failing, or the invalidation channel lost: L1 copies may lag up to l1_ttl.
+    degraded: bool
+    subscribed: bool
+    invalidations_sent: int
+    invalidations_received: int
+    l1_clears: int
+    warmed: int
+
+
+class ReadCache(Protocol):
+    """Copies of read-model values by key (``reading_key``, ``chart_key``)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]: ...
+
+    async def put_many(self, items: Mapping[str, bytes]) -> bool:
+        """Store in every level; False if L2 could not take them."""
+        ...
+
+    async def refresh(self, items: Mapping[str, bytes]) -> bool:
+        """New values of changed rows: store them and make every other L1 drop its copy."""
+        ...
+
+    def mark(self) -> int:
+        """Taken before a database read, handed to ``fill`` with what was read."""
+        ...
+
+    async def fill(self, key: str, value: bytes, *, mark: int) -> None:
+        """Cache a value read from the database, unless it may be older than the cache's."""
+        ...
+
+    async def invalidate(self, keys: Iterable[str]) -> None:
+        """Drop ``keys`` from the L1 of every process (L2 is left to ``refresh``)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def stats(self) -> CacheStats: ...
+
+
+class L1Cache:
+    """A bounded LRU whose entries expire ``ttl`` seconds after they were put.
+
+    A size or a ttl of 0 keeps nothing.
+    """
+
+    def __init__(self, size: int, ttl: float, clock: Clock) -> None:
+        self.capacity = size if ttl > 0 else 0
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: str, value: bytes) -> None:
+        if not self.capacity:
+            return
+        self._entries[key] = (self._clock() + self._ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> int:
+        count = len(self._entries)
+        self._entries.clear()
+        return count
+
+
+class Backoff:
+    """Pauses that double from ``initial`` up to ``maximum``; ``reset`` after a success."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def next(self) -> float:
+        pause = self._next
+        self._next = min(pause * 2, self.maximum)
+        return pause
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class _Invalidation(msgspec.Struct, array_like=True):
+    origin: str
+    keys: list[str]
+
+
+_invalidation = msgspec.json.Decoder(_Invalidation)
+# How many recently invalidated keys are remembered exactly for ``fill`` (older: any fill
+# that began before them is refused, which is safe).
+_RECENT_INVALIDATIONS = 4096
+# Distinct keys whose reads are counted between two flushes to the hot set.
+_COUNTED_KEYS = 10_000
+_MGET_CHUNK = 1000
+
+
+class TwoLevelCache:
+    """L1 in this process, L2 in Redis (``redis=None``: L1 only, the embedded profile)."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        redis: RedisConnection | None,
+        *,
+        prefix: str = "",
+        clock: Clock = time.monotonic,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 10.0,
+        log_interval: float = 10.0,
+        flush_interval: float = 1.0,
+        fill_ttl: float = 60.0,
+    ) -> None:
+        self._l1 = L1Cache(settings.l1_size, settings.l1_ttl, clock)
+        self._redis = redis
+        self._clock = clock
+        self._l2_ttl_ms = max(1, int(settings.l2_ttl * 1000))
+        self._fill_ttl_ms = max(1, int(min(fill_ttl, settings.l2_ttl) * 1000))
+        self._warm_limit = min(settings.warm_keys, self._l1.capacity)
+        self._hot_capacity = max(4 * settings.warm_keys, 1000)
+        self._entry_prefix = f"{prefix}{ENTRY_NAMESPACE}"
+        self._channel = f"{prefix}{INVALIDATE_CHANNEL}"
+        self._hot = f"{prefix}{HOT_KEYS}"
+        self._origin = uuid4().hex
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._log_interval = log_interval
+        self._flush_interval = flush_interval
+        # Counters for stats().
+        self._l1_hits = self._l1_misses = self._l2_hits = self._l2_misses = 0
+        self._l2_errors = self._l2_skipped = self._l1_clears = self._warmed = 0
+        self._sent = self._received = 0
+        # Redis health: calls are skipped until _skip_until after a failure.
+        self._failing = False
+        self._skip_until = 0.0
+        self._backoff = Backoff(backoff_initial, backoff_max)
+        self._unlogged_errors = 0
+        self._logged_at: float | None = None
+        # Invalidation sequence: fill() refuses values read before a newer invalidation.
+        self._seq = 0
+        self._floor = 0
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        self._reads: Counter[str] = Counter()
+        self._count_reads = redis is not None and self._warm_limit > 0
+        self._subscribed = False
+        self._subscriber_failing = False
+        self._running = False
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # Reading.
+
+    async def get(self, key: str) -> bytes | None:
+        self._count_read(key)
+        value = self._l1.get(key)
+        if value is not None:
+            self._l1_hits += 1
+            return value
+        self._l1_misses += 1
+        if self._redis is None:
+            return None
+        return (await self._fetch([key])).get(key)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        missing: list[str] = []
+        for key in dict.fromkeys(keys):
+            self._count_read(key)
+            value = self._l1.get(key)
+            if value is None:
+                self._l1_misses += 1
+                missing.append(key)
+            else:
+                self._l1_hits += 1
+                found[key] = value
+        if missing and self._redis is not None:
+            found.update(await self._fetch(missing))
+        return found
+
+    async def _fetch(self, keys: list[str]) -> dict[str, bytes]:
+        """Read ``keys`` from L2; what is there also goes into L1."""
+        mark = self._seq
+        result = await self._pipeline(lambda pipe: pipe.mget([self._entry(k) for k in keys]))
+        if result is None:
+            return {}
+        found: dict[str, bytes] = {}
+        for key, value in zip(keys, result[0], strict=True):
+            if value is None:
+                self._l2_misses += 1
+            else:
+                self._l2_hits += 1
+                found[key] = value
+                self._fill_l1(key, value, mark)
+        return found
+
+    # Writing.
+
+    async def put_many(self, items: Mapping[str, bytes]) -> bool:
+        for key, value in items.items():
+            self._l1.put(key, value)
+        return await self._store(items, publish=False)
+
+    async def refresh(self, items: Mapping[str, bytes]) -> bool:
+        if not items:
+            return True
+        # This process's L1 takes the new values at once; fills already under way are stale.
+        self._forget(items)
+        for key, value in items.items():
+            self._l1.put(key, value)
+        self._sent += len(items)
+        return await self._store(items, publish=True)
+
+    def mark(self) -> int:
+        return self._seq
+
+    async def fill(self, key: str, value: bytes, *, mark: int) -> None:
+        self._fill_l1(key, value, mark)
+        await self._store({key: value}, publish=False, filling=True)
+
+    async def invalidate(self, keys: Iterable[str]) -> None:
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return
+        self._forget(unique)
+        self._sent += len(unique)
+        if self._redis is not None:
+            message = _encode(_Invalidation(self._origin, unique))
+            await self._pipeline(lambda pipe: pipe.publish(self._channel, message))
+
+    async def _store(
+        self, items: Mapping[str, bytes], *, publish: bool, filling: bool = False
+    ) -> bool:
+        if self._redis is None or not items:
+            return True
+        ttl_ms = self._fill_ttl_ms if filling else self._l2_ttl_ms
+
+        def build(pipe: Any) -> None:
+            for key, value in items.items():
+                pipe.set(self._entry(key), value, px=ttl_ms, nx=filling)
+            # After the SETs: a process that re-reads on this message finds the new values.
+            if publish:
+                pipe.publish(self._channel, _encode(_Invalidation(self._origin, list(items))))
+
+        return await self._pipeline(build) is not None
+
+    # L1 and invalidations.
+
+    def _fill_l1(self, key: str, value: bytes, mark: int) -> None:
+        if self._recent.get(key, self._floor) > mark:
+            return  # invalidated since the value was read: it may be older than the cache's
+        self._l1.put(key, value)
+
+    def _forget(self, keys: Iterable[str]) -> None:
+        self._seq += 1
+        for key in keys:
+            self._l1.discard(key)
+            self._recent[key] = self._seq
+            self._recent.move_to_end(key)
+        while len(self._recent) > _RECENT_INVALIDATIONS:
+            _, seq = self._recent.popitem(last=False)
+            self._floor = max(self._floor, seq)
+
+    def _clear_l1(self) -> int:
+        self._seq += 1
+        self._floor = self._seq
+        self._recent.clear()
+        self._l1_clears += 1
+        return self._l1.clear()
+
+    def _received_invalidation(self, data: bytes) -> None:
+        try:
+            message = _invalidation.decode(data)
+        except msgspec.DecodeError:
+            # Not knowing what to drop, drop everything: L1 is only a copy.
+            log.warning("cache.invalidation_unreadable", l1_cleared=self._clear_l1())
+            return
+        if message.origin == self._origin:
+            return
+        self._forget(message.keys)
+        self._received += len(message.keys)
+
+    # Lifecycle: the invalidation subscriber, the hot-key counts, warming.
+
+    async def start(self) -> None:
+        """Subscribe to invalidations and warm L1 with the hottest keys (never fails)."""
+        if self._running:
+            return
+        self._running = True
+        self._stopping.clear()
+        if self._redis is None:
+            return
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="cache-invalidations"),
+            asyncio.create_task(self._flush_periodically(), name="cache-hot-keys"),
+        ]
+        await self._warm()
+
+    async def stop(self) -> None:
+        """End the subscriber; save the read counts so the next start warms the same keys."""
+        if not self._running:
+            return
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._flush_reads()
+        self._running = self._subscriber_failing = False
+
+    async def _listen(self) -> None:
+        assert self._redis is not None
+        backoff = Backoff(self._backoff_initial, self._backoff_max)
+        missed = False
+        while not self._stopping.is_set():
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while not self._stopping.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
+                        self._received_invalidation(message["data"])
+                    elif message["type"] == "subscribe":
+                        self._subscribed = True
+                        self._subscriber_failing = False
+                        backoff.reset()
+                        if missed:
+                            log.info("cache.resubscribed", l1_cleared=self._clear_l1())
+            except REDIS_ERRORS as exc:
+                self._subscriber_failing = missed = True
+                pause = backoff.next()
+                self._report_error(exc, "subscribe", retry_in=pause)
+                await self._pause(pause)
+            except Exception:  # a dead subscriber would leave every L1 stale: keep it alive
+                self._subscriber_failing = missed = True
+                log.exception("cache.subscriber_failed")
+                await self._pause(backoff.next())
+            finally:
+                self._subscribed = False
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await pubsub.aclose()
+
+    async def _flush_periodically(self) -> None:
+        while not self._stopping.is_set():
+            await self._pause(self._flush_interval)
+            await self._flush_reads()
+
+    def _count_read(self, key: str) -> None:
+        # Counted here and sent to Redis about once a second, not once per read.
+        if self._count_reads and (key in self._reads or len(self._reads) < _COUNTED_KEYS):
+            self._reads[key] += 1
+
+    async def _flush_reads(self) -> None:
+        if not self._reads:
+            return
+        reads, self._reads = self._reads, Counter()
+
+        def build(pipe: Any) -> None:
+            for key, count in reads.items():
+                pipe.zincrby(self._hot, count, key)
+            pipe.zremrangebyrank(self._hot, 0, -(self._hot_capacity + 1))
+
+        await self._pipeline(build)
+
+    async def _warm(self) -> int:
+        if not self._warm_limit:
+            return 0
+        ranked = await self._pipeline(
+            lambda pipe: pipe.zrevrange(self._hot, 0, self._warm_limit - 1)
+        )
+        keys = [k.decode() for k in ranked[0]] if ranked else []
+        if not keys:
+            return 0
+        mark = self._seq
+
+        def build(pipe: Any) -> None:
+            for start in range(0, len(keys), _MGET_CHUNK):
+                pipe.mget([self._entry(k) for k in keys[start : start + _MGET_CHUNK]])
+
+        chunks = await self._pipeline(build)
+        values = [value for chunk in chunks or [] for value in chunk]
+        warmed = 0
+        for key, value in zip(keys, values, strict=False):
+            if value is not None:
+                self._fill_l1(key, value, mark)
+                warmed += 1
+        self._warmed += warmed
+        log.info("cache.warmed", keys=warmed, hottest=len(keys))
+        return warmed
+
+    # Redis, and what happens when it is away.
+
+    def _entry(self, key: str) -> str:
+        return self._entry_prefix + key
+
+    async def _pipeline(self, build: Callable[[Any], object]) -> list[Any] | None:
+        """Run one pipeline; None when Redis failed or is being left alone for a while."""
+        if self._redis is None:
+            return None
+        if self._failing and self._clock() < self._skip_until:
+            self._l2_skipped += 1
+            return None
+        try:
+            pipe = self._redis.client.pipeline(transaction=False)
+            build(pipe)
+            result: list[Any] = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            now = self._clock()
+            if not self._failing or now >= self._skip_until:
+                self._skip_until = now + self._backoff.next()
+            self._failing = True
+            self._report_error(exc, "command", retry_in=self._skip_until - now)
+            return None
+        if self._failing:
+            self._failing = False
+            self._backoff.reset()
+            self._logged_at = None
+            log.info("cache.redis_recovered")
+        return result
+
+    def _report_error(self, exc: BaseException, operation: str, *, retry_in: float) -> None:
+        """Count every error; log the first, then at most one line per ``log_interval``."""
+        self._l2_errors += 1
+        self._unlogged_errors += 1
+        now = self._clock()
+        if self._logged_at is None or now - self._logged_at >= self._log_interval:
+            log.warning(
+                "cache.redis_unavailable",
+                operation=operation,
+                error=str(exc) or type(exc).__name__,
+                errors=self._unlogged_errors,
+                retry_in=round(retry_in, 3),
+            )
+            self._logged_at = now
+            self._unlogged_errors = 0
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    @property
+    def degraded(self) -> bool:
+        if self._redis is None:
+            return False
+        return self._failing or self._subscriber_failing
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            l1_hits=self._l1_hits,
+            l1_misses=self._l1_misses,
+            l1_size=len(self._l1),
+            l1_capacity=self._l1.capacity,
+            l2_enabled=self._redis is not None,
+            l2_hits=self._l2_hits,
+            l2_misses=self._l2_misses,
+            l2_errors=self._l2_errors,
+            l2_skipped=self._l2_skipped,
+            degraded=self.degraded,
+            subscribed=self._subscribed,
+            invalidations_sent=self._sent,
+            invalidations_received=self._received,
+            l1_clears=self._l1_clears,
+            warmed=self._warmed,
+        )

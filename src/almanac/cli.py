@@ -1,0 +1,197 @@
+"""The ``almanac`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import NoReturn
+
+import click
+from rich.console import Console
+from rich.panel import Panel
+
+from almanac.container import ROLES
+from almanac.settings import Settings, SettingsError
+
+console = Console()
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(2)
+
+
+def _parse_roles(raw: str) -> tuple[str, ...]:
+    roles = tuple(r.strip() for r in raw.split(",") if r.strip())
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        named = ", ".join(unknown) or "(none given)"
+        raise click.BadParameter(f"unknown role(s) {named}; choose from {', '.join(ROLES)}")
+    return roles
+
+
+@click.group()
+@click.version_option(package_name="almanac")
+def main() -> None:
+    """Almanac: astrology readings on an event-sourced CQRS backend."""
+
+
+@main.command()
+@click.option(
+    "--host", default=None, help="Interface to listen on (ALMANAC_HOST, default 127.0.0.1)."
+)
+@click.option("--port", type=int, default=None, help="Port (ALMANAC_PORT, default 8000).")
+@click.option(
+    "--roles",
+    default=",".join(ROLES),
+    show_default=True,
+    help="Comma-separated roles to run in this process.",
+)
+def serve(host: str | None, port: int | None, roles: str) -> None:
+    """Run the chosen roles (API, worker, projector) in one process."""
+    import msgspec
+    import uvicorn
+
+    from almanac.app import create_app
+    from almanac.bootstrap import bootstrap
+    from almanac.logs import configure_logging
+
+    chosen = _parse_roles(roles)
+    settings = load_settings()
+    http = msgspec.structs.replace(
+        settings.http,
+        host=host or settings.http.host,
+        port=settings.http.port if port is None else port,
+    )
+    settings = msgspec.structs.replace(settings, http=http)
+    configure_logging(settings.log)
+    try:
+        container = bootstrap(settings, roles=chosen)
+    except Exception as exc:  # noqa: BLE001 - a start-up failure is reported, not dumped
+        _fail(f"cannot open the event store: {exc}")
+    issued = None
+    if "api" in chosen and settings.access.bootstrap_admin:
+        issued = container.keyring.issue_first_admin()
+    _welcome(settings, chosen, issued.secret if issued else None)
+    app = create_app(settings, container)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=http.host,
+            port=http.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=20,
+        )
+    )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler
+    # that was installed before it started; this one makes that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run()
+
+
+def _welcome(settings: Settings, roles: tuple[str, ...], admin_key: str | None) -> None:
+    base = settings.http.public_url or f"http://{settings.http.host}:{settings.http.port}"
+    where = ", ".join(f"{k} {v}" for k, v in settings.locations().items())
+    lines = [
+        f"[bold]Almanac[/] · {settings.profile.value} profile · roles: {', '.join(roles)}",
+        f"data: {where}",
+    ]
+    if "api" in roles:
+        lines += [f"API:  {base}/api/v1", f"Docs: {base}/docs", f"Health: {base}/health/ready"]
+    follow_up: list[str] = []
+    if admin_key:
+        lines += [
+            "",
+            "[bold yellow]Admin API key (shown once; only its hash is stored):[/]",
+            f"  {admin_key}",
+        ]
+        body = (
+            '{"birth": {"date": "1990-04-12", "time": "14:30", "timezone": "Europe/London", '
+            '"latitude": 51.5074, "longitude": -0.1278}, "label": "Ada"}'
+        )
+        follow_up = [
+            "Next, generate a reading:",
+            f"  export ALMANAC_KEY={admin_key}",
+            (
+                f"  curl -si -X POST {base}/api/v1/readings"
+                ' -H "Authorization: Bearer $ALMANAC_KEY"'
+                f" -H 'Content-Type: application/json' -d '{body}'"
+            ),
+            "then GET the Location it returns (README.md walks through the rest).",
+        ]
+    elif "api" in roles:
+        lines += [
+            "",
+            "The admin key was shown on first start. Make another with:",
+            "  almanac keys create --name me --role admin",
+        ]
+    console.print(Panel("\n".join(lines), expand=False), highlight=False)
+    for line in follow_up:
+        # Printed outside the panel so that the command copies and pastes whole.
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="What the key is for, e.g. 'mobile app'.")
+@click.option("--role", type=click.Choice(["admin", "client"]), default="client", show_default=True)
+@click.option(
+    "--owner", default=None, help="Owner (tenant) the key acts for; default: a new owner."
+)
+def keys_create(name: str, role: str, owner: str | None) -> None:
+    """Create an API key and print it once; only its hash is stored."""
+    from uuid import uuid4
+
+    from almanac.bootstrap import bootstrap
+
+    settings = load_settings()
+    container = bootstrap(settings, roles=())
+    try:
+        issued = container.keyring.issue(
+            name=name,
+            role="admin" if role == "admin" else "client",
+            owner=owner or f"own_{uuid4().hex[:16]}",
+        )
+    finally:
+        container.store.close()
+    console.print(f"[bold]{issued.secret}[/]", highlight=False)
+    Console(stderr=True).print(
+        f"key for owner {issued.principal.owner} (role {role}); it is shown only this once",
+        highlight=False,
+    )
+
+
+@main.command()
+def migrate() -> None:
+    """Create the databases and tables of the active profile, then exit."""
+    from almanac.bootstrap import bootstrap
+    from almanac.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log)
+
+    async def run() -> None:
+        container = bootstrap(settings, roles=())
+        await container.start()
+        await container.stop()
+
+    asyncio.run(run())
+    console.print(f"migrated ({settings.profile.value} profile)")
+
+
+if __name__ == "__main__":
+    main()

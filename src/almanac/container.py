@@ -1,0 +1,133 @@
+"""The object graph ``bootstrap`` builds: what every role and handler is given."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from almanac.adapters.nats import NatsConnection
+from almanac.adapters.redis import RedisConnection
+from almanac.adapters.replicas import ReadRouter
+from almanac.auth import KeyRing
+from almanac.cache import ReadCache
+from almanac.domain.interpretation import ReadingGenerator
+from almanac.errors import AlmanacError
+from almanac.eventstore import EventStore
+from almanac.feed import EventFeed
+from almanac.readmodels import PositionWatch, ReadDatabase
+from almanac.settings import Settings
+
+log = structlog.get_logger("almanac.container")
+
+ROLES = ("api", "worker", "projector")
+
+
+class BackgroundRole(Protocol):
+    """A long-running consumer (worker, projector) started by ``Container.start``."""
+
+    name: str
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Preparable(Protocol):
+    async def prepare(self) -> None: ...
+
+
+@dataclass
+class Container:
+    settings: Settings
+    store: EventStore
+    read_db: ReadDatabase
+    watch: PositionWatch
+    feed: EventFeed
+    keyring: KeyRing
+    generator: ReadingGenerator
+    cache: ReadCache
+    redis: RedisConnection | None = None
+    nats: NatsConnection | None = None
+    # Routes queries to fresh-enough hot standbys of the read database (services only).
+    read_router: ReadRouter | None = None
+    # Each background role is listed under the role name that runs it.
+    background: dict[str, list[BackgroundRole]] = field(default_factory=dict)
+    roles: tuple[str, ...] = ROLES
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _started: bool = False
+
+    async def start(self) -> None:
+        """Open connections, create read-model tables, start the background roles."""
+        if self._started:
+            return
+        self._started = True
+        await self.read_db.open()
+        await self.cache.start()
+        if self.read_router is not None:
+            await self.read_router.open()
+        for roles in self.background.values():
+            for role in roles:
+                if hasattr(role, "prepare"):
+                    await role.prepare()
+        await self.feed.start()
+        for role_name, roles in self.background.items():
+            if role_name in self.roles:
+                for role in roles:
+                    self._tasks.append(asyncio.create_task(role.run(), name=role.name))
+        log.info(
+            "almanac.started",
+            profile=self.settings.profile.value,
+            roles=list(self.roles),
+            **self.settings.locations(),
+        )
+
+    async def stop(self) -> None:
+        """Stop background roles (each finishes its batch), then close every connection."""
+        if not self._started:
+            return
+        for roles in self.background.values():
+            for role in roles:
+                role.stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._tasks.clear()
+        await self.feed.stop()
+        await self.cache.stop()
+        if self.read_router is not None:
+            await self.read_router.close()
+        await self.read_db.close()
+        if self.redis is not None:
+            await self.redis.close()
+        if self.nats is not None:
+            await self.nats.close()
+        await asyncio.to_thread(self.store.close)
+        self._started = False
+        log.info("almanac.stopped")
+
+    async def readiness(self) -> dict[str, str]:
+        """Each engine of the active profile, ``ok`` or why not."""
+        checks = {"event_store": self.store.ping(), "read_models": self.read_db.ping()}
+        if self.redis is not None:
+            checks["redis"] = self.redis.ping()
+        if self.nats is not None:
+            checks["nats"] = self.nats.ping()
+        results: dict[str, str] = {}
+        for name, check in checks.items():
+            try:
+                await asyncio.wait_for(check, timeout=3)
+                results[name] = "ok"
+            except (AlmanacError, TimeoutError, OSError) as exc:
+                results[name] = getattr(exc, "detail", None) or type(exc).__name__
+        for task in self._tasks:
+            if task.done():
+                results[task.get_name()] = "stopped"
+        return results

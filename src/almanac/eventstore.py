@@ -1,0 +1,441 @@
+"""The event store: an eventsourcing application plus the group-commit writer.
+
+eventsourcing is synchronous and its Postgres recorder locks the events table for every
+insert transaction, so one save per command caps throughput. Here concurrent commands queue
+their aggregates; one writer thread saves everything queued as one transaction and hands each
+caller its own outcome and position. A conflict inside a batch falls back to saving the batch's
+members one by one, so one stale command never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import typing
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import unquote, urlsplit
+from uuid import UUID
+
+import msgspec
+import structlog
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import (
+    InterfaceError,
+    Mapper,
+    Notification,
+    OperationalError,
+    RecordConflictError,
+    StoredEvent,
+    Tracking,
+    Transcoder,
+)
+from eventsourcing.utils import Environment, EnvType, get_topic, resolve_topic
+
+from almanac.domain.events import EventMeta
+from almanac.errors import Conflict, Unavailable
+from almanac.settings import Settings
+
+log = structlog.get_logger("almanac.eventstore")
+
+A = TypeVar("A", bound=Aggregate)
+T = TypeVar("T")
+_ENVELOPE_FIELDS = ("originator_id", "originator_version")
+
+
+class ConcurrencyConflict(Conflict):
+    """Another command changed the aggregate first; reload and decide again."""
+
+
+class MsgspecMapper(Mapper[UUID]):
+    """Stores event state as msgspec JSON and decodes it straight into typed fields.
+
+    The default JSON transcoder walks every value in Python; msgspec encodes Structs,
+    UUIDs and datetimes natively and decodes with a compiled per-class schema.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(transcoder=_UnusedTranscoder())
+        self._encoder = msgspec.json.Encoder()
+        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        state = dict(vars(domain_event))
+        originator_id = state.pop("originator_id")
+        originator_version = state.pop("originator_version")
+        return StoredEvent(
+            originator_id=originator_id,
+            originator_version=originator_version,
+            topic=get_topic(type(domain_event)),
+            state=self._encoder.encode(state),
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        cls = resolve_topic(stored_event.topic)
+        decoded = self._decoder(cls).decode(stored_event.state)
+        state = {f: getattr(decoded, f) for f in decoded.__struct_fields__}
+        originator_id = stored_event.originator_id
+        state["originator_id"] = (
+            originator_id if isinstance(originator_id, UUID) else UUID(str(originator_id))
+        )
+        state["originator_version"] = stored_event.originator_version
+        event = object.__new__(cls)
+        object.__setattr__(event, "__dict__", state)
+        return event
+
+    def _decoder(self, cls: type[Any]) -> msgspec.json.Decoder[Any]:
+        decoder = self._decoders.get(cls)
+        if decoder is None:
+            hints = typing.get_type_hints(cls)
+            fields = [
+                (f.name, hints[f.name])
+                for f in dataclasses.fields(cls)
+                if f.name not in _ENVELOPE_FIELDS
+            ]
+            schema = msgspec.defstruct(f"{cls.__qualname__}State", fields)
+            decoder = self._decoders[cls] = msgspec.json.Decoder(schema)
+        return decoder
+
+
+class _UnusedTranscoder(Transcoder):
+    """Mapper wants a transcoder; MsgspecMapper encodes by itself."""
+
+    def encode(self, obj: Any) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> Any:
+        raise NotImplementedError
+
+
+class AlmanacApplication(Application[UUID]):
+    """The one eventsourcing application; its events table is ``almanac_events``."""
+
+    name = "Almanac"
+    env: ClassVar[dict[str, str]] = {}
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        # Only what Almanac's settings say, never stray eventsourcing variables from os.environ.
+        return Environment(name, dict(env or {}))
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        return MsgspecMapper()
+
+
+def application_env(settings: Settings) -> dict[str, str]:
+    """eventsourcing's configuration for the active profile."""
+    url = settings.store.postgres_url
+    if url is None:
+        settings.store.data_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(settings.store.sqlite_events_path),
+            "SQLITE_LOCK_TIMEOUT": "10",
+        }
+    parts = urlsplit(url)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(parts.path.lstrip("/")) or "postgres",
+        "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(parts.port or 5432),
+        "POSTGRES_USER": unquote(parts.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(parts.password or ""),
+        "POSTGRES_POOL_SIZE": str(settings.store.pool_size),
+        "POSTGRES_MAX_OVERFLOW": str(settings.store.pool_size),
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_PRE_PING": "y",
+        "POSTGRES_LOCK_TIMEOUT": "5",
+    }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """A stored event with its place in the global order."""
+
+    position: int
+    type: str
+    aggregate_id: UUID
+    aggregate_version: int
+    occurred_at: datetime
+    meta: EventMeta
+    event: Any
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    events: list[Any]
+    future: Future[int]
+
+
+class GroupCommitWriter:
+    """One thread that saves queued events from many callers in one transaction each."""
+
+    def __init__(
+        self,
+        app: AlmanacApplication,
+        max_batch: int,
+        on_commit: Callable[[int], None],
+    ) -> None:
+        self._app = app
+        self._max_batch = max_batch
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="almanac-writer", daemon=True)
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.fallbacks = 0
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="almanac-writer", daemon=True
+                )
+                self._thread.start()
+
+    def submit(self, aggregates: Iterable[Aggregate]) -> Future[int]:
+        # Collect now, on the caller's side: if a batch fails, the events must still exist
+        # for the one-by-one fallback.
+        events = [e for agg in aggregates for e in agg.collect_events()]
+        future: Future[int] = Future()
+        if not events:
+            future.set_exception(ValueError("nothing to save: no pending events"))
+            return future
+        self._queue.put(_Job(events, future))
+        return future
+
+    def stop(self) -> None:
+        """Save everything queued so far, then end the thread."""
+        with self._lock:
+            if self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=30)
+
+    def _save_alone(self, job: _Job) -> None:
+        try:
+            recordings = self._app.save(*job.events)
+        except RecordConflictError:
+            job.future.set_exception(
+                ConcurrencyConflict("the aggregate was changed by another command")
+            )
+            return
+        except (OperationalError, InterfaceError) as exc:
+            job.future.set_exception(Unavailable(f"the event store is not answering: {exc}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - the caller must hear how its save ended
+            job.future.set_exception(exc)
+            return
+        job.future.set_result(max(r.notification.id for r in recordings))
+        self._on_commit(recordings[-1].notification.id)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < self._max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            try:
+                self._save(batch)
+            except Exception:
+                log.exception("writer.batch_crashed", size=len(batch))
+            if stopping:
+                return
+
+    def _save(self, batch: list[_Job]) -> None:
+        # A caller that gave up before its turn is dropped, unsaved; from here on a job can
+        # no longer be cancelled, so every remaining caller hears how its save ended.
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        events = [e for job in batch for e in job.events]
+        try:
+            recordings = self._app.save(*events)
+        except RecordConflictError:
+            if len(batch) == 1:
+                batch[0].future.set_exception(
+                    ConcurrencyConflict("the aggregate was changed by another command")
+                )
+                return
+            log.debug("writer.batch_conflict", size=len(batch))
+            self.fallbacks += 1
+            for job in batch:
+                self._save_alone(job)
+            return
+        except (OperationalError, InterfaceError) as exc:
+            error = Unavailable(f"the event store is not answering: {exc}")
+            for job in batch:
+                job.future.set_exception(error)
+            return
+        except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        offset = 0
+        for job in batch:
+            mine = recordings[offset : offset + len(job.events)]
+            offset += len(job.events)
+            job.future.set_result(max(r.notification.id for r in mine))
+        self.batches += 1
+        self._on_commit(recordings[-1].notification.id)
+
+
+class EventStore:
+    """The write side's only door to persistence, and the log that consumers follow."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = AlmanacApplication(env=application_env(settings))
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.store.pool_size, thread_name_prefix="almanac-store"
+        )
+        self._listeners: list[Callable[[int], None]] = []
+        self.writer = GroupCommitWriter(self.app, settings.store.writer_max_batch, self._committed)
+        self._is_postgres = settings.store.postgres_url is not None
+        # Consumers that write back to this store (the worker) keep their positions here.
+        self._tracking: Any = self.app.factory.tracking_recorder()
+        self.writer.start()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def append(self, *aggregates: Aggregate) -> int:
+        """Save the aggregates' pending events durably; return the last event's position."""
+        return await asyncio.wrap_future(self.writer.submit(aggregates))
+
+    def append_sync(self, *aggregates: Aggregate, timeout: float = 30) -> int:
+        return self.writer.submit(aggregates).result(timeout=timeout)
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(position)`` (from the writer thread) after every commit."""
+        self._listeners.append(listener)
+
+    def _committed(self, position: int) -> None:
+        for listener in self._listeners:
+            try:
+                listener(position)
+            except Exception:
+                log.exception("eventstore.listener_failed")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        return await self._run(self.load_sync, cls, aggregate_id)
+
+    def load_sync(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        try:
+            aggregate: Any = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"the event store is not answering: {exc}") from exc
+        return aggregate if isinstance(aggregate, cls) else None
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        """Up to ``limit`` events with positions greater than ``after``, in order."""
+        return await self._run(self.read_sync, after, limit)
+
+    def read_sync(self, after: int, limit: int) -> list[RecordedEvent]:
+        try:
+            notifications = self.app.recorder.select_notifications(
+                start=after, limit=limit, inclusive_of_start=False
+            )
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"the event store is not answering: {exc}") from exc
+        return [self.decode(n) for n in notifications]
+
+    def decode(self, notification: Notification) -> RecordedEvent:
+        event: Any = self.app.mapper.to_domain_event(notification)
+        return RecordedEvent(
+            position=notification.id,
+            type=notification.topic,
+            aggregate_id=event.originator_id,
+            aggregate_version=event.originator_version,
+            occurred_at=event.timestamp,
+            meta=event.meta,
+            event=event,
+        )
+
+    async def max_position(self) -> int:
+        return await self._run(self.max_position_sync)
+
+    def max_position_sync(self) -> int:
+        try:
+            return int(self.app.recorder.max_notification_id() or 0)
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"the event store is not answering: {exc}") from exc
+
+    async def position_of(self, aggregate_id: UUID, version: int) -> int | None:
+        """The position of one aggregate's event, for replaying an original response."""
+        return await self._run(self._position_of, aggregate_id, version)
+
+    def _position_of(self, aggregate_id: UUID, version: int) -> int | None:
+        recorder: Any = self.app.recorder
+        table = recorder.events_table_name
+        if self._is_postgres:
+            with recorder.datastore.get_connection() as conn:
+                row = conn.execute(
+                    f"SELECT notification_id FROM {table} "
+                    "WHERE originator_id = %s AND originator_version = %s",
+                    (aggregate_id, version),
+                ).fetchone()
+            return None if row is None else int(row["notification_id"])
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(
+                f"SELECT rowid FROM {table} WHERE originator_id = ? AND originator_version = ?",
+                (aggregate_id.hex, version),
+            )
+            found = cursor.fetchone()
+        return None if found is None else int(found[0])
+
+    @property
+    def notify_channel(self) -> str:
+        """The Postgres channel the recorder NOTIFYs after each insert."""
+        recorder: Any = self.app.recorder
+        return str(recorder.events_table_name).replace(".", "_")
+
+    async def consumer_position(self, name: str) -> int:
+        return await self._run(self._consumer_position, name)
+
+    def _consumer_position(self, name: str) -> int:
+        try:
+            return int(self._tracking.max_tracking_id(name) or 0)
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"the event store is not answering: {exc}") from exc
+
+    async def save_consumer_position(self, name: str, position: int) -> None:
+        await self._run(self._save_consumer_position, name, position)
+
+    def _save_consumer_position(self, name: str, position: int) -> None:
+        if position <= self._consumer_position(name):
+            return
+        try:
+            self._tracking.insert_tracking(Tracking(name, position))
+        except RecordConflictError:
+            # Another process moved it further meanwhile; positions only go forward.
+            return
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"the event store is not answering: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self.max_position()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self.writer.stop()
+        self._executor.shutdown(wait=True)
+        self.app.close()

@@ -1,0 +1,121 @@
+"""The read-model port: the database projectors write and queries read.
+
+SQL is written once with ``:name`` parameters and portable upserts
+(``INSERT … ON CONFLICT … DO UPDATE``); each adapter runs it on its own engine.
+Schema statements differ per dialect and are supplied by each projection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Protocol
+
+Dialect = Literal["sqlite", "postgres"]
+Row = Mapping[str, Any]
+# One statement with the parameter sets to run it with, in order.
+Statement = tuple[str, Sequence[Mapping[str, Any]]]
+
+
+class BulkInsert(NamedTuple):
+    """Many rows into one table; each engine inserts them its fastest way."""
+
+    table: str
+    columns: tuple[str, ...]
+    rows: Sequence[Sequence[Any]]
+    on_conflict: str = ""
+
+
+Write = Statement | BulkInsert
+
+POSITIONS_SCHEMA = {
+    "sqlite": [
+        (
+            "CREATE TABLE IF NOT EXISTS projection_positions ("
+            " name TEXT PRIMARY KEY, position INTEGER NOT NULL, updated_at TEXT NOT NULL)"
+        )
+    ],
+    "postgres": [
+        (
+            "CREATE TABLE IF NOT EXISTS projection_positions ("
+            " name TEXT PRIMARY KEY, position BIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
+        )
+    ],
+}
+SAVE_POSITION = (
+    "INSERT INTO projection_positions (name, position, updated_at)"
+    " VALUES (:name, :position, :updated_at)"
+    " ON CONFLICT (name) DO UPDATE SET position = excluded.position,"
+    " updated_at = excluded.updated_at WHERE projection_positions.position < excluded.position"
+)
+# Positions only move forward; a rebuild forgets the row and starts again from 0.
+FORGET_POSITION = "DELETE FROM projection_positions WHERE name = :name"
+
+
+class ReadDatabase(Protocol):
+    @property
+    def dialect(self) -> Dialect: ...
+
+    async def open(self) -> None: ...
+
+    async def migrate(self, statements: Sequence[str]) -> None: ...
+
+    async def write(self, writes: Sequence[Write]) -> None:
+        """Run every write in one transaction: all of it commits, or none."""
+        ...
+
+    async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> Row | None: ...
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def projection_position(db: ReadDatabase, name: str) -> int:
+    row = await db.fetch_one(
+        "SELECT position FROM projection_positions WHERE name = :name", {"name": name}
+    )
+    return 0 if row is None else int(row["position"])
+
+
+class PositionWatch:
+    """How far each projection has got, announced in-process and read from the database.
+
+    Projectors in this process announce their commits so waiting queries wake at once;
+    projectors in other processes are seen by re-reading the tracking row with backoff.
+    """
+
+    def __init__(self, read_position: Callable[[str], Awaitable[int]]) -> None:
+        self._read_position = read_position
+        self._known: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def announce(self, name: str, position: int) -> None:
+        if position > self._known.get(name, 0):
+            self._known[name] = position
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def current(self, name: str) -> int:
+        position = await self._read_position(name)
+        self.announce(name, position)
+        return max(position, self._known.get(name, 0))
+
+    async def wait_for(self, name: str, position: int, timeout: float) -> int:
+        """Wait until projection ``name`` reaches ``position``; return where it is."""
+        if self._known.get(name, 0) >= position:
+            return self._known[name]
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            current = await self.current(name)
+            remaining = deadline - time.monotonic()
+            if current >= position or remaining <= 0:
+                return current
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(pause, remaining))
+            pause = min(pause * 2, 0.1)

@@ -1,0 +1,362 @@
+"""Configuration: one Struct per concern, read once from ``ALMANAC_*`` variables.
+
+``Settings.from_env()`` validates every variable and raises ``SettingsError`` listing all
+of the bad ones together, so a misconfigured deployment is fixed in one round trip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from enum import Enum
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class Profile(str, Enum):
+    """Which engines back the ports (DESIGN.md, "Profiles")."""
+
+    EMBEDDED = "embedded"
+    SERVICES = "services"
+
+
+class SettingsError(Exception):
+    """Every bad variable, each with the reason."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {var}: {why}" for var, why in problems)
+        super().__init__(f"Invalid configuration:\n{lines}")
+
+
+class StoreSettings(msgspec.Struct, frozen=True):
+    """Where the event store and the read models live."""
+
+    postgres_url: str | None = None
+    read_postgres_url: str | None = None
+    # Hot standbys of the read database; queries use one that is fresh enough.
+    read_replica_urls: tuple[str, ...] = ()
+    # A replica further behind the primary's projection positions than this is skipped.
+    replica_max_lag: int = 1000
+    data_dir: Path = Path("var")
+    writer_max_batch: int = 256
+    pool_size: int = 8
+
+    @property
+    def sqlite_events_path(self) -> Path:
+        return self.data_dir / "events.sqlite3"
+
+    @property
+    def sqlite_read_path(self) -> Path:
+        return self.data_dir / "read.sqlite3"
+
+
+class CacheSettings(msgspec.Struct, frozen=True):
+    redis_url: str | None = None
+    # The in-process L1: bounded, and short-lived so a missed invalidation heals quickly.
+    l1_size: int = 10_000
+    l1_ttl: float = 5.0
+    # Redis L2 entries expire too, so Redis never holds more than the hot set.
+    l2_ttl: float = 3600.0
+    warm_keys: int = 500
+
+
+class ProjectionSettings(msgspec.Struct, frozen=True):
+    # A failing event is retried this many times with backoff, then parked.
+    attempts: int = 5
+    # How often a standby tries to take over an inactive projection.
+    standby_interval: float = 1.0
+
+
+class FeedSettings(msgspec.Struct, frozen=True):
+    nats_url: str | None = None
+    # How often a follower of the log looks for new events when nothing woke it.
+    poll_interval: float = 0.5
+    batch_size: int = 500
+
+
+class HttpSettings(msgspec.Struct, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    # How long a query with ?min_position= waits for the read model before giving up.
+    min_position_timeout: float = 2.0
+
+
+class WorkerSettings(msgspec.Struct, frozen=True):
+    concurrency: int = 8
+    attempts: int = 3
+
+
+class LogSettings(msgspec.Struct, frozen=True):
+    level: str = "INFO"
+    format: str = "json"
+
+
+class AccessSettings(msgspec.Struct, frozen=True):
+    # On first start the API creates an admin key and prints it once.
+    bootstrap_admin: bool = True
+    key_cache_ttl: float = 30.0
+
+
+class Settings(msgspec.Struct, frozen=True):
+    store: StoreSettings = StoreSettings()
+    cache: CacheSettings = CacheSettings()
+    feed: FeedSettings = FeedSettings()
+    http: HttpSettings = HttpSettings()
+    worker: WorkerSettings = WorkerSettings()
+    log: LogSettings = LogSettings()
+    access: AccessSettings = AccessSettings()
+    projection: ProjectionSettings = ProjectionSettings()
+
+    @property
+    def profile(self) -> Profile:
+        return Profile.SERVICES if self.store.postgres_url else Profile.EMBEDDED
+
+    @property
+    def read_postgres_url(self) -> str | None:
+        """The read database: configured, or ``<event db>_read`` on the event store's server."""
+        if self.store.read_postgres_url or not self.store.postgres_url:
+            return self.store.read_postgres_url
+        return derive_read_url(self.store.postgres_url)
+
+    def locations(self) -> dict[str, str]:
+        """Where data lives, for the startup log (passwords masked)."""
+        if self.profile is Profile.EMBEDDED:
+            return {
+                "event_store": str(self.store.sqlite_events_path),
+                "read_models": str(self.store.sqlite_read_path),
+            }
+        return {
+            "event_store": mask_password(self.store.postgres_url or ""),
+            "read_models": mask_password(self.read_postgres_url or ""),
+            "redis": mask_password(self.cache.redis_url or ""),
+            "nats": mask_password(self.feed.nats_url or ""),
+        }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        return _Reader(os.environ if env is None else env).settings()
+
+
+def derive_read_url(event_url: str) -> str:
+    parts = urlsplit(event_url)
+    dbname = parts.path.lstrip("/") or "postgres"
+    return urlunsplit(parts._replace(path=f"/{dbname}_read"))
+
+
+def mask_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_SERVICE_VARS = ("ALMANAC_POSTGRES_URL", "ALMANAC_REDIS_URL", "ALMANAC_NATS_URL")
+_SCHEMES = {
+    "ALMANAC_POSTGRES_URL": ("postgresql", "postgres"),
+    "ALMANAC_READ_POSTGRES_URL": ("postgresql", "postgres"),
+    "ALMANAC_REDIS_URL": ("redis", "rediss", "unix"),
+    "ALMANAC_NATS_URL": ("nats", "tls", "ws", "wss"),
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class _Reader:
+    """Reads variables, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[tuple[str, str]] = []
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            self.problems.append((name, str(exc)))
+            return default
+
+    def url(self, name: str) -> str | None:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in _SCHEMES[name]:
+            allowed = ", ".join(f"{s}://" for s in _SCHEMES[name])
+            self.problems.append(
+                (name, f"expected a URL starting with {allowed}, got {mask_password(raw)!r}")
+            )
+            return None
+        if parts.scheme != "unix" and not parts.hostname:
+            self.problems.append((name, f"the URL {mask_password(raw)!r} names no host"))
+            return None
+        try:
+            _ = parts.port
+        except ValueError:
+            self.problems.append((name, f"the URL {mask_password(raw)!r} has an invalid port"))
+            return None
+        return raw
+
+    def url_list(self, name: str) -> tuple[str, ...]:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return ()
+        urls = []
+        for item in (part.strip() for part in raw.split(",")):
+            parts = urlsplit(item)
+            if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+                self.problems.append(
+                    (
+                        name,
+                        f"expected comma-separated postgresql:// URLs, got {mask_password(item)!r}",
+                    )
+                )
+                continue
+            urls.append(item)
+        return tuple(urls)
+
+    def settings(self) -> Settings:
+        postgres_url = self.url("ALMANAC_POSTGRES_URL")
+        read_url = self.url("ALMANAC_READ_POSTGRES_URL")
+        replica_urls = self.url_list("ALMANAC_READ_REPLICA_URLS")
+        redis_url = self.url("ALMANAC_REDIS_URL")
+        nats_url = self.url("ALMANAC_NATS_URL")
+        present = [v for v in _SERVICE_VARS if self.env.get(v, "").strip()]
+        if present and len(present) < len(_SERVICE_VARS):
+            missing = ", ".join(v for v in _SERVICE_VARS if v not in present)
+            for var in _SERVICE_VARS:
+                if var not in present:
+                    self.problems.append(
+                        (
+                            var,
+                            (
+                                f"missing: the services profile needs all of "
+                                f"{', '.join(_SERVICE_VARS)} ({', '.join(present)} set, "
+                                f"{missing} not); set none of them for the embedded profile"
+                            ),
+                        )
+                    )
+        if replica_urls and not present:
+            self.problems.append(
+                ("ALMANAC_READ_REPLICA_URLS", "only used with ALMANAC_POSTGRES_URL (services)")
+            )
+        if read_url and not present:
+            self.problems.append(
+                ("ALMANAC_READ_POSTGRES_URL", "only used with ALMANAC_POSTGRES_URL (services)")
+            )
+
+        store = StoreSettings(
+            postgres_url=postgres_url,
+            read_postgres_url=read_url,
+            data_dir=self.get("ALMANAC_DATA_DIR", Path, Path("var")),
+            writer_max_batch=self.get("ALMANAC_WRITER_MAX_BATCH", _int_between(1, 10_000), 256),
+            pool_size=self.get("ALMANAC_POOL_SIZE", _int_between(1, 200), 8),
+            read_replica_urls=replica_urls,
+            replica_max_lag=self.get("ALMANAC_REPLICA_MAX_LAG", _int_between(0, 10**9), 1000),
+        )
+        cache = CacheSettings(
+            redis_url=redis_url,
+            l1_size=self.get("ALMANAC_CACHE_L1_SIZE", _int_between(0, 10**7), 10_000),
+            l1_ttl=self.get("ALMANAC_CACHE_L1_TTL", _float_between(0, 3600), 5.0),
+            l2_ttl=self.get("ALMANAC_CACHE_L2_TTL", _float_between(1, 86400 * 30), 3600.0),
+            warm_keys=self.get("ALMANAC_CACHE_WARM_KEYS", _int_between(0, 100_000), 500),
+        )
+        projection = ProjectionSettings(
+            attempts=self.get("ALMANAC_PROJECTION_ATTEMPTS", _int_between(1, 100), 5),
+            standby_interval=self.get(
+                "ALMANAC_PROJECTION_STANDBY_INTERVAL", _float_between(0.05, 60), 1.0
+            ),
+        )
+        feed = FeedSettings(
+            nats_url=nats_url,
+            poll_interval=self.get("ALMANAC_FEED_POLL_INTERVAL", _float_between(0.01, 60), 0.5),
+            batch_size=self.get("ALMANAC_FEED_BATCH_SIZE", _int_between(1, 100_000), 500),
+        )
+        http = HttpSettings(
+            host=self.get("ALMANAC_HOST", str, "127.0.0.1"),
+            port=self.get("ALMANAC_PORT", _int_between(0, 65535), 8000),
+            public_url=self.get("ALMANAC_PUBLIC_URL", str, None),
+            min_position_timeout=self.get(
+                "ALMANAC_MIN_POSITION_TIMEOUT", _float_between(0, 60), 2.0
+            ),
+        )
+        worker = WorkerSettings(
+            concurrency=self.get("ALMANAC_WORKER_CONCURRENCY", _int_between(1, 1024), 8),
+            attempts=self.get("ALMANAC_WORKER_ATTEMPTS", _int_between(1, 100), 3),
+        )
+        log = LogSettings(
+            level=self.get(
+                "ALMANAC_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"
+            ),
+            format=self.get("ALMANAC_LOG_FORMAT", _choice("json", "console"), "json"),
+        )
+        access = AccessSettings(
+            bootstrap_admin=self.get("ALMANAC_BOOTSTRAP_ADMIN", _bool, True),
+            key_cache_ttl=self.get("ALMANAC_KEY_CACHE_TTL", _float_between(0, 3600), 30.0),
+        )
+        if self.problems:
+            raise SettingsError(self.problems)
+        return Settings(
+            store=store,
+            cache=cache,
+            projection=projection,
+            feed=feed,
+            http=http,
+            worker=worker,
+            log=log,
+            access=access,
+        )
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_between(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        for choice in choices:
+            if raw.lower() == choice.lower():
+                return choice
+        raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {raw!r}")

@@ -1,0 +1,1 @@
+"""Streams: the event feeds that carry stored events to consumers."""

@@ -1,0 +1,128 @@
+"""The event feed that reads the event store's log directly (both profiles).
+
+Followers poll the notification log, and are woken early: in-process after each commit of
+the local writer, and across processes by Postgres NOTIFY on the events table's channel.
+A lost LISTEN connection only costs latency (polling continues), and is re-established
+with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import psycopg
+import stamina
+import structlog
+
+from almanac.eventstore import EventStore, RecordedEvent
+
+log = structlog.get_logger("almanac.feed")
+
+
+class LogFollower:
+    def __init__(self, feed: LogFeed) -> None:
+        self._feed = feed
+        self.wake = asyncio.Event()
+        # While a consumer works through a full batch, the next one is read meanwhile.
+        self._ahead: asyncio.Task[list[RecordedEvent]] | None = None
+        self._ahead_after = -1
+
+    async def next_batch(self, after: int, limit: int, timeout: float) -> list[RecordedEvent]:
+        events = await self._read(after, limit, timeout)
+        if len(events) == limit:
+            self._ahead_after = events[-1].position
+            self._ahead = asyncio.create_task(self._feed.store.read(self._ahead_after, limit))
+        return events
+
+    async def _read(self, after: int, limit: int, timeout: float) -> list[RecordedEvent]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if self._ahead_after == after:
+                events = await ahead
+                if events:
+                    return events
+            else:
+                ahead.cancel()
+        return await self._wait_and_read(after, limit, timeout)
+
+    async def _wait_and_read(self, after: int, limit: int, timeout: float) -> list[RecordedEvent]:
+        store = self._feed.store
+        events = await store.read(after, limit)
+        if events or timeout <= 0:
+            return events
+        # Clear, then look again: a commit between the first read and the clear would
+        # otherwise be slept through.
+        self.wake.clear()
+        events = await store.read(after, limit)
+        if events:
+            return events
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), min(timeout, self._feed.poll_interval))
+        return await store.read(after, limit)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None
+        self._feed.followers.discard(self)
+
+
+class LogFeed:
+    def __init__(
+        self, store: EventStore, *, poll_interval: float, listen_dsn: str | None = None
+    ) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.followers: set[LogFollower] = set()
+        self._listen_dsn = listen_dsn
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: asyncio.Task[None] | None = None
+        store.on_commit(self._committed)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._listen_dsn and self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="almanac-feed-listen")
+
+    def follow(self) -> LogFollower:
+        follower = LogFollower(self)
+        self.followers.add(follower)
+        return follower
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    def _committed(self, _position: int) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for follower in self.followers:
+            follower.wake.set()
+
+    async def _listen(self) -> None:
+        channel = self.store.notify_channel
+        while True:
+            try:
+                await self._listen_once(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the listener must outlive any failure
+                log.warning("feed.listen_lost", error=str(exc))
+
+    @stamina.retry(on=psycopg.OperationalError, attempts=None, timeout=None, wait_max=5.0)
+    async def _listen_once(self, channel: str) -> None:
+        assert self._listen_dsn is not None
+        async with await psycopg.AsyncConnection.connect(self._listen_dsn, autocommit=True) as conn:
+            await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+            log.info("feed.listening", channel=channel)
+            # Anything committed while (re)connecting is picked up by this wake-up.
+            self._wake_all()
+            async for _ in conn.notifies():
+                self._wake_all()
