@@ -1,0 +1,1 @@
+"""Projections: workers that follow the log and keep read models current."""
