@@ -1,0 +1,225 @@
+"""Projection rebuild speed and live projection lag.
+
+rebuild: seeds a fresh event store with complete readings (requested, chart calculated,
+generated: the real event mix and sizes), then rebuilds the ``readings`` projection into a
+fresh read database from position 0 and reports events per second.
+Baseline: ``executemany`` of the same number of small rows in one transaction per 500
+(the database's own ceiling for this write pattern).
+
+lag: a running projector while commands arrive at a fixed rate (appended in-process);
+for each ``reading.requested`` the time from its durable append to the projector's commit
+that includes it. Target: p99 <= 20 ms at 1,000 commands/s.
+
+Run: ``python -m benchmarks rebuild --events 200000`` / ``python -m benchmarks lag``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from almanac.adapters.postgres import PostgresReadDatabase
+from almanac.adapters.sqlite import SqliteReadDatabase
+from almanac.bootstrap import bootstrap
+from almanac.domain.chart import ChartOptions, calculate_chart
+from almanac.domain.events import EventMeta
+from almanac.domain.interpretation import BuiltinGenerator
+from almanac.domain.reading import Reading
+from almanac.eventstore import EventStore
+from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
+from almanac.settings import FeedSettings, LogSettings, Settings, StoreSettings
+from benchmarks.appends import BIRTH, _database, _drop
+from projections.readings import ReadingsProjection
+from projections.runner import ProjectionRunner
+from streams.logfeed import LogFeed
+
+
+def _settings(profile: str, url: str | None, data_dir: Path) -> Settings:
+    if profile == "services":
+        return Settings(
+            store=StoreSettings(postgres_url=url, pool_size=8),
+            feed=FeedSettings(poll_interval=0.05, batch_size=2000),
+            log=LogSettings(level="WARNING"),
+        )
+    return Settings(
+        store=StoreSettings(data_dir=data_dir),
+        feed=FeedSettings(poll_interval=0.05, batch_size=2000),
+        log=LogSettings(level="WARNING"),
+    )
+
+
+def seed(store: EventStore, events: int) -> float:
+    """Append ``events`` events (three per reading) in large transactions; events/s."""
+    chart = calculate_chart(BIRTH)
+    text = asyncio.run(BuiltinGenerator().generate(chart, "natal", "bench"))
+    readings = events // 3
+    start = time.perf_counter()
+    done = 0
+    while done < readings:
+        batch = []
+        for _ in range(min(500, readings - done)):
+            meta = EventMeta.for_request(f"owner-{done % 50}")
+            reading = Reading.request(
+                reading_id=uuid.uuid4(),
+                meta=meta,
+                birth=BIRTH,
+                options=ChartOptions(),
+                kind="natal",
+                label=None,
+                request_hash="0" * 64,
+            )
+            reading.record_chart(chart, meta)
+            reading.record_text(text, meta)
+            batch.append(reading)
+            done += 1
+        store.app.save(*batch)
+        if done % 30_000 < 500:
+            print(f"   seeded {done * 3:,} events")
+    return done * 3 / (time.perf_counter() - start)
+
+
+async def rebuild(store: EventStore, db: ReadDatabase, batch_size: int) -> tuple[int, float]:
+    feed = LogFeed(store, poll_interval=0.05)
+    watch = PositionWatch(lambda name: projection_position(db, name))
+    runner = ProjectionRunner(ReadingsProjection(), feed, db, watch, batch_size=batch_size)
+    await db.open()
+    await runner.prepare()
+    head = await store.max_position()
+    start = time.perf_counter()
+    task = asyncio.create_task(runner.run())
+    await watch.wait_for("readings", head, timeout=3600)
+    elapsed = time.perf_counter() - start
+    runner.stop()
+    await task
+    await db.close()
+    return head, elapsed
+
+
+def baseline_executemany(url: str, rows: int) -> float:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_many (id bigint PRIMARY KEY, v text)")
+    start = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        for offset in range(0, rows, 500):
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO bench_many VALUES (%s, %s)",
+                    [(i, "x" * 40) for i in range(offset, min(rows, offset + 500))],
+                )
+    return rows / (time.perf_counter() - start)
+
+
+def run_rebuild(
+    seconds: float = 5.0, profile: str = "services", events: int = 200_000
+) -> dict[str, Any]:
+    del seconds  # the size of the log bounds this benchmark
+    result: dict[str, Any] = {"benchmark": "rebuild", "profile": profile, "events": events}
+    name, url = _database()
+    read_name = f"{name}_rebuild"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = _settings(profile, url, Path(tmp))
+            store = EventStore(settings)
+            try:
+                result["seed_events_per_s"] = seed(store, events)
+                base = url.rsplit("/", 1)[0]
+                result["baseline_executemany_rows_per_s"] = baseline_executemany(url, events)
+                print(
+                    f"baseline executemany: {result['baseline_executemany_rows_per_s']:,.0f} rows/s"
+                )
+                db: ReadDatabase = (
+                    PostgresReadDatabase(f"{base}/{read_name}")
+                    if profile == "services"
+                    else SqliteReadDatabase(Path(tmp) / "rebuild.sqlite3")
+                )
+                count, elapsed = asyncio.run(rebuild(store, db, batch_size=2000))
+            finally:
+                store.close()
+        rate = count / elapsed
+        result.update(rebuilt_events=count, seconds=elapsed, events_per_s=rate, target=50_000)
+        print(
+            f"rebuild: {count:,} events in {elapsed:.1f} s = {rate:,.0f} events/s "
+            f"(target >= 50,000; ratio {rate / 50_000:.2f})"
+        )
+    finally:
+        _drop(name)
+        _drop(read_name)
+    return result
+
+
+async def measure_lag(settings: Settings, rate: int, seconds: float) -> dict[str, float]:
+    # The projector alone: workers run in their own processes in a deployment, and here they
+    # would compete for the same cores as the projector being measured.
+    container = bootstrap(settings, roles=("projector",))
+    committed: dict[int, float] = {}
+    seen: dict[int, float] = {}
+    announce = container.watch.announce
+
+    def timed_announce(name: str, position: int) -> None:
+        if name == "readings":
+            now = time.perf_counter()
+            for p in [p for p in committed if p <= position and p not in seen]:
+                seen[p] = now
+        announce(name, position)
+
+    container.watch.announce = timed_announce  # type: ignore[method-assign]
+    await container.start()
+    try:
+        interval = 1.0 / rate
+        total = int(rate * seconds)
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
+            reading = Reading.request(
+                reading_id=uuid.uuid4(),
+                meta=EventMeta.for_request("bench"),
+                birth=BIRTH,
+                options=ChartOptions(),
+                kind="natal",
+                label=None,
+                request_hash="0" * 64,
+            )
+            position = await container.store.append(reading)
+            committed[position] = time.perf_counter()
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+        achieved = total / (time.perf_counter() - start)
+        await container.watch.wait_for("readings", max(committed), timeout=30)
+    finally:
+        await container.stop()
+    lags = sorted((seen[p] - t) * 1000 for p, t in committed.items() if p in seen)
+    n = len(lags)
+    return {
+        "offered_per_s": rate,
+        "achieved_per_s": achieved,
+        "measured": n,
+        "p50_ms": lags[n // 2],
+        "p99_ms": lags[min(n - 1, int(n * 0.99))],
+        "max_ms": lags[-1],
+    }
+
+
+def run_lag(seconds: float = 10.0, profile: str = "services", rate: int = 1000) -> dict[str, Any]:
+    result: dict[str, Any] = {"benchmark": "lag", "profile": profile}
+    name, url = _database()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = _settings(profile, url, Path(tmp))
+            figures = asyncio.run(measure_lag(settings, rate, seconds))
+        result.update(figures, target_p99_ms=20)
+        print(
+            f"projection lag at {figures['achieved_per_s']:,.0f} commands/s: "
+            f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+            f"max {figures['max_ms']:.1f} ms (target p99 <= 20 ms)"
+        )
+    finally:
+        _drop(name)
+        _drop(f"{name}_read")
+    return result

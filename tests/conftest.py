@@ -1,0 +1,130 @@
+"""Fixtures shared by every layer: settings for each profile, with isolated data.
+
+Service tests need the local Postgres, Redis and NATS. Without them they skip with the
+reason, unless ALMANAC_REQUIRE_SERVICES=1 (CI), where a missing engine fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import stamina
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from psycopg import sql
+
+from almanac.settings import (
+    CacheSettings,
+    FeedSettings,
+    LogSettings,
+    Settings,
+    StoreSettings,
+)
+
+PG_ADMIN_URL = os.environ.get(
+    "ALMANAC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("ALMANAC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("ALMANAC_TEST_NATS_URL", "nats://127.0.0.1:4222")
+PROFILES = ["embedded", "services"]
+
+# Two xdist workers share two cores with the services: generation speed and per-example time
+# vary with the load, so neither is held against a property (the properties still run).
+hypothesis_settings.register_profile(
+    "almanac", suppress_health_check=[HealthCheck.too_slow], deadline=None
+)
+hypothesis_settings.load_profile("almanac")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stamina_testing() -> Iterator[None]:
+    # Retries happen at once in tests; the retry logic itself still runs.
+    stamina.set_testing(True, attempts=3)
+    yield
+    stamina.set_testing(False)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _missing_services() -> list[str]:
+    missing = []
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=2):
+            pass
+    except psycopg.OperationalError:
+        missing.append("Postgres at 127.0.0.1:5432")
+    if not _port_open("127.0.0.1", 6379):
+        missing.append("Redis at 127.0.0.1:6379")
+    if not _port_open("127.0.0.1", 4222):
+        missing.append("NATS at 127.0.0.1:4222")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    """Require the real engines; skip (or fail in CI) when they are not there."""
+    missing = _missing_services()
+    if missing:
+        reason = "services not available: " + ", ".join(missing)
+        if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
+        pytest.skip(reason)
+
+
+def _drop(names: list[str]) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        for name in names:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def postgres_url(services: None) -> Iterator[str]:
+    """A fresh, empty event-store database (its ``_read`` twin is made by the app)."""
+    name = f"almanac_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    _drop([name, f"{name}_read"])
+
+
+def embedded_settings(data_dir: Path) -> Settings:
+    return Settings(
+        store=StoreSettings(data_dir=data_dir),
+        feed=FeedSettings(poll_interval=0.2),
+        log=LogSettings(level="WARNING"),
+    )
+
+
+def services_settings(postgres_url: str) -> Settings:
+    return Settings(
+        store=StoreSettings(postgres_url=postgres_url, pool_size=4),
+        cache=CacheSettings(redis_url=REDIS_URL),
+        feed=FeedSettings(nats_url=NATS_URL, poll_interval=0.2),
+        log=LogSettings(level="WARNING"),
+    )
+
+
+@pytest.fixture(params=PROFILES)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings for each profile in turn, each with its own empty data."""
+    if request.param == "embedded":
+        return embedded_settings(tmp_path / "var")
+    url = request.getfixturevalue("postgres_url")
+    return services_settings(url)

@@ -1,0 +1,226 @@
+"""Listing, paging, filtering, field selection, charts, ETags and compression, on both profiles."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Api
+from tests.factories import birth_json
+
+PROBLEM = "application/problem+json"
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    return {"birth": birth_json(), **changes}
+
+
+async def post_many(api: Api, key: str, count: int, **changes: Any) -> list[Any]:
+    return [await api.post_reading(key, body(label=f"n{i}", **changes)) for i in range(count)]
+
+
+async def settled(api: Api, key: str, responses: list[Any]) -> list[dict[str, Any]]:
+    return [await api.wait_for_status(key, r, {"generated", "failed"}) for r in responses]
+
+
+async def list_all(api: Api, key: str, query: str) -> tuple[list[dict[str, Any]], int]:
+    """Follow next_cursor to the end; returns the items and the number of pages."""
+    items: list[dict[str, Any]] = []
+    url = f"/api/v1/readings?{query}"
+    for pages in range(1, 101):
+        got = await api.client.get(url, headers=api.auth(key))
+        assert got.status_code == 200, got.text
+        page = got.json()
+        items.extend(page["data"])
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            return items, pages
+        url = f"/api/v1/readings?{query}&cursor={page['next_cursor']}"
+    raise AssertionError("more than 100 pages")
+
+
+async def test_lists_only_the_callers_readings_newest_first_across_pages(api: Api) -> None:
+    mine = await post_many(api, api.alice, 7)
+    await post_many(api, api.bob, 3)
+    last = mine[-1].headers["almanac-position"]
+    items, pages = await list_all(api, api.alice, f"limit=3&min_position={last}")
+    assert pages == 3
+    assert [i["id"] for i in items] == [r.json()["id"] for r in reversed(mine)]
+    everything, _ = await list_all(api, api.admin, f"limit=200&min_position={last}")
+    assert len(everything) >= 10
+
+
+async def test_paging_is_stable_while_new_readings_arrive(api: Api) -> None:
+    first = await post_many(api, api.alice, 6)
+    position = first[-1].headers["almanac-position"]
+    got = await api.client.get(
+        f"/api/v1/readings?limit=2&min_position={position}", headers=api.auth(api.alice)
+    )
+    page1 = got.json()
+    seen = [i["id"] for i in page1["data"]]
+    cursor = page1["next_cursor"]
+    newer = await post_many(api, api.alice, 3)
+    await api.container.watch.wait_for("readings", int(newer[-1].headers["almanac-position"]), 5.0)
+    while cursor:
+        page = (
+            await api.client.get(
+                f"/api/v1/readings?limit=2&cursor={cursor}", headers=api.auth(api.alice)
+            )
+        ).json()
+        seen += [i["id"] for i in page["data"]]
+        cursor = page["next_cursor"]
+    assert seen == [r.json()["id"] for r in reversed(first)], "no item skipped or repeated"
+
+
+async def test_filters_by_status_and_kind(api: Api) -> None:
+    responses = await post_many(api, api.alice, 2, kind="career")
+    responses += await post_many(api, api.alice, 1, kind="love")
+    await settled(api, api.alice, responses)
+    careers, _ = await list_all(api, api.alice, "kind=career&status=generated")
+    assert len(careers) == 2 and {i["kind"] for i in careers} == {"career"}
+    none, _ = await list_all(api, api.alice, "status=failed")
+    assert none == []
+
+
+async def test_filters_by_creation_time(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    [reading] = await settled(api, api.alice, [response])
+    created = reading["created_at"]
+    at, _ = await list_all(api, api.alice, f"created_after={created}")
+    assert [i["id"] for i in at] == [reading["id"]]
+    before, _ = await list_all(api, api.alice, f"created_before={created}")
+    assert before == []
+
+
+async def test_sparse_fields_return_just_those_parts(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    await settled(api, api.alice, [response])
+    got = await api.client.get(
+        "/api/v1/readings?fields=id,status,chart.sun", headers=api.auth(api.alice)
+    )
+    [item] = got.json()["data"]
+    assert set(item) == {"id", "status", "chart"}
+    assert set(item["chart"]) == {"sun"} and item["chart"]["sun"]["sign"] == "aries"
+    one = await api.client.get(
+        f"{response.headers['location']}?fields=text.title,label", headers=api.auth(api.alice)
+    )
+    assert one.json() == {"text": {"title": "A natal reading for n0"}, "label": "n0"}
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("fields=id,horoscope", "fields"),
+        ("fields=chart.sun.colour", "fields"),
+        ("limit=201", "limit"),
+        ("limit=0", "limit"),
+        ("status=lost", "status"),
+        ("kind=tarot", "kind"),
+        ("cursor=not-a-cursor", "cursor"),
+        ("created_after=yesterday", "created_after"),
+        ("created_before=0001-01-01T00:00:00%2B14:00", "created_before"),
+        (
+            "created_after=2026-01-02T00:00:00Z&created_before=2026-01-01T00:00:00Z",
+            "created_before",
+        ),
+    ],
+)
+async def test_bad_listing_parameters_are_422_naming_the_parameter(
+    api: Api, query: str, field: str
+) -> None:
+    got = await api.client.get(f"/api/v1/readings?{query}", headers=api.auth(api.alice))
+    assert got.status_code in (400, 422), got.text
+    assert got.headers["content-type"].startswith(PROBLEM)
+    assert field in got.text
+
+
+async def test_a_cursor_only_works_with_the_filters_it_was_made_with(api: Api) -> None:
+    responses = await post_many(api, api.alice, 3)
+    position = responses[-1].headers["almanac-position"]
+    page = (
+        await api.client.get(
+            f"/api/v1/readings?limit=1&min_position={position}", headers=api.auth(api.alice)
+        )
+    ).json()
+    got = await api.client.get(
+        f"/api/v1/readings?limit=1&kind=love&cursor={page['next_cursor']}",
+        headers=api.auth(api.alice),
+    )
+    assert got.status_code == 422 and "cursor" in got.text
+    stolen = await api.client.get(
+        f"/api/v1/readings?limit=1&cursor={page['next_cursor']}", headers=api.auth(api.bob)
+    )
+    assert stolen.status_code == 422
+
+
+async def test_readings_of_the_same_birth_data_share_one_chart(api: Api) -> None:
+    responses = await post_many(api, api.alice, 2)
+    readings = await settled(api, api.alice, responses)
+    [hash_a, hash_b] = [r["chart_hash"] for r in readings]
+    assert hash_a == hash_b
+    got = await api.client.get(f"/api/v1/charts/{hash_a}", headers=api.auth(api.alice))
+    assert got.status_code == 200, got.text
+    chart = got.json()
+    assert chart["chart"] == readings[0]["chart"] == readings[1]["chart"]
+    rows = await api.container.read_db.fetch_all(
+        "SELECT chart_hash FROM charts WHERE chart_hash = :h", {"h": hash_a}
+    )
+    assert len(rows) == 1
+    other = await api.client.get(f"/api/v1/charts/{hash_a}", headers=api.auth(api.bob))
+    assert other.status_code == 404
+    missing = await api.client.get("/api/v1/charts/" + "0" * 64, headers=api.auth(api.alice))
+    assert missing.status_code == 404
+
+
+async def test_etag_answers_304_until_the_reading_changes(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    reading = await api.wait_for_status(api.alice, response, {"generated"})
+    url = response.headers["location"]
+    got = await api.client.get(url, headers=api.auth(api.alice))
+    etag = got.headers["etag"]
+    assert str(reading["position"]) in etag
+    again = await api.client.get(url, headers={**api.auth(api.alice), "If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    stale = await api.client.get(
+        url, headers={**api.auth(api.alice), "If-None-Match": '"r-stale-1"'}
+    )
+    assert stale.status_code == 200
+
+
+async def test_large_responses_are_compressed_for_clients_that_accept_it(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    await api.wait_for_status(api.alice, response, {"generated"})
+    for encoding in ("br", "gzip"):
+        got = await api.client.get(
+            response.headers["location"],
+            headers={**api.auth(api.alice), "Accept-Encoding": encoding},
+        )
+        assert got.status_code == 200
+        assert got.headers["content-encoding"] == encoding
+        assert got.json()["status"] == "generated"
+    small = await api.client.get("/health/live", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in small.headers
+
+
+async def test_every_query_endpoint_honours_min_position(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    far = 10**9
+    for url in (
+        f"{response.headers['location']}?min_position={far}",
+        f"/api/v1/readings?min_position={far}",
+        f"/api/v1/charts/{'0' * 64}?min_position={far}",
+    ):
+        got = await api.client.get(url, headers=api.auth(api.alice))
+        assert got.status_code == 503, url
+        assert got.json()["min_position"] == far
+
+
+async def test_concurrent_listing_and_posting_never_errors(api: Api) -> None:
+    async def reader() -> None:
+        for _ in range(10):
+            got = await api.client.get("/api/v1/readings?limit=5", headers=api.auth(api.alice))
+            assert got.status_code == 200
+
+    await asyncio.gather(reader(), post_many(api, api.alice, 10))

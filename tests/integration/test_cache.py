@@ -1,0 +1,442 @@
+"""The read cache against real Redis: one contract for every configuration, invalidation
+between processes, warming, the refresher after a commit, the wired application, and an
+outage of a private redis-server (killed, then restarted on the same port)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import redis.asyncio as aioredis
+from litestar.testing import AsyncTestClient
+from redis import Redis as SyncRedis
+
+from almanac.adapters.redis import RedisConnection
+from almanac.app import create_app
+from almanac.bootstrap import bootstrap
+from almanac.cache import (
+    TwoLevelCache,
+    chart_key,
+    decode_chart,
+    decode_reading,
+    encode_entry,
+    reading_key,
+)
+from almanac.domain.access import Role
+from almanac.domain.chart import ChartOptions, calculate_chart
+from almanac.domain.interpretation import BuiltinGenerator
+from almanac.domain.reading import Reading
+from almanac.eventstore import EventStore, RecordedEvent
+from almanac.readmodels import POSITIONS_SCHEMA, ReadDatabase
+from almanac.settings import CacheSettings, Settings
+from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
+from projections.cache_refresher import CacheRefresher
+from projections.readings import ReadingsProjection
+from tests.conftest import REDIS_URL
+from tests.factories import birth, birth_json, meta
+from tests.integration.support_databases import fresh_read_database
+from tests.integration.support_redis import PrivateRedis
+from tests.integration.support_waiting import eventually
+
+CACHE = CacheSettings(l1_size=100, l1_ttl=30.0, l2_ttl=60.0, warm_keys=0)
+# Short pauses after a Redis failure, so that recovery is seen within a test's patience.
+QUICK_BACKOFF: dict[str, Any] = {"backoff_initial": 0.05, "backoff_max": 0.4}
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"almanac-test-{uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def scrubbed(services: None, prefix: str) -> Iterator[None]:
+    """The shared test Redis, from which the test's keys are deleted afterwards."""
+    yield
+    client = SyncRedis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def redis(scrubbed: None) -> AsyncIterator[Any]:
+    """A plain client of the shared test Redis, to look behind the caches."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def started(
+    url: str | None, prefix: str, settings: CacheSettings = CACHE, **kwargs: Any
+) -> AsyncIterator[TwoLevelCache]:
+    """A started cache (as one process would have it); stopped and disconnected after."""
+    connection = RedisConnection(url) if url else None
+    cache = TwoLevelCache(settings, connection, prefix=prefix, **kwargs)
+    try:
+        await cache.start()
+        yield cache
+    finally:
+        await cache.stop()
+        if connection is not None:
+            await connection.close()
+
+
+async def subscribed(*caches: TwoLevelCache) -> None:
+    async def all_subscribed() -> bool:
+        return all(cache.stats().subscribed for cache in caches)
+
+    await eventually(all_subscribed, within=10, what="caches subscribed to invalidations")
+
+
+# One contract, whatever the levels: L1 only (embedded), L1 and L2, L2 only.
+
+CONFIGURATIONS = {
+    "l1_only": CACHE,
+    "l1_and_l2": CACHE,
+    "l2_only": CacheSettings(l1_size=0, l2_ttl=60.0, warm_keys=0),
+}
+
+
+@pytest.fixture(params=list(CONFIGURATIONS))
+async def any_cache(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[TwoLevelCache]:
+    url = None
+    if request.param != "l1_only":
+        request.getfixturevalue("scrubbed")
+        url = REDIS_URL
+    async with started(url, prefix, CONFIGURATIONS[request.param]) as cache:
+        yield cache
+
+
+class TestReadCacheContract:
+    async def test_get_returns_what_put_many_stored(self, any_cache: TwoLevelCache) -> None:
+        assert await any_cache.put_many({"reading:a": b"A", "chart:b": b"B"})
+        assert await any_cache.get("reading:a") == b"A"
+        assert await any_cache.get("chart:b") == b"B"
+
+    async def test_a_key_never_stored_is_a_miss(self, any_cache: TwoLevelCache) -> None:
+        assert await any_cache.get("reading:nothing") is None
+
+    async def test_get_many_returns_the_stored_keys_only(self, any_cache: TwoLevelCache) -> None:
+        await any_cache.put_many({"reading:a": b"A", "reading:b": b"B"})
+        found = await any_cache.get_many(["reading:a", "reading:nothing", "reading:b"])
+        assert found == {"reading:a": b"A", "reading:b": b"B"}
+
+    async def test_a_refresh_replaces_the_stored_value(self, any_cache: TwoLevelCache) -> None:
+        await any_cache.put_many({"reading:a": b"old"})
+        assert await any_cache.refresh({"reading:a": b"new"})
+        assert await any_cache.get("reading:a") == b"new"
+
+    async def test_a_filled_value_is_served_next_time(self, any_cache: TwoLevelCache) -> None:
+        await any_cache.fill("reading:a", b"from the database", mark=any_cache.mark())
+        assert await any_cache.get("reading:a") == b"from the database"
+
+    async def test_a_fill_never_replaces_a_value_refreshed_during_the_read(
+        self, any_cache: TwoLevelCache
+    ) -> None:
+        mark = any_cache.mark()
+        await any_cache.refresh({"reading:a": b"refreshed"})
+        await any_cache.fill("reading:a", b"read before the refresh", mark=mark)
+        assert await any_cache.get("reading:a") == b"refreshed"
+
+    async def test_every_get_is_a_hit_or_a_miss_at_some_level(
+        self, any_cache: TwoLevelCache
+    ) -> None:
+        await any_cache.put_many({"reading:a": b"A"})
+        for key in ("reading:a", "reading:a", "reading:nothing"):
+            await any_cache.get(key)
+        stats = any_cache.stats()
+        assert stats.l1_hits + stats.l2_hits == 2
+        assert stats.l1_misses == 1 + stats.l2_hits
+        assert not stats.degraded
+
+
+# Two levels, several processes (two caches on one Redis = two processes).
+
+
+async def test_a_value_put_by_one_process_is_read_from_l2_by_another_and_expires(
+    redis: Any, prefix: str
+) -> None:
+    async with started(REDIS_URL, prefix) as writer, started(REDIS_URL, prefix) as reader:
+        await writer.put_many({"reading:a": b"A"})
+        assert await reader.get("reading:a") == b"A"
+        assert await reader.get("reading:a") == b"A"
+        stats = reader.stats()
+        assert (stats.l2_hits, stats.l1_hits) == (1, 1)
+    ttl_ms = await redis.pttl(f"{prefix}almanac:reading:a")
+    assert 0 < ttl_ms <= CACHE.l2_ttl * 1000
+
+
+async def test_caches_with_different_prefixes_share_nothing(redis: Any, prefix: str) -> None:
+    async with (
+        started(REDIS_URL, prefix) as mine,
+        started(REDIS_URL, f"{prefix}other:") as theirs,
+    ):
+        await mine.put_many({"reading:a": b"A"})
+        assert await theirs.get("reading:a") is None
+    assert await redis.get(f"{prefix}almanac:reading:a") == b"A"
+
+
+async def test_an_invalidation_drops_the_key_from_another_process_l1(
+    redis: Any, prefix: str
+) -> None:
+    async with started(REDIS_URL, prefix) as one, started(REDIS_URL, prefix) as other:
+        await subscribed(one, other)
+        await one.put_many({"reading:a": b"old"})
+        assert await other.get("reading:a") == b"old"
+        # Written behind the caches' backs: the other process's L1 still answers "old".
+        await redis.set(f"{prefix}almanac:reading:a", b"new")
+        assert await other.get("reading:a") == b"old"
+        await one.invalidate(["reading:a"])
+
+        async def other_reads_new() -> bool:
+            return await other.get("reading:a") == b"new"
+
+        await eventually(other_reads_new, within=10, what="the invalidation reached the other")
+        assert other.stats().invalidations_received == 1
+        assert one.stats().invalidations_received == 0  # its own message is not counted
+
+
+async def test_a_refresh_reaches_every_process(redis: Any, prefix: str) -> None:
+    async with started(REDIS_URL, prefix) as projector, started(REDIS_URL, prefix) as api:
+        await subscribed(projector, api)
+        await projector.put_many({"reading:a": b"v1"})
+        assert await api.get("reading:a") == b"v1"
+        await projector.refresh({"reading:a": b"v2"})
+
+        async def api_reads_v2() -> bool:
+            return await api.get("reading:a") == b"v2"
+
+        await eventually(api_reads_v2, within=10, what="the refreshed value in the other L1")
+
+
+async def test_warming_loads_the_hottest_keys_into_l1(redis: Any, prefix: str) -> None:
+    counting = CacheSettings(l1_size=100, l1_ttl=30.0, l2_ttl=60.0, warm_keys=2)
+    reads = {"reading:a": 5, "reading:b": 3, "reading:c": 2, "reading:d": 1}
+    async with started(REDIS_URL, prefix, counting) as first:
+        await first.put_many({key: key.encode() for key in [*reads, "reading:unread"]})
+        for key, times in reads.items():
+            for _ in range(times):
+                assert await first.get(key) == key.encode()
+    # Stopping saved the read counts; a new process warms its L1 with the two hottest.
+    async with started(REDIS_URL, prefix, counting) as second:
+        assert second.stats().warmed == 2
+        assert second.stats().l1_size == 2
+        assert await second.get_many(["reading:a", "reading:b"]) == {
+            "reading:a": b"reading:a",
+            "reading:b": b"reading:b",
+        }
+        assert await second.get("reading:c") == b"reading:c"
+        stats = second.stats()
+        assert (stats.l1_hits, stats.l2_hits) == (2, 1)
+    hot = await redis.zrevrange(f"{prefix}almanac:cache:hot", 0, -1, withscores=True)
+    assert hot[:2] == [(b"reading:a", 6.0), (b"reading:b", 4.0)]
+
+
+# The refresher: after a commit, the cache holds what the read database holds.
+
+
+async def project(db: ReadDatabase, events: list[RecordedEvent]) -> None:
+    projection = ReadingsProjection()
+    await db.write([w for e in events for w in projection.handle(e)])
+
+
+async def test_the_refresher_caches_each_changed_reading_as_the_read_database_has_it(
+    settings: Settings, tmp_path: Path, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    url = None
+    if settings.cache.redis_url:
+        request.getfixturevalue("scrubbed")
+        url = REDIS_URL
+    owner = meta("alice")
+    reading = Reading.request(
+        reading_id=uuid4(),
+        meta=owner,
+        birth=birth(),
+        options=ChartOptions(),
+        kind="natal",
+        label="refresh me",
+        request_hash="0" * 64,
+    )
+    chart = calculate_chart(birth())
+    store = EventStore(settings)
+    try:
+        position = await store.append(reading)
+        reading.record_chart(chart, owner.caused_by(position))
+        await store.append(reading)
+        first = await store.read(0, 100)
+        reading.record_text(
+            await BuiltinGenerator().generate(chart, "natal", None), owner.caused_by(position)
+        )
+        await store.append(reading)
+        second = await store.read(first[-1].position, 100)
+    finally:
+        store.close()
+
+    async with (
+        fresh_read_database(settings, tmp_path) as db,
+        started(url, prefix) as projector,
+        started(url, prefix) as api,
+    ):
+        await db.migrate([*POSITIONS_SCHEMA[db.dialect], *ReadingsProjection.schema[db.dialect]])
+        refresher = CacheRefresher(projector, db)
+        one = SELECT_READINGS + " WHERE r.id = :id"
+
+        await project(db, first)
+        await refresher(first)
+        row = await db.fetch_one(one, {"id": str(reading.id)})
+        assert row is not None
+        cached = decode_reading(await projector.get(reading_key(reading.id)))
+        assert cached == reading_from_row(row)
+        assert cached.view.status == "chart_calculated"
+        chart_row = await db.fetch_one(SELECT_CHART, {"chart_hash": chart.chart_hash})
+        assert chart_row is not None
+        assert decode_chart(await projector.get(chart_key(chart.chart_hash))) == chart_from_row(
+            chart_row
+        )
+        if url is not None:  # the other process finds it in L2
+            assert decode_reading(await api.get(reading_key(reading.id))) == cached
+            await subscribed(projector, api)
+
+        await project(db, second)
+        await refresher(second)
+        row = await db.fetch_one(one, {"id": str(reading.id)})
+        assert row is not None
+        fresh = encode_entry(reading_from_row(row))
+        assert await projector.get(reading_key(reading.id)) == fresh
+
+        if url is not None:  # and the other process's L1 let go of the old one
+
+            async def api_sees_generated() -> bool:
+                return await api.get(reading_key(reading.id)) == fresh
+
+            await eventually(api_sees_generated, within=10, what="the generated reading cached")
+
+
+# The wired application: the projector refreshes, queries read the cache, admins monitor it.
+
+
+async def test_a_generated_reading_is_served_from_the_cache_and_admins_can_see_the_stats(
+    settings: Settings, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    if settings.cache.redis_url:
+        request.getfixturevalue("scrubbed")
+    container = bootstrap(settings, cache_prefix=prefix)
+    cache = container.cache
+    async with AsyncTestClient(create_app(settings, container)) as client:
+        roles: list[tuple[str, Role]] = [("admin", "admin"), ("alice", "client"), ("bob", "client")]
+        admin, alice, bob = [
+            (await asyncio.to_thread(container.keyring.issue, name=o, role=r, owner=o)).secret
+            for o, r in roles
+        ]
+        accepted = await client.post(
+            "/api/v1/readings",
+            json={"birth": birth_json(), "label": "cached"},
+            headers=auth(alice),
+        )
+        assert accepted.status_code == 202, accepted.text
+        location = accepted.headers["location"]
+        body = await until_generated(client, location, alice)
+
+        before = cache.stats()
+        again = await client.get(f"{location}?min_position={body['position']}", headers=auth(alice))
+        assert again.json() == body
+        after = cache.stats()
+        assert after.l1_hits + after.l2_hits == before.l1_hits + before.l2_hits + 1
+        # A hit is still checked against the reading's owner.
+        assert (await client.get(location, headers=auth(bob))).status_code == 404
+
+        forbidden = await client.get("/api/v1/monitoring/cache", headers=auth(alice))
+        assert forbidden.status_code == 403
+        monitoring = await client.get("/api/v1/monitoring/cache", headers=auth(admin))
+        assert monitoring.status_code == 200, monitoring.text
+        report = monitoring.json()
+        assert report["cache"]["l1_hits"] + report["cache"]["l2_hits"] >= 1
+        with_redis = settings.cache.redis_url is not None
+        assert report["cache"]["l2_enabled"] is with_redis
+        assert report["redis"]["status"] == ("ok" if with_redis else "not_configured")
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def until_generated(client: Any, location: str, key: str) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+
+    async def generated() -> bool:
+        nonlocal body
+        response = await client.get(location, headers=auth(key))
+        body = response.json() if response.status_code == 200 else {}
+        return body.get("status") == "generated"
+
+    await eventually(generated, within=20, what="reading generated")
+    return body
+
+
+# Redis going away and coming back.
+
+
+async def test_the_cache_answers_misses_while_redis_is_down_and_recovers_by_itself(
+    tmp_path: Path, prefix: str
+) -> None:
+    with PrivateRedis(tmp_path) as server:
+        async with (
+            started(server.url, prefix, **QUICK_BACKOFF) as one,
+            started(server.url, prefix, **QUICK_BACKOFF) as other,
+        ):
+            await subscribed(one, other)
+            await one.put_many({"reading:a": b"A"})
+            assert await other.get("reading:a") == b"A"
+            assert other.stats().l2_hits == 1
+
+            server.kill()
+            assert await other.get("reading:b") is None  # a miss, not an exception
+            assert await other.get("reading:a") == b"A"  # its L1 still answers
+            assert not await one.put_many({"reading:c": b"C"})
+            await one.invalidate(["reading:a"])
+            assert other.stats().l2_errors >= 1
+            assert other.stats().degraded
+            assert one.stats().degraded
+
+            async def unsubscribed() -> bool:
+                return not (one.stats().subscribed or other.stats().subscribed)
+
+            await eventually(unsubscribed, within=10, what="subscribers noticing the outage")
+
+            server.start()  # empty, on the same port
+
+            async def using_redis_again() -> bool:
+                await one.put_many({"reading:probe": b"P"})
+                await other.get("reading:probe")
+                return not (one.stats().degraded or other.stats().degraded)
+
+            await eventually(using_redis_again, within=10, what="both caches using Redis again")
+            stats = other.stats()
+            assert stats.subscribed
+            # What was published while it was away is lost, so its L1 was cleared.
+            assert stats.l1_clears >= 1
+            assert await other.get("reading:a") is None
+
+            l2_hits = other.stats().l2_hits
+            await one.put_many({"reading:d": b"D"})
+            assert await other.get("reading:d") == b"D"
+            assert other.stats().l2_hits == l2_hits + 1
+            await one.put_many({"reading:d": b"D2"})
+            assert await other.get("reading:d") == b"D"  # from its L1
+            await one.invalidate(["reading:d"])
+
+            async def invalidation_arrived() -> bool:
+                return await other.get("reading:d") == b"D2"
+
+            await eventually(invalidation_arrived, within=10, what="an invalidation after recovery")

@@ -1,0 +1,106 @@
+"""The event store and its group-commit writer, on SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from almanac.domain.chart import calculate_chart
+from almanac.domain.reading import Reading
+from almanac.eventstore import ConcurrencyConflict, EventStore, GroupCommitWriter
+from almanac.settings import Settings
+from tests.factories import birth, meta, new_reading
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[EventStore]:
+    s = EventStore(settings)
+    yield s
+    s.close()
+
+
+async def test_concurrent_appends_get_distinct_positions_in_few_transactions(
+    store: EventStore,
+) -> None:
+    readings = [new_reading() for _ in range(200)]
+    positions = await asyncio.gather(*(store.append(r) for r in readings))
+    assert sorted(positions) == list(range(1, 201))
+    assert store.writer.batches < 200, "concurrent commands should share transactions"
+    stored = await store.read(0, 1000)
+    assert {e.aggregate_id for e in stored} == {r.id for r in readings}
+
+
+async def test_each_caller_gets_the_position_of_its_own_last_event(store: EventStore) -> None:
+    first = new_reading()
+    p1 = await store.append(first)
+    loaded = await store.load(Reading, first.id)
+    assert loaded is not None
+    loaded.record_chart(calculate_chart(birth()), meta())
+    p2 = await store.append(loaded)
+    assert p2 > p1
+    events = await store.read(0, 10)
+    assert [(e.position, e.type) for e in events] == [
+        (p1, "reading.requested"),
+        (p2, "reading.chart_calculated"),
+    ]
+
+
+def test_conflict_in_a_batch_fails_only_the_stale_command(settings: Settings) -> None:
+    store = EventStore(settings)
+    try:
+        reading = new_reading()
+        store.append_sync(reading)
+        stale_a = store.load_sync(Reading, reading.id)
+        stale_b = store.load_sync(Reading, reading.id)
+        assert stale_a is not None and stale_b is not None
+        chart = calculate_chart(birth())
+        stale_a.record_chart(chart, meta())
+        stale_b.record_chart(chart, meta())
+        # Queue everything before the writer runs, so it all lands in one batch.
+        writer = GroupCommitWriter(store.app, max_batch=64, on_commit=lambda _p: None)
+        others = [new_reading() for _ in range(5)]
+        futures = [writer.submit([stale_a]), writer.submit([stale_b])]
+        futures += [writer.submit([r]) for r in others]
+        writer.start()
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=30))
+            except ConcurrencyConflict as exc:
+                outcomes.append(exc)
+        writer.stop()
+        assert isinstance(outcomes[0], int)
+        assert isinstance(outcomes[1], ConcurrencyConflict)
+        assert all(isinstance(o, int) for o in outcomes[2:])
+        assert writer.fallbacks == 1
+        assert len(store.read_sync(0, 100)) == 1 + 1 + 5
+    finally:
+        store.close()
+
+
+async def test_events_round_trip_with_their_typed_fields_and_meta(store: EventStore) -> None:
+    reading = new_reading(owner="owner-z")
+    await store.append(reading)
+    [event] = await store.read(0, 10)
+    assert event.meta.owner == "owner-z"
+    assert event.event.birth == birth()
+    loaded = await store.load(Reading, reading.id)
+    assert loaded is not None
+    assert loaded.birth == birth() and loaded.owner == "owner-z" and loaded.status == "requested"
+
+
+async def test_position_of_finds_the_first_event_of_an_aggregate(store: EventStore) -> None:
+    await store.append(new_reading())
+    reading = new_reading()
+    position = await store.append(reading)
+    assert await store.position_of(reading.id, 1) == position
+    assert await store.position_of(reading.id, 2) is None
+
+
+async def test_consumer_positions_only_move_forward(store: EventStore) -> None:
+    assert await store.consumer_position("c") == 0
+    await store.save_consumer_position("c", 5)
+    await store.save_consumer_position("c", 3)
+    assert await store.consumer_position("c") == 5

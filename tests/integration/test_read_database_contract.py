@@ -1,0 +1,104 @@
+"""One contract for the read-model port, run against every adapter (SQLite and Postgres)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from almanac.adapters.postgres import PostgresReadDatabase
+from almanac.adapters.sqlite import SqliteReadDatabase
+from almanac.readmodels import (
+    POSITIONS_SCHEMA,
+    SAVE_POSITION,
+    BulkInsert,
+    ReadDatabase,
+    projection_position,
+)
+from almanac.settings import Settings
+
+SCHEMA = {
+    "sqlite": ["CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, n INTEGER NOT NULL)"],
+    "postgres": ["CREATE TABLE notes (id TEXT PRIMARY KEY, body JSONB, n BIGINT NOT NULL)"],
+}
+ADD = "INSERT INTO notes (id, body, n) VALUES (:id, :body, :n)"
+
+
+@pytest.fixture
+async def db(settings: Settings, tmp_path: Path) -> AsyncIterator[ReadDatabase]:
+    database: ReadDatabase
+    if settings.read_postgres_url is None:
+        database = SqliteReadDatabase(tmp_path / "contract.sqlite3")
+    else:
+        database = PostgresReadDatabase(settings.read_postgres_url, max_size=2)
+    await database.open()
+    await database.migrate([*POSITIONS_SCHEMA[database.dialect], *SCHEMA[database.dialect]])
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def test_writes_then_reads_rows_back(db: ReadDatabase) -> None:
+    await db.write(
+        [(ADD, [{"id": "a", "body": '{"x": 1}', "n": 1}, {"id": "b", "body": None, "n": 2}])]
+    )
+    rows = await db.fetch_all("SELECT id, n FROM notes ORDER BY id", {})
+    assert [(r["id"], r["n"]) for r in rows] == [("a", 1), ("b", 2)]
+    one = await db.fetch_one("SELECT body FROM notes WHERE id = :id", {"id": "a"})
+    assert one is not None and one["body"].replace(" ", "") == '{"x":1}'
+    assert await db.fetch_one("SELECT id FROM notes WHERE id = :id", {"id": "zz"}) is None
+
+
+async def test_a_failing_statement_rolls_back_the_whole_write(db: ReadDatabase) -> None:
+    await db.write([(ADD, [{"id": "a", "body": None, "n": 1}])])
+    with pytest.raises(Exception):  # noqa: B017, PT011 - each engine raises its own error
+        await db.write(
+            [
+                (ADD, [{"id": "b", "body": None, "n": 2}]),
+                (
+                    SAVE_POSITION,
+                    [{"name": "p", "position": 9, "updated_at": "2026-01-01T00:00:00+00:00"}],
+                ),
+                (ADD, [{"id": "a", "body": None, "n": 3}]),  # duplicate key
+            ]
+        )
+    rows = await db.fetch_all("SELECT id FROM notes ORDER BY id", {})
+    assert [r["id"] for r in rows] == ["a"]
+    assert await projection_position(db, "p") == 0
+
+
+async def test_bulk_inserts_many_rows_and_honours_on_conflict(db: ReadDatabase) -> None:
+    rows = [[f"k{i:04d}", None if i % 2 else f'{{"i": {i}}}', i] for i in range(1500)]
+    await db.write([BulkInsert("notes", ("id", "body", "n"), rows)])
+    again = [["k0000", None, -1], ["new", '{"a": "quote \\" and \\\\ back"}', 7]]
+    await db.write([BulkInsert("notes", ("id", "body", "n"), again, "ON CONFLICT (id) DO NOTHING")])
+    count = await db.fetch_one("SELECT COUNT(*) AS c, SUM(n) AS s FROM notes", {})
+    assert count is not None and int(count["c"]) == 1501
+    assert int(count["s"]) == sum(range(1500)) + 7
+    new = await db.fetch_one("SELECT body FROM notes WHERE id = 'new'", {})
+    assert new is not None and "quote" in new["body"]
+
+
+async def test_projection_positions_only_move_forward(db: ReadDatabase) -> None:
+    for position in (5, 3, 8, 7):
+        await db.write(
+            [
+                (
+                    SAVE_POSITION,
+                    [
+                        {
+                            "name": "p",
+                            "position": position,
+                            "updated_at": "2026-01-01T00:00:00+00:00",
+                        }
+                    ],
+                )
+            ]
+        )
+    assert await projection_position(db, "p") == 8
+
+
+async def test_ping_answers_when_the_database_is_up(db: ReadDatabase) -> None:
+    await db.ping()

@@ -1,0 +1,322 @@
+"""The reading worker on both profiles: in-process, and as a real process killed mid-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from almanac.container import Container
+from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
+from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
+from almanac.domain.kinds import ReadingKind
+from almanac.errors import AlmanacError
+from almanac.eventstore import EventStore, RecordedEvent
+from almanac.settings import Settings
+from commands.worker import ReadingWorker
+from tests.factories import birth, new_reading
+from tests.integration.support_containers import running, settled
+from tests.integration.support_eventlog import (
+    CHART_CALCULATED,
+    FAILED,
+    GENERATED,
+    REQUESTED,
+    LogTally,
+    by_reading,
+    whole_log,
+)
+from tests.integration.support_processes import RoleProcesses
+from tests.integration.support_waiting import eventually, wait_until
+
+
+def worker_of(container: Container) -> ReadingWorker:
+    [worker] = container.background["worker"]
+    assert isinstance(worker, ReadingWorker)
+    return worker
+
+
+class CountingGenerator:
+    """The built-in generator, failing the first ``failures`` calls as told."""
+
+    name = "counting"
+    version = "1"
+
+    def __init__(self, failures: int = 0, *, retryable: bool = True) -> None:
+        self.failures = failures
+        self.retryable = retryable
+        self.calls = 0
+        self._builtin = BuiltinGenerator()
+
+    async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise GenerationFailed(f"the oracle is busy (call {self.calls})", self.retryable)
+        return await self._builtin.generate(chart, kind, label)
+
+
+class LoadRecordingStore(EventStore):
+    """The event store, noting which aggregates are loaded."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.loaded: list[UUID] = []
+
+    def load_sync(self, cls: type[Any], aggregate_id: UUID) -> Any:
+        self.loaded.append(aggregate_id)
+        return super().load_sync(cls, aggregate_id)
+
+
+async def test_every_requested_reading_is_generated_once_with_causal_meta(
+    settings: Settings,
+) -> None:
+    async with running(settings) as container:
+        readings = [new_reading(owner=f"owner-{i % 3}") for i in range(12)]
+        for reading in readings:
+            await container.store.append(reading)
+        done = await settled(container, [r.id for r in readings])
+        assert {r.status for r in done} == {"generated"}
+        log = by_reading(await whole_log(container.store))
+
+    for reading in readings:
+        events = log[reading.id]
+        assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
+        requested = events[0]
+        for follow_on in events[1:]:
+            assert follow_on.meta.causation_id == f"position:{requested.position}"
+            assert follow_on.meta.correlation_id == requested.meta.correlation_id
+            assert follow_on.meta.owner == requested.meta.owner
+        assert events[1].event.chart == calculate_chart(birth())
+        assert events[2].event.text.generator == "builtin"
+
+
+async def test_retryable_generation_failures_are_retried_until_success(
+    settings: Settings,
+) -> None:
+    generator = CountingGenerator(failures=2, retryable=True)
+    async with running(settings, generator=generator) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert done.status == "generated"
+    assert generator.calls == 3
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
+
+
+async def test_retryable_failures_fail_the_reading_once_attempts_run_out(
+    settings: Settings,
+) -> None:
+    generator = CountingGenerator(failures=100, retryable=True)
+    async with running(settings, generator=generator) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+    assert done.status == "failed"
+    assert generator.calls == 3, "stamina's testing mode allows three attempts"
+    assert done.failure == "the text could not be generated: the oracle is busy (call 3)"
+
+
+async def test_a_permanent_generation_failure_fails_the_reading_with_the_reason(
+    settings: Settings,
+) -> None:
+    generator = CountingGenerator(failures=100, retryable=False)
+    async with running(settings, generator=generator) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert done.status == "failed"
+    assert done.failure == "the text could not be generated: the oracle is busy (call 1)"
+    assert generator.calls == 1, "a failure that is not retryable is not retried"
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, FAILED]
+    assert events[2].event.stage == "text"
+    assert events[2].meta.causation_id == f"position:{events[0].position}"
+
+
+class CrashingGenerator:
+    """The built-in generator, except that it crashes on readings labelled "boom"."""
+
+    name = "crashing"
+    version = "1"
+
+    def __init__(self) -> None:
+        self.crashes = 0
+        self._builtin = BuiltinGenerator()
+
+    async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
+        if label == "boom":
+            self.crashes += 1
+            raise RuntimeError("generator bug")
+        return await self._builtin.generate(chart, kind, label)
+
+
+async def test_an_unexpected_generator_crash_fails_that_reading_and_the_rest_carry_on(
+    settings: Settings,
+) -> None:
+    generator = CrashingGenerator()
+    async with running(settings, generator=generator) as container:
+        boom = new_reading(label="boom")
+        others = [new_reading() for _ in range(3)]
+        for reading in [boom, *others]:
+            await container.store.append(reading)
+        done = await settled(container, [r.id for r in [boom, *others]])
+    assert done[0].status == "failed"
+    assert done[0].failure == "the text could not be generated (RuntimeError)"
+    assert generator.crashes == 3, "an unexpected error is retried like a transient one"
+    assert {r.status for r in done[1:]} == {"generated"}
+
+
+async def test_a_chart_that_cannot_be_calculated_fails_the_reading_at_the_chart_stage(
+    settings: Settings,
+) -> None:
+    def refuse(_birth: BirthData, _options: ChartOptions) -> Chart:
+        raise AlmanacError("the ephemeris has no data for that date")
+
+    generator = CountingGenerator()
+    async with running(settings, generator=generator, calculate=refuse) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert done.status == "failed"
+    assert (
+        done.failure == "the chart could not be calculated: the ephemeris has no data for that date"
+    )
+    assert [e.type for e in events] == [REQUESTED, FAILED]
+    assert events[1].event.stage == "chart"
+    assert generator.calls == 0
+
+
+async def test_a_reading_left_with_only_its_chart_is_finished_from_that_chart(
+    settings: Settings,
+) -> None:
+    """As after a crash between the chart and the text: the chart is not calculated again."""
+    calculations: list[BirthData] = []
+
+    def counting(b: BirthData, options: ChartOptions) -> Chart:
+        calculations.append(b)
+        return calculate_chart(b, options)
+
+    reading = new_reading()
+    reading.record_chart(calculate_chart(birth()), reading.pending_events[0].meta.caused_by(1))
+    store = EventStore(settings)
+    try:
+        await store.append(reading)
+    finally:
+        store.close()
+    async with running(settings, calculate=counting) as container:
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert done.status == "generated"
+    assert calculations == []
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
+
+
+async def test_a_settled_reading_is_skipped_when_its_request_is_seen_again(
+    settings: Settings,
+) -> None:
+    generator = CountingGenerator()
+    async with running(settings, generator=generator) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        await settled(container, [reading.id])
+        before = await container.store.max_position()
+        requested: RecordedEvent = (by_reading(await whole_log(container.store)))[reading.id][0]
+        await worker_of(container).process(requested)
+        assert await container.store.max_position() == before
+    assert generator.calls == 1
+
+
+async def test_a_restarted_worker_resumes_after_its_saved_position(settings: Settings) -> None:
+    first_batch = [new_reading() for _ in range(8)]
+    async with running(settings) as container:
+        for reading in first_batch:
+            await container.store.append(reading)
+        await settled(container, [r.id for r in first_batch])
+        store = container.store
+
+        async def caught_up() -> bool:
+            saved = await store.consumer_position(ReadingWorker.name)
+            return saved == await store.max_position()
+
+        await eventually(caught_up, what="the worker's saved position reaches the log's end")
+
+    generator = CountingGenerator()
+    store = LoadRecordingStore(settings)
+    async with running(settings, generator=generator, store=store) as container:
+        late = new_reading()
+        await container.store.append(late)
+        [done] = await settled(container, [late.id])
+        assert done.status == "generated"
+        log = by_reading(await whole_log(container.store))
+    assert generator.calls == 1
+    worker_loads = [i for i in store.loaded if i != late.id]
+    assert worker_loads == [], "the readings before the saved position are not fed again"
+    assert len(log) == len(first_batch) + 1
+    for events in log.values():
+        assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
+
+
+READINGS_TO_KILL = 300
+
+
+def test_a_worker_killed_mid_run_completes_every_reading_exactly_once_after_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        readings = [new_reading() for _ in range(READINGS_TO_KILL)]
+        store.append_sync(*readings)
+        tally = LogTally(store)
+        with RoleProcesses(
+            settings,
+            tmp_path,
+            # Small batches and little concurrency: the run lasts long enough to be cut short,
+            # and the saved position moves during it.
+            ALMANAC_WORKER_CONCURRENCY="2",
+            ALMANAC_FEED_BATCH_SIZE="40",
+        ) as processes:
+            first = processes.start("worker")
+
+            def some_generated() -> bool:
+                first.ensure_running()
+                return tally.count(GENERATED) >= 60
+
+            wait_until(some_generated, within=30, what="the first worker generates 60 readings")
+            first.kill()
+            at_kill = tally.count(GENERATED)
+            assert at_kill < READINGS_TO_KILL, "the worker was not killed mid-run"
+
+            second = processes.start("worker")
+
+            def all_generated() -> bool:
+                second.ensure_running()
+                return tally.count(GENERATED) >= READINGS_TO_KILL
+
+            wait_until(all_generated, within=60, what=f"all {READINGS_TO_KILL} readings generated")
+            tally.refresh()
+            for reading in readings:
+                assert tally.per_reading[reading.id] == [REQUESTED, CHART_CALCULATED, GENERATED]
+            assert tally.types[FAILED] == 0
+            assert len(tally.per_reading) == READINGS_TO_KILL
+
+            code = second.terminate(timeout=20)
+            events = second.log_events()
+            assert "worker.stopped" in events
+            assert "almanac.stopped" in events
+            assert code == 0, second.output()[-4000:]
+            assert sum(tally.refresh().types.values()) == 3 * READINGS_TO_KILL
+    finally:
+        store.close()
+
+
+def test_a_worker_process_exits_zero_after_sigterm(settings: Settings, tmp_path: Path) -> None:
+    with RoleProcesses(settings, tmp_path) as processes:
+        worker = processes.start("worker")
+
+        def started() -> bool:
+            worker.ensure_running()
+            return "worker.started" in worker.log_events()
+
+        wait_until(started, within=30, what="the worker process starts")
+        assert worker.terminate(timeout=20) == 0

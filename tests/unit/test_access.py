@@ -1,0 +1,217 @@
+"""API keys: secrets, what is stored of them, and how a presented key is checked."""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Sequence
+from typing import Any, TypeVar, cast
+from uuid import UUID
+
+import msgspec
+import pytest
+from eventsourcing.domain import Aggregate
+from hypothesis import given
+from hypothesis import strategies as st
+
+from almanac.auth import KeyRing, Principal
+from almanac.domain.access import (
+    INSTALLATION_ID,
+    KEY_PREFIX,
+    ApiKey,
+    Installation,
+    hash_secret,
+    key_id_for,
+    new_secret,
+)
+from almanac.errors import Forbidden, Unauthorized
+from almanac.eventstore import ConcurrencyConflict
+from tests.factories import meta
+
+A = TypeVar("A", bound=Aggregate)
+URLSAFE = set(string.ascii_letters + string.digits + "-_")
+
+
+def issued(secret: str | None = None, role: Any = "client", owner: str = "owner-a") -> ApiKey:
+    return ApiKey.issue(secret=secret or new_secret(), name="app", role=role, meta=meta(owner))
+
+
+def test_secrets_start_with_the_prefix_and_carry_256_random_bits() -> None:
+    secrets_ = [new_secret() for _ in range(500)]
+    assert len(set(secrets_)) == len(secrets_)
+    for secret in secrets_:
+        assert secret.startswith(KEY_PREFIX)
+        body = secret.removeprefix(KEY_PREFIX)
+        assert len(body) >= 43, "32 random bytes in URL-safe base64"
+        assert set(body) <= URLSAFE
+    # Every position of the random part varies across keys: nothing fixed hides in it.
+    for i in range(43):
+        assert len({s[len(KEY_PREFIX) + i] for s in secrets_}) > 10
+
+
+def test_only_the_hash_of_the_secret_is_in_the_issued_event() -> None:
+    secret = new_secret()
+    key = issued(secret)
+    [event] = key.pending_events
+    assert isinstance(event, ApiKey.Issued)
+    assert event.key_hash == hashlib.sha256(secret.encode()).hexdigest()
+    for event in key.collect_events():
+        state = vars(event)
+        for name, value in state.items():
+            assert secret not in repr(value), name
+        assert secret.encode() not in msgspec.json.encode(state)
+
+
+def test_the_hint_shows_the_prefix_and_four_characters_only() -> None:
+    secret = new_secret()
+    key = issued(secret)
+    assert key.hint == secret[: len(KEY_PREFIX) + 4]
+    assert len(key.hint) == 8
+
+
+def test_the_key_id_is_derived_from_the_secret_deterministically() -> None:
+    secret = new_secret()
+    assert key_id_for(secret) == key_id_for(secret)
+    assert key_id_for(secret) != key_id_for(new_secret())
+    assert issued(secret).id == key_id_for(secret)
+    assert isinstance(key_id_for(secret), UUID)
+
+
+@given(a=st.text(max_size=60), b=st.text(max_size=60))
+def test_different_secrets_never_share_an_id_or_hash(a: str, b: str) -> None:
+    assert (key_id_for(a) == key_id_for(b)) == (a == b)
+    assert (hash_secret(a) == hash_secret(b)) == (a == b)
+
+
+def test_a_key_matches_its_own_secret_only() -> None:
+    secret = new_secret()
+    key = issued(secret)
+    assert key.matches(secret)
+    for wrong in [new_secret(), secret + "x", secret[:-1], secret.upper(), "", KEY_PREFIX]:
+        assert not key.matches(wrong), wrong
+
+
+def test_revoking_marks_the_key_once() -> None:
+    key = issued()
+    key.collect_events()
+    key.revoke(meta("admin"))
+    key.revoke(meta("admin"))
+    assert key.revoked
+    [event] = key.collect_events()
+    assert isinstance(event, ApiKey.Revoked)
+    assert event.meta.owner == "admin"
+
+
+def test_the_installation_has_one_well_known_id() -> None:
+    key = issued(role="admin")
+    first = Installation.initialise(key.id, meta("admin"))
+    second = Installation.initialise(issued(role="admin").id, meta("admin"))
+    assert first.id == second.id == INSTALLATION_ID
+    assert first.admin_key_id == key.id
+
+
+class InMemoryStore:
+    """The part of the event store that ``KeyRing`` uses, kept in a dict."""
+
+    def __init__(self) -> None:
+        self.events: dict[UUID, list[Any]] = {}
+
+    def append_sync(self, *aggregates: Aggregate) -> int:
+        pending = [(agg.id, agg.collect_events()) for agg in aggregates]
+        for aggregate_id, events in pending:
+            stored = len(self.events.get(aggregate_id, []))
+            if events[0].originator_version != stored + 1:
+                raise ConcurrencyConflict("the aggregate was changed by another command")
+        for aggregate_id, events in pending:
+            self.events.setdefault(aggregate_id, []).extend(events)
+        return sum(len(e) for e in self.events.values())
+
+    def load_sync(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        aggregate: Any = None
+        for event in self.events.get(aggregate_id, []):
+            aggregate = event.mutate(aggregate)
+        return aggregate if isinstance(aggregate, cls) else None
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        return self.load_sync(cls, aggregate_id)
+
+    def stored(self) -> Sequence[Any]:
+        return [e for events in self.events.values() for e in events]
+
+
+@pytest.fixture
+def store() -> InMemoryStore:
+    return InMemoryStore()
+
+
+def keyring(store: InMemoryStore, ttl: float = 0) -> KeyRing:
+    return KeyRing(cast("Any", store), ttl)
+
+
+async def test_an_issued_key_authenticates_as_its_principal(store: InMemoryStore) -> None:
+    ring = keyring(store)
+    new = ring.issue(name="mobile", role="client", owner="owner-k")
+    principal = await ring.authenticate(new.secret)
+    assert principal == new.principal
+    assert (principal.owner, principal.role, principal.name) == ("owner-k", "client", "mobile")
+    assert principal.key_id == str(key_id_for(new.secret))
+    assert all(new.secret not in repr(vars(e)) for e in store.stored())
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [None, "", "not-a-key", KEY_PREFIX + "x" * 300],
+    ids=["none", "empty", "no-prefix", "too-long"],
+)
+async def test_refuses_malformed_keys(store: InMemoryStore, presented: str | None) -> None:
+    with pytest.raises(Unauthorized):
+        await keyring(store).authenticate(presented)
+
+
+async def test_refuses_an_unknown_key(store: InMemoryStore) -> None:
+    with pytest.raises(Unauthorized, match="not valid"):
+        await keyring(store).authenticate(new_secret())
+
+
+async def test_refuses_a_revoked_key(store: InMemoryStore) -> None:
+    ring = keyring(store)
+    new = ring.issue(name="old", role="client", owner="owner-r")
+    key = store.load_sync(ApiKey, key_id_for(new.secret))
+    assert key is not None
+    key.revoke(meta("admin"))
+    store.append_sync(key)
+    with pytest.raises(Unauthorized):
+        await ring.authenticate(new.secret)
+
+
+async def test_a_refused_key_works_once_issued_when_nothing_is_cached(
+    store: InMemoryStore,
+) -> None:
+    ring = keyring(store, ttl=0)
+    secret = new_secret()
+    with pytest.raises(Unauthorized):
+        await ring.authenticate(secret)
+    store.append_sync(ApiKey.issue(secret=secret, name="late", role="admin", meta=meta("o")))
+    assert (await ring.authenticate(secret)).is_admin
+
+
+def test_the_first_admin_key_is_issued_once(store: InMemoryStore) -> None:
+    ring = keyring(store)
+    first = ring.issue_first_admin()
+    assert first is not None
+    assert first.principal.is_admin
+    assert ring.issue_first_admin() is None
+    installation = store.load_sync(Installation, INSTALLATION_ID)
+    assert installation is not None
+    assert installation.admin_key_id == key_id_for(first.secret)
+
+
+def test_principals_see_their_own_owner_and_admins_see_all() -> None:
+    client = Principal(key_id="k1", owner="owner-a", role="client", name="app")
+    admin = Principal(key_id="k2", owner="admin", role="admin", name="admin")
+    assert client.may_see("owner-a")
+    assert not client.may_see("owner-b")
+    assert admin.may_see("owner-b")
+    admin.require_admin()
+    with pytest.raises(Forbidden):
+        client.require_admin()

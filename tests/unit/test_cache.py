@@ -1,0 +1,565 @@
+"""The read cache without I/O: L1 bounds and expiry on a fake clock, statistics, invalidation
+marks, the behaviour while Redis fails (against an in-memory stand-in), and the refresher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+from uuid import uuid4
+
+import msgspec
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+import almanac.cache
+from almanac.adapters.redis import RedisConnection
+from almanac.cache import (
+    Backoff,
+    CacheStats,
+    L1Cache,
+    TwoLevelCache,
+    chart_key,
+    decode_chart,
+    decode_reading,
+    encode_entry,
+    reading_key,
+)
+from almanac.domain.chart import ChartOptions
+from almanac.domain.reading import Reading
+from almanac.errors import Unavailable
+from almanac.eventstore import RecordedEvent
+from almanac.settings import CacheSettings
+from almanac.views import CachedReading, ReadingView
+from projections.cache_refresher import CacheRefresher
+from tests.factories import birth, meta
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def l1_only(clock: FakeClock, size: int = 100, ttl: float = 5.0) -> TwoLevelCache:
+    return TwoLevelCache(CacheSettings(l1_size=size, l1_ttl=ttl), None, clock=clock)
+
+
+# L1: a bounded LRU with a TTL per entry.
+
+
+def test_l1_returns_an_entry_until_its_ttl_has_passed(clock: FakeClock) -> None:
+    l1 = L1Cache(size=10, ttl=5.0, clock=clock)
+    l1.put("a", b"1")
+    clock.advance(4.9)
+    assert l1.get("a") == b"1"
+    clock.advance(0.1)
+    assert l1.get("a") is None
+    assert len(l1) == 0
+
+
+def test_putting_an_entry_again_restarts_its_ttl(clock: FakeClock) -> None:
+    l1 = L1Cache(size=10, ttl=5.0, clock=clock)
+    l1.put("a", b"1")
+    clock.advance(4)
+    l1.put("a", b"2")
+    clock.advance(4)
+    assert l1.get("a") == b"2"
+
+
+def test_l1_evicts_the_least_recently_used_entry_beyond_its_size(clock: FakeClock) -> None:
+    l1 = L1Cache(size=3, ttl=5.0, clock=clock)
+    for key in "abc":
+        l1.put(key, key.encode())
+    assert l1.get("a") == b"a"  # now the most recently used
+    l1.put("d", b"d")
+    assert len(l1) == 3
+    assert l1.get("b") is None
+    assert [l1.get(k) for k in "acd"] == [b"a", b"c", b"d"]
+
+
+@pytest.mark.parametrize(("size", "ttl"), [(0, 5.0), (10, 0.0)])
+def test_an_l1_of_size_or_ttl_zero_keeps_nothing(clock: FakeClock, size: int, ttl: float) -> None:
+    l1 = L1Cache(size=size, ttl=ttl, clock=clock)
+    l1.put("a", b"1")
+    assert not l1.enabled
+    assert l1.get("a") is None
+    assert len(l1) == 0
+
+
+@given(
+    size=st.integers(min_value=0, max_value=8),
+    operations=st.lists(
+        st.tuples(st.sampled_from(["put", "get", "tick"]), st.sampled_from("abcdefghij")),
+        max_size=60,
+    ),
+)
+def test_l1_never_exceeds_its_size_and_never_returns_a_value_not_last_put(
+    size: int, operations: list[tuple[str, str]]
+) -> None:
+    clock = FakeClock()
+    l1 = L1Cache(size=size, ttl=3.0, clock=clock)
+    last: dict[str, bytes] = {}
+    for step, (operation, key) in enumerate(operations):
+        if operation == "put":
+            last[key] = f"{key}{step}".encode()
+            l1.put(key, last[key])
+        elif operation == "get":
+            assert l1.get(key) in (None, last.get(key))
+        else:
+            clock.advance(1.0)
+        assert len(l1) <= size
+
+
+# The two-level cache with no L2 (the embedded profile).
+
+
+async def test_stats_count_l1_hits_and_misses(clock: FakeClock) -> None:
+    cache = l1_only(clock)
+    await cache.put_many({"a": b"1", "b": b"2"})
+    assert await cache.get("a") == b"1"
+    assert await cache.get("missing") is None
+    assert await cache.get_many(["a", "b", "missing", "a"]) == {"a": b"1", "b": b"2"}
+    stats = cache.stats()
+    assert (stats.l1_hits, stats.l1_misses, stats.l1_size, stats.l1_capacity) == (3, 2, 2, 100)
+    assert (stats.l2_enabled, stats.l2_hits, stats.l2_misses, stats.l2_errors) == (False, 0, 0, 0)
+    assert not stats.degraded
+
+
+async def test_stats_encode_as_json(clock: FakeClock) -> None:
+    stats = l1_only(clock).stats()
+    assert msgspec.json.decode(msgspec.json.encode(stats), type=CacheStats) == stats
+
+
+async def test_entries_expire_after_the_l1_ttl(clock: FakeClock) -> None:
+    cache = l1_only(clock, ttl=2.0)
+    await cache.put_many({"a": b"1"})
+    clock.advance(2.0)
+    assert await cache.get("a") is None
+
+
+async def test_invalidate_drops_keys_from_l1_and_counts_them(clock: FakeClock) -> None:
+    cache = l1_only(clock)
+    await cache.put_many({"a": b"1", "b": b"2"})
+    await cache.invalidate(["a", "a", "c"])
+    assert await cache.get("a") is None
+    assert await cache.get("b") == b"2"
+    assert cache.stats().invalidations_sent == 2
+
+
+async def test_a_fill_is_kept_when_nothing_was_invalidated_during_the_read(
+    clock: FakeClock,
+) -> None:
+    cache = l1_only(clock)
+    mark = cache.mark()
+    await cache.invalidate(["other"])
+    await cache.fill("a", b"from the database", mark=mark)
+    assert await cache.get("a") == b"from the database"
+
+
+async def test_a_fill_is_refused_when_the_key_was_invalidated_during_the_read(
+    clock: FakeClock,
+) -> None:
+    cache = l1_only(clock)
+    mark = cache.mark()
+    await cache.invalidate(["a"])
+    await cache.fill("a", b"possibly stale", mark=mark)
+    assert await cache.get("a") is None
+
+
+async def test_a_refresh_during_a_read_wins_over_the_read(clock: FakeClock) -> None:
+    cache = l1_only(clock)
+    mark = cache.mark()
+    assert await cache.refresh({"a": b"new"})
+    await cache.fill("a", b"old", mark=mark)
+    assert await cache.get("a") == b"new"
+    assert cache.stats().invalidations_sent == 1
+
+
+async def test_fills_older_than_the_remembered_invalidations_are_refused(
+    clock: FakeClock,
+) -> None:
+    """Past what it remembers exactly, the cache refuses any fill begun before: safe."""
+    cache = l1_only(clock, size=10)
+    mark = cache.mark()
+    await cache.invalidate(f"k{i}" for i in range(5000))
+    await cache.fill("a", b"1", mark=mark)
+    assert await cache.get("a") is None
+    later = cache.mark()
+    await cache.fill("a", b"1", mark=later)
+    assert await cache.get("a") == b"1"
+
+
+async def test_an_l1_only_cache_starts_and_stops_without_redis(clock: FakeClock) -> None:
+    cache = l1_only(clock)
+    await cache.start()
+    await cache.put_many({"a": b"1"})
+    await cache.stop()
+    stats = cache.stats()
+    assert not stats.degraded
+    assert not stats.subscribed
+    assert stats.warmed == 0
+
+
+# Keys and values.
+
+
+def test_keys_name_what_they_hold() -> None:
+    reading_id = uuid4()
+    assert reading_key(reading_id) == f"reading:{reading_id}"
+    assert chart_key("ab" * 32) == f"chart:{'ab' * 32}"
+
+
+def a_cached_reading() -> CachedReading:
+    now = datetime.now(UTC)
+    view = ReadingView(
+        id=uuid4(),
+        status="requested",
+        kind="natal",
+        label=None,
+        birth=birth(),
+        options=ChartOptions(),
+        chart_hash="0" * 64,
+        chart=None,
+        text=None,
+        failure=None,
+        created_at=now,
+        updated_at=now,
+        position=7,
+    )
+    return CachedReading(owner="alice", view=view)
+
+
+def test_a_cached_reading_round_trips_as_json() -> None:
+    cached = a_cached_reading()
+    assert decode_reading(encode_entry(cached)) == cached
+
+
+def test_an_unreadable_or_absent_value_decodes_as_a_miss() -> None:
+    assert decode_reading(None) is None
+    assert decode_reading(b'{"owner": "alice"}') is None
+    assert decode_chart(b"not json") is None
+
+
+# While Redis fails: misses, counted errors, a growing backoff, rate-limited logs.
+
+
+def test_backoff_doubles_up_to_its_maximum_and_starts_again_after_reset() -> None:
+    backoff = Backoff(1.0, 10.0)
+    assert [backoff.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    backoff.reset()
+    assert backoff.next() == 1.0
+
+
+@dataclass
+class FakeRedis:
+    """Just enough of a Redis server behind redis-py's pipeline for the cache's calls."""
+
+    down: bool = False
+    data: dict[str, bytes] = field(default_factory=dict)
+    published: list[tuple[str, bytes]] = field(default_factory=list)
+    ttls_ms: dict[str, int] = field(default_factory=dict)
+    executed: int = 0
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        return FakePipeline(self)
+
+
+class FakePipeline:
+    def __init__(self, server: FakeRedis) -> None:
+        self.server = server
+        self.commands: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def command(*args: Any, **kwargs: Any) -> FakePipeline:
+            self.commands.append((name, args, kwargs))
+            return self
+
+        return command
+
+    async def execute(self) -> list[Any]:
+        self.server.executed += 1
+        if self.server.down:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+        return [self._run(name, args, kwargs) for name, args, kwargs in self.commands]
+
+    def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        data = self.server.data
+        if name == "mget":
+            return [data.get(key) for key in args[0]]
+        if name == "set":
+            if kwargs.get("nx") and args[0] in data:
+                return None
+            data[args[0]] = args[1]
+            self.server.ttls_ms[args[0]] = kwargs["px"]
+            return True
+        if name == "publish":
+            self.server.published.append((args[0], args[1]))
+            return 0
+        return 0
+
+
+@dataclass
+class FakeConnection:
+    client: FakeRedis
+
+
+def two_level(clock: FakeClock, server: FakeRedis, **kwargs: Any) -> TwoLevelCache:
+    connection = cast("RedisConnection", FakeConnection(server))
+    return TwoLevelCache(
+        CacheSettings(l1_size=100, l1_ttl=5.0, warm_keys=0), connection, clock=clock, **kwargs
+    )
+
+
+@pytest.fixture
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, Any]]]:
+    """The cache's log lines (its logger is replaced so none is cached from elsewhere)."""
+    with structlog.testing.capture_logs() as captured:
+        monkeypatch.setattr(almanac.cache, "log", structlog.get_logger("almanac.cache"))
+        yield captured
+
+
+async def test_a_redis_error_is_answered_as_a_miss_and_counted(clock: FakeClock) -> None:
+    server = FakeRedis(down=True)
+    cache = two_level(clock, server)
+    assert await cache.get("a") is None
+    assert await cache.get_many(["b"]) == {}
+    stats = cache.stats()
+    assert stats.l2_errors == 1
+    assert stats.l2_skipped == 1
+    assert stats.degraded
+
+
+async def test_after_a_failure_redis_is_left_alone_for_a_backoff_that_grows(
+    clock: FakeClock,
+) -> None:
+    server = FakeRedis(down=True)
+    cache = two_level(clock, server, backoff_initial=1.0, backoff_max=4.0)
+    await cache.get("a")
+    pauses = []
+    for _ in range(4):
+        asked = server.executed
+        waited = 0.0
+        for _ in range(40):  # in steps of 0.25 s: at most 10 s
+            clock.advance(0.25)
+            waited += 0.25
+            await cache.get("a")
+            if server.executed > asked:
+                break
+        pauses.append(waited)
+    assert pauses == [1.0, 2.0, 4.0, 4.0]
+
+
+async def test_the_cache_uses_redis_again_once_it_answers(clock: FakeClock) -> None:
+    server = FakeRedis(down=True)
+    cache = two_level(clock, server, backoff_initial=1.0)
+    await cache.put_many({"a": b"1"})
+    assert cache.stats().degraded
+    server.down = False
+    server.data["almanac:b"] = b"2"
+    assert await cache.get("b") is None  # still within the backoff
+    clock.advance(1.0)
+    assert await cache.get("b") == b"2"
+    stats = cache.stats()
+    assert not stats.degraded
+    assert stats.l2_hits == 1
+
+
+async def test_redis_being_away_is_logged_once_per_interval_not_per_request(
+    clock: FakeClock, logs: list[MutableMapping[str, Any]]
+) -> None:
+    server = FakeRedis(down=True)
+    cache = two_level(clock, server, backoff_initial=0.25, backoff_max=0.25, log_interval=60.0)
+    for _ in range(50):  # 12.5 s of requests, each after the backoff: every one fails
+        clock.advance(0.25)
+        assert await cache.get("a") is None
+    server.down = False
+    clock.advance(0.25)
+    await cache.get("a")
+    events = [line["event"] for line in logs]
+    assert events == ["cache.redis_unavailable", "cache.redis_recovered"]
+    assert cache.stats().l2_errors == 50
+
+
+async def test_a_refresh_publishes_after_storing_so_others_reread_the_new_value(
+    clock: FakeClock,
+) -> None:
+    server = FakeRedis()
+    cache = two_level(clock, server, prefix="p:")
+    assert await cache.refresh({"reading:1": b"v"})
+    assert server.data == {"p:almanac:reading:1": b"v"}
+    [(channel, message)] = server.published
+    assert channel == "p:almanac:cache:invalidate"
+    assert msgspec.json.decode(message)[1] == ["reading:1"]
+
+
+async def test_a_fill_never_overwrites_what_l2_holds(clock: FakeClock) -> None:
+    server = FakeRedis()
+    cache = two_level(clock, server)
+    server.data["almanac:a"] = b"refreshed"
+    await cache.fill("a", b"read from a replica", mark=cache.mark())
+    assert server.data["almanac:a"] == b"refreshed"
+
+
+async def test_a_filled_value_stays_in_l2_for_less_time_than_a_refreshed_one(
+    clock: FakeClock,
+) -> None:
+    server = FakeRedis()
+    cache = two_level(clock, server, fill_ttl=60.0)
+    await cache.fill("filled", b"1", mark=cache.mark())
+    await cache.refresh({"refreshed": b"2"})
+    assert server.ttls_ms == {"almanac:filled": 60_000, "almanac:refreshed": 3_600_000}
+
+
+# The refresher, against stand-ins for the read database and the cache.
+
+
+class RecordingCache:
+    def __init__(self, refreshes: bool = True) -> None:
+        self.refreshed: list[dict[str, bytes]] = []
+        self.refreshes = refreshes
+
+    async def refresh(self, items: Mapping[str, bytes]) -> bool:
+        self.refreshed.append(dict(items))
+        return self.refreshes
+
+
+class RowsDatabase:
+    """Answers the refresher's reading query with rows for the ids asked; can be down."""
+
+    def __init__(self) -> None:
+        self.queries: list[tuple[str, dict[str, Any]]] = []
+        self.down = False
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self.queries.append((sql, dict(params)))
+        if self.down:
+            raise Unavailable("the read database is not answering")
+        if "FROM readings" not in sql:
+            return []
+        return [self._row(reading_id) for reading_id in params.values()]
+
+    @staticmethod
+    def _row(reading_id: str) -> dict[str, Any]:
+        now = datetime.now(UTC).isoformat()
+        return {
+            "id": reading_id,
+            "owner": "alice",
+            "status": "requested",
+            "kind": "natal",
+            "label": None,
+            "birth": msgspec.json.encode(birth()).decode(),
+            "options": msgspec.json.encode(ChartOptions()).decode(),
+            "chart_hash": "0" * 64,
+            "chart": None,
+            "text": None,
+            "failure": None,
+            "created_at": now,
+            "updated_at": now,
+            "position": 3,
+        }
+
+
+@dataclass
+class _Chart:
+    chart_hash: str
+
+
+@dataclass
+class _ChartCalculated:
+    chart: _Chart
+
+
+def recorded(event_type: str, event: Any = None, aggregate_id: Any = None) -> RecordedEvent:
+    return RecordedEvent(
+        position=1,
+        type=event_type,
+        aggregate_id=aggregate_id or uuid4(),
+        aggregate_version=1,
+        occurred_at=datetime.now(UTC),
+        meta=meta(),
+        event=event,
+    )
+
+
+def refresher_with(db: RowsDatabase, cache: RecordingCache) -> CacheRefresher:
+    return CacheRefresher(cast("Any", cache), cast("Any", db))
+
+
+async def test_the_refresher_reads_each_changed_reading_once_in_one_query() -> None:
+    db, cache = RowsDatabase(), RecordingCache()
+    first, second = uuid4(), uuid4()
+    await refresher_with(db, cache)(
+        [
+            recorded(Reading.Requested.TOPIC, aggregate_id=first),
+            recorded(Reading.Generated.TOPIC, aggregate_id=first),
+            recorded(Reading.Failed.TOPIC, aggregate_id=second),
+            recorded("api_key.issued"),
+        ]
+    )
+    [(sql, params)] = db.queries
+    assert sql.endswith("WHERE r.id IN (:v0, :v1)")
+    assert sorted(params.values()) == sorted([str(first), str(second)])
+    [items] = cache.refreshed
+    assert set(items) == {reading_key(first), reading_key(second)}
+    entry = decode_reading(items[reading_key(first)])
+    assert entry is not None
+    assert entry.owner == "alice"
+
+
+async def test_the_refresher_refreshes_the_chart_a_batch_calculated() -> None:
+    db, cache = RowsDatabase(), RecordingCache()
+    chart_hash = "c" * 64
+    await refresher_with(db, cache)(
+        [recorded(Reading.ChartCalculated.TOPIC, _ChartCalculated(_Chart(chart_hash)))]
+    )
+    chart_queries = [(sql, params) for sql, params in db.queries if "FROM charts" in sql]
+    expected = (
+        "SELECT chart_hash, chart, calculated_at, position FROM charts WHERE chart_hash IN (:v0)"
+    )
+    assert chart_queries == [(expected, {"v0": chart_hash})]
+
+
+async def test_the_refresher_does_nothing_for_a_batch_without_readings() -> None:
+    db, cache = RowsDatabase(), RecordingCache()
+    await refresher_with(db, cache)([recorded("api_key.issued")])
+    assert db.queries == []
+    assert cache.refreshed == []
+
+
+async def test_what_the_refresher_could_not_refresh_is_retried_with_the_next_batch() -> None:
+    db, cache = RowsDatabase(), RecordingCache()
+    refresher = refresher_with(db, cache)
+    missed = uuid4()
+    db.down = True
+    await refresher([recorded(Reading.Requested.TOPIC, aggregate_id=missed)])  # does not raise
+    db.down = False
+    later = uuid4()
+    await refresher([recorded(Reading.Requested.TOPIC, aggregate_id=later)])
+    assert set(cache.refreshed[-1]) == {reading_key(missed), reading_key(later)}
+    await refresher([recorded(Reading.Requested.TOPIC, aggregate_id=uuid4())])
+    assert len(cache.refreshed[-1]) == 1
+
+
+async def test_the_refresher_retries_when_the_cache_could_not_store() -> None:
+    db, cache = RowsDatabase(), RecordingCache(refreshes=False)
+    refresher = refresher_with(db, cache)
+    missed = uuid4()
+    await refresher([recorded(Reading.Requested.TOPIC, aggregate_id=missed)])
+    cache.refreshes = True
+    await refresher([recorded("api_key.issued")])
+    assert set(cache.refreshed[-1]) == {reading_key(missed)}

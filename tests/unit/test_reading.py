@@ -1,0 +1,259 @@
+"""The Reading aggregate: its state machine, its events and what they carry."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from almanac.domain.chart import calculate_chart
+from almanac.domain.events import EventMeta
+from almanac.domain.interpretation import BuiltinGenerator, ReadingText
+from almanac.domain.reading import Reading, ReadingAlreadySettled
+from almanac.errors import Conflict
+from tests.factories import birth, meta, new_reading
+
+CHART = calculate_chart(birth())
+TEXT: ReadingText = asyncio.run(BuiltinGenerator().generate(CHART, "natal", "Ada"))
+CHART_OPTIONS = new_reading().options
+ORDER = {"requested": 0, "chart_calculated": 1, "generated": 2, "failed": 2}
+
+
+def event_types(reading: Reading) -> list[type[Any]]:
+    return [type(e) for e in reading.pending_events]
+
+
+def generated_reading() -> Reading:
+    reading = new_reading()
+    reading.record_chart(CHART, meta())
+    reading.record_text(TEXT, meta())
+    return reading
+
+
+def failed_reading() -> Reading:
+    reading = new_reading()
+    reading.fail("the sky was overcast", meta())
+    return reading
+
+
+def test_a_new_reading_is_requested_with_its_inputs() -> None:
+    m = meta("owner-q")
+    reading = Reading.request(
+        reading_id=new_reading().id,
+        meta=m,
+        birth=birth(),
+        options=CHART_OPTIONS,
+        kind="love",
+        label="Ada",
+        request_hash="f" * 64,
+    )
+    assert reading.status == "requested"
+    assert reading.owner == "owner-q"
+    assert (reading.kind, reading.label, reading.request_hash) == ("love", "Ada", "f" * 64)
+    assert (reading.chart, reading.text, reading.failure) == (None, None, None)
+    assert not reading.settled
+    assert reading.version == 1
+    assert event_types(reading) == [Reading.Requested]
+    assert reading.pending_events[0].meta == m
+
+
+def test_a_chart_moves_a_requested_reading_on() -> None:
+    reading = new_reading()
+    reading.record_chart(CHART, meta())
+    assert reading.status == "chart_calculated"
+    assert reading.chart == CHART
+    assert not reading.settled
+    assert event_types(reading) == [Reading.Requested, Reading.ChartCalculated]
+
+
+def test_a_text_after_the_chart_settles_the_reading_as_generated() -> None:
+    reading = generated_reading()
+    assert reading.status == "generated"
+    assert reading.text == TEXT
+    assert reading.settled
+    assert reading.version == 3
+    assert event_types(reading) == [Reading.Requested, Reading.ChartCalculated, Reading.Generated]
+
+
+def test_failing_before_the_chart_is_a_chart_failure() -> None:
+    reading = failed_reading()
+    assert reading.status == "failed"
+    assert reading.failure == "the sky was overcast"
+    assert reading.settled
+    [failed] = [e for e in reading.pending_events if isinstance(e, Reading.Failed)]
+    assert failed.stage == "chart"
+
+
+def test_failing_after_the_chart_is_a_text_failure() -> None:
+    reading = new_reading()
+    reading.record_chart(CHART, meta())
+    reading.fail("the generator gave up", meta())
+    assert reading.status == "failed"
+    assert reading.chart == CHART, "the chart stays, for the record"
+    [failed] = [e for e in reading.pending_events if isinstance(e, Reading.Failed)]
+    assert failed.stage == "text"
+
+
+def test_refuses_a_second_chart() -> None:
+    reading = new_reading()
+    reading.record_chart(CHART, meta())
+    with pytest.raises(Conflict, match="already been calculated") as caught:
+        reading.record_chart(CHART, meta())
+    assert not isinstance(caught.value, ReadingAlreadySettled)
+    assert (reading.version, reading.status) == (2, "chart_calculated")
+
+
+def test_refuses_a_text_before_the_chart() -> None:
+    reading = new_reading()
+    with pytest.raises(Conflict, match="needs the chart first"):
+        reading.record_text(TEXT, meta())
+    assert (reading.version, reading.status) == (1, "requested")
+
+
+@pytest.mark.parametrize("settle", [generated_reading, failed_reading], ids=["generated", "failed"])
+@pytest.mark.parametrize("action", ["record_chart", "record_text", "fail"])
+def test_refuses_anything_after_settlement(settle: Any, action: str) -> None:
+    reading = settle()
+    before = (reading.status, reading.version, len(reading.pending_events))
+    args: dict[str, tuple[Any, ...]] = {
+        "record_chart": (CHART, meta()),
+        "record_text": (TEXT, meta()),
+        "fail": ("too late", meta()),
+    }
+    with pytest.raises(ReadingAlreadySettled, match=f"already {before[0]}"):
+        getattr(reading, action)(*args[action])
+    assert (reading.status, reading.version, len(reading.pending_events)) == before
+
+
+def test_every_event_carries_the_meta_it_was_given() -> None:
+    requested, charted, generated = (
+        EventMeta.for_request("owner-m", "r1"),
+        EventMeta("owner-m", "r1", "position:1"),
+        EventMeta("owner-m", "r1", "position:2"),
+    )
+    reading = Reading.request(
+        reading_id=new_reading().id,
+        meta=requested,
+        birth=birth(),
+        options=CHART_OPTIONS,
+        kind="natal",
+        label=None,
+        request_hash="0" * 64,
+    )
+    reading.record_chart(CHART, charted)
+    reading.record_text(TEXT, generated)
+    assert [e.meta for e in reading.collect_events()] == [requested, charted, generated]
+
+
+def test_caused_by_keeps_owner_and_correlation_and_names_the_position() -> None:
+    original = EventMeta.for_request("owner-c", "req-42")
+    assert original.causation_id == "request:req-42"
+    assert original.correlation_id == "req-42"
+    follow_on = original.caused_by(17)
+    assert follow_on == EventMeta("owner-c", "req-42", "position:17")
+    assert follow_on.caused_by(18).correlation_id == "req-42"
+
+
+def test_each_request_gets_its_own_correlation_id_unless_given_one() -> None:
+    a, b = EventMeta.for_request("o"), EventMeta.for_request("o")
+    assert a.correlation_id != b.correlation_id
+    assert a.causation_id == f"request:{a.correlation_id}"
+
+
+def replay(events: list[Any]) -> Reading:
+    aggregate: Any = None
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    assert isinstance(aggregate, Reading)
+    return aggregate
+
+
+class ReadingLifecycle(RuleBasedStateMachine):
+    """Random sequences of commands never break the aggregate's rules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = new_reading()
+        self.events: list[Any] = list(self.reading.collect_events())
+        self.highest = 0
+
+    def _collect(self) -> None:
+        self.events.extend(self.reading.collect_events())
+
+    @rule()
+    def record_chart(self) -> None:
+        expected: type[Exception] | None = None
+        if self.reading.settled:
+            expected = ReadingAlreadySettled
+        elif self.reading.status != "requested":
+            expected = Conflict
+        self._attempt(lambda: self.reading.record_chart(CHART, meta()), expected)
+
+    @rule()
+    def record_text(self) -> None:
+        expected: type[Exception] | None = None
+        if self.reading.settled:
+            expected = ReadingAlreadySettled
+        elif self.reading.status != "chart_calculated":
+            expected = Conflict
+        self._attempt(lambda: self.reading.record_text(TEXT, meta()), expected)
+
+    @rule(reason=st.text(min_size=1, max_size=20))
+    def fail(self, reason: str) -> None:
+        expected = ReadingAlreadySettled if self.reading.settled else None
+        self._attempt(lambda: self.reading.fail(reason, meta()), expected)
+        if expected is None:
+            assert self.reading.failure == reason
+
+    def _attempt(self, command: Any, expected: type[Exception] | None) -> None:
+        version = self.reading.version
+        if expected is None:
+            command()
+            assert self.reading.version == version + 1
+        else:
+            with pytest.raises(expected):
+                command()
+            assert self.reading.version == version
+        self._collect()
+
+    @invariant()
+    def status_only_moves_forward(self) -> None:
+        rank = ORDER[self.reading.status]
+        assert rank >= self.highest
+        self.highest = rank
+
+    @invariant()
+    def settles_at_most_once(self) -> None:
+        endings = [e for e in self.events if isinstance(e, Reading.Generated | Reading.Failed)]
+        assert len(endings) <= 1
+        assert self.reading.settled == (len(endings) == 1)
+
+    @invariant()
+    def at_most_one_chart(self) -> None:
+        charts = [e for e in self.events if isinstance(e, Reading.ChartCalculated)]
+        assert len(charts) <= 1
+        assert (self.reading.chart is not None) == (len(charts) == 1)
+
+    @invariant()
+    def version_counts_the_events(self) -> None:
+        assert self.reading.version == len(self.events)
+        assert [e.originator_version for e in self.events] == list(range(1, len(self.events) + 1))
+
+    @invariant()
+    def replaying_the_events_gives_the_same_state(self) -> None:
+        again = replay(self.events)
+        assert (again.status, again.chart, again.text, again.failure, again.version) == (
+            self.reading.status,
+            self.reading.chart,
+            self.reading.text,
+            self.reading.failure,
+            self.reading.version,
+        )
+
+
+ReadingLifecycle.TestCase.settings = hypothesis_settings(max_examples=60, stateful_step_count=8)
+test_reading_lifecycle = ReadingLifecycle.TestCase

@@ -1,0 +1,123 @@
+"""The group-commit writer's contract, against an in-memory stand-in for the application."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from eventsourcing.persistence import IntegrityError, Notification, OperationalError, Recording
+
+from almanac.errors import Unavailable
+from almanac.eventstore import ConcurrencyConflict, GroupCommitWriter
+from tests.factories import new_reading
+
+
+class FakeApplication:
+    """Saves events in memory; refuses a batch holding a marked event, like a unique index."""
+
+    def __init__(self, fail_with: Exception | None = None) -> None:
+        self.saves: list[int] = []
+        self.position = 0
+        self.fail_with = fail_with
+        self.conflicting: set[int] = set()
+        self.lock = threading.Lock()
+
+    def save(self, *events: Any) -> list[Recording[Any]]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if any(id(e) in self.conflicting for e in events):
+            raise IntegrityError("duplicate key")
+        self.saves.append(len(events))
+        recordings = []
+        for event in events:
+            self.position += 1
+            notification = Notification(
+                originator_id=event.originator_id,
+                originator_version=event.originator_version,
+                topic="t",
+                state=b"",
+                id=self.position,
+            )
+            recordings.append(Recording(event, notification))
+        return recordings
+
+
+def queued(app: FakeApplication, count: int) -> tuple[GroupCommitWriter, list[Any], list[int]]:
+    """A writer with ``count`` jobs queued before its thread starts (so they batch)."""
+    commits: list[int] = []
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=commits.append)  # type: ignore[arg-type]
+    futures = [writer.submit([new_reading()]) for _ in range(count)]
+    return writer, futures, commits
+
+
+def test_queued_commands_are_saved_in_one_transaction_and_each_gets_its_position() -> None:
+    app = FakeApplication()
+    writer, futures, commits = queued(app, 10)
+    writer.start()
+    positions = [f.result(timeout=5) for f in futures]
+    writer.stop()
+    assert app.saves == [10]
+    assert positions == list(range(1, 11))
+    assert commits == [10]
+
+
+def test_batches_are_capped_at_max_batch() -> None:
+    app = FakeApplication()
+    writer = GroupCommitWriter(app, max_batch=4, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    futures = [writer.submit([new_reading()]) for _ in range(10)]
+    writer.start()
+    for f in futures:
+        f.result(timeout=5)
+    writer.stop()
+    assert app.saves == [4, 4, 2]
+
+
+def test_a_conflict_fails_only_its_own_command() -> None:
+    app = FakeApplication()
+    readings = [new_reading() for _ in range(5)]
+    events = [r.pending_events[0] for r in readings]
+    app.conflicting.add(id(events[2]))
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    futures = [writer.submit([r]) for r in readings]
+    writer.start()
+    with pytest.raises(ConcurrencyConflict):
+        futures[2].result(timeout=5)
+    others = [f.result(timeout=5) for i, f in enumerate(futures) if i != 2]
+    writer.stop()
+    assert len(set(others)) == 4
+    assert writer.fallbacks == 1
+
+
+def test_an_unreachable_database_is_reported_as_unavailable_to_every_caller() -> None:
+    app = FakeApplication(fail_with=OperationalError("connection refused"))
+    writer, futures, commits = queued(app, 3)
+    writer.start()
+    for f in futures:
+        with pytest.raises(Unavailable):
+            f.result(timeout=5)
+    writer.stop()
+    assert commits == []
+
+
+def test_an_aggregate_without_pending_events_is_refused() -> None:
+    app = FakeApplication()
+    reading = new_reading()
+    reading.collect_events()
+    writer = GroupCommitWriter(app, max_batch=8, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nothing to save"):
+        writer.submit([reading]).result(timeout=1)
+
+
+def test_a_caller_that_gave_up_is_dropped_and_the_writer_keeps_serving_the_rest() -> None:
+    app = FakeApplication()
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    cancelled = writer.submit([new_reading()])
+    kept = writer.submit([new_reading()])
+    assert cancelled.cancel()
+    writer.start()
+    assert kept.result(timeout=5) == 1
+    later = writer.submit([new_reading()])
+    assert later.result(timeout=5) == 2, "the writer thread is still alive"
+    writer.stop()
+    assert app.saves == [1, 1], "the cancelled command's events were not saved"
