@@ -87,6 +87,8 @@ class PostgresReadDatabase:
         await self.pool.open(wait=False)
 
     async def migrate(self, statements: Sequence[str]) -> None:
+        # A migration may drop and recreate a table: its column types are looked up again.
+        self._column_types.clear()
         async with self._connection() as conn, conn.transaction():
             # Several processes may start at once; serialise their CREATE … IF NOT EXISTS.
             await conn.execute("SELECT pg_advisory_xact_lock(7245001)")

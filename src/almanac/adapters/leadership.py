@@ -1,0 +1,140 @@
+"""Leases that let exactly one process at a time run a singleton role (a projection).
+
+Services: a Postgres session-level advisory lock, held on a connection of its own; when
+the holder dies or its connection drops, Postgres releases the lock and a standby's next
+try wins. Embedded: an exclusive ``flock`` on a file under the data directory, which the
+kernel releases when the holder dies.
+
+A lease can be lost without the holder noticing at once (a dropped connection is seen
+on the next check), so two holders may briefly overlap. Everything run under a lease
+must therefore stay idempotent: projector writes are guarded by positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+
+log = structlog.get_logger("almanac.leadership")
+
+
+class Lease(Protocol):
+    async def acquire(self) -> bool:
+        """Try once, without waiting; True if this process now holds the lease."""
+        ...
+
+    async def held(self) -> bool:
+        """Whether the lease is still ours (False once its connection is gone)."""
+        ...
+
+    async def release(self) -> None: ...
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``."""
+    digest = hashlib.blake2b(f"almanac:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PostgresLease:
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self.key = lock_key(name)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def acquire(self) -> bool:
+        if self._conn is not None and await self.held():
+            return True
+        await self._drop()
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name=f"almanac-lease-{self.name}"[:63],
+                # Dead peers are noticed by the kernel too, not only by the next check.
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+            )
+        except psycopg.OperationalError as exc:
+            log.warning("leadership.unreachable", lease=self.name, error=str(exc))
+            return False
+        try:
+            row = await (
+                await conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,))
+            ).fetchone()
+        except psycopg.Error as exc:
+            log.warning("leadership.unreachable", lease=self.name, error=str(exc))
+            await conn.close()
+            return False
+        if row is None or not row[0]:
+            await conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    async def held(self) -> bool:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return False
+        try:
+            await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
+        except (psycopg.Error, TimeoutError):
+            await self._drop()
+            return False
+        return True
+
+    async def release(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+        await self._drop()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+
+
+class FileLease:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    async def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        # Who holds it, for people looking at the file; the lock is what counts.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    async def held(self) -> bool:
+        return self._fd is not None
+
+    async def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
