@@ -1,18 +1,34 @@
-"""Runs one projection: reads runs of events, commits their writes and the position together."""
+"""Runs one projection: reads runs of events, commits their writes and the position together.
+
+One runner per projection is active across all processes: it holds the projection's
+lease (an advisory lock or a file lock); the others wait as hot standbys and take over
+when the holder dies. The active runner
+
+- rebuilds the projection's tables from position 0 when its schema version changed;
+- retries a failing batch with backoff; when the database answers but the batch keeps
+  failing, it commits the batch event by event and parks the event that fails, with the
+  error, and waits there until an operator asks to retry or skip it;
+- survives lost connections: every failure is followed by a resume from the tracked
+  position, and every write is idempotent, so nothing is lost or applied twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Protocol
 
+import stamina
 import structlog
 
+from almanac.adapters.leadership import Lease
 from almanac.eventstore import RecordedEvent
 from almanac.feed import EventFeed
 from almanac.readmodels import (
-    POSITIONS_SCHEMA,
+    FORGET_POSITION,
     SAVE_POSITION,
     BulkInsert,
     Dialect,
@@ -20,6 +36,19 @@ from almanac.readmodels import (
     ReadDatabase,
     Write,
     projection_position,
+)
+from almanac.settings import ProjectionSettings
+from projections.status import (
+    PARK,
+    RESOLVE,
+    SAVE_LEASE,
+    SAVE_SCHEMA_VERSION,
+    STOP_LEASE,
+    State,
+    bookkeeping_schema,
+    now,
+    open_parking,
+    schema_version,
 )
 
 log = structlog.get_logger("almanac.projection")
@@ -40,6 +69,23 @@ class Projection(Protocol):
     def handle(self, event: RecordedEvent) -> list[Write]:
         """The writes one event makes; an event the projection ignores makes none."""
         ...
+
+
+class OwnLease:
+    """The lease of a process that is the only one running the projection (tests, tools)."""
+
+    async def acquire(self) -> bool:
+        return True
+
+    async def held(self) -> bool:
+        return True
+
+    async def release(self) -> None:
+        return None
+
+
+class Parked(Exception):
+    """The runner stopped at a poison event and waits for an operator."""
 
 
 def coalesce(writes: list[Write]) -> list[Write]:
@@ -68,6 +114,8 @@ class ProjectionRunner:
         *,
         batch_size: int = 500,
         after_commit: Sequence[AfterCommit] = (),
+        lease: Lease | None = None,
+        settings: ProjectionSettings | None = None,
     ) -> None:
         self.projection = projection
         self.name = f"projection:{projection.name}"
@@ -76,41 +124,139 @@ class ProjectionRunner:
         self.watch = watch
         self.batch_size = batch_size
         self.after_commit = tuple(after_commit)
+        self.lease: Lease = lease or OwnLease()
+        self.settings = settings or ProjectionSettings()
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.position = 0
+        self.state: State = "standby"
+        self._detail: str | None = None
         self._stopping = asyncio.Event()
+        self._last_beat = 0.0
+
+    @property
+    def version(self) -> int:
+        return int(getattr(self.projection, "version", 1))
 
     async def prepare(self) -> None:
-        await self.db.migrate(
-            [*POSITIONS_SCHEMA[self.db.dialect], *self.projection.schema[self.db.dialect]]
-        )
+        """Create the bookkeeping tables, and the projection's own unless a rebuild is due
+        (then the active runner recreates them in their new shape)."""
+        await self.db.migrate(bookkeeping_schema(self.db.dialect))
+        if not await self._rebuild_due():
+            await self.db.migrate(list(self.projection.schema[self.db.dialect]))
 
     async def run(self) -> None:
         name = self.projection.name
-        follower = self.feed.follow()
-        pause = 0.05
+        waiting_logged = False
         try:
-            self.position = await projection_position(self.db, name)
-            log.info("projection.started", projection=name, position=self.position)
             while not self._stopping.is_set():
+                if not await self.lease.acquire():
+                    if not waiting_logged:
+                        log.info("projection.standby", projection=name, holder=self.holder)
+                        waiting_logged = True
+                    self.state = "standby"
+                    await self._sleep(self.settings.standby_interval)
+                    continue
+                waiting_logged = False
                 try:
-                    events = await follower.next_batch(self.position, self.batch_size, timeout=1.0)
-                    if events:
-                        await self._commit(events)
-                    pause = 0.05
+                    await self._lead()
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - keep following; the next try resumes
-                    log.warning(
-                        "projection.batch_failed",
-                        projection=name,
-                        position=self.position,
-                        error=str(exc),
+                except Exception as exc:  # noqa: BLE001 - give the lease up and try again
+                    log.warning("projection.lead_failed", projection=name, error=repr(exc))
+                    await self._sleep(self.settings.standby_interval)
+                finally:
+                    await self.lease.release()
+        finally:
+            self.state = "stopped"
+            log.info("projection.stopped", projection=name, position=self.position)
+
+    async def _lead(self) -> None:
+        name = self.projection.name
+        log.info("projection.leading", projection=name, holder=self.holder)
+        await self.prepare()
+        if await self._rebuild_due():
+            await self._rebuild()
+        elif await schema_version(self.db, name) is None:
+            await self._record_version()
+        self.position = await projection_position(self.db, name)
+        self.watch.announce(name, self.position)
+        await self._enter("parked" if await open_parking(self.db, name) else "running")
+        log.info("projection.started", projection=name, position=self.position)
+        follower = self.feed.follow()
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                if not await self._still_leading():
+                    log.warning("projection.lease_lost", projection=name, position=self.position)
+                    return
+                if self.state == "parked":
+                    await self._wait_while_parked()
+                    continue
+                try:
+                    events = await follower.next_batch(
+                        self.position, self.batch_size, timeout=self.settings.standby_interval
                     )
-                    await self._sleep(pause)
-                    pause = min(pause * 2, 5.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the log is unreachable; resume later
+                    failures += 1
+                    await self._retrying("projection.read_failed", exc, failures)
+                    continue
+                if not events:
+                    continue
+                try:
+                    await self._commit_with_retries(events)
+                except Parked:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - infrastructure; resume from position
+                    failures += 1
+                    await self._retrying("projection.batch_failed", exc, failures)
+                    continue
+                if failures:
+                    failures = 0
+                    await self._enter("running")
         finally:
             follower.close()
-            log.info("projection.stopped", projection=name, position=self.position)
+            await self._enter("stopped")
+
+    # -- committing ---------------------------------------------------------------------
+
+    async def _commit_with_retries(self, events: list[RecordedEvent]) -> None:
+        """Commit the batch, retrying with backoff; if the database answers and the batch
+        still fails, commit it event by event and park the first event that fails."""
+        try:
+            await self._attempts(events)
+        except Exception as exc:
+            if not await self._database_answers():
+                raise
+            log.warning(
+                "projection.isolating",
+                projection=self.projection.name,
+                first=events[0].position,
+                last=events[-1].position,
+                error=repr(exc),
+            )
+        else:
+            return
+        for event in events:
+            try:
+                await self._attempts([event])
+            except Exception as exc:
+                if not await self._database_answers():
+                    raise
+                await self._park(event, exc)
+                raise Parked from exc
+
+    async def _attempts(self, events: list[RecordedEvent]) -> None:
+        async for attempt in stamina.retry_context(
+            on=Exception,
+            attempts=self.settings.attempts,
+            wait_initial=0.05,
+            wait_max=2.0,
+            timeout=None,
+        ):
+            with attempt:
+                await self._commit(events)
 
     async def _commit(self, events: list[RecordedEvent]) -> None:
         handle_batch = getattr(self.projection, "handle_batch", None)
@@ -123,12 +269,24 @@ class ProjectionRunner:
         writes.append(
             (
                 SAVE_POSITION,
-                [{"name": self.projection.name, "position": last, "updated_at": _now()}],
+                [{"name": self.projection.name, "position": last, "updated_at": now()}],
             )
         )
         await self.db.write(coalesce(writes))
-        self.position = last
-        self.watch.announce(self.projection.name, last)
+        self._committed(last)
+        await self._after_commit(events)
+        log.debug(
+            "projection.batch_committed",
+            projection=self.projection.name,
+            position=last,
+            events=len(events),
+        )
+
+    def _committed(self, position: int) -> None:
+        self.position = position
+        self.watch.announce(self.projection.name, position)
+
+    async def _after_commit(self, events: list[RecordedEvent]) -> None:
         for hook in self.after_commit:
             try:
                 await hook(events)
@@ -136,15 +294,136 @@ class ProjectionRunner:
                 log.warning(
                     "projection.after_commit_failed",
                     projection=self.projection.name,
-                    position=last,
-                    error=str(exc),
+                    position=events[-1].position,
+                    error=repr(exc),
                 )
-        log.debug(
-            "projection.batch_committed",
+
+    async def _database_answers(self) -> bool:
+        try:
+            await self.db.ping()
+        except Exception:  # noqa: BLE001 - any failure means: not the event's fault
+            return False
+        return True
+
+    # -- parking ------------------------------------------------------------------------
+
+    async def _park(self, event: RecordedEvent, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        row = {
+            "name": self.projection.name,
+            "position": event.position,
+            "event_type": event.type,
+            "aggregate_id": str(event.aggregate_id),
+            "error": error,
+            "attempts": self.settings.attempts,
+            "at": now(),
+        }
+        await self.db.write([(PARK, [row])])
+        log.error(
+            "projection.event_parked",
             projection=self.projection.name,
-            position=last,
-            events=len(events),
+            position=event.position,
+            event_type=event.type,
+            aggregate_id=str(event.aggregate_id),
+            error=error,
         )
+        await self._enter("parked", detail=f"parked at {event.position}: {error}")
+
+    async def _wait_while_parked(self) -> None:
+        """Follow an operator's request for the parked event: retry it or skip it."""
+        name = self.projection.name
+        parked = await open_parking(self.db, name)
+        if parked is None:  # resolved by hand in the database
+            await self._enter("running")
+            return
+        request = parked["request"]
+        position = int(parked["position"])
+        if request == "skip":
+            resolve = {"name": name, "position": position, "resolution": "skipped", "at": now()}
+            saved = {"name": name, "position": position, "updated_at": now()}
+            await self.db.write([(RESOLVE, [resolve]), (SAVE_POSITION, [saved])])
+            self._committed(max(self.position, position))
+            log.warning("projection.event_skipped", projection=name, position=position)
+            await self._enter("running")
+        elif request == "retry":
+            resolve = {"name": name, "position": position, "resolution": "retried", "at": now()}
+            await self.db.write([(RESOLVE, [resolve])])
+            log.info("projection.event_retried", projection=name, position=position)
+            await self._enter("running")
+        else:
+            await self._heartbeat()
+            await self._sleep(self.settings.standby_interval)
+
+    # -- schema versions ----------------------------------------------------------------
+
+    async def _rebuild_due(self) -> bool:
+        stored = await schema_version(self.db, self.projection.name)
+        if stored is not None:
+            return stored != self.version
+        # Tables from before versions were recorded: their shape is unknown unless empty.
+        return await projection_position(self.db, self.projection.name) > 0
+
+    async def _rebuild(self) -> None:
+        name = self.projection.name
+        stored = await schema_version(self.db, name)
+        log.warning("projection.rebuilding", projection=name, old=stored, new=self.version)
+        await self._enter("rebuilding", detail=f"schema {stored} -> {self.version}")
+        tables = getattr(self.projection, "tables", ())
+        await self.db.write(
+            [
+                *[(f"DROP TABLE IF EXISTS {table}", [{}]) for table in tables],
+                (FORGET_POSITION, [{"name": name}]),
+            ]
+        )
+        await self.db.migrate(list(self.projection.schema[self.db.dialect]))
+        await self._record_version()
+
+    async def _record_version(self) -> None:
+        row = {"name": self.projection.name, "version": self.version, "at": now()}
+        await self.db.write([(SAVE_SCHEMA_VERSION, [row])])
+
+    # -- lease and state ----------------------------------------------------------------
+
+    async def _still_leading(self) -> bool:
+        if time.monotonic() - self._last_beat < self.settings.standby_interval:
+            return True
+        if not await self.lease.held():
+            return False
+        await self._heartbeat()
+        return True
+
+    async def _heartbeat(self) -> None:
+        self._last_beat = time.monotonic()
+        row = {
+            "name": self.projection.name,
+            "holder": self.holder,
+            "state": self.state,
+            "detail": self._detail,
+            "at": now(),
+        }
+        try:
+            await self.db.write([(STOP_LEASE if self.state == "stopped" else SAVE_LEASE, [row])])
+        except Exception as exc:  # noqa: BLE001 - status only; the next beat tries again
+            log.debug(
+                "projection.heartbeat_failed", projection=self.projection.name, error=repr(exc)
+            )
+
+    async def _enter(self, state: State, detail: str | None = None) -> None:
+        if state == self.state and detail == self._detail:
+            return
+        self.state, self._detail = state, detail
+        await self._heartbeat()
+
+    async def _retrying(self, event: str, exc: BaseException, failures: int) -> None:
+        log.warning(
+            event,
+            projection=self.projection.name,
+            position=self.position,
+            failures=failures,
+            error=repr(exc),
+        )
+        await self._enter("retrying", detail=repr(exc)[:500])
+        await self._sleep(min(0.05 * 2 ** min(failures, 10), 5.0))
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -154,7 +433,3 @@ class ProjectionRunner:
 
     def stop(self) -> None:
         self._stopping.set()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()

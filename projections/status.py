@@ -52,6 +52,11 @@ SAVE_LEASE = (
     " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, state = excluded.state,"
     " detail = excluded.detail, heartbeat_at = excluded.heartbeat_at"
 )
+# A runner that stops marks the lease stopped only if a successor has not taken it yet.
+STOP_LEASE = (
+    "UPDATE projection_leases SET state = 'stopped', detail = :detail, heartbeat_at = :at"
+    " WHERE name = :name AND holder = :holder"
+)
 SAVE_SCHEMA_VERSION = (
     "INSERT INTO projection_schemas (name, version, built_at) VALUES (:name, :version, :at)"
     " ON CONFLICT (name) DO UPDATE SET version = excluded.version, built_at = excluded.built_at"

@@ -219,6 +219,7 @@ def create_app(
     """The ASGI app. Every role process serves health; only ``api`` serves the API."""
     graph = container or bootstrap(settings, roles=roles or ROLES)
     from commands.http import handlers as command_handlers
+    from projections.http import router as projections_router
     from queries.http import handlers as query_handlers
     from queries.monitoring import router as monitoring_router
 
@@ -259,6 +260,7 @@ def create_app(
                 route_handlers=[
                     Router(path="/api/v1", route_handlers=[*command_handlers, *query_handlers]),
                     monitoring_router,
+                    projections_router,
                 ],
             )
         )

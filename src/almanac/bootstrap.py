@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from almanac.adapters.leadership import FileLease, Lease, PostgresLease
 from almanac.adapters.nats import NatsConnection
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.redis import RedisConnection
@@ -39,6 +40,8 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         redis = RedisConnection(settings.cache.redis_url) if settings.cache.redis_url else None
         nats = NatsConnection(settings.feed.nats_url) if settings.feed.nats_url else None
         listen_dsn = settings.store.postgres_url
+        # The lock lives beside the rows it guards: in the read database.
+        lease: Lease = PostgresLease(settings.read_postgres_url, "projection:readings")
         if settings.store.read_replica_urls:
             read_router = ReadRouter(
                 read_db,
@@ -53,6 +56,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         read_db = SqliteReadDatabase(settings.store.sqlite_read_path)
         redis = nats = None
         listen_dsn = None
+        lease = FileLease(settings.store.data_dir / "locks" / "projection-readings.lock")
     feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
@@ -70,12 +74,14 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         **worker_kwargs,
     )
     projector = ProjectionRunner(
-        ReadingsProjection(),
+        overrides.get("readings_projection") or ReadingsProjection(),
         feed,
         read_db,
         watch,
         batch_size=settings.feed.batch_size,
         after_commit=[CacheRefresher(cache, read_db)],
+        lease=lease,
+        settings=settings.projection,
     )
     return Container(
         settings=settings,

@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,13 +65,14 @@ class Api:
         return await self.container.store.max_position()
 
 
-@pytest.fixture
-async def api(settings: Settings) -> AsyncIterator[Api]:
+@asynccontextmanager
+async def serving(settings: Settings, **overrides: Any) -> AsyncIterator[Api]:
+    """An app on ``settings`` with an admin and two client keys; ``overrides`` go to bootstrap."""
     settings = msgspec.structs.replace(
         settings, http=msgspec.structs.replace(settings.http, min_position_timeout=0.3)
     )
     # Each test keeps its Redis keys and invalidation channel to itself.
-    container = bootstrap(settings, cache_prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    container = bootstrap(settings, cache_prefix=f"test-{uuid.uuid4().hex[:8]}:", **overrides)
     app = create_app(settings, container)
     async with AsyncTestClient(app) as client:
         keys = [
@@ -82,3 +84,9 @@ async def api(settings: Settings) -> AsyncIterator[Api]:
             )
         ]
         yield Api(client, container, keys[0].secret, keys[1].secret, keys[2].secret)
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with serving(settings) as api:
+        yield api

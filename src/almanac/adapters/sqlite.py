@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from almanac.errors import Unavailable
 from almanac.readmodels import BulkInsert, Row, Write
 
 T = TypeVar("T")
+_UNAVAILABLE = re.compile(r"locked|busy|unable to open|disk|readonly|I/O", re.IGNORECASE)
 
 
 class SqliteReadDatabase:
@@ -52,6 +54,9 @@ class SqliteReadDatabase:
         try:
             return await loop.run_in_executor(executor, fn, *args)
         except sqlite3.OperationalError as exc:
+            # A locked or unreadable file is the engine's trouble; a bad statement is ours.
+            if not _UNAVAILABLE.search(str(exc)):
+                raise
             raise Unavailable(f"the read database is not answering: {exc}") from exc
 
     async def open(self) -> None:

@@ -1,0 +1,156 @@
+"""Projecting for tests: a history to project, runners in tasks, a poisoned projection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from uuid import uuid4
+
+from almanac.adapters.leadership import Lease
+from almanac.domain.chart import Chart, ChartOptions, calculate_chart
+from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
+from almanac.domain.kinds import ReadingKind
+from almanac.domain.reading import Reading
+from almanac.eventstore import EventStore, RecordedEvent
+from almanac.readmodels import (
+    PositionWatch,
+    ReadDatabase,
+    Row,
+    Write,
+    projection_position,
+)
+from almanac.settings import ProjectionSettings
+from projections.readings import ReadingsProjection
+from projections.runner import Projection, ProjectionRunner
+from streams.logfeed import LogFeed
+from tests.factories import birth, meta
+
+NAME = ReadingsProjection.name
+CHART = calculate_chart(birth())
+TEXT: ReadingText = asyncio.run(BuiltinGenerator().generate(CHART, "natal", None))
+ALL_ROWS = "SELECT * FROM readings ORDER BY id"
+
+
+def request(
+    label: str | None = None, kind: ReadingKind = "natal", owner: str = "owner-a"
+) -> Reading:
+    return Reading.request(
+        reading_id=uuid4(),
+        meta=meta(owner),
+        birth=birth(),
+        options=ChartOptions(),
+        kind=kind,
+        label=label,
+        request_hash="0" * 64,
+    )
+
+
+class RefusingGenerator:
+    """The built-in generator, except for readings labelled ``doomed``."""
+
+    name = "refusing"
+    version = "1"
+
+    async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
+        if label == "doomed":
+            raise GenerationFailed("the stars decline to comment")
+        return await BuiltinGenerator().generate(chart, kind, label)
+
+
+FATES = ("generated", "text_failed", "chart_failed", "chart_only", "requested", "generated")
+
+
+async def write_history(store: EventStore) -> None:
+    """Twelve readings in every state: generated, failed at either stage, half done, untouched."""
+    for i, fate in enumerate(FATES * 2):
+        reading = request(label=f"r{i}", kind=("natal", "love", "career")[i % 3], owner=f"o{i % 2}")
+        position = await store.append(reading)
+        caused = meta(f"o{i % 2}").caused_by(position)
+        if fate in ("generated", "text_failed", "chart_only"):
+            reading.record_chart(CHART, caused)
+        if fate == "generated":
+            reading.record_text(TEXT, caused)
+        elif fate in ("text_failed", "chart_failed"):
+            reading.fail(f"reason {i}", caused)
+        if reading.pending_events:
+            await store.append(reading)
+
+
+def normalised(rows: Sequence[Row]) -> list[dict[str, object]]:
+    return [dict(row) for row in rows]
+
+
+@asynccontextmanager
+async def projecting(
+    feed: LogFeed,
+    db: ReadDatabase,
+    *,
+    batch_size: int = 500,
+    projection: Projection | None = None,
+    lease: Lease | None = None,
+    settings: ProjectionSettings | None = None,
+) -> AsyncIterator[tuple[ProjectionRunner, PositionWatch]]:
+    """A runner following ``feed`` into ``db`` in a task; stopped on the way out."""
+    watch = watch_of(db)
+    runner = ProjectionRunner(
+        projection or ReadingsProjection(),
+        feed,
+        db,
+        watch,
+        batch_size=batch_size,
+        lease=lease,
+        settings=settings,
+    )
+    await runner.prepare()
+    task = asyncio.create_task(runner.run())
+    try:
+        yield runner, watch
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=10)
+
+
+@asynccontextmanager
+async def log_feed(store: EventStore) -> AsyncIterator[LogFeed]:
+    feed = LogFeed(store, poll_interval=0.05)
+    await feed.start()
+    try:
+        yield feed
+    finally:
+        await feed.stop()
+
+
+async def project_everything(store: EventStore, db: ReadDatabase, batch_size: int = 500) -> int:
+    """Run a projection runner until it has applied the whole log; return the position."""
+    end = await store.max_position()
+    async with log_feed(store) as feed, projecting(feed, db, batch_size=batch_size) as (_, watch):
+        reached = await watch.wait_for(NAME, end, timeout=20)
+    assert reached == end
+    return end
+
+
+class PoisonedProjection:
+    """The readings projection, with a write that fails for one event until ``healed``."""
+
+    name = ReadingsProjection.name
+    schema = ReadingsProjection.schema
+    version = ReadingsProjection.version
+    tables = ReadingsProjection.tables
+
+    def __init__(self, poisoned_position: int) -> None:
+        self.inner = ReadingsProjection()
+        self.poisoned = poisoned_position
+        self.poison_attempts = 0
+        self.healed = False
+
+    def handle(self, event: RecordedEvent) -> list[Write]:
+        writes = self.inner.handle(event)
+        if event.position == self.poisoned and not self.healed:
+            self.poison_attempts += 1
+            writes.append(("INSERT INTO no_such_table (x) VALUES (:x)", [{"x": 1}]))
+        return writes
+
+
+def watch_of(db: ReadDatabase) -> PositionWatch:
+    return PositionWatch(lambda name: projection_position(db, name))

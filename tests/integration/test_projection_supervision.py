@@ -1,0 +1,358 @@
+"""The projection runner under trouble: poison events, schema changes, rivals, lost connections."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from almanac.adapters.leadership import FileLease, Lease, PostgresLease
+from almanac.adapters.postgres import PostgresReadDatabase
+from almanac.eventstore import EventStore
+from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
+from almanac.settings import ProjectionSettings, Settings
+from projections.readings import ReadingsProjection
+from projections.runner import ProjectionRunner
+from projections.status import REQUEST, open_parking, projection_status, schema_version
+from tests.conftest import services_settings
+from tests.integration.support_databases import fresh_read_database
+from tests.integration.support_eventlog import whole_log
+from tests.integration.support_projection import (
+    ALL_ROWS,
+    NAME,
+    PoisonedProjection,
+    log_feed,
+    normalised,
+    project_everything,
+    projecting,
+    request,
+    write_history,
+)
+from tests.integration.support_waiting import eventually
+
+QUICK = ProjectionSettings(attempts=3, standby_interval=0.05)
+
+
+@pytest.fixture
+def services_only(postgres_url: str) -> Settings:
+    """The services profile alone: what these tests break exists only on Postgres."""
+    return services_settings(postgres_url)
+
+
+@asynccontextmanager
+async def supervised(
+    settings: Settings,
+    tmp_path: Path,
+    store: EventStore,
+    *,
+    lease: Callable[[ReadDatabase], Lease] | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[ReadDatabase, ProjectionRunner, PositionWatch]]:
+    """A fresh read database with a runner following ``store`` into it."""
+    async with (
+        fresh_read_database(settings, tmp_path) as db,
+        log_feed(store) as feed,
+        projecting(
+            feed, db, lease=None if lease is None else lease(db), settings=QUICK, **options
+        ) as (runner, watch),
+    ):
+        yield db, runner, watch
+
+
+def lease_for(db: ReadDatabase, tmp_path: Path, name: str) -> Lease:
+    """A lease of the profile: an advisory lock in the read database, or a lock file."""
+    if isinstance(db, PostgresReadDatabase):
+        return PostgresLease(db.url, name)
+    return FileLease(tmp_path / f"{name}.lock")
+
+
+async def rebuilt_rows(
+    store: EventStore, settings: Settings, tmp_path: Path
+) -> list[dict[str, object]]:
+    async with fresh_read_database(settings, tmp_path) as fresh:
+        await project_everything(store, fresh)
+        return normalised(await fresh.fetch_all(ALL_ROWS, {}))
+
+
+async def reached(runner: ProjectionRunner, position: int) -> None:
+    """Wait until ``runner`` itself has committed ``position`` (not another runner)."""
+
+    async def there() -> bool:
+        return runner.state == "running" and runner.position >= position
+
+    await eventually(there, what=f"the runner reaches position {position}")
+
+
+async def parked_at(db: ReadDatabase, position: int) -> dict[str, Any]:
+    async def parked() -> dict[str, Any] | None:
+        row = await open_parking(db, NAME)
+        return dict(row) if row is not None and row["position"] == position else None
+
+    return await eventually(parked, what=f"the event at {position} is parked")
+
+
+async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+        poison = PoisonedProjection(poisoned_position=events[7].position)
+        async with supervised(settings, tmp_path, store, batch_size=5, projection=poison) as (
+            db,
+            runner,
+            _,
+        ):
+            parked = await parked_at(db, events[7].position)
+            status = await projection_status(db, NAME, head=events[-1].position)
+            assert runner.state == "parked"
+            # The events before the poison, also those of its own batch, are committed.
+            assert runner.position == events[6].position
+            assert await projection_position(db, NAME) == events[6].position
+            rows = await db.fetch_all(ALL_ROWS, {})
+    finally:
+        store.close()
+    assert poison.poison_attempts == 2 * QUICK.attempts, "the batch, then the event alone"
+    assert parked["event_type"] == events[7].type
+    assert parked["aggregate_id"] == str(events[7].aggregate_id)
+    assert "no_such_table" in parked["error"]
+    assert status.state == "parked"
+    assert status.lag == events[-1].position - events[6].position
+    assert [p.position for p in status.parked] == [events[7].position]
+    assert {str(row["id"]) for row in rows} == {str(e.aggregate_id) for e in events[:7]}
+    assert max(int(row["position"]) for row in rows) <= events[6].position
+
+
+async def ask(db: ReadDatabase, position: int, what: str) -> None:
+    await db.write([(REQUEST, [{"name": NAME, "position": position, "request": what}])])
+
+
+async def test_a_parked_event_retried_after_a_fix_lets_the_projection_finish(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+        poisoned = events[len(events) // 2].position
+        poison = PoisonedProjection(poisoned_position=poisoned)
+        end = events[-1].position
+        async with supervised(settings, tmp_path, store, batch_size=4, projection=poison) as (
+            db,
+            runner,
+            _,
+        ):
+            await parked_at(db, poisoned)
+            poison.healed = True
+            await ask(db, poisoned, "retry")
+            await reached(runner, end)
+            rows = normalised(await db.fetch_all(ALL_ROWS, {}))
+            status = await projection_status(db, NAME, head=end)
+        assert rows == await rebuilt_rows(store, settings, tmp_path)
+    finally:
+        store.close()
+    assert status.state == "running"
+    assert [(p.position, p.resolution) for p in status.parked] == [(poisoned, "retried")]
+
+
+async def test_a_retried_event_that_fails_again_is_parked_again(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+        poisoned = events[3].position
+        poison = PoisonedProjection(poisoned_position=poisoned)
+        async with supervised(settings, tmp_path, store, projection=poison) as (db, runner, _):
+            first = await parked_at(db, poisoned)
+            await ask(db, poisoned, "retry")
+
+            async def parked_twice() -> dict[str, Any] | None:
+                row = await open_parking(db, NAME)
+                return dict(row) if row and row["attempts"] > first["attempts"] else None
+
+            again = await eventually(parked_twice, what="the event is parked again")
+            assert runner.position == events[2].position
+    finally:
+        store.close()
+    assert again["attempts"] == 2 * first["attempts"]
+    assert again["request"] is None
+
+
+async def test_a_skipped_event_is_recorded_and_the_projection_moves_on(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+        # A reading's first event: skipping it leaves that reading out of the read model.
+        skipped = next(e for e in events[4:] if e.type == "reading.requested")
+        poison = PoisonedProjection(poisoned_position=skipped.position)
+        end = events[-1].position
+        async with supervised(settings, tmp_path, store, projection=poison) as (db, runner, _):
+            await parked_at(db, skipped.position)
+            await ask(db, skipped.position, "skip")
+            await reached(runner, end)
+            rows = await db.fetch_all(ALL_ROWS, {})
+            status = await projection_status(db, NAME, head=end)
+    finally:
+        store.close()
+    ids = {str(row["id"]) for row in rows}
+    assert ids == {str(e.aggregate_id) for e in events} - {str(skipped.aggregate_id)}
+    assert [(p.position, p.resolution) for p in status.parked] == [(skipped.position, "skipped")]
+    assert status.lag == 0
+
+
+class ReshapedReadings(ReadingsProjection):
+    """The readings projection in a new version (as after a change of its tables)."""
+
+    version = ReadingsProjection.version + 1
+
+
+async def test_a_new_schema_version_rebuilds_the_tables_from_position_zero(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        async with fresh_read_database(settings, tmp_path) as db:
+            end = await project_everything(store, db)
+            before = normalised(await db.fetch_all(ALL_ROWS, {}))
+            # A change no event explains: only a rebuild from scratch undoes it.
+            stale = [{"id": before[0]["id"]}]
+            await db.write([("UPDATE readings SET label = 'stale' WHERE id = :id", stale)])
+            async with (
+                log_feed(store) as feed,
+                projecting(feed, db, projection=ReshapedReadings(), settings=QUICK) as (runner, _),
+            ):
+                await reached(runner, end)
+                after = normalised(await db.fetch_all(ALL_ROWS, {}))
+            assert await schema_version(db, NAME) == ReadingsProjection.version + 1
+    finally:
+        store.close()
+    assert after == before
+
+
+async def test_one_runner_leads_and_a_standby_takes_over_when_it_stops(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    name = f"projection:test:{uuid.uuid4().hex[:8]}"
+
+    def lease(db: ReadDatabase) -> Lease:
+        return lease_for(db, tmp_path, name)
+
+    try:
+        await write_history(store)
+        async with supervised(settings, tmp_path, store, lease=lease) as (db, first, _):
+            await reached(first, await store.max_position())
+            async with (
+                log_feed(store) as feed,
+                projecting(feed, db, lease=lease(db), settings=QUICK) as (second, _),
+            ):
+
+                async def standing_by() -> bool:
+                    return second.state == "standby"
+
+                await eventually(standing_by, what="the second runner waits as a standby")
+                assert first.state == "running"
+                first.stop()
+                for i in range(5):
+                    end = await store.append(request(label=f"late {i}"))
+                await reached(second, end)
+            rows = normalised(await db.fetch_all(ALL_ROWS, {}))
+        assert rows == await rebuilt_rows(store, settings, tmp_path)
+    finally:
+        store.close()
+
+
+def _terminate(admin_url: str, databases: list[str], application: str | None = None) -> int:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        query = (
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = ANY(%s) AND pid <> pg_backend_pid()"
+        )
+        params: list[object] = [databases]
+        if application is not None:
+            query += " AND application_name LIKE %s"
+            params.append(f"{application}%")
+        row = conn.execute(query, params).fetchone()
+        return 0 if row is None else int(row[0])
+
+
+def _admin_url(url: str) -> str:
+    return urlsplit(url)._replace(path="/postgres").geturl()
+
+
+def _dbname(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def _postgres_lease(db: ReadDatabase) -> Lease:
+    assert isinstance(db, PostgresReadDatabase)
+    return PostgresLease(db.url, f"projection:test:{uuid.uuid4().hex[:8]}")
+
+
+async def test_a_lost_lease_connection_is_noticed_and_the_lease_taken_again(
+    services_only: Settings, tmp_path: Path
+) -> None:
+    settings = services_only
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        async with supervised(settings, tmp_path, store, lease=_postgres_lease) as (
+            db,
+            runner,
+            _,
+        ):
+            await reached(runner, await store.max_position())
+            assert isinstance(db, PostgresReadDatabase)
+            killed = _terminate(_admin_url(db.url), [_dbname(db.url)], "almanac-lease")
+            assert killed == 1
+            for i in range(5):
+                end = await store.append(request(label=f"after {i}"))
+            await reached(runner, end)
+            assert await runner.lease.held()
+            rows = normalised(await db.fetch_all(ALL_ROWS, {}))
+        assert rows == await rebuilt_rows(store, settings, tmp_path)
+    finally:
+        store.close()
+
+
+async def test_the_runner_resumes_after_every_connection_is_dropped(
+    services_only: Settings, tmp_path: Path
+) -> None:
+    """As after a database restart: the log's LISTEN, the read pool and the lease all drop."""
+    settings = services_only
+    assert settings.store.postgres_url is not None
+    event_url = settings.store.postgres_url
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        async with supervised(settings, tmp_path, store, batch_size=7, lease=_postgres_lease) as (
+            db,
+            runner,
+            _,
+        ):
+            await reached(runner, await store.max_position())
+            assert isinstance(db, PostgresReadDatabase)
+            for round_ in range(3):
+                killed = _terminate(_admin_url(event_url), [_dbname(event_url), _dbname(db.url)])
+                assert killed >= 2, "the lease and the LISTEN connection at least"
+                for i in range(6):
+                    end = await store.append(request(label=f"round {round_} #{i}"))
+                await reached(runner, end)
+            rows = normalised(await db.fetch_all(ALL_ROWS, {}))
+        assert rows == await rebuilt_rows(store, settings, tmp_path)
+        assert len(rows) == 12 + 18
+    finally:
+        store.close()
