@@ -222,6 +222,7 @@ def create_app(
     from projections.http import router as projections_router
     from queries.http import handlers as query_handlers
     from queries.monitoring import router as monitoring_router
+    from streams.http import handlers as websocket_handlers
 
     async def provide_container() -> Container:
         return graph
@@ -252,6 +253,8 @@ def create_app(
 
     handlers: list[Any] = [health_live, health_ready]
     if "api" in graph.roles:
+        # WebSockets authenticate in the session (header, ?key= or first message).
+        handlers.extend(websocket_handlers)
         # One router for both sides: a path such as /readings has handlers from each.
         handlers.append(
             Router(

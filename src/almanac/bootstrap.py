@@ -26,6 +26,7 @@ from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from streams.logfeed import LogFeed
+from streams.websocket import Hub, LogSource
 
 
 def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: Any) -> Container:
@@ -95,6 +96,10 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         redis=redis,
         nats=nats,
         read_router=read_router,
-        background={"worker": [worker], "projector": [projector]},
+        background={
+            "api": [Hub(store, LogSource(feed, settings.feed.batch_size), settings.websocket)],
+            "worker": [worker],
+            "projector": [projector],
+        },
         roles=roles,
     )

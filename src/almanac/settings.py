@@ -104,6 +104,17 @@ class AccessSettings(msgspec.Struct, frozen=True):
     key_cache_ttl: float = 30.0
 
 
+class WebSocketSettings(msgspec.Struct, frozen=True):
+    # Frames a connection may have waiting; a client that falls further behind is closed.
+    queue_size: int = 1000
+    # Seconds between heartbeat frames on a quiet connection.
+    heartbeat: float = 15.0
+    # How far back (in positions) a reconnecting client may resume; older is "too old".
+    max_replay: int = 10_000
+    # Seconds a client has to authenticate by its first message.
+    auth_timeout: float = 5.0
+
+
 class Settings(msgspec.Struct, frozen=True):
     store: StoreSettings = StoreSettings()
     cache: CacheSettings = CacheSettings()
@@ -113,6 +124,7 @@ class Settings(msgspec.Struct, frozen=True):
     log: LogSettings = LogSettings()
     access: AccessSettings = AccessSettings()
     projection: ProjectionSettings = ProjectionSettings()
+    websocket: WebSocketSettings = WebSocketSettings()
 
     @property
     def profile(self) -> Profile:
@@ -304,6 +316,12 @@ class _Reader:
             bootstrap_admin=self.get("ALMANAC_BOOTSTRAP_ADMIN", _bool, True),
             key_cache_ttl=self.get("ALMANAC_KEY_CACHE_TTL", _float_between(0, 3600), 30.0),
         )
+        websocket = WebSocketSettings(
+            queue_size=self.get("ALMANAC_WS_QUEUE_SIZE", _int_between(1, 1_000_000), 1000),
+            heartbeat=self.get("ALMANAC_WS_HEARTBEAT", _float_between(0.05, 3600), 15.0),
+            max_replay=self.get("ALMANAC_WS_MAX_REPLAY", _int_between(0, 10**9), 10_000),
+            auth_timeout=self.get("ALMANAC_WS_AUTH_TIMEOUT", _float_between(0.1, 600), 5.0),
+        )
         if self.problems:
             raise SettingsError(self.problems)
         return Settings(
@@ -315,6 +333,7 @@ class _Reader:
             worker=worker,
             log=log,
             access=access,
+            websocket=websocket,
         )
 
 

@@ -1,0 +1,82 @@
+"""WebSocket routes: ``/ws`` (subscribe by message) and shortcuts for one reading or batch."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from litestar import WebSocket, websocket
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from almanac.container import Container
+from streams.websocket import CLOSE_BAD_REQUEST, BadTopic, Hub, Session, Topic
+
+
+def hub_of(container: Container) -> Hub:
+    """The process's hub, which runs with the api role."""
+    return next(role for role in container.background.get("api", []) if isinstance(role, Hub))
+
+
+def _key(socket: WebSocket[Any, Any, Any]) -> str | None:
+    """The API key from the Authorization header or, for browsers, ``?key=``."""
+    scheme, _, token = socket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = socket.query_params.get("key")
+    return key or None
+
+
+def _after(socket: WebSocket[Any, Any, Any]) -> int | None:
+    raw = socket.query_params.get("after")
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+async def _serve(
+    socket: WebSocket[Any, Any, Any], container: Container, topics: set[Topic]
+) -> None:
+    await socket.accept()
+    raw_topics = [t for t in socket.query_params.get("topics", "").split(",") if t]
+    try:
+        topics |= {Topic.parse(t) for t in raw_topics}
+    except BadTopic as exc:
+        await socket.close(CLOSE_BAD_REQUEST, str(exc)[:120])
+        return
+    session = Session(
+        socket=socket,
+        hub=hub_of(container),
+        settings=container.settings.websocket,
+        authenticate=container.keyring.authenticate,
+        topics=topics,
+        after=_after(socket),
+        key=_key(socket),
+    )
+    await session.run()
+
+
+@websocket("/ws")
+async def events_socket(
+    socket: WebSocket[Any, Any, Any], container: NamedDependency[Container]
+) -> None:
+    await _serve(socket, container, set())
+
+
+@websocket("/ws/readings/{reading_id:uuid}")
+async def reading_socket(
+    socket: WebSocket[Any, Any, Any],
+    container: NamedDependency[Container],
+    reading_id: FromPath[UUID],
+) -> None:
+    await _serve(socket, container, {Topic("aggregate", str(reading_id))})
+
+
+@websocket("/ws/batches/{batch_id:uuid}")
+async def batch_socket(
+    socket: WebSocket[Any, Any, Any],
+    container: NamedDependency[Container],
+    batch_id: FromPath[UUID],
+) -> None:
+    await _serve(socket, container, {Topic("aggregate", str(batch_id))})
+
+
+handlers = [events_socket, reading_socket, batch_socket]

@@ -1,0 +1,489 @@
+"""The WebSocket gateway: live events to clients, filtered by topic and owner, resumable.
+
+One ``Hub`` per API process takes every event once from its live source (the log in
+embedded, NATS in services), encodes its frame once, and hands it to the connections that
+asked for it and may see it. Each connection has a bounded queue: a client that falls
+``queue_size`` frames behind is closed with 4429 rather than grow the process's memory.
+
+A client that reconnects with the last position it saw first receives what it missed,
+read from the event store, then the live frames, skipping any it already got: no gap, no
+duplicate. Further back than ``max_replay`` positions it is told the position is too old
+(close 4410) and should reload through the query API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+import msgspec
+import structlog
+
+from almanac.auth import Principal
+from almanac.errors import AlmanacError
+from almanac.eventstore import EventStore, RecordedEvent
+from almanac.feed import EventFeed
+from almanac.settings import WebSocketSettings
+from streams.envelope import encode_event
+
+log = structlog.get_logger("almanac.websocket")
+
+# Close codes (4000-4999 are the application's; each mirrors an HTTP status).
+CLOSE_GOING_AWAY = 1001
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_TOO_OLD = 4410
+CLOSE_SLOW_CONSUMER = 4429
+
+
+class LiveEvent(msgspec.Struct, frozen=True):
+    """An event as the hub routes it: what filters need, and the frame, encoded once."""
+
+    position: int
+    type: str
+    aggregate_id: str
+    owner: str
+    frame: str
+
+
+def live_event(event: RecordedEvent) -> LiveEvent:
+    envelope = encode_event(event)
+    frame = b"".join(
+        (
+            b'{"type":"event","position":',
+            str(event.position).encode(),
+            b',"event_type":',
+            msgspec.json.encode(event.type),
+            b',"aggregate_id":"',
+            str(event.aggregate_id).encode(),
+            b'","payload":',
+            envelope,
+            b"}",
+        )
+    )
+    return LiveEvent(
+        position=event.position,
+        type=event.type,
+        aggregate_id=str(event.aggregate_id),
+        owner=event.meta.owner,
+        frame=frame.decode(),
+    )
+
+
+# -- topics -------------------------------------------------------------------------------
+
+
+class BadTopic(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Topic:
+    """``*`` (all the key may see), ``reading:<id>``, ``batch:<id>``, ``event:<type glob>``."""
+
+    kind: Literal["all", "aggregate", "event"]
+    value: str = ""
+
+    @classmethod
+    def parse(cls, raw: object) -> Topic:
+        if not isinstance(raw, str):
+            raise BadTopic(f"a topic is a string, got {raw!r}")
+        if raw == "*":
+            return cls("all")
+        kind, _, value = raw.partition(":")
+        if kind in {"reading", "batch", "aggregate"}:
+            try:
+                return cls("aggregate", str(UUID(value)))
+            except ValueError:
+                raise BadTopic(f"{raw!r}: {kind}: needs a UUID") from None
+        if kind == "event" and value and all(c.isalnum() or c in "._*-" for c in value):
+            return cls("event", value)
+        raise BadTopic(
+            f"unknown topic {raw!r}: use '*', 'reading:<id>', 'batch:<id>' or 'event:<type>'"
+            " (wildcards like 'event:reading.*')"
+        )
+
+    def matches(self, event: LiveEvent) -> bool:
+        if self.kind == "all":
+            return True
+        if self.kind == "aggregate":
+            return event.aggregate_id == self.value
+        return fnmatch.fnmatchcase(event.type, self.value)
+
+    def __str__(self) -> str:
+        if self.kind == "all":
+            return "*"
+        return f"{'aggregate' if self.kind == 'aggregate' else 'event'}:{self.value}"
+
+
+# -- listeners and the hub ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Listener:
+    """One connection's subscriptions and its bounded queue of frames to send."""
+
+    principal: Principal
+    queue_size: int
+    topics: set[Topic] = field(default_factory=set)
+    # Frames at or below this position were already sent (or replayed): skip them.
+    sent_through: int = 0
+    queue: asyncio.Queue[LiveEvent] = field(default_factory=asyncio.Queue)
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def may_see(self, event: LiveEvent) -> bool:
+        return self.principal.may_see(event.owner)
+
+    def wants(self, event: LiveEvent) -> bool:
+        return any(topic.matches(event) for topic in self.topics) and self.may_see(event)
+
+    def offer(self, event: LiveEvent) -> None:
+        if self.overflowed.is_set():
+            return
+        if self.queue.qsize() >= self.queue_size:
+            self.overflowed.set()
+            return
+        self.queue.put_nowait(event)
+
+
+class LiveSource(Protocol):
+    """Where the hub gets every event as it is stored, in order."""
+
+    def events(self, after: int) -> AsyncIterator[list[RecordedEvent]]: ...
+
+
+class LogSource:
+    """Follows the event store's log (embedded, or a services API without NATS)."""
+
+    def __init__(self, feed: EventFeed, batch_size: int = 500) -> None:
+        self.feed = feed
+        self.batch_size = batch_size
+
+    async def events(self, after: int) -> AsyncIterator[list[RecordedEvent]]:
+        follower = self.feed.follow()
+        position = after
+        try:
+            while True:
+                batch = await follower.next_batch(position, self.batch_size, timeout=1.0)
+                if batch:
+                    position = batch[-1].position
+                    yield batch
+        finally:
+            follower.close()
+
+
+class Hub:
+    name = "websocket-hub"
+
+    def __init__(self, store: EventStore, source: LiveSource, settings: WebSocketSettings) -> None:
+        self.store = store
+        self.source = source
+        self.settings = settings
+        self.position = 0
+        self._by_owner: dict[str, set[Listener]] = {}
+        self._admins: set[Listener] = set()
+        self._stopping = asyncio.Event()
+        self._started = asyncio.Event()
+        self.sent = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self._admins) + sum(len(s) for s in self._by_owner.values())
+
+    async def run(self) -> None:
+        pause = 0.05
+        while not self._stopping.is_set():
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the source dropped; resume where it was
+                log.warning("websocket.source_failed", position=self.position, error=repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                pause = min(pause * 2, 5.0)
+        log.info("websocket.hub_stopped", position=self.position, connections=self.connections)
+
+    async def _follow(self) -> None:
+        if not self._started.is_set():
+            # Live from now on; anything earlier is a resume, served from the store.
+            self.position = await self.store.max_position()
+            self._started.set()
+            log.info("websocket.hub_started", position=self.position)
+        events = self.source.events(self.position)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                batch_task = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait(
+                    {batch_task, stop}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop in done:
+                    batch_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await batch_task
+                    return
+                for event in batch_task.result():
+                    if event.position > self.position:
+                        self.publish(live_event(event))
+        finally:
+            stop.cancel()
+            await events.aclose()  # type: ignore[attr-defined]
+
+    def publish(self, event: LiveEvent) -> None:
+        self.position = max(self.position, event.position)
+        for listener in self._candidates(event.owner):
+            if listener.sent_through < event.position and listener.wants(event):
+                listener.offer(event)
+
+    def _candidates(self, owner: str) -> Iterable[Listener]:
+        mine = self._by_owner.get(owner)
+        if not mine:
+            return tuple(self._admins)
+        return (*mine, *self._admins) if self._admins else tuple(mine)
+
+    async def started(self) -> int:
+        await self._started.wait()
+        return self.position
+
+    def attach(self, listener: Listener) -> None:
+        if listener.principal.is_admin:
+            self._admins.add(listener)
+        else:
+            self._by_owner.setdefault(listener.principal.owner, set()).add(listener)
+
+    def detach(self, listener: Listener) -> None:
+        self._admins.discard(listener)
+        owners = self._by_owner.get(listener.principal.owner)
+        if owners is not None:
+            owners.discard(listener)
+            if not owners:
+                del self._by_owner[listener.principal.owner]
+
+    async def missed(self, listener: Listener, after: int, until: int) -> AsyncIterator[LiveEvent]:
+        """What ``listener`` wants of the events after ``after`` up to ``until``, from the store."""
+        position = after
+        while position < until:
+            batch = await self.store.read(position, min(500, until - position))
+            if not batch:
+                return
+            for event in batch:
+                if event.position > until:
+                    return
+                live = live_event(event)
+                if listener.wants(live):
+                    yield live
+            position = batch[-1].position
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._stopping
+
+
+# -- the protocol spoken on one connection --------------------------------------------------
+
+
+class ClientMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: Literal["auth", "subscribe", "unsubscribe", "ping"]
+    key: str | None = None
+    topics: list[str] = []
+    # Resume after this position (the last one the client saw); first message only.
+    after: int | None = None
+
+
+_decode_message = msgspec.json.Decoder(ClientMessage).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def frame(**fields: object) -> str:
+    return _encode(fields).decode()
+
+
+class Socket(Protocol):
+    """What a session needs of a WebSocket (Litestar's, in the app)."""
+
+    async def send_text(self, data: str) -> Any: ...
+
+    async def receive_text(self) -> str: ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> Any: ...
+
+
+Authenticate = Callable[[str | None], Awaitable[Principal]]
+
+
+class Closed(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Session:
+    """One client connection, from authentication to close."""
+
+    socket: Socket
+    hub: Hub
+    settings: WebSocketSettings
+    authenticate: Authenticate
+    topics: set[Topic]
+    after: int | None = None
+    key: str | None = None
+    listener: Listener | None = None
+
+    async def run(self) -> None:
+        try:
+            principal = await self._principal()
+            listener = Listener(principal, self.settings.queue_size, topics=set(self.topics))
+            self.listener = listener
+            await self.hub.started()
+            self.hub.attach(listener)
+            try:
+                await self._serve(listener)
+            finally:
+                self.hub.detach(listener)
+        except Closed as closed:
+            with contextlib.suppress(Exception):
+                await self.socket.close(closed.code, closed.reason)
+
+    async def _principal(self) -> Principal:
+        key = self.key
+        if key is None:
+            try:
+                raw = await asyncio.wait_for(self.socket.receive_text(), self.settings.auth_timeout)
+            except TimeoutError:
+                raise Closed(CLOSE_UNAUTHORIZED, "no API key: send {type: auth, key}") from None
+            message = self._decode(raw)
+            if message is None or message.type != "auth" or not message.key:
+                raise Closed(CLOSE_UNAUTHORIZED, "the first message must be {type: auth, key}")
+            key = message.key
+            self._apply(message)
+        try:
+            return await self.authenticate(key)
+        except AlmanacError as exc:
+            raise Closed(CLOSE_UNAUTHORIZED, exc.detail[:120]) from None
+
+    async def _serve(self, listener: Listener) -> None:
+        await self.socket.send_text(
+            frame(
+                type="welcome",
+                position=self.hub.position,
+                owner=listener.principal.owner,
+                topics=sorted(map(str, listener.topics)),
+            )
+        )
+        tasks = {
+            asyncio.ensure_future(self._send(listener)),
+            asyncio.ensure_future(self._receive(listener)),
+            asyncio.ensure_future(listener.overflowed.wait()),
+            asyncio.ensure_future(self.hub.stopping.wait()),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for task in done:
+            if not task.cancelled() and isinstance(task.exception(), Closed):
+                raise task.exception()  # type: ignore[misc]
+        if listener.overflowed.is_set():
+            log.warning("websocket.slow_consumer", owner=listener.principal.owner)
+            raise Closed(CLOSE_SLOW_CONSUMER, "too far behind: reconnect with after=<position>")
+        if self.hub.stopping.is_set():
+            raise Closed(CLOSE_GOING_AWAY, "server shutting down: reconnect with after=<position>")
+
+    async def _send(self, listener: Listener) -> None:
+        if self.after is not None:
+            await self._replay(listener, self.after)
+        heartbeat = self.settings.heartbeat
+        while True:
+            try:
+                event = await asyncio.wait_for(listener.queue.get(), heartbeat)
+            except TimeoutError:
+                await self.socket.send_text(frame(type="heartbeat", position=self.hub.position))
+                continue
+            if event.position <= listener.sent_through:
+                continue
+            await self.socket.send_text(event.frame)
+            listener.sent_through = event.position
+            self.hub.sent += 1
+
+    async def _replay(self, listener: Listener, after: int) -> None:
+        until = await self.hub.store.max_position()
+        if until - after > self.settings.max_replay:
+            await self.socket.send_text(
+                frame(
+                    type="error",
+                    code="position_too_old",
+                    detail=(
+                        f"{until - after} events were missed, more than the"
+                        f" {self.settings.max_replay} a resume replays: reload through the API"
+                    ),
+                    position=until,
+                )
+            )
+            raise Closed(CLOSE_TOO_OLD, "position too old")
+        async for event in self.hub.missed(listener, after, until):
+            await self.socket.send_text(event.frame)
+            listener.sent_through = event.position
+        listener.sent_through = max(listener.sent_through, until)
+
+    async def _receive(self, listener: Listener) -> None:
+        while True:
+            raw = await self.socket.receive_text()
+            message = self._decode(raw)
+            if message is None:
+                continue
+            if message.type == "ping":
+                await self.socket.send_text(frame(type="pong", position=self.hub.position))
+                continue
+            if message.type == "auth":
+                await self.socket.send_text(frame(type="error", code="already_authenticated"))
+                continue
+            try:
+                topics = {Topic.parse(t) for t in message.topics}
+            except BadTopic as exc:
+                await self.socket.send_text(frame(type="error", code="bad_topic", detail=str(exc)))
+                continue
+            if message.type == "subscribe":
+                listener.topics |= topics
+            else:
+                listener.topics -= topics
+            await self.socket.send_text(
+                frame(type="subscribed", topics=sorted(map(str, listener.topics)))
+            )
+
+    def _apply(self, message: ClientMessage) -> None:
+        """Topics and resume point given with the first (auth) message."""
+        self.topics |= {Topic.parse(t) for t in message.topics}
+        if message.after is not None:
+            self.after = message.after
+
+    def _decode(self, raw: str) -> ClientMessage | None:
+        try:
+            return _decode_message(raw)
+        except msgspec.ValidationError as exc:
+            detail = str(exc)
+        except msgspec.DecodeError:
+            detail = "not JSON"
+        task = asyncio.ensure_future(
+            self.socket.send_text(frame(type="error", code="bad_message", detail=detail))
+        )
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return None
+
+
+_background: set[asyncio.Task[Any]] = set()

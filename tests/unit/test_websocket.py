@@ -1,0 +1,170 @@
+"""The WebSocket hub and session without a network: topics, routing, slow consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from almanac.auth import Principal
+from almanac.errors import Unauthorized
+from almanac.eventstore import RecordedEvent
+from almanac.settings import WebSocketSettings
+from streams.websocket import (
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_UNAUTHORIZED,
+    BadTopic,
+    Hub,
+    Listener,
+    LiveEvent,
+    Session,
+    Topic,
+)
+
+READING = str(uuid4())
+
+
+def live(position: int, owner: str = "alice", type_: str = "reading.requested") -> LiveEvent:
+    return LiveEvent(position, type_, READING, owner, json.dumps({"position": position}))
+
+
+def principal(owner: str, role: str = "client") -> Principal:
+    return Principal(key_id=str(uuid4()), name=owner, role=role, owner=owner)  # type: ignore[arg-type]
+
+
+class NoStore:
+    async def max_position(self) -> int:
+        return 0
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        return []
+
+
+class NoSource:
+    async def events(self, after: int) -> AsyncIterator[list[RecordedEvent]]:
+        await asyncio.Event().wait()
+        yield []
+
+
+def hub(**settings: Any) -> Hub:
+    hub = Hub(NoStore(), NoSource(), WebSocketSettings(**settings))  # type: ignore[arg-type]
+    hub._started.set()
+    return hub
+
+
+def test_topics_parse_to_what_they_match() -> None:
+    assert Topic.parse("*").matches(live(1))
+    assert Topic.parse(f"reading:{READING}").matches(live(1))
+    assert not Topic.parse(f"batch:{uuid4()}").matches(live(1))
+    assert Topic.parse("event:reading.*").matches(live(1))
+    assert not Topic.parse("event:reading.generated").matches(live(1))
+
+
+@pytest.mark.parametrize("raw", ["", "reading:", "reading:nope", "event:", "event:a b", "x:1", 7])
+def test_malformed_topics_are_refused_with_the_reason(raw: object) -> None:
+    with pytest.raises(BadTopic) as refused:
+        Topic.parse(raw)
+    assert repr(raw) in str(refused.value) or "string" in str(refused.value)
+
+
+@given(st.text(max_size=30))
+def test_any_text_either_parses_or_is_refused_cleanly(raw: str) -> None:
+    try:
+        topic = Topic.parse(raw)
+    except BadTopic:
+        return
+    assert Topic.parse(str(topic)) == topic
+
+
+def test_events_go_to_listeners_of_their_owner_and_topic_and_to_admins() -> None:
+    h = hub()
+    alice = Listener(principal("alice"), 10, topics={Topic("all")})
+    alices_reading = Listener(principal("alice"), 10, topics={Topic("aggregate", READING)})
+    bob = Listener(principal("bob"), 10, topics={Topic("all")})
+    admin = Listener(principal("root", "admin"), 10, topics={Topic("all")})
+    for listener in (alice, alices_reading, bob, admin):
+        h.attach(listener)
+    h.publish(live(1, "alice"))
+    h.publish(live(2, "bob"))
+    assert alice.queue.qsize() == 1
+    assert alices_reading.queue.qsize() == 1
+    assert bob.queue.qsize() == 1
+    assert admin.queue.qsize() == 2
+    h.detach(bob)
+    h.publish(live(3, "bob"))
+    assert bob.queue.qsize() == 1
+    assert admin.queue.qsize() == 3
+    assert h.position == 3
+
+
+def test_a_listener_skips_what_it_already_got_by_replay() -> None:
+    h = hub()
+    listener = Listener(principal("alice"), 10, topics={Topic("all")}, sent_through=5)
+    h.attach(listener)
+    for position in (4, 5, 6):
+        h.publish(live(position))
+    assert listener.queue.get_nowait().position == 6
+
+
+class StuckSocket:
+    """A client that reads the welcome frame, then nothing more."""
+
+    def __init__(self, first: str | None = None) -> None:
+        self.sent: list[str] = []
+        self.closed: tuple[int, str | None] | None = None
+        self.first = first
+        self._never = asyncio.Event()
+
+    async def send_text(self, data: str) -> None:
+        self.sent.append(data)
+        if len(self.sent) > 1:
+            await self._never.wait()
+
+    async def receive_text(self) -> str:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        await self._never.wait()
+        raise AssertionError("unreachable")
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed = (code, reason)
+
+
+async def allow(key: str | None) -> Principal:
+    if key != "good":
+        raise Unauthorized("unknown API key")
+    return principal("alice")
+
+
+async def test_a_client_that_falls_behind_is_closed_with_4429_not_buffered() -> None:
+    h = hub(queue_size=3)
+    socket = StuckSocket()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    for _ in range(100):
+        if session.listener is not None and session.listener in h._by_owner.get("alice", ()):
+            break
+        await asyncio.sleep(0)
+    for position in range(1, 10):
+        h.publish(live(position))
+    await asyncio.wait_for(task, timeout=5)
+    assert socket.closed is not None
+    assert socket.closed[0] == CLOSE_SLOW_CONSUMER
+    assert session.listener is not None
+    assert session.listener.queue.qsize() <= 3
+    assert h.connections == 0
+
+
+async def test_a_wrong_key_in_the_first_message_closes_with_4401() -> None:
+    h = hub()
+    socket = StuckSocket(first=json.dumps({"type": "auth", "key": "bad"}))
+    await asyncio.wait_for(Session(socket, h, h.settings, allow, set()).run(), timeout=5)
+    assert socket.closed is not None
+    assert socket.closed[0] == CLOSE_UNAUTHORIZED
