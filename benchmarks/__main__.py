@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import appends, projections
+from benchmarks import appends, projections, websocket
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "appends": appends.run,
     "rebuild": projections.run_rebuild,
     "lag": projections.run_lag,
+    "websocket": websocket.run,
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -40,6 +40,9 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_OLD = 4410
 CLOSE_SLOW_CONSUMER = 4429
 
+# Events about credentials stay with operators, even those of the client's own owner.
+ADMIN_ONLY = ("api_key.", "installation.")
+
 
 class LiveEvent(msgspec.Struct, frozen=True):
     """An event as the hub routes it: what filters need, and the frame, encoded once."""
@@ -137,6 +140,8 @@ class Listener:
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def may_see(self, event: LiveEvent) -> bool:
+        if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
+            return False
         return self.principal.may_see(event.owner)
 
     def wants(self, event: LiveEvent) -> bool:

@@ -66,10 +66,17 @@ class Api:
 
 
 @asynccontextmanager
-async def serving(settings: Settings, **overrides: Any) -> AsyncIterator[Api]:
-    """An app on ``settings`` with an admin and two client keys; ``overrides`` go to bootstrap."""
+async def serving(
+    settings: Settings, *, min_position_timeout: float = 5.0, **overrides: Any
+) -> AsyncIterator[Api]:
+    """An app on ``settings`` with an admin and two client keys; ``overrides`` go to bootstrap.
+
+    Reads with ``min_position`` wait up to ``min_position_timeout`` seconds: long enough for
+    a loaded machine, unless a test wants to see the wait run out.
+    """
     settings = msgspec.structs.replace(
-        settings, http=msgspec.structs.replace(settings.http, min_position_timeout=0.3)
+        settings,
+        http=msgspec.structs.replace(settings.http, min_position_timeout=min_position_timeout),
     )
     # Each test keeps its Redis keys and invalidation channel to itself.
     container = bootstrap(settings, cache_prefix=f"test-{uuid.uuid4().hex[:8]}:", **overrides)
@@ -89,4 +96,11 @@ async def serving(settings: Settings, **overrides: Any) -> AsyncIterator[Api]:
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[Api]:
     async with serving(settings) as api:
+        yield api
+
+
+@pytest.fixture
+async def impatient_api(settings: Settings) -> AsyncIterator[Api]:
+    """An app whose ``min_position`` reads give up after 0.3 s."""
+    async with serving(settings, min_position_timeout=0.3) as api:
         yield api

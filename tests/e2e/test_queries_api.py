@@ -204,15 +204,15 @@ async def test_large_responses_are_compressed_for_clients_that_accept_it(api: Ap
     assert "content-encoding" not in small.headers
 
 
-async def test_every_query_endpoint_honours_min_position(api: Api) -> None:
-    [response] = await post_many(api, api.alice, 1)
+async def test_every_query_endpoint_honours_min_position(impatient_api: Api) -> None:
+    [response] = await post_many(impatient_api, impatient_api.alice, 1)
     far = 10**9
     for url in (
         f"{response.headers['location']}?min_position={far}",
         f"/api/v1/readings?min_position={far}",
         f"/api/v1/charts/{'0' * 64}?min_position={far}",
     ):
-        got = await api.client.get(url, headers=api.auth(api.alice))
+        got = await impatient_api.client.get(url, headers=impatient_api.auth(impatient_api.alice))
         assert got.status_code == 503, url
         assert got.json()["min_position"] == far
 

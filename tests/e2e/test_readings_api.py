@@ -46,11 +46,12 @@ async def test_min_position_reads_your_own_write(api: Api) -> None:
 
 
 async def test_min_position_not_reached_in_time_is_a_problem_with_the_current_position(
-    api: Api,
+    impatient_api: Api,
 ) -> None:
-    response = await api.post_reading(api.alice, body())
-    got = await api.client.get(
-        f"{response.headers['location']}?min_position=1000000000", headers=api.auth(api.alice)
+    response = await impatient_api.post_reading(impatient_api.alice, body())
+    got = await impatient_api.client.get(
+        f"{response.headers['location']}?min_position=1000000000",
+        headers=impatient_api.auth(impatient_api.alice),
     )
     assert got.status_code == 503
     assert got.headers["content-type"].startswith(PROBLEM)

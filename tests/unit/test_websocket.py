@@ -168,3 +168,15 @@ async def test_a_wrong_key_in_the_first_message_closes_with_4401() -> None:
     await asyncio.wait_for(Session(socket, h, h.settings, allow, set()).run(), timeout=5)
     assert socket.closed is not None
     assert socket.closed[0] == CLOSE_UNAUTHORIZED
+
+
+def test_credential_events_reach_admins_only_even_of_the_clients_own_owner() -> None:
+    h = hub()
+    alice = Listener(principal("alice"), 10, topics={Topic("all")})
+    admin = Listener(principal("root", "admin"), 10, topics={Topic("all")})
+    h.attach(alice)
+    h.attach(admin)
+    h.publish(live(1, "alice", "api_key.issued"))
+    h.publish(live(2, "alice", "reading.requested"))
+    assert [alice.queue.get_nowait().position] == [2]
+    assert admin.queue.qsize() == 2
