@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from almanac.adapters.leadership import PostgresLease
 from almanac.adapters.nats import NatsConnection
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.redis import RedisConnection
@@ -15,7 +16,7 @@ from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
 from almanac.adapters.sqlite import SqliteReadDatabase
 from almanac.auth import KeyRing
 from almanac.cache import ReadCache, TwoLevelCache
-from almanac.container import ROLES, Container
+from almanac.container import ROLES, BackgroundRole, Container
 from almanac.domain.interpretation import BuiltinGenerator, ReadingGenerator
 from almanac.eventstore import EventStore
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
@@ -25,6 +26,7 @@ from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from streams.logfeed import LogFeed
+from streams.relay import Relay
 
 
 def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: Any) -> Container:
@@ -77,6 +79,20 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         batch_size=settings.feed.batch_size,
         after_commit=[CacheRefresher(cache, read_db)],
     )
+    background: dict[str, list[BackgroundRole]] = {"worker": [worker], "projector": [projector]}
+    if nats is not None and settings.store.postgres_url is not None:
+        # One relay per stream publishes at a time; the others are hot standbys.
+        lease = PostgresLease(settings.store.postgres_url, f"relay:{settings.relay.stream}")
+        background["relay"] = [
+            Relay(
+                store,
+                feed,
+                nats,
+                lease,
+                settings.relay,
+                batch_size=settings.feed.batch_size,
+            )
+        ]
     return Container(
         settings=settings,
         store=store,
@@ -89,6 +105,6 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         redis=redis,
         nats=nats,
         read_router=read_router,
-        background={"worker": [worker], "projector": [projector]},
+        background=background,
         roles=roles,
     )
