@@ -323,54 +323,71 @@ class Relay:
             log.info("relay.stream_updated", stream=self.settings.stream)
 
     async def _publish(self, events: list[RecordedEvent]) -> None:
-        js = self._js
-        prefix = self.settings.subject_prefix
-        futures: list[asyncio.Future[Any]] = []
-        expected = self.sequence
-        try:
-            for event in events:
-                headers = headers_for(event)
-                headers[EXPECTED_LAST_SEQUENCE] = str(expected)
-                futures.append(
-                    await js.publish_async(
-                        subject_for(prefix, event.type),
-                        encode_event(event),
-                        wait_stall=self.settings.ack_timeout,
-                        headers=headers,
-                    )
-                )
-                expected += 1
-            _, pending = await asyncio.wait(futures, timeout=self.settings.ack_timeout)
-            if pending:
-                raise RelayOutOfStep(
-                    f"{len(pending)} of {len(futures)} publishes not acknowledged "
-                    f"within {self.settings.ack_timeout:g} s"
-                )
-            # Every outcome is looked at (an unread failure would be reported as lost);
-            # the first one out of step decides.
-            problems = [
-                problem
-                for want, (event, future) in enumerate(
-                    zip(events, futures, strict=True), start=self.sequence + 1
-                )
-                if (problem := _out_of_step(event, future, want)) is not None
-            ]
-            if problems:
-                raise problems[0]
-        finally:
-            # Unanswered publishes give their window slots back; the resync decides anew.
-            for future in futures:
-                if not future.done():
-                    future.cancel()
-        self.sequence = expected
-        self.position = events[-1].position
-        self.published += len(events)
+        """Publish in windows; positions move on only as a window is acknowledged in full."""
+        window = self.settings.window
+        for start in range(0, len(events), window):
+            chunk = events[start : start + window]
+            futures = await self._send(chunk, self.sequence)
+            try:
+                await self._settle(chunk, futures)
+            finally:
+                # Unanswered publishes give their slots back; the resync decides anew.
+                for future in futures:
+                    if not future.done():
+                        future.cancel()
         log.debug(
             "relay.published",
             events=len(events),
             position=self.position,
             sequence=self.sequence,
         )
+
+    async def _send(self, events: list[RecordedEvent], after: int) -> list[asyncio.Future[Any]]:
+        js = self._js
+        prefix = self.settings.subject_prefix
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for expected, event in enumerate(events, start=after):
+                headers = headers_for(event)
+                headers[EXPECTED_LAST_SEQUENCE] = str(expected)
+                # No stall timeout: one window is never more than nats-py's pending limit, so
+                # this never waits; and without a timeout it does not yield to the loop either,
+                # which lets the client write the whole window in a few socket sends.
+                futures.append(
+                    await js.publish_async(
+                        subject_for(prefix, event.type), encode_event(event), headers=headers
+                    )
+                )
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return futures
+
+    async def _settle(
+        self, events: list[RecordedEvent], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        """Wait for a window's acks; each must be stored right after the one before."""
+        _, pending = await asyncio.wait(futures, timeout=self.settings.ack_timeout)
+        if pending:
+            raise RelayOutOfStep(
+                f"{len(pending)} of {len(futures)} publishes not acknowledged "
+                f"within {self.settings.ack_timeout:g} s"
+            )
+        # Every outcome is looked at (an unread failure would be reported as lost);
+        # the first one out of step decides.
+        problems = [
+            problem
+            for want, (event, future) in enumerate(
+                zip(events, futures, strict=True), start=self.sequence + 1
+            )
+            if (problem := _out_of_step(event, future, want)) is not None
+        ]
+        if problems:
+            raise problems[0]
+        self.sequence += len(futures)
+        self.position = events[-1].position
+        self.published += len(futures)
 
     async def _checkpoint(self, *, force: bool = False) -> None:
         if self.position <= self._checkpointed:
