@@ -6,12 +6,17 @@ reason, unless ALMANAC_REQUIRE_SERVICES=1 (CI), where a missing engine fails the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import nats
 import psycopg
 import pytest
 import stamina
@@ -23,6 +28,7 @@ from almanac.settings import (
     CacheSettings,
     FeedSettings,
     LogSettings,
+    RelaySettings,
     Settings,
     StoreSettings,
 )
@@ -102,6 +108,31 @@ def postgres_url(services: None) -> Iterator[str]:
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
     _drop([name, f"{name}_read"])
+    delete_nats_stream(NATS_URL, stream_name_for(name))
+
+
+def stream_name_for(database: str) -> str:
+    """The JetStream stream of the relay of one test database (each test has its own)."""
+    return f"TEST_{database}"
+
+
+def delete_nats_stream(url: str, name: str) -> None:
+    """Delete a test's stream, if it exists (called outside any event loop)."""
+
+    async def delete() -> None:
+        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await client.jetstream().delete_stream(name)
+        finally:
+            await client.close()
+
+    # Its own thread and loop: a sync teardown may run while a test's loop is still set.
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        contextlib.suppress(OSError, TimeoutError, nats.errors.Error),
+    ):
+        pool.submit(asyncio.run, delete()).result(timeout=15)
 
 
 def embedded_settings(data_dir: Path) -> Settings:
@@ -113,11 +144,17 @@ def embedded_settings(data_dir: Path) -> Settings:
 
 
 def services_settings(postgres_url: str) -> Settings:
+    # The relay of every test publishes to a stream and subjects of its own, named after
+    # the test's database (and deleted with it).
+    database = urlsplit(postgres_url).path.lstrip("/")
     return Settings(
         store=StoreSettings(postgres_url=postgres_url, pool_size=4),
         cache=CacheSettings(redis_url=REDIS_URL),
         feed=FeedSettings(nats_url=NATS_URL, poll_interval=0.2),
         log=LogSettings(level="WARNING"),
+        relay=RelaySettings(
+            stream=stream_name_for(database), subject_prefix=f"test.{database}.events"
+        ),
     )
 
 

@@ -16,7 +16,7 @@ from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
 from almanac.adapters.sqlite import SqliteReadDatabase
 from almanac.auth import KeyRing
 from almanac.cache import ReadCache, TwoLevelCache
-from almanac.container import ROLES, Container
+from almanac.container import ROLES, BackgroundRole, Container
 from almanac.domain.interpretation import BuiltinGenerator, ReadingGenerator
 from almanac.eventstore import EventStore
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
@@ -26,6 +26,7 @@ from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from streams.logfeed import LogFeed
+from streams.relay import Relay
 from streams.websocket import Hub, LogSource
 
 
@@ -84,6 +85,24 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease=lease,
         settings=settings.projection,
     )
+    background: dict[str, list[BackgroundRole]] = {
+        "api": [Hub(store, LogSource(feed, settings.feed.batch_size), settings.websocket)],
+        "worker": [worker],
+        "projector": [projector],
+    }
+    if nats is not None and settings.store.postgres_url is not None:
+        # One relay per stream publishes at a time; the others are hot standbys.
+        relay_lease = PostgresLease(settings.store.postgres_url, f"relay:{settings.relay.stream}")
+        background["relay"] = [
+            Relay(
+                store,
+                feed,
+                nats,
+                relay_lease,
+                settings.relay,
+                batch_size=settings.feed.batch_size,
+            )
+        ]
     return Container(
         settings=settings,
         store=store,
@@ -96,10 +115,6 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         redis=redis,
         nats=nats,
         read_router=read_router,
-        background={
-            "api": [Hub(store, LogSource(feed, settings.feed.batch_size), settings.websocket)],
-            "worker": [worker],
-            "projector": [projector],
-        },
+        background=background,
         roles=roles,
     )

@@ -56,7 +56,10 @@ def main() -> None:
     help="Comma-separated roles to run in this process.",
 )
 def serve(host: str | None, port: int | None, roles: str) -> None:
-    """Run the chosen roles (API, worker, projector) in one process."""
+    """Run the chosen roles (API, worker, projector, relay) in one process.
+
+    The relay publishes to NATS JetStream, so it runs on the services profile only.
+    """
     import msgspec
     import uvicorn
 

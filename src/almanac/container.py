@@ -23,11 +23,13 @@ from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.container")
 
-ROLES = ("api", "worker", "projector")
+ROLES = ("api", "worker", "projector", "relay")
+# Roles that only exist on the services profile (the relay publishes to NATS).
+SERVICES_ROLES = frozenset({"relay"})
 
 
 class BackgroundRole(Protocol):
-    """A long-running consumer (worker, projector) started by ``Container.start``."""
+    """A long-running consumer (worker, projector, relay) started by ``Container.start``."""
 
     name: str
 
@@ -78,6 +80,15 @@ class Container:
             if role_name in self.roles:
                 for role in roles:
                     self._tasks.append(asyncio.create_task(role.run(), name=role.name))
+        for role_name in self.roles:
+            if role_name in SERVICES_ROLES and role_name not in self.background:
+                # Asked for, but this profile has nothing for it to do (no NATS).
+                log.info(
+                    "almanac.role_inactive",
+                    role=role_name,
+                    profile=self.settings.profile.value,
+                    reason="needs the services profile (ALMANAC_NATS_URL)",
+                )
         log.info(
             "almanac.started",
             profile=self.settings.profile.value,

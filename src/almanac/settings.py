@@ -7,6 +7,7 @@ of the bad ones together, so a misconfigured deployment is fixed in one round tr
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -80,6 +81,28 @@ class FeedSettings(msgspec.Struct, frozen=True):
     batch_size: int = 500
 
 
+class RelaySettings(msgspec.Struct, frozen=True):
+    """The JetStream stream the relay publishes every stored event to (services profile)."""
+
+    # Configurable so that tests (and several installations on one NATS) keep to themselves.
+    stream: str = "ALMANAC_EVENTS"
+    subject_prefix: str = "almanac.events"
+    # Limits retention: the event store keeps the history, the stream a recent window of it.
+    # 0 means no limit (NATS's own convention for max_age; -1 for max_bytes).
+    max_age: float = 30 * 86400.0
+    max_bytes: int = -1
+    # Republishing within this window is dropped by NATS (Nats-Msg-Id = position); beyond it
+    # the relay's own resume point (the stream's last position) keeps publishing exactly once.
+    duplicate_window: float = 120.0
+    replicas: int = 1
+    # Publishes in flight before the relay waits for acknowledgements.
+    window: int = 500
+    # A publish not acknowledged within this long counts as failed: the relay resynchronises.
+    ack_timeout: float = 5.0
+    # How often a standby tries the lease, and the active relay checks it still holds it.
+    standby_interval: float = 1.0
+
+
 class HttpSettings(msgspec.Struct, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -125,6 +148,7 @@ class Settings(msgspec.Struct, frozen=True):
     access: AccessSettings = AccessSettings()
     projection: ProjectionSettings = ProjectionSettings()
     websocket: WebSocketSettings = WebSocketSettings()
+    relay: RelaySettings = RelaySettings()
 
     @property
     def profile(self) -> Profile:
@@ -294,6 +318,7 @@ class _Reader:
             poll_interval=self.get("ALMANAC_FEED_POLL_INTERVAL", _float_between(0.01, 60), 0.5),
             batch_size=self.get("ALMANAC_FEED_BATCH_SIZE", _int_between(1, 100_000), 500),
         )
+        relay = self.relay()
         http = HttpSettings(
             host=self.get("ALMANAC_HOST", str, "127.0.0.1"),
             port=self.get("ALMANAC_PORT", _int_between(0, 65535), 8000),
@@ -334,6 +359,43 @@ class _Reader:
             log=log,
             access=access,
             websocket=websocket,
+            relay=relay,
+        )
+
+    def relay(self) -> RelaySettings:
+        default = RelaySettings()
+        max_age = self.get(
+            "ALMANAC_NATS_STREAM_MAX_AGE", _float_between(0, 10 * 365 * 86400), default.max_age
+        )
+        duplicate_window = self.get(
+            "ALMANAC_NATS_DUPLICATE_WINDOW", _float_between(0.1, 86400), default.duplicate_window
+        )
+        if max_age and duplicate_window > max_age:
+            self.problems.append(
+                (
+                    "ALMANAC_NATS_DUPLICATE_WINDOW",
+                    (
+                        f"must not exceed ALMANAC_NATS_STREAM_MAX_AGE ({max_age:g} s), "
+                        f"got {duplicate_window:g}"
+                    ),
+                )
+            )
+        return RelaySettings(
+            stream=self.get("ALMANAC_NATS_STREAM", _stream_name, default.stream),
+            subject_prefix=self.get(
+                "ALMANAC_NATS_SUBJECT_PREFIX", _subject_prefix, default.subject_prefix
+            ),
+            max_age=max_age,
+            max_bytes=self.get("ALMANAC_NATS_STREAM_MAX_BYTES", _max_bytes, default.max_bytes),
+            duplicate_window=duplicate_window,
+            replicas=self.get("ALMANAC_NATS_STREAM_REPLICAS", _int_between(1, 5), default.replicas),
+            window=self.get("ALMANAC_RELAY_WINDOW", _int_between(1, 10_000), default.window),
+            ack_timeout=self.get(
+                "ALMANAC_RELAY_ACK_TIMEOUT", _float_between(0.1, 300), default.ack_timeout
+            ),
+            standby_interval=self.get(
+                "ALMANAC_RELAY_STANDBY_INTERVAL", _float_between(0.05, 60), default.standby_interval
+            ),
         )
 
 
@@ -371,6 +433,38 @@ def _choice(*choices: str) -> Callable[[str], str]:
         raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
 
     return parse
+
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _stream_name(raw: str) -> str:
+    if not _STREAM_NAME.fullmatch(raw):
+        raise ValueError(
+            f"expected a JetStream stream name (letters, digits, _ and -), got {raw!r}"
+        )
+    return raw
+
+
+def _subject_prefix(raw: str) -> str:
+    tokens = raw.split(".")
+    if not all(_SUBJECT_TOKEN.fullmatch(token) for token in tokens):
+        raise ValueError(
+            "expected dot-separated subject tokens of letters, digits, _ and - "
+            f"(no wildcards), got {raw!r}"
+        )
+    return raw
+
+
+def _max_bytes(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a whole number of bytes, got {raw!r}") from None
+    if value != -1 and not 1024 * 1024 <= value <= 2**62:
+        raise ValueError(f"expected -1 (no limit) or at least 1048576 bytes, got {value}")
+    return value
 
 
 def _bool(raw: str) -> bool:

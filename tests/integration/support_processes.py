@@ -31,6 +31,8 @@ def role_env(settings: Settings, **extra: str) -> dict[str, str]:
         env["ALMANAC_NATS_URL"] = settings.feed.nats_url
         if settings.store.read_postgres_url:
             env["ALMANAC_READ_POSTGRES_URL"] = settings.store.read_postgres_url
+        env["ALMANAC_NATS_STREAM"] = settings.relay.stream
+        env["ALMANAC_NATS_SUBJECT_PREFIX"] = settings.relay.subject_prefix
     env.update(
         ALMANAC_POOL_SIZE=str(settings.store.pool_size),
         ALMANAC_BOOTSTRAP_ADMIN="0",

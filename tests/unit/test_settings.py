@@ -261,3 +261,54 @@ def test_errors_never_show_a_password() -> None:
         Settings.from_env(env)
     assert problem_vars(caught.value) == ["ALMANAC_POSTGRES_URL"]
     assert "pg-s3cret" not in str(caught.value)
+
+
+def test_the_relay_stream_defaults_to_almanac_events() -> None:
+    relay = Settings.from_env(SERVICES_ENV).relay
+    assert (relay.stream, relay.subject_prefix) == ("ALMANAC_EVENTS", "almanac.events")
+    assert relay.duplicate_window <= relay.max_age
+
+
+def test_the_relay_stream_and_its_limits_are_configurable() -> None:
+    env = {
+        **SERVICES_ENV,
+        "ALMANAC_NATS_STREAM": "TENANT_7_EVENTS",
+        "ALMANAC_NATS_SUBJECT_PREFIX": "tenant-7.events",
+        "ALMANAC_NATS_STREAM_MAX_AGE": "86400",
+        "ALMANAC_NATS_STREAM_MAX_BYTES": "1073741824",
+        "ALMANAC_NATS_DUPLICATE_WINDOW": "30",
+        "ALMANAC_NATS_STREAM_REPLICAS": "3",
+        "ALMANAC_RELAY_WINDOW": "1000",
+        "ALMANAC_RELAY_ACK_TIMEOUT": "2.5",
+        "ALMANAC_RELAY_STANDBY_INTERVAL": "0.5",
+    }
+    relay = Settings.from_env(env).relay
+    assert relay.stream == "TENANT_7_EVENTS"
+    assert relay.subject_prefix == "tenant-7.events"
+    assert (relay.max_age, relay.max_bytes, relay.duplicate_window) == (86400, 2**30, 30)
+    assert (relay.replicas, relay.window, relay.ack_timeout) == (3, 1000, 2.5)
+    assert relay.standby_interval == 0.5
+
+
+def test_reports_every_bad_relay_variable_at_once() -> None:
+    env = {
+        **SERVICES_ENV,
+        "ALMANAC_NATS_STREAM": "almanac.events",
+        "ALMANAC_NATS_SUBJECT_PREFIX": "almanac.*",
+        "ALMANAC_NATS_STREAM_MAX_AGE": "60",
+        "ALMANAC_NATS_DUPLICATE_WINDOW": "120",
+        "ALMANAC_NATS_STREAM_MAX_BYTES": "1000",
+        "ALMANAC_RELAY_WINDOW": "0",
+    }
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    reasons = dict(caught.value.problems)
+    assert sorted(reasons) == [
+        "ALMANAC_NATS_DUPLICATE_WINDOW",
+        "ALMANAC_NATS_STREAM",
+        "ALMANAC_NATS_STREAM_MAX_BYTES",
+        "ALMANAC_NATS_SUBJECT_PREFIX",
+        "ALMANAC_RELAY_WINDOW",
+    ]
+    assert "ALMANAC_NATS_STREAM_MAX_AGE (60 s)" in reasons["ALMANAC_NATS_DUPLICATE_WINDOW"]
+    assert "no wildcards" in reasons["ALMANAC_NATS_SUBJECT_PREFIX"]
