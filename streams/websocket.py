@@ -16,20 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
 import msgspec
 import structlog
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
+from almanac.adapters.nats import NatsConnection
 from almanac.auth import Principal
 from almanac.errors import AlmanacError
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import WebSocketSettings
 from streams.envelope import encode_event
+from streams.relay import AGGREGATE_ID, EVENT_TYPE, OWNER, POSITION
 
 log = structlog.get_logger("almanac.websocket")
 
@@ -55,27 +61,29 @@ class LiveEvent(msgspec.Struct, frozen=True):
 
 
 def live_event(event: RecordedEvent) -> LiveEvent:
-    envelope = encode_event(event)
+    return event_frame(
+        event.position, event.type, str(event.aggregate_id), event.meta.owner, encode_event(event)
+    )
+
+
+def event_frame(
+    position: int, event_type: str, aggregate_id: str, owner: str, envelope: bytes
+) -> LiveEvent:
+    """The frame around an encoded envelope, built without decoding it again."""
     frame = b"".join(
         (
             b'{"type":"event","position":',
-            str(event.position).encode(),
+            str(position).encode(),
             b',"event_type":',
-            msgspec.json.encode(event.type),
-            b',"aggregate_id":"',
-            str(event.aggregate_id).encode(),
-            b'","payload":',
+            msgspec.json.encode(event_type),
+            b',"aggregate_id":',
+            msgspec.json.encode(aggregate_id),
+            b',"payload":',
             envelope,
             b"}",
         )
     )
-    return LiveEvent(
-        position=event.position,
-        type=event.type,
-        aggregate_id=str(event.aggregate_id),
-        owner=event.meta.owner,
-        frame=frame.decode(),
-    )
+    return LiveEvent(position, event_type, aggregate_id, owner, frame.decode())
 
 
 # -- topics -------------------------------------------------------------------------------
@@ -159,17 +167,17 @@ class Listener:
 class LiveSource(Protocol):
     """Where the hub gets every event as it is stored, in order."""
 
-    def events(self, after: int) -> AsyncIterator[list[RecordedEvent]]: ...
+    def events(self, after: int) -> AsyncIterator[list[LiveEvent]]: ...
 
 
 class LogSource:
-    """Follows the event store's log (embedded, or a services API without NATS)."""
+    """Follows the event store's log (the embedded profile: one process, no NATS)."""
 
     def __init__(self, feed: EventFeed, batch_size: int = 500) -> None:
         self.feed = feed
         self.batch_size = batch_size
 
-    async def events(self, after: int) -> AsyncIterator[list[RecordedEvent]]:
+    async def events(self, after: int) -> AsyncIterator[list[LiveEvent]]:
         follower = self.feed.follow()
         position = after
         try:
@@ -177,9 +185,79 @@ class LogSource:
                 batch = await follower.next_batch(position, self.batch_size, timeout=1.0)
                 if batch:
                     position = batch[-1].position
-                    yield batch
+                    yield [live_event(event) for event in batch]
         finally:
             follower.close()
+
+
+class NatsSource:
+    """Reads the relay's stream (services): every API process gets every event through
+    NATS, whichever process took the command.
+
+    The first subscription starts at messages published shortly before the hub started (an
+    event stored after that is published after it, however far the relay lags); positions
+    up to ``after`` are dropped. A later one (after a failure) starts at the sequence after
+    the last message seen. The ordered consumer itself recovers from reconnects.
+    """
+
+    # NATS stamps messages with its own clock; this much skew is tolerated.
+    CLOCK_SKEW = timedelta(seconds=5)
+
+    def __init__(self, nats: NatsConnection, subject_prefix: str) -> None:
+        self.nats = nats
+        self.subject_prefix = subject_prefix
+        self._next_sequence: int | None = None
+        self._since = datetime.now(UTC) - self.CLOCK_SKEW
+
+    def _config(self) -> ConsumerConfig:
+        if self._next_sequence is not None:
+            return ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._next_sequence
+            )
+        return ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=self._since
+        )
+
+    async def events(self, after: int) -> AsyncIterator[list[LiveEvent]]:
+        client = await self.nats.connect()
+        js = client.jetstream()
+        for attempt in itertools.count():
+            try:
+                subscription = await js.subscribe(
+                    f"{self.subject_prefix}.>",
+                    ordered_consumer=True,
+                    config=self._config(),
+                    pending_msgs_limit=100_000,
+                )
+                break
+            except NotFoundError:
+                # The relay creates the stream; an API process may start first.
+                if attempt == 0:
+                    log.info("websocket.waiting_for_stream", subjects=f"{self.subject_prefix}.>")
+                await asyncio.sleep(0.2)
+        try:
+            while True:
+                messages = [await subscription.next_msg(timeout=None)]
+                # Whatever else has arrived goes out with it, in one pass over the listeners.
+                while len(messages) < 1000 and subscription.pending_msgs:
+                    messages.append(await subscription.next_msg(timeout=None))
+                self._next_sequence = messages[-1].metadata.sequence.stream + 1
+                batch = [self._live(message) for message in messages]
+                yield [event for event in batch if event.position > after]
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    @staticmethod
+    def _live(message: Any) -> LiveEvent:
+        headers = message.headers or {}
+        return event_frame(
+            int(headers.get(POSITION, 0)),
+            headers.get(EVENT_TYPE, ""),
+            headers.get(AGGREGATE_ID, ""),
+            headers.get(OWNER, ""),
+            message.data,
+        )
 
 
 class Hub:
@@ -235,7 +313,7 @@ class Hub:
                     return
                 for event in batch_task.result():
                     if event.position > self.position:
-                        self.publish(live_event(event))
+                        self.publish(event)
         finally:
             stop.cancel()
             await events.aclose()  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from streams.logfeed import LogFeed
 from streams.relay import Relay
-from streams.websocket import Hub, LogSource
+from streams.websocket import Hub, LiveSource, LogSource, NatsSource
 
 
 def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: Any) -> Container:
@@ -85,8 +85,14 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease=lease,
         settings=settings.projection,
     )
+    # Every API process sees every event: through NATS on services, from the log in-process.
+    live: LiveSource = (
+        NatsSource(nats, settings.relay.subject_prefix)
+        if nats is not None
+        else LogSource(feed, settings.feed.batch_size)
+    )
     background: dict[str, list[BackgroundRole]] = {
-        "api": [Hub(store, LogSource(feed, settings.feed.batch_size), settings.websocket)],
+        "api": [Hub(store, live, settings.websocket)],
         "worker": [worker],
         "projector": [projector],
     }

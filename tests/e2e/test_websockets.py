@@ -86,7 +86,8 @@ async def test_clients_see_only_their_own_owners_events_and_admins_see_all(
         bob_frames = await events_until(bob, generated)
     alice_id = alices.headers["location"].rsplit("/", 1)[1]
     bob_id = bobs.headers["location"].rsplit("/", 1)[1]
-    assert {f["aggregate_id"] for f in admin_frames} == {alice_id}
+    # Admins also see the key issuance of the test's set-up; of readings, alice's.
+    assert {f["aggregate_id"] for f in admin_frames if f["event_type"] in PROGRESS} == {alice_id}
     assert {f["aggregate_id"] for f in bob_frames} == {bob_id}, "nothing of alice's"
 
 
@@ -199,4 +200,6 @@ async def test_an_idle_connection_gets_heartbeats(settings: Settings) -> None:
     async with live_server(quick) as server, server.connect("/ws", server.alice) as socket:
         position = (json.loads(await socket.recv()))["position"]
         heartbeat = json.loads(await socket.recv())
-    assert heartbeat == {"type": "heartbeat", "position": position}
+    assert heartbeat["type"] == "heartbeat"
+    # The keys issued as the server started may be seen after the welcome.
+    assert heartbeat["position"] >= position

@@ -49,12 +49,13 @@ def role_env(settings: Settings, **extra: str) -> dict[str, str]:
 class RoleProcess:
     """One ``almanac serve --roles …`` process; its output goes to a file."""
 
-    def __init__(self, roles: str, env: dict[str, str], output: Path) -> None:
+    def __init__(self, roles: str, env: dict[str, str], output: Path, port: int = 0) -> None:
         self.roles = roles
+        self.port = port
         self.output_path = output
         with output.open("wb") as sink:
             self.popen = subprocess.Popen(
-                [*SERVE, "--roles", roles, "--port", "0"],
+                [*SERVE, "--roles", roles, "--port", str(port)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
@@ -116,9 +117,10 @@ class RoleProcesses:
         self.workdir = workdir
         self.started: list[RoleProcess] = []
 
-    def start(self, roles: str = "worker") -> RoleProcess:
+    def start(self, roles: str = "worker", port: int = 0) -> RoleProcess:
+        """``almanac serve --roles roles``; on ``port`` for a process clients talk to."""
         output = self.workdir / f"serve-{len(self.started) + 1}-{roles.replace(',', '-')}.log"
-        process = RoleProcess(roles, self.env, output)
+        process = RoleProcess(roles, self.env, output, port)
         self.started.append(process)
         return process
 
