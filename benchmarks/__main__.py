@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "rebuild": projections.run_rebuild,
     "lag": projections.run_lag,
     "websocket": websocket.run,
+    "connections": websocket.run_connections,
 }
 RESULTS = Path(__file__).parent / "results"
 

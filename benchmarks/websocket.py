@@ -241,3 +241,108 @@ def run(
         f"frames {figures['frames_received']:,} of {figures['frames_expected']:,}"
     )
     return result
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _broadcast(
+    base: str, ws: str, key: str, *, pid: int, connections: int, rounds: int
+) -> dict[str, Any]:
+    """Open ``connections`` sockets, then post ``rounds`` commands one at a time; for each,
+    the delay until every socket has its frame."""
+    idle_rss = _rss_mb(pid)
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{ws}/ws?topics=event:reading.requested"
+    sockets: list[Any] = []
+    opened_at = time.perf_counter()
+    for start in range(0, connections, 500):
+        chunk = await asyncio.gather(
+            *(
+                websockets.connect(url, additional_headers=headers, open_timeout=60)
+                for _ in range(min(500, connections - start))
+            )
+        )
+        sockets.extend(chunk)
+        print(f"   {len(sockets):,} connections open")
+    for socket in sockets:
+        await socket.recv()  # welcome
+    open_seconds = time.perf_counter() - opened_at
+    connected_rss = _rss_mb(pid)
+    delays: list[float] = []
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            response = await http.post("/api/v1/readings", json=BODY, headers=headers)
+            assert response.status_code == 202, response.text
+
+            async def one(socket: Any, t0: float = t0) -> float:
+                while True:
+                    frame = json.loads(await asyncio.wait_for(socket.recv(), 60))
+                    if frame["type"] == "event":
+                        return (time.perf_counter() - t0) * 1000
+
+            delays.extend(await asyncio.gather(*(one(s) for s in sockets)))
+    loaded_rss = _rss_mb(pid)
+    await asyncio.gather(*(s.close() for s in sockets))
+    return {
+        "connections": connections,
+        "open_seconds": open_seconds,
+        "rounds": rounds,
+        "broadcast": _percentiles(delays),
+        "rss_mb": {"idle": idle_rss, "connected": connected_rss, "after_broadcast": loaded_rss},
+    }
+
+
+def run_connections(
+    seconds: float = 5.0, profile: str = "services", connections: int = 10_000, rounds: int = 5
+) -> dict[str, Any]:
+    """10k connections on one API process: broadcast delay and the process's memory.
+    Target (DESIGN): broadcast p99 <= 100 ms, RSS <= 300 MB."""
+    del seconds  # bounded by the number of connections and rounds
+    result: dict[str, Any] = {"benchmark": "connections", "profile": profile}
+    name, url = _database()
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = _server_env(profile, url, Path(tmp))
+            key = _admin_key(env)
+            port = _free_port()
+            roles = "api,relay" if profile == "services" else "api"
+            server = subprocess.Popen(
+                [sys.executable, "-m", "almanac", "serve", "--roles", roles, "--port", str(port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            base = f"http://127.0.0.1:{port}"
+            asyncio.run(_wait_ready(base, server))
+            figures = asyncio.run(
+                _broadcast(
+                    base,
+                    f"ws://127.0.0.1:{port}",
+                    key,
+                    pid=server.pid,
+                    connections=connections,
+                    rounds=rounds,
+                )
+            )
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+        _drop(name)
+        _drop(f"{name}_read")
+    result.update(figures, target_broadcast_p99_ms=100, target_rss_mb=300)
+    b, rss = figures["broadcast"], figures["rss_mb"]
+    print(
+        f"{connections:,} connections (opened in {figures['open_seconds']:.1f} s): broadcast "
+        f"p50 {b['p50_ms']:.0f} ms, p99 {b['p99_ms']:.0f} ms (target 100; ratio "
+        f"{b['p99_ms'] / 100:.2f}); RSS idle {rss['idle']:.0f} MB, connected "
+        f"{rss['connected']:.0f} MB, after {rss['after_broadcast']:.0f} MB (target 300)"
+    )
+    return result
