@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 
 import msgspec
 
@@ -94,6 +93,13 @@ def _text(raw: msgspec.Raw) -> str:
     return bytes(raw).decode()
 
 
+def _at(timestamp: str) -> str:
+    """An event's timestamp as ``datetime.isoformat`` writes it, from the RFC 3339 text that
+    msgspec stored (the same digits, ``Z`` for UTC): a tenth of the cost of decoding the
+    datetime and formatting it again."""
+    return f"{timestamp[:-1]}+00:00" if timestamp[-1] == "Z" else timestamp
+
+
 # What this projection reads of each event: the stored JSON of birth, options, chart and text
 # goes into the read model as it is, never decoded into Structs and encoded again. (msgspec
 # encodes a Struct the same way every time, so these are the bytes a re-encoding would give.)
@@ -102,7 +108,7 @@ class _Owner(msgspec.Struct):
 
 
 class _Requested(msgspec.Struct):
-    timestamp: datetime
+    timestamp: str
     meta: _Owner
     birth: msgspec.Raw
     options: msgspec.Raw
@@ -111,7 +117,7 @@ class _Requested(msgspec.Struct):
 
 
 class _ChartCalculated(msgspec.Struct):
-    timestamp: datetime
+    timestamp: str
     chart: msgspec.Raw
 
 
@@ -120,12 +126,12 @@ class _ChartHash(msgspec.Struct):
 
 
 class _Generated(msgspec.Struct):
-    timestamp: datetime
+    timestamp: str
     text: msgspec.Raw
 
 
 class _Failed(msgspec.Struct):
-    timestamp: datetime
+    timestamp: str
     reason: str
 
 
@@ -155,7 +161,7 @@ class ReadingsProjection:
 
     def requested(self, event: RecordedEvent) -> list[Write]:
         e = event.view(_Requested)
-        at = e.timestamp.isoformat()
+        at = _at(e.timestamp)
         row = {
             "id": event.aggregate_key,
             "at": at,
@@ -171,7 +177,7 @@ class ReadingsProjection:
 
     def chart_calculated(self, event: RecordedEvent) -> list[Write]:
         e = event.view(_ChartCalculated)
-        at = e.timestamp.isoformat()
+        at = _at(e.timestamp)
         hash_ = _chart_hash.decode(e.chart).chart_hash
         chart = {"chart_hash": hash_, "chart": _text(e.chart), "at": at, "position": event.position}
         update = {"id": event.aggregate_key, "at": at, "position": event.position}
@@ -181,7 +187,7 @@ class ReadingsProjection:
         e = event.view(_Generated)
         row = {
             "id": event.aggregate_key,
-            "at": e.timestamp.isoformat(),
+            "at": _at(e.timestamp),
             "position": event.position,
             "text": _text(e.text),
         }
@@ -191,7 +197,7 @@ class ReadingsProjection:
         e = event.view(_Failed)
         row = {
             "id": event.aggregate_key,
-            "at": e.timestamp.isoformat(),
+            "at": _at(e.timestamp),
             "position": event.position,
             "reason": e.reason,
         }
@@ -212,7 +218,7 @@ class ReadingsProjection:
             topic = event.type
             if topic == _REQUESTED:
                 r = event.view(_Requested)
-                at = r.timestamp.isoformat()
+                at = _at(r.timestamp)
                 key = event.aggregate_key
                 fresh[key] = [
                     *(key, r.meta.owner, "requested", r.kind, r.label),
@@ -245,7 +251,7 @@ class ReadingsProjection:
         if event.type != _CHART_CALCULATED:
             return self._handlers[event.type](event)[-1]
         c = event.view(_ChartCalculated)
-        at = c.timestamp.isoformat()
+        at = _at(c.timestamp)
         hash_ = _chart_hash.decode(c.chart).chart_hash
         if hash_ not in charts:
             charts[hash_] = [hash_, _text(c.chart), at, event.position]
@@ -257,18 +263,18 @@ class ReadingsProjection:
         """Apply one event to the row of a reading requested in this run."""
         if event.type == _CHART_CALCULATED:
             c = event.view(_ChartCalculated)
-            at = c.timestamp.isoformat()
+            at = _at(c.timestamp)
             hash_ = _chart_hash.decode(c.chart).chart_hash
             if hash_ not in charts:
                 charts[hash_] = [hash_, _text(c.chart), at, event.position]
             row[_STATUS], row[_HAS_CHART], row[_CHART_HASH] = "chart_calculated", 1, hash_
         elif event.type == _GENERATED:
             g = event.view(_Generated)
-            at = g.timestamp.isoformat()
+            at = _at(g.timestamp)
             row[_STATUS], row[_TEXT] = "generated", _text(g.text)
         else:
             f = event.view(_Failed)
-            at = f.timestamp.isoformat()
+            at = _at(f.timestamp)
             row[_STATUS], row[_FAILURE] = "failed", f.reason
         row[_UPDATED_AT], row[_POSITION] = at, event.position
 
