@@ -33,7 +33,9 @@ SCHEMA: dict[Dialect, list[str]] = {
     # JSON documents (birth, options, chart, text) are kept as text, as msgspec encoded them:
     # they are only ever read back whole and decoded by msgspec, and Postgres parsing them
     # into JSONB on insert cost more than the rest of the row (a rebuild's inserts ran ~1.5x
-    # faster as text; measurements in benchmarks/README.md).
+    # faster as text; measurements in benchmarks/README.md). Rows of a few kB stay in the
+    # table uncompressed: pglz gained next to nothing on these documents and cost a quarter of
+    # the insert time.
     "postgres": [
         (
             "CREATE TABLE IF NOT EXISTS readings ("
@@ -42,6 +44,7 @@ SCHEMA: dict[Dialect, list[str]] = {
             " has_chart INTEGER NOT NULL DEFAULT 0, text TEXT, failure TEXT,"
             " created_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL,"
             " requested_position BIGINT NOT NULL, position BIGINT NOT NULL)"
+            " WITH (toast_tuple_target = 8160)"
         ),
         "CREATE INDEX IF NOT EXISTS readings_owner_order ON readings (owner, requested_position)",
         "CREATE INDEX IF NOT EXISTS readings_order ON readings (requested_position)",
@@ -49,6 +52,7 @@ SCHEMA: dict[Dialect, list[str]] = {
             "CREATE TABLE IF NOT EXISTS charts ("
             " chart_hash TEXT PRIMARY KEY, chart TEXT NOT NULL,"
             " calculated_at TIMESTAMPTZ NOT NULL, position BIGINT NOT NULL)"
+            " WITH (toast_tuple_target = 8160)"
         ),
     ],
 }
