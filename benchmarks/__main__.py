@@ -1,4 +1,4 @@
-"""``python -m benchmarks [NAME ...] [--seconds N] [--profile P]``: run benchmarks, save JSON."""
+"""``python -m benchmarks [NAME ...] [--seconds N] [--profile P] [--events N]``: run, save JSON."""
 
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ def main() -> None:
     parser.add_argument("names", nargs="*", default=list(BENCHMARKS), choices=[*BENCHMARKS, []])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     parser.add_argument("--profile", choices=["services", "embedded"], default="services")
+    parser.add_argument(
+        "--events", type=int, default=None, help="size of the seeded log (rebuild only)"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in args.names or list(BENCHMARKS):
         print(f"== {name} ({args.profile}, {args.seconds:g}s per measurement)")
-        result = BENCHMARKS[name](seconds=args.seconds, profile=args.profile)
+        sizes = {"events": args.events} if args.events and name == "rebuild" else {}
+        result = BENCHMARKS[name](seconds=args.seconds, profile=args.profile, **sizes)
         result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
         stamp = time.strftime("%Y%m%dT%H%M%S")
         path = RESULTS / f"{name}-{args.profile}-{stamp}.json"

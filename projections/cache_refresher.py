@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 import structlog
 
 from almanac.cache import ReadCache, chart_key, encode_entry, reading_key
@@ -18,6 +19,17 @@ log = structlog.get_logger("almanac.cache")
 READING_EVENTS = f"{Reading.TOPIC}."
 # The chart columns of SELECT_CHART, without its one-hash condition.
 _SELECT_CHARTS = SELECT_CHART.partition(" WHERE ")[0]
+
+
+# Only the chart's hash is needed: no chart is decoded whole to find it.
+class _ChartHash(msgspec.Struct):
+    chart_hash: str
+
+
+class _ChartCalculated(msgspec.Struct):
+    chart: _ChartHash
+
+
 # Parameters per IN list: well below every engine's limit on bound parameters.
 CHUNK = 500
 
@@ -49,9 +61,9 @@ class CacheRefresher:
         readings, charts = set(self._pending_readings), set(self._pending_charts)
         for event in events:
             if event.type.startswith(READING_EVENTS):
-                readings.add(str(event.aggregate_id))
+                readings.add(event.aggregate_key)
                 if event.type == Reading.ChartCalculated.TOPIC:
-                    charts.add(event.event.chart.chart_hash)
+                    charts.add(event.view(_ChartCalculated).chart.chart_hash)
         if not readings and not charts:
             return
         try:

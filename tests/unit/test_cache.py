@@ -32,11 +32,11 @@ from almanac.cache import (
 from almanac.domain.chart import ChartOptions
 from almanac.domain.reading import Reading
 from almanac.errors import Unavailable
-from almanac.eventstore import RecordedEvent
+from almanac.eventstore import MsgspecMapper, RecordedEvent
 from almanac.settings import CacheSettings
 from almanac.views import CachedReading, ReadingView
 from projections.cache_refresher import CacheRefresher
-from tests.factories import birth, meta
+from tests.factories import birth
 
 
 class FakeClock:
@@ -485,14 +485,14 @@ class _ChartCalculated:
 
 
 def recorded(event_type: str, event: Any = None, aggregate_id: Any = None) -> RecordedEvent:
+    """An event as the log returns it, with ``event`` (what the refresher reads) as its state."""
     return RecordedEvent(
         position=1,
         type=event_type,
-        aggregate_id=aggregate_id or uuid4(),
+        aggregate_key=str(aggregate_id or uuid4()),
         aggregate_version=1,
-        occurred_at=datetime.now(UTC),
-        meta=meta(),
-        event=event,
+        state=msgspec.json.encode(event or {}),
+        mapper=MsgspecMapper(),
     )
 
 
