@@ -151,7 +151,8 @@ class JetStreamWorkFeed:
             await self.open()
         try:
             messages = await self._subscription.fetch(limit, timeout=max(timeout, 0.01))
-        except nats.errors.TimeoutError:
+        except TimeoutError:
+            # Nothing came (nats-py raises its own subclass, or asyncio's, depending on when).
             return []
         except Exception:
             # Rebind on the next fetch: the consumer may have been deleted, say.

@@ -54,7 +54,8 @@ class Delivery(Protocol):
 
     @property
     def attempt(self) -> int:
-        """1 on the first delivery, more when the event comes again."""
+        """1 on the first delivery, more when the event comes again (the log's feed counts
+        within one run only: after a restart it starts again at 1)."""
         ...
 
     async def ack(self) -> None:
