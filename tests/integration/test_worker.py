@@ -10,7 +10,7 @@ from almanac.container import Container
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
 from almanac.domain.kinds import ReadingKind
-from almanac.errors import AlmanacError
+from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.settings import Settings
 from commands.worker import ReadingWorker
@@ -262,6 +262,35 @@ async def test_a_restarted_worker_resumes_after_its_saved_position(settings: Set
     assert len(log) == len(first_batch) + 1
     for events in log.values():
         assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
+
+
+class UnavailableOnceStore(EventStore):
+    """The event store, unavailable for the worker's first append (a reading with a chart)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.refused = 0
+
+    async def append(self, *aggregates: Any) -> int:
+        if not self.refused and any(getattr(a, "chart", None) is not None for a in aggregates):
+            self.refused += 1
+            raise Unavailable("the event store is restarting")
+        return await super().append(*aggregates)
+
+
+async def test_a_reading_the_store_refuses_for_a_moment_is_handed_back_and_completed(
+    settings: Settings,
+) -> None:
+    store = UnavailableOnceStore(settings)
+    generator = CountingGenerator()
+    async with running(settings, generator=generator, store=store) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert store.refused == 1
+    assert done.status == "generated"
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
 
 
 READINGS_TO_KILL = 300
