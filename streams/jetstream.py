@@ -21,6 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from almanac.adapters.nats import NatsConnection
 from almanac.domain.events import EventMeta
+from almanac.errors import Unavailable
 from almanac.feed import Delivery
 from almanac.settings import RelaySettings, WorkerSettings
 from streams.relay import (
@@ -125,12 +126,14 @@ class JetStreamWorkFeed:
         try:
             # Creates the durable consumer, or brings an existing one up to this config.
             info = await js.add_consumer(self.relay.stream, config)
-        except nats.js.errors.NotFoundError:
+        except nats.js.errors.NotFoundError as exc:
             # The relay creates the stream; a worker may well start first.
             if not self._waiting_logged:
                 log.info("workfeed.waiting_for_stream", stream=self.relay.stream)
                 self._waiting_logged = True
-            raise
+            raise Unavailable(
+                f"stream {self.relay.stream} does not exist yet (a relay creates it)"
+            ) from exc
         self._subscription = await js.pull_subscribe_bind(
             durable=self.worker.consumer, stream=self.relay.stream
         )
