@@ -22,11 +22,13 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import msgspec
+import stamina
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     InterfaceError,
+    InternalError,
     Mapper,
     Notification,
     OperationalError,
@@ -150,6 +152,24 @@ def application_env(settings: Settings) -> dict[str, str]:
         "POSTGRES_PRE_PING": "y",
         "POSTGRES_LOCK_TIMEOUT": "5",
     }
+
+
+def _schema_race(exc: Exception) -> bool:
+    """eventsourcing runs CREATE OR REPLACE FUNCTION whenever it opens a Postgres store, so of
+    processes starting together all but one may fail with "tuple concurrently updated"; the
+    function is in place by then, and a second try succeeds."""
+    return isinstance(exc, InternalError) and "concurrently updated" in str(exc)
+
+
+def open_application(env: dict[str, str]) -> AlmanacApplication:
+    # A retry context, not a decorated function: stamina logs a function's arguments, and
+    # these hold the database password.
+    for attempt in stamina.retry_context(
+        on=_schema_race, attempts=10, wait_initial=0.05, wait_max=1.0
+    ):
+        with attempt:
+            return AlmanacApplication(env=env)
+    raise AssertionError("unreachable: stamina re-raises the last failure")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -297,7 +317,7 @@ class EventStore:
     """The write side's only door to persistence, and the log that consumers follow."""
 
     def __init__(self, settings: Settings) -> None:
-        self.app = AlmanacApplication(env=application_env(settings))
+        self.app = open_application(application_env(settings))
         self._executor = ThreadPoolExecutor(
             max_workers=settings.store.pool_size, thread_name_prefix="almanac-store"
         )
