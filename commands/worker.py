@@ -1,14 +1,20 @@
 """The reading worker: a policy that turns ``reading.requested`` into a chart and a text.
 
-It follows the feed from its tracked position. Handling is idempotent (a settled reading is
-skipped, a half-done one continues from its chart) and appends are guarded by the
-aggregate's version, so a restart after a crash at any point completes every reading once.
+It takes ``reading.requested`` events from a work feed (``almanac.feed.WorkFeed``): on the
+services profile a JetStream consumer that every worker process shares, so the readings
+split among them; on the embedded profile the event store's log from a tracked position.
+A reading is acknowledged only once its events are appended, or it is found settled
+already; on a transient failure it is handed back, and a worker that dies leaves it to be
+delivered again. Handling is idempotent (a settled reading is skipped, a half-done one
+continues from its chart) and appends are guarded by the aggregate's version, so however
+often a reading is delivered, it is completed once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import stamina
 import structlog
@@ -17,8 +23,8 @@ from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import GenerationFailed, ReadingGenerator, ReadingText
 from almanac.domain.reading import Reading
 from almanac.errors import AlmanacError, Unavailable
-from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
-from almanac.feed import EventFeed
+from almanac.eventstore import ConcurrencyConflict, EventStore
+from almanac.feed import Delivery, EventRef, WorkFeed
 from almanac.settings import WorkerSettings
 
 log = structlog.get_logger("almanac.worker")
@@ -34,72 +40,146 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, Exception) and not isinstance(exc, AlmanacError)
 
 
+def redelivery_delay(attempt: int) -> float:
+    """Seconds before a reading handed back after ``attempt`` deliveries comes again: growing,
+    so that an outage is waited out rather than hammered."""
+    return min(0.1 * 2.0 ** min(attempt - 1, 10), 30.0)
+
+
 class ReadingWorker:
     name = "reading-worker"
 
     def __init__(
         self,
         store: EventStore,
-        feed: EventFeed,
+        feed: WorkFeed,
         generator: ReadingGenerator,
         settings: WorkerSettings,
         *,
         calculate: ChartCalculator = calculate_chart,
-        batch_size: int = 500,
     ) -> None:
         self.store = store
         self.feed = feed
         self.generator = generator
         self.settings = settings
         self.calculate = calculate
-        self.batch_size = batch_size
-        self.position = 0
-        self._limit = asyncio.Semaphore(settings.concurrency)
+        self.handled = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        follower = self.feed.follow()
         pause = 0.05
-        started = False
+        opened = False
         try:
             while not self._stopping.is_set():
                 try:
-                    if not started:
-                        self.position = await self.store.consumer_position(self.name)
-                        log.info("worker.started", worker=self.name, position=self.position)
-                        started = True
-                    events = await follower.next_batch(self.position, self.batch_size, 1.0)
-                    requested = [e for e in events if e.type == Reading.Requested.TOPIC]
-                    await asyncio.gather(*(self._handle(e) for e in requested))
-                    if events:
-                        await self.store.save_consumer_position(self.name, events[-1].position)
-                        self.position = events[-1].position
+                    if not opened:
+                        await self.feed.open()
+                        opened = True
+                        log.info(
+                            "worker.started", worker=self.name, consumer=self.settings.consumer
+                        )
+                    # Only as much work as there are free hands: what one worker does not
+                    # take stays with the feed for the others.
+                    free = self.settings.concurrency - len(self._in_flight)
+                    if free <= 0:
+                        await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    for delivery in await self.feed.fetch(free, timeout=1.0):
+                        task = asyncio.create_task(self._work_on(delivery))
+                        self._in_flight.add(task)
+                        task.add_done_callback(self._in_flight.discard)
                     pause = 0.05
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - retry the batch; handling is idempotent
-                    log.warning("worker.batch_failed", position=self.position, error=str(exc))
+                except Exception as exc:  # noqa: BLE001 - the worker outlives feed outages
+                    log.warning(
+                        "worker.feed_unavailable",
+                        worker=self.name,
+                        error=str(exc) or type(exc).__name__,
+                    )
                     await self._sleep(pause)
                     pause = min(pause * 2, 5.0)
         finally:
-            follower.close()
-            log.info("worker.stopped", worker=self.name, position=self.position)
-
-    async def _handle(self, event: RecordedEvent) -> None:
-        async with self._limit:
-            log_ = log.bind(
-                aggregate_id=str(event.aggregate_id),
-                position=event.position,
-                correlation_id=event.meta.correlation_id,
-            )
             try:
-                await self._process_until_settled(event)
-            except Unavailable:
-                raise
-            except AlmanacError as exc:
-                log_.warning("worker.reading_skipped", error=exc.detail)
+                # Finish what was taken; if shutdown runs out of patience and cancels, each
+                # unfinished reading is handed back on the way out.
+                if self._in_flight:
+                    await asyncio.gather(*self._in_flight, return_exceptions=True)
+            finally:
+                if opened:
+                    await self._close_feed()
+                log.info("worker.stopped", worker=self.name, handled=self.handled)
 
-    async def _process_until_settled(self, event: RecordedEvent) -> None:
+    async def _close_feed(self) -> None:
+        try:
+            await self.feed.close()
+        except Exception as exc:  # noqa: BLE001 - unacknowledged work comes back anyway
+            log.warning("worker.feed_close_failed", error=str(exc) or type(exc).__name__)
+
+    async def _work_on(self, delivery: Delivery) -> None:
+        event = delivery.event
+        log_ = log.bind(
+            aggregate_id=str(event.aggregate_id),
+            position=event.position,
+            correlation_id=event.meta.correlation_id,
+            attempt=delivery.attempt,
+        )
+        if delivery.attempt > 1:
+            log_.info("worker.redelivered")
+        keepalive = asyncio.create_task(self._keep_alive(delivery))
+        try:
+            if event.type == Reading.Requested.TOPIC:
+                await self._handle(event)
+        except asyncio.CancelledError:
+            # Hand it back now rather than after the ack wait.
+            await self._answer(delivery.nak(), log_, "worker.nak_failed")
+            raise
+        except Exception as exc:  # transient: the reading comes back later
+            max_deliver = self.settings.max_deliver
+            if max_deliver != -1 and delivery.attempt >= max_deliver:
+                log_.exception("worker.reading_abandoned", error=str(exc) or type(exc).__name__)
+            else:
+                log_.warning("worker.reading_deferred", error=str(exc) or type(exc).__name__)
+            await self._answer(
+                delivery.nak(delay=redelivery_delay(delivery.attempt)), log_, "worker.nak_failed"
+            )
+            return
+        finally:
+            keepalive.cancel()
+        self.handled += 1
+        # A lost ack costs only a redelivery, found settled and skipped.
+        await self._answer(delivery.ack(), log_, "worker.ack_failed")
+
+    @staticmethod
+    async def _answer(answer: Awaitable[None], log_: Any, failed: str) -> None:
+        try:
+            await answer
+        except Exception as exc:  # noqa: BLE001 - the feed delivers the reading again anyway
+            log_.warning(failed, error=str(exc) or type(exc).__name__)
+
+    async def _keep_alive(self, delivery: Delivery) -> None:
+        """Restart the ack wait while a slow reading (a generator retrying) is worked on, so
+        it does not go to a second worker meanwhile."""
+        while True:
+            await asyncio.sleep(self.settings.ack_wait / 3)
+            try:
+                await delivery.in_progress()
+            except Exception as exc:  # noqa: BLE001 - at worst the reading is delivered again
+                log.warning("worker.keepalive_failed", error=str(exc) or type(exc).__name__)
+
+    async def _handle(self, event: EventRef) -> None:
+        """Settle the reading; raises only on a transient failure (try again later)."""
+        try:
+            await self._process_until_settled(event)
+        except Unavailable:
+            raise
+        except AlmanacError as exc:
+            log.warning(
+                "worker.reading_skipped", aggregate_id=str(event.aggregate_id), error=exc.detail
+            )
+
+    async def _process_until_settled(self, event: EventRef) -> None:
         """Another worker may move the same reading on meanwhile (a conflict on append): reload
         and carry on from wherever it got, so the reading is never left half-done."""
         for _ in range(5):
@@ -111,7 +191,7 @@ class ReadingWorker:
             return
         raise ConcurrencyConflict(f"reading {event.aggregate_id} kept changing under the worker")
 
-    async def process(self, event: RecordedEvent) -> None:
+    async def process(self, event: EventRef) -> None:
         reading = await self.store.load(Reading, event.aggregate_id)
         if reading is None or reading.settled:
             return

@@ -18,14 +18,18 @@ from almanac.auth import KeyRing
 from almanac.cache import ReadCache, TwoLevelCache
 from almanac.container import ROLES, BackgroundRole, Container
 from almanac.domain.interpretation import BuiltinGenerator, ReadingGenerator
+from almanac.domain.reading import Reading
 from almanac.eventstore import EventStore
+from almanac.feed import WorkFeed
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
 from almanac.settings import Profile, Settings
 from commands.worker import ReadingWorker
 from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
+from streams.jetstream import JetStreamWorkFeed
 from streams.logfeed import LogFeed
+from streams.logwork import LogWorkFeed
 from streams.relay import Relay
 from streams.websocket import Hub, LiveSource, LogSource, NatsSource
 
@@ -67,14 +71,20 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     watch = PositionWatch(lambda name: projection_position(read_db, name))
     generator: ReadingGenerator = overrides.get("generator") or BuiltinGenerator()
     worker_kwargs = {"calculate": overrides["calculate"]} if "calculate" in overrides else {}
-    worker = ReadingWorker(
-        store,
-        feed,
-        generator,
-        settings.worker,
-        batch_size=settings.feed.batch_size,
-        **worker_kwargs,
+    # Workers share the readings out through JetStream when there is one; else each follows
+    # the log itself.
+    work: WorkFeed = overrides.get("work_feed") or (
+        JetStreamWorkFeed(nats, settings.relay, settings.worker, event_type=Reading.Requested.TOPIC)
+        if nats is not None
+        else LogWorkFeed(
+            store,
+            feed,
+            settings.worker,
+            event_type=Reading.Requested.TOPIC,
+            batch_size=settings.feed.batch_size,
+        )
     )
+    worker = ReadingWorker(store, work, generator, settings.worker, **worker_kwargs)
     projector = ProjectionRunner(
         overrides.get("readings_projection") or ReadingsProjection(),
         feed,

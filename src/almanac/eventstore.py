@@ -23,11 +23,13 @@ from uuid import UUID
 
 import msgspec
 import psycopg
+import stamina
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     InterfaceError,
+    InternalError,
     Mapper,
     OperationalError,
     RecordConflictError,
@@ -153,6 +155,24 @@ def application_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def _schema_race(exc: Exception) -> bool:
+    """eventsourcing runs CREATE OR REPLACE FUNCTION whenever it opens a Postgres store, so of
+    processes starting together all but one may fail with "tuple concurrently updated"; the
+    function is in place by then, and a second try succeeds."""
+    return isinstance(exc, InternalError) and "concurrently updated" in str(exc)
+
+
+def open_application(env: dict[str, str]) -> AlmanacApplication:
+    # A retry context, not a decorated function: stamina logs a function's arguments, and
+    # these hold the database password.
+    for attempt in stamina.retry_context(
+        on=_schema_race, attempts=10, wait_initial=0.05, wait_max=1.0
+    ):
+        with attempt:
+            return AlmanacApplication(env=env)
+    raise AssertionError("unreachable: stamina re-raises the last failure")
+
+
 S = TypeVar("S")
 # One compiled decoder per view type: views are few and live as long as the process.
 _view_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
@@ -195,6 +215,20 @@ class RecordedEvent:
         self.state = state
         self._mapper = mapper
         self._event: Any = None
+
+    @classmethod
+    def of(cls, domain_event: Any, position: int) -> RecordedEvent:
+        """A domain event as the log would hand it over at ``position`` (tests, tools)."""
+        mapper = MsgspecMapper()
+        stored = mapper.to_stored_event(domain_event)
+        return cls(
+            position,
+            stored.topic,
+            str(stored.originator_id),
+            stored.originator_version,
+            stored.state,
+            mapper,
+        )
 
     def __repr__(self) -> str:
         return f"RecordedEvent({self.position}, {self.type!r}, {self.aggregate_key})"
@@ -369,7 +403,7 @@ class EventStore:
     """The write side's only door to persistence, and the log that consumers follow."""
 
     def __init__(self, settings: Settings) -> None:
-        self.app = AlmanacApplication(env=application_env(settings))
+        self.app = open_application(application_env(settings))
         self._executor = ThreadPoolExecutor(
             max_workers=settings.store.pool_size, thread_name_prefix="almanac-store"
         )

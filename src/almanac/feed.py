@@ -1,9 +1,12 @@
-"""The event-feed port: how consumers follow the global order of stored events."""
+"""The event-feed ports: how consumers follow the global order of stored events
+(``EventFeed``), and how competing workers share events out as work (``WorkFeed``)."""
 
 from __future__ import annotations
 
 from typing import Protocol
+from uuid import UUID
 
+from almanac.domain.events import EventMeta
 from almanac.eventstore import RecordedEvent
 
 
@@ -24,3 +27,68 @@ class EventFeed(Protocol):
     def follow(self) -> Follower: ...
 
     async def stop(self) -> None: ...
+
+
+class EventRef(Protocol):
+    """What a consumer of work needs of a stored event: a ``RecordedEvent`` has it, and so
+    do the headers of a message on the relay's stream."""
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def aggregate_id(self) -> UUID: ...
+
+    @property
+    def meta(self) -> EventMeta: ...
+
+
+class Delivery(Protocol):
+    """One event handed to one consumer, until that consumer acknowledges it."""
+
+    @property
+    def event(self) -> EventRef: ...
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, more when the event comes again (the log's feed counts
+        within one run only: after a restart it starts again at 1)."""
+        ...
+
+    async def ack(self) -> None:
+        """Done: the event is never delivered again."""
+        ...
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Not done: deliver the event again (to any consumer) after ``delay`` seconds."""
+        ...
+
+    async def in_progress(self) -> None:
+        """Still working on it: the ack wait starts again."""
+        ...
+
+
+class WorkFeed(Protocol):
+    """Events of one type shared out as work among competing consumers, at least once.
+
+    Each event goes to one consumer at a time; one that is neither acknowledged nor handed
+    back within the ack wait (its consumer died, say) is delivered again, as is one handed
+    back with ``nak``. A single consumer gets first deliveries in position order.
+    """
+
+    async def open(self) -> None:
+        """Connect and resume; raises if the feed is not available yet (try again later)."""
+        ...
+
+    async def fetch(self, limit: int, timeout: float) -> list[Delivery]:
+        """Up to ``limit`` deliveries; waits up to ``timeout`` seconds for the first one and
+        returns an empty list if none came."""
+        ...
+
+    async def close(self) -> None:
+        """Stop taking work; whatever is unacknowledged is delivered again, elsewhere or
+        after a restart."""
+        ...

@@ -112,8 +112,20 @@ class HttpSettings(msgspec.Struct, frozen=True):
 
 
 class WorkerSettings(msgspec.Struct, frozen=True):
+    """The reading worker, and the work feed it takes ``reading.requested`` from."""
+
     concurrency: int = 8
     attempts: int = 3
+    # The durable JetStream consumer every worker process shares (services), and the name
+    # of the worker's tracked position in the log (embedded).
+    consumer: str = "reading-worker"
+    # A reading handed to a worker and neither acknowledged nor handed back within this long
+    # goes to another worker: how soon the work of a killed worker is taken up.
+    ack_wait: float = 30.0
+    # Deliveries of one reading before it is given up on (-1: never). Each worker failure
+    # hands a reading back with a growing delay, so the default outlasts a long outage,
+    # yet a reading that kills every worker that takes it does not do so forever.
+    max_deliver: int = 100
 
 
 class LogSettings(msgspec.Struct, frozen=True):
@@ -194,6 +206,7 @@ def mask_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+_BLANKS = " \t\r\n\f\v"
 _SERVICE_VARS = ("ALMANAC_POSTGRES_URL", "ALMANAC_REDIS_URL", "ALMANAC_NATS_URL")
 _SCHEMES = {
     "ALMANAC_POSTGRES_URL": ("postgresql", "postgres"),
@@ -214,10 +227,13 @@ class _Reader:
 
     def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
         raw = self.env.get(name)
-        if raw is None or raw.strip() == "":
+        # Only ASCII blanks are trimmed: str.strip() would also eat control characters
+        # (``"0\x1f"`` would pass for a port), which int() and float() refuse.
+        value = None if raw is None else raw.strip(_BLANKS)
+        if not value:
             return default
         try:
-            return parse(raw.strip())
+            return parse(value)
         except ValueError as exc:
             self.problems.append((name, str(exc)))
             return default
@@ -327,10 +343,7 @@ class _Reader:
                 "ALMANAC_MIN_POSITION_TIMEOUT", _float_between(0, 60), 2.0
             ),
         )
-        worker = WorkerSettings(
-            concurrency=self.get("ALMANAC_WORKER_CONCURRENCY", _int_between(1, 1024), 8),
-            attempts=self.get("ALMANAC_WORKER_ATTEMPTS", _int_between(1, 100), 3),
-        )
+        worker = self.worker()
         log = LogSettings(
             level=self.get(
                 "ALMANAC_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"
@@ -360,6 +373,20 @@ class _Reader:
             access=access,
             websocket=websocket,
             relay=relay,
+        )
+
+    def worker(self) -> WorkerSettings:
+        default = WorkerSettings()
+        return WorkerSettings(
+            concurrency=self.get(
+                "ALMANAC_WORKER_CONCURRENCY", _int_between(1, 1024), default.concurrency
+            ),
+            attempts=self.get("ALMANAC_WORKER_ATTEMPTS", _int_between(1, 100), default.attempts),
+            consumer=self.get("ALMANAC_WORKER_CONSUMER", _consumer_name, default.consumer),
+            ack_wait=self.get(
+                "ALMANAC_WORKER_ACK_WAIT", _float_between(0.5, 86400), default.ack_wait
+            ),
+            max_deliver=self.get("ALMANAC_WORKER_MAX_DELIVER", _max_deliver, default.max_deliver),
         )
 
     def relay(self) -> RelaySettings:
@@ -455,6 +482,26 @@ def _subject_prefix(raw: str) -> str:
             f"(no wildcards), got {raw!r}"
         )
     return raw
+
+
+def _consumer_name(raw: str) -> str:
+    # JetStream durable names allow no dots, wildcards or spaces; the same rule keeps the
+    # tracking name on the embedded profile portable.
+    if not _STREAM_NAME.fullmatch(raw):
+        raise ValueError(
+            f"expected a consumer name (letters, digits, _ and -, at most 200), got {raw!r}"
+        )
+    return raw
+
+
+def _max_deliver(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a whole number of deliveries, got {raw!r}") from None
+    if value != -1 and not 1 <= value <= 1_000_000:
+        raise ValueError(f"expected -1 (no limit) or a number from 1 to 1000000, got {value}")
+    return value
 
 
 def _max_bytes(raw: str) -> int:

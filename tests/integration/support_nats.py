@@ -209,3 +209,19 @@ class PrivateNats:
     ) -> None:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             self._kill()
+
+
+async def consumer_backlog(url: str, stream: str, consumer: str) -> int | None:
+    """Messages a durable consumer has not had acknowledged yet (waiting or in flight);
+    ``None`` while NATS, the stream or the consumer is not there."""
+    try:
+        client = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
+    except (OSError, TimeoutError, nats.errors.Error):
+        return None
+    try:
+        info = await client.jetstream(timeout=2).consumer_info(stream, consumer)
+    except (OSError, TimeoutError, nats.errors.Error):
+        return None
+    finally:
+        await client.close()
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)

@@ -73,15 +73,19 @@ class RoleProcess:
     def output(self) -> str:
         return self.output_path.read_text(errors="replace")
 
-    def log_events(self) -> list[str]:
-        """The ``event`` names of the JSON log lines written so far, in order."""
-        names = []
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far, in order."""
+        records = []
         for line in self.output().splitlines():
             with contextlib.suppress(ValueError):
                 record: Any = json.loads(line)
                 if isinstance(record, dict) and "event" in record:
-                    names.append(str(record["event"]))
-        return names
+                    records.append(record)
+        return records
+
+    def log_events(self) -> list[str]:
+        """The ``event`` names of the JSON log lines written so far, in order."""
+        return [str(record["event"]) for record in self.log_records()]
 
     def ensure_running(self) -> None:
         """Fail with the process's output if it has ended."""

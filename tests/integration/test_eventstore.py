@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -104,3 +105,13 @@ async def test_consumer_positions_only_move_forward(store: EventStore) -> None:
     await store.save_consumer_position("c", 5)
     await store.save_consumer_position("c", 3)
     assert await store.consumer_position("c") == 5
+
+
+def test_stores_opened_at_once_on_one_database_all_open(settings: Settings) -> None:
+    """As processes starting together do: each (re)creates the schema as it opens."""
+    EventStore(settings).close()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stores = list(pool.map(lambda _: EventStore(settings), range(4)))
+    for opened in stores:
+        assert opened.max_position_sync() == 0
+        opened.close()

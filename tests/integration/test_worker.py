@@ -10,7 +10,7 @@ from almanac.container import Container
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
 from almanac.domain.kinds import ReadingKind
-from almanac.errors import AlmanacError
+from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.settings import Settings
 from commands.worker import ReadingWorker
@@ -25,6 +25,7 @@ from tests.integration.support_eventlog import (
     by_reading,
     whole_log,
 )
+from tests.integration.support_nats import consumer_backlog
 from tests.integration.support_processes import RoleProcesses
 from tests.integration.support_waiting import eventually, wait_until
 
@@ -228,6 +229,7 @@ async def test_a_settled_reading_is_skipped_when_its_request_is_seen_again(
 
 
 async def test_a_restarted_worker_resumes_after_its_saved_position(settings: Settings) -> None:
+    """Its tracked position in the log (embedded), its durable consumer (services)."""
     first_batch = [new_reading() for _ in range(8)]
     async with running(settings) as container:
         for reading in first_batch:
@@ -236,10 +238,15 @@ async def test_a_restarted_worker_resumes_after_its_saved_position(settings: Set
         store = container.store
 
         async def caught_up() -> bool:
-            saved = await store.consumer_position(ReadingWorker.name)
+            if settings.feed.nats_url is not None:
+                backlog = await consumer_backlog(
+                    settings.feed.nats_url, settings.relay.stream, settings.worker.consumer
+                )
+                return backlog == 0
+            saved = await store.consumer_position(settings.worker.consumer)
             return saved == await store.max_position()
 
-        await eventually(caught_up, what="the worker's saved position reaches the log's end")
+        await eventually(caught_up, what="the worker has acknowledged everything it was fed")
 
     generator = CountingGenerator()
     store = LoadRecordingStore(settings)
@@ -255,6 +262,35 @@ async def test_a_restarted_worker_resumes_after_its_saved_position(settings: Set
     assert len(log) == len(first_batch) + 1
     for events in log.values():
         assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
+
+
+class UnavailableOnceStore(EventStore):
+    """The event store, unavailable for the worker's first append (a reading with a chart)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.refused = 0
+
+    async def append(self, *aggregates: Any) -> int:
+        if not self.refused and any(getattr(a, "chart", None) is not None for a in aggregates):
+            self.refused += 1
+            raise Unavailable("the event store is restarting")
+        return await super().append(*aggregates)
+
+
+async def test_a_reading_the_store_refuses_for_a_moment_is_handed_back_and_completed(
+    settings: Settings,
+) -> None:
+    store = UnavailableOnceStore(settings)
+    generator = CountingGenerator()
+    async with running(settings, generator=generator, store=store) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert store.refused == 1
+    assert done.status == "generated"
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, GENERATED]
 
 
 READINGS_TO_KILL = 300
@@ -275,8 +311,11 @@ def test_a_worker_killed_mid_run_completes_every_reading_exactly_once_after_rest
             # and the saved position moves during it.
             ALMANAC_WORKER_CONCURRENCY="2",
             ALMANAC_FEED_BATCH_SIZE="40",
+            # What the killed worker had taken goes to the next one this soon (services).
+            ALMANAC_WORKER_ACK_WAIT="2",
         ) as processes:
-            first = processes.start("worker")
+            # On services the worker's feed is the relay's stream: a relay runs beside it.
+            first = processes.start("worker,relay")
 
             def some_generated() -> bool:
                 first.ensure_running()
@@ -287,7 +326,7 @@ def test_a_worker_killed_mid_run_completes_every_reading_exactly_once_after_rest
             at_kill = tally.count(GENERATED)
             assert at_kill < READINGS_TO_KILL, "the worker was not killed mid-run"
 
-            second = processes.start("worker")
+            second = processes.start("worker,relay")
 
             def all_generated() -> bool:
                 second.ensure_running()
@@ -312,7 +351,7 @@ def test_a_worker_killed_mid_run_completes_every_reading_exactly_once_after_rest
 
 def test_a_worker_process_exits_zero_after_sigterm(settings: Settings, tmp_path: Path) -> None:
     with RoleProcesses(settings, tmp_path) as processes:
-        worker = processes.start("worker")
+        worker = processes.start("worker,relay")
 
         def started() -> bool:
             worker.ensure_running()

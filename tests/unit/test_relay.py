@@ -25,15 +25,7 @@ SUBJECT_TOKEN = st.from_regex(r"[a-z0-9_-]+", fullmatch=True)
 
 def recorded(domain_event: Any, position: int) -> RecordedEvent:
     """A domain event as the event store hands it to the relay."""
-    return RecordedEvent(
-        position=position,
-        type=type(domain_event).TOPIC,
-        aggregate_id=domain_event.originator_id,
-        aggregate_version=domain_event.originator_version,
-        occurred_at=domain_event.timestamp,
-        meta=domain_event.meta,
-        event=domain_event,
-    )
+    return RecordedEvent.of(domain_event, position)
 
 
 @pytest.mark.parametrize(

@@ -232,7 +232,7 @@ def test_a_port_that_is_not_a_whole_number_is_refused(raw: str) -> None:
         pass
     else:
         reject()  # a number: the test above covers it
-    if not raw.strip():
+    if not raw.strip(" \t\r\n\f\v"):  # blank (ASCII): unset, so the default
         assert Settings.from_env({"ALMANAC_PORT": raw}).http.port == 8000
         return
     with pytest.raises(SettingsError) as caught:
@@ -312,3 +312,41 @@ def test_reports_every_bad_relay_variable_at_once() -> None:
     ]
     assert "ALMANAC_NATS_STREAM_MAX_AGE (60 s)" in reasons["ALMANAC_NATS_DUPLICATE_WINDOW"]
     assert "no wildcards" in reasons["ALMANAC_NATS_SUBJECT_PREFIX"]
+
+
+def test_the_worker_consumer_defaults_to_reading_worker() -> None:
+    worker = Settings.from_env(SERVICES_ENV).worker
+    assert worker.consumer == "reading-worker"
+    assert (worker.ack_wait, worker.max_deliver) == (30.0, 100)
+
+
+def test_the_worker_consumer_and_its_redelivery_are_configurable() -> None:
+    env = {
+        **SERVICES_ENV,
+        "ALMANAC_WORKER_CONSUMER": "readings_eu-1",
+        "ALMANAC_WORKER_ACK_WAIT": "2.5",
+        "ALMANAC_WORKER_MAX_DELIVER": "-1",
+    }
+    worker = Settings.from_env(env).worker
+    assert (worker.consumer, worker.ack_wait, worker.max_deliver) == ("readings_eu-1", 2.5, -1)
+
+
+def test_reports_every_bad_worker_variable_at_once() -> None:
+    env = {
+        **SERVICES_ENV,
+        "ALMANAC_WORKER_CONSUMER": "reading.worker",
+        "ALMANAC_WORKER_ACK_WAIT": "0",
+        "ALMANAC_WORKER_MAX_DELIVER": "0",
+        "ALMANAC_WORKER_CONCURRENCY": "lots",
+    }
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    reasons = dict(caught.value.problems)
+    assert sorted(reasons) == [
+        "ALMANAC_WORKER_ACK_WAIT",
+        "ALMANAC_WORKER_CONCURRENCY",
+        "ALMANAC_WORKER_CONSUMER",
+        "ALMANAC_WORKER_MAX_DELIVER",
+    ]
+    assert "consumer name" in reasons["ALMANAC_WORKER_CONSUMER"]
+    assert "-1 (no limit)" in reasons["ALMANAC_WORKER_MAX_DELIVER"]

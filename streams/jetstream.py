@@ -1,0 +1,187 @@
+"""The work feed on JetStream (services profile): a durable pull consumer of the relay's
+stream that competing workers share.
+
+Every worker process binds to the same durable consumer, filtered to the subject of one
+event type, so each message goes to one worker at a time. A message is acknowledged only
+once its work is done; one that is handed back (``nak``) or left unacknowledged past the
+ack wait, because its worker died, is delivered again, to whichever worker asks next, up
+to the consumer's max deliveries. The consumer is created, or updated to the configured
+settings, when a worker opens the feed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import nats.errors
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from almanac.adapters.nats import NatsConnection
+from almanac.domain.events import EventMeta
+from almanac.errors import Unavailable
+from almanac.feed import Delivery
+from almanac.settings import RelaySettings, WorkerSettings
+from streams.relay import (
+    AGGREGATE_ID,
+    CAUSATION_ID,
+    CORRELATION_ID,
+    EVENT_TYPE,
+    OWNER,
+    POSITION,
+    subject_for,
+)
+
+log = structlog.get_logger("almanac.jetstream")
+
+# How long a JetStream API call (creating the consumer, a synchronous ack) may take.
+API_TIMEOUT = 5.0
+
+
+class StreamEvent(msgspec.Struct, frozen=True):
+    """A stored event as its message's headers describe it (the worker reloads the rest)."""
+
+    position: int
+    type: str
+    aggregate_id: UUID
+    meta: EventMeta
+
+
+def event_of(headers: dict[str, str]) -> StreamEvent:
+    """The event a message of the relay's stream carries; ``ValueError`` if it is not one."""
+    try:
+        return StreamEvent(
+            position=int(headers[POSITION]),
+            type=headers[EVENT_TYPE],
+            aggregate_id=UUID(headers[AGGREGATE_ID]),
+            meta=EventMeta(headers[OWNER], headers[CORRELATION_ID], headers[CAUSATION_ID]),
+        )
+    except KeyError as exc:
+        raise ValueError(f"no {exc.args[0]} header") from None
+
+
+def consumer_config(
+    worker: WorkerSettings, relay: RelaySettings, event_type: str
+) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=worker.consumer,
+        description=f"Almanac workers: {event_type}",
+        # From the stream's first message: a request stored before any worker ran is work too.
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=worker.ack_wait,
+        max_deliver=worker.max_deliver,
+        filter_subject=subject_for(relay.subject_prefix, event_type),
+    )
+
+
+class JetStreamDelivery:
+    def __init__(self, message: Any, event: StreamEvent) -> None:
+        self._message = message
+        self._event = event
+
+    @property
+    def event(self) -> StreamEvent:
+        return self._event
+
+    @property
+    def attempt(self) -> int:
+        return int(self._message.metadata.num_delivered)
+
+    async def ack(self) -> None:
+        # Acknowledged by the server before the caller moves on: a lost ack would only
+        # mean a redelivery, but a confirmed one makes "done is never delivered again" firm.
+        await self._message.ack_sync(timeout=API_TIMEOUT)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        await self._message.nak(delay=delay or None)
+
+    async def in_progress(self) -> None:
+        await self._message.in_progress()
+
+
+class JetStreamWorkFeed:
+    def __init__(
+        self,
+        nats: NatsConnection,
+        relay: RelaySettings,
+        worker: WorkerSettings,
+        *,
+        event_type: str,
+    ) -> None:
+        self.nats = nats
+        self.relay = relay
+        self.worker = worker
+        self.event_type = event_type
+        self._client: Any = None
+        self._subscription: Any = None
+        self._waiting_logged = False
+
+    async def open(self) -> None:
+        client = await self.nats.connect()
+        js = client.jetstream(timeout=API_TIMEOUT)
+        config = consumer_config(self.worker, self.relay, self.event_type)
+        try:
+            # Creates the durable consumer, or brings an existing one up to this config.
+            info = await js.add_consumer(self.relay.stream, config)
+        except nats.js.errors.NotFoundError as exc:
+            # The relay creates the stream; a worker may well start first.
+            if not self._waiting_logged:
+                log.info("workfeed.waiting_for_stream", stream=self.relay.stream)
+                self._waiting_logged = True
+            raise Unavailable(
+                f"stream {self.relay.stream} does not exist yet (a relay creates it)"
+            ) from exc
+        self._subscription = await js.pull_subscribe_bind(
+            durable=self.worker.consumer, stream=self.relay.stream
+        )
+        self._client = client
+        log.info(
+            "workfeed.consumer_ready",
+            stream=self.relay.stream,
+            consumer=self.worker.consumer,
+            subject=config.filter_subject,
+            ack_wait=info.config.ack_wait,
+            max_deliver=info.config.max_deliver,
+            pending=info.num_pending,
+        )
+
+    async def fetch(self, limit: int, timeout: float) -> list[Delivery]:
+        if self._subscription is None or self._client is not await self.nats.connect():
+            # First use, or the connection was replaced: bind anew.
+            await self.open()
+        try:
+            messages = await self._subscription.fetch(limit, timeout=max(timeout, 0.01))
+        except TimeoutError:
+            # Nothing came (nats-py raises its own subclass, or asyncio's, depending on when).
+            return []
+        except Exception:
+            # Rebind on the next fetch: the consumer may have been deleted, say.
+            self._subscription = None
+            raise
+        deliveries: list[Delivery] = []
+        for message in messages:
+            try:
+                event = event_of(dict(message.headers or {}))
+            except ValueError as exc:
+                # Not the relay's (the relay is the stream's only publisher): never work.
+                log.exception(
+                    "workfeed.message_refused",
+                    subject=message.subject,
+                    sequence=message.metadata.sequence.stream,
+                    error=str(exc),
+                )
+                await message.term()
+                continue
+            deliveries.append(JetStreamDelivery(message, event))
+        return deliveries
+
+    async def close(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            try:
+                await subscription.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - closing must not fail the shutdown
+                log.warning("workfeed.unsubscribe_failed", error=str(exc))

@@ -1,0 +1,282 @@
+"""The WorkFeed contract, run against each implementation: the event store's log with a
+tracked position (embedded) and a JetStream durable pull consumer (services).
+
+Each ``open_feed()`` is a consumer of its own, as in another worker process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import pytest
+
+from almanac.adapters.nats import NatsConnection
+from almanac.domain.chart import calculate_chart
+from almanac.eventstore import EventStore
+from almanac.feed import Delivery, WorkFeed
+from almanac.settings import Settings, WorkerSettings
+from streams.jetstream import JetStreamWorkFeed
+from streams.logfeed import LogFeed
+from streams.logwork import LogWorkFeed
+from tests.conftest import embedded_settings, services_settings
+from tests.factories import birth, new_reading
+from tests.integration.support_containers import running
+from tests.integration.support_eventlog import REQUESTED
+from tests.integration.support_waiting import eventually
+
+# Short, so that what is left unanswered comes back within a test's patience.
+ACK_WAIT = 1.0
+WORKER = WorkerSettings(ack_wait=ACK_WAIT, max_deliver=-1)
+
+
+class Source(Protocol):
+    store: EventStore
+
+    async def open_feed(self, worker: WorkerSettings = WORKER) -> WorkFeed: ...
+
+
+async def request(store: EventStore, count: int) -> list[int]:
+    """Append ``count`` requested readings, each followed by an event of another type (which
+    no feed of ``reading.requested`` may deliver); return the requests' positions."""
+    positions = []
+    for _ in range(count):
+        reading = new_reading()
+        meta = reading.pending_events[0].meta
+        requested = await store.append(reading)
+        reading.record_chart(calculate_chart(birth()), meta.caused_by(requested))
+        await store.append(reading)
+        positions.append(requested)
+    return positions
+
+
+async def take(
+    feed: WorkFeed, count: int, *, ack: bool = True, within: float = 20
+) -> list[Delivery]:
+    """Fetch until ``count`` deliveries came (acknowledging each, unless told not to)."""
+    got: list[Delivery] = []
+
+    async def enough() -> bool:
+        for delivery in await feed.fetch(count - len(got), timeout=0.2):
+            got.append(delivery)
+            if ack:
+                await delivery.ack()
+        return len(got) >= count
+
+    await eventually(enough, within=within, what=f"{count} deliveries")
+    return got
+
+
+async def everything_within(feed: WorkFeed, seconds: float) -> list[Delivery]:
+    """Every delivery in the next ``seconds`` (acknowledged), for "nothing else comes"."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / 0.1) + 2):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        for delivery in await feed.fetch(10, timeout=min(remaining, 0.5)):
+            got.append(delivery)
+            await delivery.ack()
+    return got
+
+
+def positions_of(deliveries: list[Delivery]) -> list[int]:
+    return [d.event.position for d in deliveries]
+
+
+class WorkFeedContract:
+    @pytest.fixture
+    def source(self) -> Source:
+        raise NotImplementedError
+
+    async def test_delivers_every_event_of_its_type_and_no_other(self, source: Source) -> None:
+        requested = await request(source.store, 12)
+        feed = await source.open_feed()
+        got = await take(feed, 12)
+        assert sorted(positions_of(got)) == requested
+        assert {d.event.type for d in got} == {REQUESTED}
+        assert {d.attempt for d in got} == {1}
+        # Each delivery names its event as stored.
+        for delivery in got:
+            [stored] = await source.store.read(delivery.event.position - 1, 1)
+            assert delivery.event.aggregate_id == stored.aggregate_id
+            assert delivery.event.meta == stored.meta
+        await feed.close()
+
+    async def test_a_single_consumer_gets_first_deliveries_in_position_order(
+        self, source: Source
+    ) -> None:
+        requested = await request(source.store, 15)
+        feed = await source.open_feed()
+        got = await take(feed, 15)
+        assert positions_of(got) == requested
+        await feed.close()
+
+    async def test_a_handed_back_event_is_delivered_again(self, source: Source) -> None:
+        [position] = await request(source.store, 1)
+        feed = await source.open_feed()
+        [first] = await take(feed, 1, ack=False)
+        await first.nak()
+        [again] = await take(feed, 1)
+        assert (again.event.position, again.attempt) == (position, 2)
+        await feed.close()
+
+    async def test_an_event_left_unanswered_is_delivered_again_after_the_ack_wait(
+        self, source: Source
+    ) -> None:
+        [position] = await request(source.store, 1)
+        feed = await source.open_feed()
+        started = time.monotonic()
+        await take(feed, 1, ack=False)
+        [again] = await take(feed, 1, within=ACK_WAIT + 20)
+        assert time.monotonic() - started >= ACK_WAIT * 0.9
+        assert (again.event.position, again.attempt) == (position, 2)
+        await feed.close()
+
+    async def test_what_a_closed_consumer_left_unacknowledged_goes_to_the_next(
+        self, source: Source
+    ) -> None:
+        requested = await request(source.store, 5)
+        first = await source.open_feed()
+        got = await take(first, 5, ack=False)
+        for delivery in got[:2]:
+            await delivery.ack()
+        await first.close()
+        second = await source.open_feed()
+        again = await take(second, 3, within=ACK_WAIT + 20)
+        assert sorted(positions_of(again)) == requested[2:]
+        await second.close()
+
+    async def test_an_event_is_delivered_at_most_max_deliver_times(self, source: Source) -> None:
+        await request(source.store, 1)
+        feed = await source.open_feed(msgspec.structs.replace(WORKER, max_deliver=2))
+        [first] = await take(feed, 1, ack=False)
+        await first.nak()
+        [second] = await take(feed, 1, ack=False)
+        assert second.attempt == 2
+        await second.nak()
+        assert await everything_within(feed, ACK_WAIT * 2) == []
+        await feed.close()
+
+    async def test_acknowledged_events_are_not_delivered_again(self, source: Source) -> None:
+        await request(source.store, 6)
+        first = await source.open_feed()
+        await take(first, 6)
+        await first.close()
+        second = await source.open_feed()
+        [later] = await request(source.store, 1)
+        [next_one] = await take(second, 1)
+        assert next_one.event.position == later
+        assert await everything_within(second, ACK_WAIT * 2) == []
+        await second.close()
+
+
+class TestLogWorkFeed(WorkFeedContract):
+    @pytest.fixture
+    async def source(self, tmp_path: Path) -> AsyncIterator[Source]:
+        settings = embedded_settings(tmp_path / "var")
+        store = EventStore(settings)
+        log = LogFeed(store, poll_interval=0.05)
+        await log.start()
+        opened: list[WorkFeed] = []
+
+        class LogSource:
+            def __init__(self) -> None:
+                self.store = store
+
+            async def open_feed(self, worker: WorkerSettings = WORKER) -> WorkFeed:
+                # Small batches: the feed reads the log in several pages.
+                feed = LogWorkFeed(store, log, worker, event_type=REQUESTED, batch_size=4)
+                await feed.open()
+                opened.append(feed)
+                return feed
+
+        try:
+            yield LogSource()
+        finally:
+            for feed in opened:
+                await feed.close()
+            await log.stop()
+            store.close()
+
+
+class TestJetStreamWorkFeed(WorkFeedContract):
+    @pytest.fixture
+    async def source(self, postgres_url: str) -> AsyncIterator[Source]:
+        settings: Settings = services_settings(postgres_url)
+        assert settings.feed.nats_url is not None
+        url = settings.feed.nats_url
+        connections: list[NatsConnection] = []
+        opened: list[WorkFeed] = []
+
+        # The stream is fed as in production: by the relay, from the event store's log.
+        async with running(settings, roles=("relay",)) as container:
+
+            class JetStreamSource:
+                def __init__(self) -> None:
+                    self.store = container.store
+
+                async def open_feed(self, worker: WorkerSettings = WORKER) -> WorkFeed:
+                    # A connection of its own, as a worker process has.
+                    nats = NatsConnection(url)
+                    connections.append(nats)
+                    feed = JetStreamWorkFeed(nats, settings.relay, worker, event_type=REQUESTED)
+                    await opened_when_the_stream_exists(feed)
+                    opened.append(feed)
+                    return feed
+
+            try:
+                yield JetStreamSource()
+            finally:
+                for feed in opened:
+                    await feed.close()
+                for nats in connections:
+                    await nats.close()
+
+    async def test_competing_consumers_share_the_events_each_once(self, source: Source) -> None:
+        requested = await request(source.store, 40)
+        first, second = await source.open_feed(), await source.open_feed()
+        got: dict[str, list[Delivery]] = {"first": [], "second": []}
+
+        async def all_taken() -> bool:
+            # A few at a time, as a worker takes only what it has hands for.
+            for name, feed in (("first", first), ("second", second)):
+                for delivery in await feed.fetch(3, timeout=0.1):
+                    got[name].append(delivery)
+                    await delivery.ack()
+            return len(got["first"]) + len(got["second"]) >= len(requested)
+
+        await eventually(all_taken, what="every request taken by one consumer or the other")
+        firsts, seconds = set(positions_of(got["first"])), set(positions_of(got["second"]))
+        assert firsts and seconds, "both consumers got some of the work"
+        assert not firsts & seconds
+        assert sorted(firsts | seconds) == requested
+        assert await everything_within(first, ACK_WAIT * 2) == []
+
+    async def test_opening_updates_the_consumer_to_the_configured_settings(
+        self, source: Source
+    ) -> None:
+        first = await source.open_feed()
+        await first.close()
+        changed = msgspec.structs.replace(WORKER, ack_wait=7.0, max_deliver=4)
+        second: Any = await source.open_feed(changed)
+        client = await second.nats.connect()
+        info = await client.jetstream().consumer_info(second.relay.stream, changed.consumer)
+        assert (info.config.ack_wait, info.config.max_deliver) == (7.0, 4)
+
+
+async def opened_when_the_stream_exists(feed: WorkFeed) -> None:
+    """The relay creates the stream when it starts; until then, opening fails."""
+
+    async def opened() -> bool:
+        try:
+            await feed.open()
+        except Exception:  # noqa: BLE001 - not yet: the stream is still being created
+            return False
+        return True
+
+    await eventually(opened, within=30, what="the work feed opens on the relay's stream")
