@@ -27,9 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
+import nats.js.errors
 import websockets
 
 from benchmarks.appends import _database, _drop
+
+NATS_URL = "nats://127.0.0.1:4222"
 
 BODY = {
     "birth": {
@@ -45,15 +49,28 @@ BODY = {
 def _server_env(profile: str, url: str, data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALMANAC_")}
     if profile == "services":
+        # A stream of the run's own: a stream belongs to one event store.
+        run = url.rsplit("/", 1)[1]
         env.update(
             ALMANAC_POSTGRES_URL=url,
             ALMANAC_REDIS_URL="redis://127.0.0.1:6379/0",
-            ALMANAC_NATS_URL="nats://127.0.0.1:4222",
+            ALMANAC_NATS_URL=NATS_URL,
+            ALMANAC_NATS_STREAM=f"BENCH_{run}",
+            ALMANAC_NATS_SUBJECT_PREFIX=f"bench.{run}.events",
         )
     else:
         env["ALMANAC_DATA_DIR"] = str(data_dir)
     env.update(ALMANAC_LOG_LEVEL="WARNING", ALMANAC_BOOTSTRAP_ADMIN="0")
     return env
+
+
+async def _delete_stream(stream: str) -> None:
+    client = await nats.connect(NATS_URL, connect_timeout=2)
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await client.jetstream().delete_stream(stream)
+    finally:
+        await client.close()
 
 
 def _admin_key(env: dict[str, str]) -> str:
@@ -228,6 +245,7 @@ def run(
             server.wait(timeout=30)
         _drop(name)
         _drop(f"{name}_read")
+        asyncio.run(_delete_stream(f"BENCH_{name}"))
     result.update(figures, target_p50_ms=5, target_p99_ms=25)
     print(
         f"baseline POST round trip at {figures['baseline_http']['achieved_per_s']:,.0f}/s: "
@@ -337,6 +355,7 @@ def run_connections(
             server.wait(timeout=60)
         _drop(name)
         _drop(f"{name}_read")
+        asyncio.run(_delete_stream(f"BENCH_{name}"))
     result.update(figures, target_broadcast_p99_ms=100, target_rss_mb=300)
     b, rss = figures["broadcast"], figures["rss_mb"]
     print(

@@ -247,6 +247,15 @@ class Relay:
                     "publishing to its subjects?"
                 )
             in_stream = int(headers[POSITION])
+            head = await self.store.max_position()
+            if in_stream > head:
+                # Resuming "after" it would silently skip this store's first events.
+                raise RelayOutOfStep(
+                    f"stream {self.settings.stream} already holds position {in_stream}, but "
+                    f"this event store ends at {head}: the stream belongs to another event "
+                    "store (give each deployment its own ALMANAC_NATS_STREAM and "
+                    "ALMANAC_NATS_SUBJECT_PREFIX)"
+                )
         checkpoint = await self.store.consumer_position(self.name)
         self.sequence = state.last_seq
         if not in_stream:

@@ -19,7 +19,7 @@ from almanac.bootstrap import bootstrap
 from almanac.domain.access import hash_secret
 from almanac.eventstore import EventStore
 from almanac.settings import Profile, Settings
-from streams.relay import Relay, subject_for
+from streams.relay import Relay, RelayOutOfStep, subject_for
 from tests.conftest import NATS_URL, embedded_settings, services_settings
 from tests.factories import new_reading
 from tests.integration.support_containers import running, settled
@@ -322,3 +322,35 @@ async def test_a_restarted_nats_loses_and_duplicates_nothing(
 async def _logged(process: RoleProcess, event: str) -> bool:
     process.ensure_running()
     return event in process.log_events()
+
+
+async def test_a_stream_ahead_of_the_event_store_is_refused_not_skipped_over(
+    settings: Settings,
+) -> None:
+    """A stream left by another event store must not make the relay skip this one's events."""
+    container = bootstrap(settings, roles=("relay",))
+    [relay] = container.background["relay"]
+    assert isinstance(relay, Relay)
+    client = await nats.connect(NATS_URL, connect_timeout=2)
+    try:
+        js = client.jetstream()
+        await js.add_stream(
+            StreamConfig(
+                name=settings.relay.stream, subjects=[f"{settings.relay.subject_prefix}.>"]
+            )
+        )
+        await js.publish(
+            subject_for(settings.relay.subject_prefix, REQUESTED),
+            b"{}",
+            headers={"Almanac-Position": "100", "Nats-Msg-Id": "100"},
+        )
+        await container.store.append(new_reading())
+        with pytest.raises(RelayOutOfStep) as refused:
+            await relay._synchronise()
+        assert "another event store" in str(refused.value)
+        assert relay.position == 0
+    finally:
+        await client.close()
+        if container.nats is not None:
+            await container.nats.close()
+        container.store.close()
