@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +214,9 @@ async def _measure(
     }
 
 
-def run(
-    seconds: float = 10.0, profile: str = "services", rate: int = 1000, clients: int = 100
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"benchmark": "websocket", "profile": profile}
+@contextlib.contextmanager
+def _server(profile: str) -> Iterator[tuple[str, str, str, int]]:
+    """A server process on a fresh database and stream: (HTTP base, WS base, admin key, pid)."""
     name, url = _database()
     server: subprocess.Popen[bytes] | None = None
     try:
@@ -234,18 +234,22 @@ def run(
             )
             base = f"http://127.0.0.1:{port}"
             asyncio.run(_wait_ready(base, server))
-            figures = asyncio.run(
-                _measure(
-                    base, f"ws://127.0.0.1:{port}", key, rate=rate, seconds=seconds, clients=clients
-                )
-            )
+            yield base, f"ws://127.0.0.1:{port}", key, server.pid
     finally:
         if server is not None:
             server.terminate()
-            server.wait(timeout=30)
+            server.wait(timeout=60)
         _drop(name)
         _drop(f"{name}_read")
         asyncio.run(_delete_stream(f"BENCH_{name}"))
+
+
+def run(
+    seconds: float = 10.0, profile: str = "services", rate: int = 1000, clients: int = 100
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"benchmark": "websocket", "profile": profile}
+    with _server(profile) as (base, ws, key, _):
+        figures = asyncio.run(_measure(base, ws, key, rate=rate, seconds=seconds, clients=clients))
     result.update(figures, target_p50_ms=5, target_p99_ms=25)
     print(
         f"baseline POST round trip at {figures['baseline_http']['achieved_per_s']:,.0f}/s: "
@@ -323,39 +327,10 @@ def run_connections(
     Target (DESIGN): broadcast p99 <= 100 ms, RSS <= 300 MB."""
     del seconds  # bounded by the number of connections and rounds
     result: dict[str, Any] = {"benchmark": "connections", "profile": profile}
-    name, url = _database()
-    server: subprocess.Popen[bytes] | None = None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            env = _server_env(profile, url, Path(tmp))
-            key = _admin_key(env)
-            port = _free_port()
-            roles = "api,relay" if profile == "services" else "api"
-            server = subprocess.Popen(
-                [sys.executable, "-m", "almanac", "serve", "--roles", roles, "--port", str(port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            base = f"http://127.0.0.1:{port}"
-            asyncio.run(_wait_ready(base, server))
-            figures = asyncio.run(
-                _broadcast(
-                    base,
-                    f"ws://127.0.0.1:{port}",
-                    key,
-                    pid=server.pid,
-                    connections=connections,
-                    rounds=rounds,
-                )
-            )
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
-        _drop(name)
-        _drop(f"{name}_read")
-        asyncio.run(_delete_stream(f"BENCH_{name}"))
+    with _server(profile) as (base, ws, key, pid):
+        figures = asyncio.run(
+            _broadcast(base, ws, key, pid=pid, connections=connections, rounds=rounds)
+        )
     result.update(figures, target_broadcast_p99_ms=100, target_rss_mb=300)
     b, rss = figures["broadcast"], figures["rss_mb"]
     print(

@@ -19,6 +19,7 @@ from typing import Any
 import stamina
 import structlog
 
+from almanac.container import Stoppable
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import GenerationFailed, ReadingGenerator, ReadingText
 from almanac.domain.reading import Reading
@@ -46,7 +47,7 @@ def redelivery_delay(attempt: int) -> float:
     return min(0.1 * 2.0 ** min(attempt - 1, 10), 30.0)
 
 
-class ReadingWorker:
+class ReadingWorker(Stoppable):
     name = "reading-worker"
 
     def __init__(
@@ -65,7 +66,7 @@ class ReadingWorker:
         self.calculate = calculate
         self.handled = 0
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
+        super().__init__()
 
     async def run(self) -> None:
         pause = 0.05
@@ -237,12 +238,3 @@ class ReadingWorker:
             with attempt:
                 return await self.generator.generate(chart, reading.kind, reading.label)
         raise AssertionError("unreachable: stamina re-raises the last failure")
-
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return
-
-    def stop(self) -> None:
-        self._stopping.set()

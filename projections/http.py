@@ -89,37 +89,21 @@ async def get_projection_route(
 
 
 @post(
-    "/projections/{name:str}/parked/{position:int}/retry",
-    summary="Try a parked event again (admin)",
+    "/projections/{name:str}/parked/{position:int}/{action:str}",
+    summary="Retry a parked event (after a fix), or skip it and go on after it (admin)",
     tags=["admin"],
     status_code=202,
 )
-async def retry_parked_route(
+async def act_on_parked_route(
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
     name: FromPath[str],
     position: FromPath[int],
+    action: FromPath[Request],
 ) -> ParkedEvent:
     principal.require_admin()
     await get_projection(container, name)
-    return await request_for_parked(container.read_db, name, position, "retry")
-
-
-@post(
-    "/projections/{name:str}/parked/{position:int}/skip",
-    summary="Skip a parked event and go on after it (admin)",
-    tags=["admin"],
-    status_code=202,
-)
-async def skip_parked_route(
-    container: NamedDependency[Container],
-    principal: NamedDependency[Principal],
-    name: FromPath[str],
-    position: FromPath[int],
-) -> ParkedEvent:
-    principal.require_admin()
-    await get_projection(container, name)
-    return await request_for_parked(container.read_db, name, position, "skip")
+    return await request_for_parked(container.read_db, name, position, action)
 
 
 router = Router(
@@ -127,7 +111,6 @@ router = Router(
     route_handlers=[
         list_projections_route,
         get_projection_route,
-        retry_parked_route,
-        skip_parked_route,
+        act_on_parked_route,
     ],
 )

@@ -25,6 +25,7 @@ import stamina
 import structlog
 
 from almanac.adapters.leadership import Lease
+from almanac.container import Stoppable
 from almanac.eventstore import RecordedEvent
 from almanac.feed import EventFeed
 from almanac.readmodels import (
@@ -104,7 +105,7 @@ def coalesce(writes: list[Write]) -> list[Write]:
     return merged
 
 
-class ProjectionRunner:
+class ProjectionRunner(Stoppable):
     def __init__(
         self,
         projection: Projection,
@@ -130,7 +131,7 @@ class ProjectionRunner:
         self.position = 0
         self.state: State = "standby"
         self._detail: str | None = None
-        self._stopping = asyncio.Event()
+        super().__init__()
         self._last_beat = 0.0
 
     @property
@@ -424,12 +425,3 @@ class ProjectionRunner:
         )
         await self._enter("retrying", detail=repr(exc)[:500])
         await self._sleep(min(0.05 * 2 ** min(failures, 10), 5.0))
-
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return
-
-    def stop(self) -> None:
-        self._stopping.set()

@@ -34,6 +34,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from almanac.adapters.leadership import Lease
 from almanac.adapters.nats import NatsConnection
+from almanac.container import Stoppable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed, Follower
 from almanac.settings import RelaySettings
@@ -117,7 +118,7 @@ def _out_of_step(event: RecordedEvent, future: asyncio.Future[Any], want: int) -
     return None
 
 
-class Relay:
+class Relay(Stoppable):
     def __init__(
         self,
         store: EventStore,
@@ -144,7 +145,7 @@ class Relay:
         self._js: Any = None
         self._checkpointed = 0
         self._checkpointed_at = 0.0
-        self._stopping = asyncio.Event()
+        super().__init__()
 
     async def run(self) -> None:
         follower = self.feed.follow()
@@ -377,12 +378,3 @@ class Relay:
             return
         self._checkpointed = self.position
         self._checkpointed_at = now
-
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return
-
-    def stop(self) -> None:
-        self._stopping.set()

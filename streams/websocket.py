@@ -145,7 +145,9 @@ class Listener:
     # Frames at or below this position were already sent (or replayed): skip them.
     sent_through: int = 0
     queue: asyncio.Queue[LiveEvent] = field(default_factory=asyncio.Queue)
-    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+    overflowed: bool = False
+    # Ends the connection's session (it is then closed with the reason the session finds).
+    interrupt: Callable[[], None] = lambda: None
 
     def may_see(self, event: LiveEvent) -> bool:
         if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
@@ -156,10 +158,11 @@ class Listener:
         return any(topic.matches(event) for topic in self.topics) and self.may_see(event)
 
     def offer(self, event: LiveEvent) -> None:
-        if self.overflowed.is_set():
+        if self.overflowed:
             return
         if self.queue.qsize() >= self.queue_size:
-            self.overflowed.set()
+            self.overflowed = True
+            self.interrupt()
             return
         self.queue.put_nowait(event)
 
@@ -365,10 +368,13 @@ class Hub:
 
     def stop(self) -> None:
         self._stopping.set()
+        for listeners in (self._admins, *self._by_owner.values()):
+            for listener in tuple(listeners):
+                listener.interrupt()
 
     @property
-    def stopping(self) -> asyncio.Event:
-        return self._stopping
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
 
 # -- the protocol spoken on one connection --------------------------------------------------
@@ -464,12 +470,19 @@ class Session:
                 topics=sorted(map(str, listener.topics)),
             )
         )
+        # Two tasks a connection: overflow and shutdown end them through ``interrupt``.
         tasks = {
             asyncio.ensure_future(self._send(listener)),
             asyncio.ensure_future(self._receive(listener)),
-            asyncio.ensure_future(listener.overflowed.wait()),
-            asyncio.ensure_future(self.hub.stopping.wait()),
         }
+
+        def interrupt() -> None:
+            for task in tasks:
+                task.cancel()
+
+        listener.interrupt = interrupt
+        if self.hub.stopping:
+            interrupt()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -481,10 +494,10 @@ class Session:
         for task in done:
             if not task.cancelled() and isinstance(task.exception(), Closed):
                 raise task.exception()  # type: ignore[misc]
-        if listener.overflowed.is_set():
+        if listener.overflowed:
             log.warning("websocket.slow_consumer", owner=listener.principal.owner)
             raise Closed(CLOSE_SLOW_CONSUMER, "too far behind: reconnect with after=<position>")
-        if self.hub.stopping.is_set():
+        if self.hub.stopping:
             raise Closed(CLOSE_GOING_AWAY, "server shutting down: reconnect with after=<position>")
 
     async def _send(self, listener: Listener) -> None:
@@ -493,7 +506,9 @@ class Session:
         heartbeat = self.settings.heartbeat
         while True:
             try:
-                event = await asyncio.wait_for(listener.queue.get(), heartbeat)
+                # asyncio.timeout, not wait_for: no extra task per waiting connection.
+                async with asyncio.timeout(heartbeat):
+                    event = await listener.queue.get()
             except TimeoutError:
                 await self.socket.send_text(frame(type="heartbeat", position=self.hub.position))
                 continue

@@ -94,6 +94,14 @@ def serve(host: str | None, port: int | None, roles: str) -> None:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=20,
+            # WebSockets: no per-message deflate (its zlib state costs ~60 kB a connection,
+            # and frames are small); clients send at most small control messages; the hub's
+            # own heartbeats keep idle connections alive, so the server sends no pings.
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            ws_max_size=64 * 1024,
+            ws_max_queue=8,
+            ws_ping_interval=None,
         )
     )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler

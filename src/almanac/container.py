@@ -38,6 +38,20 @@ class BackgroundRole(Protocol):
     def stop(self) -> None: ...
 
 
+class Stoppable:
+    """A background role's stop signal, and pauses that end as soon as it is given."""
+
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
 class Preparable(Protocol):
     async def prepare(self) -> None: ...
 

@@ -61,6 +61,11 @@ async def test_unknown_projections_and_events_not_parked_are_404(api: Api) -> No
     assert not_parked.status_code == 404
     bad = await api.client.post("/api/v1/projections/readings/parked/zero/skip", headers=admin)
     assert bad.status_code in (400, 404)
+    unknown_action = await api.client.post(
+        "/api/v1/projections/readings/parked/5/explode", headers=admin
+    )
+    assert unknown_action.status_code == 422
+    assert "action" in unknown_action.text
 
 
 async def test_a_parked_event_is_shown_then_retried_and_skipped_over_http(
