@@ -15,6 +15,7 @@ when the holder dies. The active runner
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -133,6 +134,8 @@ class ProjectionRunner(Stoppable):
         self._detail: str | None = None
         super().__init__()
         self._last_beat = 0.0
+        self._hooks_backlog: list[list[RecordedEvent]] = []
+        self._hooks_task: asyncio.Task[None] | None = None
 
     @property
     def version(self) -> int:
@@ -218,6 +221,7 @@ class ProjectionRunner(Stoppable):
                     await self._enter("running")
         finally:
             follower.close()
+            await self._hooks_done()
             await self._enter("stopped")
 
     # -- committing ---------------------------------------------------------------------
@@ -275,7 +279,7 @@ class ProjectionRunner(Stoppable):
         )
         await self.db.write(coalesce(writes))
         self._committed(last)
-        await self._after_commit(events)
+        self._after_commit(events)
         log.debug(
             "projection.batch_committed",
             projection=self.projection.name,
@@ -287,17 +291,35 @@ class ProjectionRunner(Stoppable):
         self.position = position
         self.watch.announce(self.projection.name, position)
 
-    async def _after_commit(self, events: list[RecordedEvent]) -> None:
-        for hook in self.after_commit:
-            try:
-                await hook(events)
-            except Exception as exc:  # noqa: BLE001 - the batch is committed; a hook cannot undo it
-                log.warning(
-                    "projection.after_commit_failed",
-                    projection=self.projection.name,
-                    position=events[-1].position,
-                    error=repr(exc),
-                )
+    def _after_commit(self, events: list[RecordedEvent]) -> None:
+        """Hand the committed batch to the hooks, which run in order in a task of their own:
+        the next batch is not kept waiting for them (projection lag), and a backlog that
+        builds up while they run is handed over as one run."""
+        if not self.after_commit:
+            return
+        self._hooks_backlog.append(events)
+        if self._hooks_task is None or self._hooks_task.done():
+            self._hooks_task = asyncio.create_task(self._run_hooks())
+
+    async def _run_hooks(self) -> None:
+        while self._hooks_backlog:
+            events = [event for batch in self._hooks_backlog for event in batch]
+            self._hooks_backlog.clear()
+            for hook in self.after_commit:
+                try:
+                    await hook(events)
+                except Exception as exc:  # noqa: BLE001 - the batch is committed; a hook cannot undo it
+                    log.warning(
+                        "projection.after_commit_failed",
+                        projection=self.projection.name,
+                        position=events[-1].position,
+                        error=repr(exc),
+                    )
+
+    async def _hooks_done(self) -> None:
+        if self._hooks_task is not None:
+            with contextlib.suppress(Exception):
+                await self._hooks_task
 
     async def _database_answers(self) -> bool:
         try:
