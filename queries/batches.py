@@ -78,15 +78,15 @@ _SELECT_ITEMS = (
 CSV_COLUMNS = ("index", "status", "reading_id", "kind", "label", "attempt", "reason", "updated_at")
 
 
-def _time(value: Any) -> datetime:
+def parse_time(value: Any) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 def batch_from_row(row: Row) -> BatchView:
     total, succeeded, failed = int(row["total"]), int(row["succeeded"]), int(row["failed"])
     settled = succeeded + failed
-    created, updated = _time(row["created_at"]), _time(row["updated_at"])
-    finished = _time(row["finished_at"]) if row["finished_at"] is not None else None
+    created, updated = parse_time(row["created_at"]), parse_time(row["updated_at"])
+    finished = parse_time(row["finished_at"]) if row["finished_at"] is not None else None
     elapsed = (updated - created).total_seconds()
     throughput = settled / elapsed if settled and elapsed > 0 else None
     pending = total - settled
@@ -119,7 +119,7 @@ def _item(row: Row) -> ItemResult:
         label=row["label"],
         attempt=int(row["attempt"]),
         reason=row["reason"],
-        updated_at=_time(row["updated_at"]),
+        updated_at=parse_time(row["updated_at"]),
     )
 
 

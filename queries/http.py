@@ -31,6 +31,7 @@ from queries.batches import (
 )
 from queries.charts import get_chart
 from queries.fields import parse_fields, select
+from queries.jobs import JobKind, JobPage, JobState, JobView, get_job, list_jobs
 from queries.readings import (
     MAX_PAGE,
     Kind,
@@ -267,8 +268,46 @@ async def batch_results_route(
     )
 
 
+@get("/jobs/{job_id:uuid}", summary="Get a background job", tags=["jobs"])
+async def get_job_route(
+    job_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> JobView:
+    return await get_job(job_id, db=container.read_db, principal=principal)
+
+
+@get(
+    "/jobs",
+    summary="List background jobs, newest first",
+    description="The owner's reading generations and batches (an admin's: everyone's).",
+    tags=["jobs"],
+)
+async def list_jobs_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    kind: FromQuery[JobKind | None] = None,
+    # ``state`` is Litestar's own name for app state, so the parameter is spelled apart.
+    job_state: Annotated[JobState | None, QueryParameter(query="state")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+) -> JobPage:
+    return await list_jobs(
+        db=container.read_db,
+        principal=principal,
+        kind=kind,
+        state=job_state,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
 # Mounted under /api/v1 by almanac.app together with the command side's handlers.
 handlers = [
+    get_job_route,
+    list_jobs_route,
     get_reading_route,
     list_readings_route,
     get_chart_route,

@@ -276,3 +276,66 @@ async def test_retry_failed_runs_only_the_failed_items_again(settings: Settings)
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class SlowGenerator(BuiltinGenerator):
+    async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
+        await asyncio.sleep(0.02)
+        return await super().generate(chart, kind, label)
+
+
+async def test_one_owners_big_batch_does_not_starve_anothers_reading(settings: Settings) -> None:
+    async with serving(with_window(settings, 8), generator=SlowGenerator()) as api:
+        response = await post_batch(api, api.alice, {"items": items(400)})
+        location = response.headers["location"]
+        await eventually(
+            lambda: _started(api, location), what="the batch got going before the reading"
+        )
+        single = await api.post_reading(api.bob, {"birth": birth_json()})
+        await api.wait_for_status(api.bob, single, {"generated"})
+        batch = (await api.client.get(location, headers=api.auth(api.alice))).json()
+        assert batch["status"] == "running" and batch["pending"] > 200, batch
+
+
+async def _started(api: Api, location: str) -> bool:
+    got = await api.client.get(location, headers=api.auth(api.alice))
+    return got.status_code == 200 and got.json()["succeeded"] > 0
+
+
+async def test_jobs_view_covers_readings_and_batches(api: Api) -> None:
+    reading = await api.post_reading(api.alice, {"birth": birth_json()})
+    batch = await post_batch(api, api.alice, {"items": items(3)})
+    await api.post_reading(api.bob, {"birth": birth_json()})
+    await wait_for_batch(api, api.alice, batch.headers["location"], {"completed"})
+    await api.wait_for_status(api.alice, reading, {"generated"})
+
+    mine = (await api.client.get("/api/v1/jobs", headers=api.auth(api.alice))).json()["data"]
+    batch_id, reading_id = batch.json()["id"], reading.json()["id"]
+    assert [(j["id"], j["kind"]) for j in mine if j["id"] in {batch_id, reading_id}] == [
+        (batch_id, "batch"),
+        (reading_id, "reading"),
+    ]
+    # The batch's items are readings too, and jobs of their own.
+    assert len(mine) == 5
+    job = (await api.client.get(f"/api/v1/jobs/{batch_id}", headers=api.auth(api.alice))).json()
+    assert (job["kind"], job["state"], job["progress"]) == ("batch", "succeeded", 100.0)
+    assert job["location"] == f"/api/v1/batches/{batch_id}"
+    hidden = await api.client.get(f"/api/v1/jobs/{batch_id}", headers=api.auth(api.bob))
+    assert hidden.status_code == 404
+
+    everyone = await api.client.get(
+        "/api/v1/jobs", params={"kind": "reading", "limit": 2}, headers=api.auth(api.admin)
+    )
+    page = everyone.json()
+    assert len(page["data"]) == 2 and page["has_more"]
+    assert {j["kind"] for j in page["data"]} == {"reading"}
+    rest = await api.client.get(
+        "/api/v1/jobs",
+        params={"kind": "reading", "cursor": page["next_cursor"]},
+        headers=api.auth(api.admin),
+    )
+    assert len(page["data"]) + len(rest.json()["data"]) == 5
+    succeeded = await api.client.get(
+        "/api/v1/jobs", params={"kind": "batch", "state": "succeeded"}, headers=api.auth(api.alice)
+    )
+    assert [j["id"] for j in succeeded.json()["data"]] == [batch_id]
