@@ -390,6 +390,11 @@ def frame(**fields: object) -> str:
     return _encode(fields).decode()
 
 
+PROGRESS = "progress"
+# Reports on something running (a batch): its fields as a frame, or None once it has ended.
+Progress = Callable[[Principal], Awaitable[dict[str, object] | None]]
+
+
 class Socket(Protocol):
     """What a session needs of a WebSocket (Litestar's, in the app)."""
 
@@ -422,6 +427,9 @@ class Session:
     after: int | None = None
     key: str | None = None
     listener: Listener | None = None
+    # Sent as a ``progress`` frame every ``progress_interval`` seconds while it reports.
+    progress: Progress | None = None
+    progress_interval: float = 1.0
 
     async def run(self) -> None:
         try:
@@ -470,6 +478,8 @@ class Session:
             asyncio.ensure_future(listener.overflowed.wait()),
             asyncio.ensure_future(self.hub.stopping.wait()),
         }
+        if self.progress is not None:
+            tasks.add(asyncio.ensure_future(self._report(listener, self.progress)))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -497,11 +507,29 @@ class Session:
             except TimeoutError:
                 await self.socket.send_text(frame(type="heartbeat", position=self.hub.position))
                 continue
+            if event.type == PROGRESS:  # not an event: no position of its own to track
+                await self.socket.send_text(event.frame)
+                continue
             if event.position <= listener.sent_through:
                 continue
             await self.socket.send_text(event.frame)
             listener.sent_through = event.position
             self.hub.sent += 1
+
+    async def _report(self, listener: Listener, progress: Progress) -> None:
+        """Queue a progress frame every interval until the report ends, then the last one;
+        the frames go out in turn with the events, never interleaved mid-frame."""
+        owner = listener.principal.owner
+        while True:
+            fields = await progress(listener.principal)
+            if fields is None:
+                break
+            fields = {"type": PROGRESS, "position": self.hub.position, **fields}
+            listener.offer(LiveEvent(0, PROGRESS, "", owner, frame(**fields)))
+            if fields.get("status") in {"completed", "cancelled"}:
+                break
+            await asyncio.sleep(self.progress_interval)
+        await asyncio.Event().wait()  # the connection stays open for events
 
     async def _replay(self, listener: Listener, after: int) -> None:
         until = await self.hub.store.max_position()
