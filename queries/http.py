@@ -288,7 +288,7 @@ async def list_jobs_route(
     principal: NamedDependency[Principal],
     kind: FromQuery[JobKind | None] = None,
     # ``state`` is Litestar's own name for app state, so the parameter is spelled apart.
-    job_state: Annotated[JobState | None, QueryParameter(query="state")] = None,
+    job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
     cursor: Annotated[
         str | None, QueryParameter(description="`next_cursor` of the previous page.")

@@ -427,9 +427,10 @@ class Session:
     after: int | None = None
     key: str | None = None
     listener: Listener | None = None
-    # Sent as a ``progress`` frame every ``progress_interval`` seconds while it reports.
+    # Sent as a ``progress`` frame every ``progress_interval`` seconds while it reports: twice
+    # a second, so that a client sees one at least every second even on a busy server.
     progress: Progress | None = None
-    progress_interval: float = 1.0
+    progress_interval: float = 0.5
 
     async def run(self) -> None:
         try:
@@ -520,15 +521,24 @@ class Session:
         """Queue a progress frame every interval until the report ends, then the last one;
         the frames go out in turn with the events, never interleaved mid-frame."""
         owner = listener.principal.owner
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            fields = await progress(listener.principal)
+            try:
+                fields = await progress(listener.principal)
+            except Exception as exc:  # noqa: BLE001 - a failed report skips a beat, not the socket
+                log.warning("websocket.progress_failed", error=repr(exc))
+                fields = {}
             if fields is None:
                 break
-            fields = {"type": PROGRESS, "position": self.hub.position, **fields}
-            listener.offer(LiveEvent(0, PROGRESS, "", owner, frame(**fields)))
-            if fields.get("status") in {"completed", "cancelled"}:
-                break
-            await asyncio.sleep(self.progress_interval)
+            if fields:
+                fields = {"type": PROGRESS, "position": self.hub.position, **fields}
+                listener.offer(LiveEvent(0, PROGRESS, "", owner, frame(**fields)))
+                if fields.get("status") in {"completed", "cancelled"}:
+                    break
+            # On a fixed cadence: the time a report takes does not stretch the interval.
+            due = max(due + self.progress_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
         await asyncio.Event().wait()  # the connection stays open for events
 
     async def _replay(self, listener: Listener, after: int) -> None:
