@@ -13,6 +13,7 @@ often a reading is delivered, it is completed once.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import stamina
 import structlog
 
 from almanac.container import Stoppable
-from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
+from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart, chart_hash
 from almanac.domain.interpretation import GenerationFailed, ReadingGenerator, ReadingText
 from almanac.domain.reading import Reading
 from almanac.errors import AlmanacError, Unavailable
@@ -31,6 +32,10 @@ from almanac.settings import WorkerSettings
 log = structlog.get_logger("almanac.worker")
 
 ChartCalculator = Callable[[BirthData, ChartOptions], Chart]
+# Charts kept in memory by hash: a batch of the same birth data many times (or a client
+# asking again) costs one calculation. Commands never read read models, so this is the
+# worker's own cache, not the ``charts`` table.
+CHART_CACHE_SIZE = 4096
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -65,6 +70,8 @@ class ReadingWorker(Stoppable):
         self.settings = settings
         self.calculate = calculate
         self.handled = 0
+        self.charts_reused = 0
+        self._charts: OrderedDict[str, Chart] = OrderedDict()
         self._in_flight: set[asyncio.Task[None]] = set()
         super().__init__()
 
@@ -199,7 +206,7 @@ class ReadingWorker(Stoppable):
         meta = event.meta.caused_by(event.position)
         if reading.chart is None:
             try:
-                chart = await asyncio.to_thread(self.calculate, reading.birth, reading.options)
+                chart = await self._chart(reading.birth, reading.options)
             except AlmanacError as exc:
                 reading.fail(f"the chart could not be calculated: {exc.detail}", meta)
                 await self.store.append(reading)
@@ -230,6 +237,19 @@ class ReadingWorker(Stoppable):
         reading.record_text(text, meta)
         position = await self.store.append(reading)
         log.info("worker.reading_generated", aggregate_id=str(reading.id), position=position)
+
+    async def _chart(self, birth: BirthData, options: ChartOptions) -> Chart:
+        key = chart_hash(birth, options)
+        chart = self._charts.get(key)
+        if chart is not None:
+            self._charts.move_to_end(key)
+            self.charts_reused += 1
+            return chart
+        chart = await asyncio.to_thread(self.calculate, birth, options)
+        self._charts[key] = chart
+        if len(self._charts) > CHART_CACHE_SIZE:
+            self._charts.popitem(last=False)
+        return chart
 
     async def _generate(self, reading: Reading, chart: Chart) -> ReadingText:
         async for attempt in stamina.retry_context(

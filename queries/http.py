@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.response import Stream
 
 from almanac.auth import Principal
 from almanac.container import Container
 from almanac.views import ChartView, ReadingView
+from queries.batches import (
+    MAX_PAGE as MAX_RESULTS_PAGE,
+)
+from queries.batches import (
+    BatchPage,
+    BatchState,
+    BatchView,
+    ResultPage,
+    batch_results,
+    csv_lines,
+    get_batch,
+    list_batches,
+    ndjson_lines,
+    stream_results,
+)
 from queries.charts import get_chart
 from queries.fields import parse_fields, select
+from queries.jobs import JobKind, JobPage, JobState, JobView, get_job, list_jobs
 from queries.readings import (
     MAX_PAGE,
     Kind,
@@ -144,5 +161,157 @@ async def get_chart_route(
     )
 
 
+@get("/batches/{batch_id:uuid}", summary="Get a batch and its progress", tags=["batches"])
+async def get_batch_route(
+    batch_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    min_position: MinPosition = None,
+) -> Response[BatchView]:
+    view = await get_batch(
+        batch_id,
+        db=container.read_db,
+        watch=container.watch,
+        principal=principal,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(view, headers={"Almanac-Position": str(view.position)})
+
+
+@get("/batches", summary="List the owner's batches, newest first", tags=["batches"])
+async def list_batches_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+    status: FromQuery[BatchState | None] = None,
+    min_position: MinPosition = None,
+) -> Response[BatchPage]:
+    page = await list_batches(
+        db=container.read_db,
+        watch=container.watch,
+        principal=principal,
+        status=status,
+        limit=limit,
+        cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(page, headers={"Almanac-Position": str(page.position)})
+
+
+ResultFormat = Literal["json", "ndjson", "csv"]
+
+
+@get(
+    "/batches/{batch_id:uuid}/results",
+    summary="A batch's per-item results",
+    description=(
+        "Paginated JSON by default; `format=ndjson` or `format=csv` (or an `Accept` of "
+        "`application/x-ndjson` / `text/csv`) streams every item as a download."
+    ),
+    tags=["batches"],
+)
+async def batch_results_route(
+    request: Request[Any, Any, Any],
+    batch_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_RESULTS_PAGE)] = 100,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+    format: FromQuery[ResultFormat | None] = None,
+    min_position: MinPosition = None,
+) -> Response[ResultPage] | Stream:
+    accept = request.headers.get("accept", "")
+    chosen = format or (
+        "ndjson" if "ndjson" in accept else "csv" if "text/csv" in accept else "json"
+    )
+    timeout = container.settings.http.min_position_timeout
+    if chosen == "json":
+        page = await batch_results(
+            batch_id,
+            db=container.read_db,
+            watch=container.watch,
+            principal=principal,
+            limit=limit,
+            cursor=cursor,
+            min_position=min_position,
+            timeout=timeout,
+        )
+        return Response(page, headers={"Almanac-Position": str(page.position)})
+    view = await get_batch(
+        batch_id,
+        db=container.read_db,
+        watch=container.watch,
+        principal=principal,
+        min_position=min_position,
+        timeout=timeout,
+    )
+    chunks = stream_results(batch_id, db=container.read_db)
+    body, media_type = (
+        (ndjson_lines(chunks), "application/x-ndjson")
+        if chosen == "ndjson"
+        else (csv_lines(chunks), "text/csv; charset=utf-8")
+    )
+    return Stream(
+        body,
+        media_type=media_type,
+        headers={
+            "Content-Disposition": f'attachment; filename="batch-{batch_id}.{chosen}"',
+            "Almanac-Position": str(view.position),
+        },
+    )
+
+
+@get("/jobs/{job_id:uuid}", summary="Get a background job", tags=["jobs"])
+async def get_job_route(
+    job_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> JobView:
+    return await get_job(job_id, db=container.read_db, principal=principal)
+
+
+@get(
+    "/jobs",
+    summary="List background jobs, newest first",
+    description="The owner's reading generations and batches (an admin's: everyone's).",
+    tags=["jobs"],
+)
+async def list_jobs_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    kind: FromQuery[JobKind | None] = None,
+    # ``state`` is Litestar's own name for app state, so the parameter is spelled apart.
+    job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+) -> JobPage:
+    return await list_jobs(
+        db=container.read_db,
+        principal=principal,
+        kind=kind,
+        state=job_state,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
 # Mounted under /api/v1 by almanac.app together with the command side's handlers.
-handlers = [get_reading_route, list_readings_route, get_chart_route]
+handlers = [
+    get_job_route,
+    list_jobs_route,
+    get_reading_route,
+    list_readings_route,
+    get_chart_route,
+    get_batch_route,
+    list_batches_route,
+    batch_results_route,
+]

@@ -67,11 +67,16 @@ def decode_cursor(raw: str, filters: ReadingFilters, owner: str) -> _Cursor:
     return cursor
 
 
-async def wait_for_position(watch: PositionWatch, min_position: int | None, timeout: float) -> int:
+async def wait_for_position(
+    watch: PositionWatch,
+    min_position: int | None,
+    timeout: float,
+    projection: str = PROJECTION,
+) -> int:
     """Return once the read model has reached ``min_position``, or raise NotYetVisible."""
     if min_position is None or min_position <= 0:
         return 0
-    current = await watch.wait_for(PROJECTION, min_position, timeout)
+    current = await watch.wait_for(projection, min_position, timeout)
     if current < min_position:
         raise NotYetVisible(
             f"the read model is at position {current}, not yet at {min_position}; retry shortly",

@@ -9,8 +9,11 @@ from litestar import WebSocket, websocket
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from almanac.auth import Principal
 from almanac.container import Container
-from streams.websocket import CLOSE_BAD_REQUEST, BadTopic, Hub, Session, Topic
+from almanac.errors import NotFound
+from queries.batches import get_batch
+from streams.websocket import CLOSE_BAD_REQUEST, BadTopic, Hub, Progress, Session, Topic
 
 
 def hub_of(container: Container) -> Hub:
@@ -33,7 +36,10 @@ def _after(socket: WebSocket[Any, Any, Any]) -> int | None:
 
 
 async def _serve(
-    socket: WebSocket[Any, Any, Any], container: Container, topics: set[Topic]
+    socket: WebSocket[Any, Any, Any],
+    container: Container,
+    topics: set[Topic],
+    progress: Progress | None = None,
 ) -> None:
     await socket.accept()
     raw_topics = [t for t in socket.query_params.get("topics", "").split(",") if t]
@@ -50,6 +56,7 @@ async def _serve(
         topics=topics,
         after=_after(socket),
         key=_key(socket),
+        progress=progress,
     )
     await session.run()
 
@@ -76,7 +83,31 @@ async def batch_socket(
     container: NamedDependency[Container],
     batch_id: FromPath[UUID],
 ) -> None:
-    await _serve(socket, container, {Topic("aggregate", str(batch_id))})
+    async def progress(principal: Principal) -> dict[str, object] | None:
+        try:
+            view = await get_batch(
+                batch_id,
+                db=container.read_db,
+                watch=container.watch,
+                principal=principal,
+                min_position=None,
+                timeout=0,
+            )
+        except NotFound:  # not projected yet (or not the client's): it may yet appear
+            return {"batch_id": str(batch_id), "status": "not_found"}
+        return {
+            "batch_id": str(view.id),
+            "status": view.status,
+            "total": view.total,
+            "succeeded": view.succeeded,
+            "failed": view.failed,
+            "pending": view.pending,
+            "progress": view.progress,
+            "throughput": view.throughput,
+            "eta_seconds": view.eta_seconds,
+        }
+
+    await _serve(socket, container, {Topic("aggregate", str(batch_id))}, progress)
 
 
 handlers = [events_socket, reading_socket, batch_socket]

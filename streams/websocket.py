@@ -396,6 +396,11 @@ def frame(**fields: object) -> str:
     return _encode(fields).decode()
 
 
+PROGRESS = "progress"
+# Reports on something running (a batch): its fields as a frame, or None once it has ended.
+Progress = Callable[[Principal], Awaitable[dict[str, object] | None]]
+
+
 class Socket(Protocol):
     """What a session needs of a WebSocket (Litestar's, in the app)."""
 
@@ -428,6 +433,10 @@ class Session:
     after: int | None = None
     key: str | None = None
     listener: Listener | None = None
+    # Sent as a ``progress`` frame every ``progress_interval`` seconds while it reports: twice
+    # a second, so that a client sees one at least every second even on a busy server.
+    progress: Progress | None = None
+    progress_interval: float = 0.5
 
     async def run(self) -> None:
         try:
@@ -475,6 +484,8 @@ class Session:
             asyncio.ensure_future(self._send(listener)),
             asyncio.ensure_future(self._receive(listener)),
         }
+        if self.progress is not None:
+            tasks.add(asyncio.ensure_future(self._report(listener, self.progress)))
 
         def interrupt() -> None:
             for task in tasks:
@@ -512,11 +523,38 @@ class Session:
             except TimeoutError:
                 await self.socket.send_text(frame(type="heartbeat", position=self.hub.position))
                 continue
+            if event.type == PROGRESS:  # not an event: no position of its own to track
+                await self.socket.send_text(event.frame)
+                continue
             if event.position <= listener.sent_through:
                 continue
             await self.socket.send_text(event.frame)
             listener.sent_through = event.position
             self.hub.sent += 1
+
+    async def _report(self, listener: Listener, progress: Progress) -> None:
+        """Queue a progress frame every interval until the report ends, then the last one;
+        the frames go out in turn with the events, never interleaved mid-frame."""
+        owner = listener.principal.owner
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            try:
+                fields = await progress(listener.principal)
+            except Exception as exc:  # noqa: BLE001 - a failed report skips a beat, not the socket
+                log.warning("websocket.progress_failed", error=repr(exc))
+                fields = {}
+            if fields is None:
+                break
+            if fields:
+                fields = {"type": PROGRESS, "position": self.hub.position, **fields}
+                listener.offer(LiveEvent(0, PROGRESS, "", owner, frame(**fields)))
+                if fields.get("status") in {"completed", "cancelled"}:
+                    break
+            # On a fixed cadence: the time a report takes does not stretch the interval.
+            due = max(due + self.progress_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+        await asyncio.Event().wait()  # the connection stays open for events
 
     async def _replay(self, listener: Listener, after: int) -> None:
         until = await self.hub.store.max_position()

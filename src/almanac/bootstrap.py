@@ -23,7 +23,9 @@ from almanac.eventstore import EventStore
 from almanac.feed import WorkFeed
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
 from almanac.settings import Profile, Settings
+from commands.batch_process import BatchProcessManager
 from commands.worker import ReadingWorker
+from projections.batches import BatchesProjection
 from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
@@ -48,6 +50,8 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         listen_dsn = settings.store.postgres_url
         # The lock lives beside the rows it guards: in the read database.
         lease: Lease = PostgresLease(settings.read_postgres_url, "projection:readings")
+        batches_lease: Lease = PostgresLease(settings.read_postgres_url, "projection:batches")
+        manager_lease: Lease = PostgresLease(settings.read_postgres_url, settings.batch.consumer)
         if settings.store.read_replica_urls:
             read_router = ReadRouter(
                 read_db,
@@ -62,7 +66,10 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         read_db = SqliteReadDatabase(settings.store.sqlite_read_path)
         redis = nats = None
         listen_dsn = None
-        lease = FileLease(settings.store.data_dir / "locks" / "projection-readings.lock")
+        locks = settings.store.data_dir / "locks"
+        lease = FileLease(locks / "projection-readings.lock")
+        batches_lease = FileLease(locks / "projection-batches.lock")
+        manager_lease = FileLease(locks / f"{settings.batch.consumer}.lock")
     feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
@@ -95,6 +102,18 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease=lease,
         settings=settings.projection,
     )
+    batches_projector = ProjectionRunner(
+        BatchesProjection(),
+        feed,
+        read_db,
+        watch,
+        batch_size=settings.feed.batch_size,
+        lease=batches_lease,
+        settings=settings.projection,
+    )
+    manager = BatchProcessManager(
+        store, feed, manager_lease, settings.batch, batch_size=settings.feed.batch_size
+    )
     # Every API process sees every event: through NATS on services, from the log in-process.
     live: LiveSource = (
         NatsSource(nats, settings.relay.subject_prefix)
@@ -103,8 +122,8 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     )
     background: dict[str, list[BackgroundRole]] = {
         "api": [Hub(store, live, settings.websocket)],
-        "worker": [worker],
-        "projector": [projector],
+        "worker": [worker, manager],
+        "projector": [projector, batches_projector],
     }
     if nats is not None and settings.store.postgres_url is not None:
         # One relay per stream publishes at a time; the others are hot standbys.

@@ -95,8 +95,11 @@ class MsgspecMapper(Mapper[UUID]):
         decoder = self._decoders.get(cls)
         if decoder is None:
             hints = typing.get_type_hints(cls)
+            # A field with a default (added after events were stored) may be absent.
             fields = [
                 (f.name, hints[f.name])
+                if f.default is dataclasses.MISSING
+                else (f.name, hints[f.name], f.default)
                 for f in dataclasses.fields(cls)
                 if f.name not in _ENVELOPE_FIELDS
             ]

@@ -128,6 +128,19 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     max_deliver: int = 100
 
 
+class BatchSettings(msgspec.Struct, frozen=True):
+    """Batches: how the process manager releases their items to the workers."""
+
+    # Readings of one owner's batches waiting for or held by workers at once. Items are
+    # released as earlier ones finish, so another owner's reading queues behind at most
+    # this many of them, however large the batch.
+    window: int = 32
+    # The process manager's tracked position in the log, and the name of its lease.
+    consumer: str = "batch-manager"
+    # How often a standby process manager tries the lease.
+    standby_interval: float = 1.0
+
+
 class LogSettings(msgspec.Struct, frozen=True):
     level: str = "INFO"
     format: str = "json"
@@ -161,6 +174,7 @@ class Settings(msgspec.Struct, frozen=True):
     projection: ProjectionSettings = ProjectionSettings()
     websocket: WebSocketSettings = WebSocketSettings()
     relay: RelaySettings = RelaySettings()
+    batch: BatchSettings = BatchSettings()
 
     @property
     def profile(self) -> Profile:
@@ -360,6 +374,12 @@ class _Reader:
             max_replay=self.get("ALMANAC_WS_MAX_REPLAY", _int_between(0, 10**9), 10_000),
             auth_timeout=self.get("ALMANAC_WS_AUTH_TIMEOUT", _float_between(0.1, 600), 5.0),
         )
+        batch = BatchSettings(
+            window=self.get("ALMANAC_BATCH_WINDOW", _int_between(1, 10_000), 32),
+            standby_interval=self.get(
+                "ALMANAC_BATCH_STANDBY_INTERVAL", _float_between(0.05, 60), 1.0
+            ),
+        )
         if self.problems:
             raise SettingsError(self.problems)
         return Settings(
@@ -373,6 +393,7 @@ class _Reader:
             access=access,
             websocket=websocket,
             relay=relay,
+            batch=batch,
         )
 
     def worker(self) -> WorkerSettings:

@@ -31,8 +31,7 @@ from tests.integration.support_waiting import eventually, wait_until
 
 
 def worker_of(container: Container) -> ReadingWorker:
-    [worker] = container.background["worker"]
-    assert isinstance(worker, ReadingWorker)
+    [worker] = [w for w in container.background["worker"] if isinstance(w, ReadingWorker)]
     return worker
 
 
@@ -359,3 +358,22 @@ def test_a_worker_process_exits_zero_after_sigterm(settings: Settings, tmp_path:
 
         wait_until(started, within=30, what="the worker process starts")
         assert worker.terminate(timeout=20) == 0
+
+
+async def test_identical_birth_data_reuses_the_calculated_chart(settings: Settings) -> None:
+    calculations: list[BirthData] = []
+
+    def counting(b: BirthData, options: ChartOptions) -> Chart:
+        calculations.append(b)
+        return calculate_chart(b, options)
+
+    async with running(settings, calculate=counting) as container:
+        first = new_reading()
+        await container.store.append(first)
+        await settled(container, [first.id])
+        again = [new_reading() for _ in range(3)]
+        await container.store.append(*again)
+        done = await settled(container, [r.id for r in again])
+    assert {r.status for r in done} == {"generated"}
+    assert len(calculations) == 1
+    assert len({r.chart.chart_hash for r in done if r.chart is not None}) == 1

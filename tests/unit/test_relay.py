@@ -110,6 +110,7 @@ def test_the_payload_is_the_envelope_and_the_events_own_fields() -> None:
             "kind": "natal",
             "label": None,
             "request_hash": "0" * 64,
+            "batch": None,
         },
     }
     assert datetime.fromisoformat(payload["occurred_at"]) == event.occurred_at

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 from uuid import UUID
 
+import msgspec
 from eventsourcing.domain import Aggregate
 
 from almanac.domain.chart import BirthData, Chart, ChartOptions
@@ -17,8 +18,23 @@ from almanac.domain.interpretation import ReadingText
 from almanac.domain.kinds import READING_KINDS, ReadingKind
 from almanac.errors import Conflict
 
-__all__ = ["READING_KINDS", "Reading", "ReadingAlreadySettled", "ReadingKind", "ReadingStatus"]
+__all__ = [
+    "READING_KINDS",
+    "BatchLink",
+    "Reading",
+    "ReadingAlreadySettled",
+    "ReadingKind",
+    "ReadingStatus",
+]
 ReadingStatus = Literal["requested", "chart_calculated", "generated", "failed"]
+
+
+class BatchLink(msgspec.Struct, frozen=True):
+    """The batch item a reading carries out (its ``attempt``-th try)."""
+
+    batch_id: UUID
+    index: int
+    attempt: int
 
 
 class ReadingAlreadySettled(Conflict):
@@ -41,6 +57,8 @@ class Reading(Aggregate):
         kind: ReadingKind
         label: str | None
         request_hash: str
+        # Absent from readings asked for one by one (and from events stored before batches).
+        batch: BatchLink | None = None
 
     class ChartCalculated(Event):
         """The chart for the birth data has been calculated."""
@@ -81,6 +99,7 @@ class Reading(Aggregate):
         kind: ReadingKind,
         label: str | None,
         request_hash: str,
+        batch: BatchLink | None = None,
     ) -> None:
         self.owner = meta.owner
         self.birth = birth
@@ -88,6 +107,7 @@ class Reading(Aggregate):
         self.kind = kind
         self.label = label
         self.request_hash = request_hash
+        self.batch = batch
         self.status: ReadingStatus = "requested"
         self.chart: Chart | None = None
         self.text: ReadingText | None = None
@@ -104,6 +124,7 @@ class Reading(Aggregate):
         kind: ReadingKind,
         label: str | None,
         request_hash: str,
+        batch: BatchLink | None = None,
     ) -> Reading:
         return cls._create(
             cls.Requested,
@@ -114,6 +135,7 @@ class Reading(Aggregate):
             kind=kind,
             label=label,
             request_hash=request_hash,
+            batch=batch,
         )
 
     @property
