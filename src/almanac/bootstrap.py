@@ -13,7 +13,9 @@ from almanac.adapters.nats import NatsConnection
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.redis import RedisConnection
 from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
+from almanac.adapters.secretbox import SecretBox
 from almanac.adapters.sqlite import SqliteReadDatabase
+from almanac.adapters.webhook_targets import TargetGuard
 from almanac.auth import KeyRing
 from almanac.cache import ReadCache, TwoLevelCache
 from almanac.container import ROLES, BackgroundRole, Container
@@ -22,15 +24,18 @@ from almanac.domain.reading import Reading
 from almanac.eventstore import EventStore
 from almanac.feed import WorkFeed
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
-from almanac.settings import Profile, Settings
+from almanac.settings import Profile, Settings, WorkerSettings
 from commands.worker import ReadingWorker
 from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
+from projections.webhooks import WebhookEndpointsProjection
 from streams.jetstream import JetStreamWorkFeed
 from streams.logfeed import LogFeed
 from streams.logwork import LogWorkFeed
 from streams.relay import Relay
+from streams.webhook_log import DeliveryLog
+from streams.webhooks import WebhookDeliverer, rate_storage
 from streams.websocket import Hub, LiveSource, LogSource, NatsSource
 
 
@@ -48,6 +53,9 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         listen_dsn = settings.store.postgres_url
         # The lock lives beside the rows it guards: in the read database.
         lease: Lease = PostgresLease(settings.read_postgres_url, "projection:readings")
+        endpoints_lease: Lease = PostgresLease(
+            settings.read_postgres_url, "projection:webhook_endpoints"
+        )
         if settings.store.read_replica_urls:
             read_router = ReadRouter(
                 read_db,
@@ -63,6 +71,9 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         redis = nats = None
         listen_dsn = None
         lease = FileLease(settings.store.data_dir / "locks" / "projection-readings.lock")
+        endpoints_lease = FileLease(
+            settings.store.data_dir / "locks" / "projection-webhook-endpoints.lock"
+        )
     feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
@@ -95,6 +106,16 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease=lease,
         settings=settings.projection,
     )
+    endpoints_projector = ProjectionRunner(
+        WebhookEndpointsProjection(),
+        feed,
+        read_db,
+        watch,
+        batch_size=settings.feed.batch_size,
+        lease=endpoints_lease,
+        settings=settings.projection,
+    )
+    deliverer = _deliverer(settings, store, feed, nats, read_db, watch, overrides)
     # Every API process sees every event: through NATS on services, from the log in-process.
     live: LiveSource = (
         NatsSource(nats, settings.relay.subject_prefix)
@@ -104,7 +125,8 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     background: dict[str, list[BackgroundRole]] = {
         "api": [Hub(store, live, settings.websocket)],
         "worker": [worker],
-        "projector": [projector],
+        "projector": [projector, endpoints_projector],
+        "deliver": [deliverer],
     }
     if nats is not None and settings.store.postgres_url is not None:
         # One relay per stream publishes at a time; the others are hot standbys.
@@ -133,4 +155,45 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         read_router=read_router,
         background=background,
         roles=roles,
+        webhook_guard=deliverer.guard,
+        secret_box=deliverer.box,
+    )
+
+
+def _deliverer(  # noqa: PLR0917 - the collaborators bootstrap has made
+    settings: Settings,
+    store: EventStore,
+    feed: LogFeed,
+    nats: NatsConnection | None,
+    read_db: ReadDatabase,
+    watch: PositionWatch,
+    overrides: dict[str, Any],
+) -> WebhookDeliverer:
+    hooks = settings.webhooks
+    box = (
+        SecretBox(hooks.secret_key)
+        if hooks.secret_key
+        else SecretBox.from_key_file(settings.store.data_dir / "webhook-secret.key")
+    )
+    guard = TargetGuard(
+        hooks, **({"resolver": overrides["resolver"]} if "resolver" in overrides else {})
+    )
+    # Every event, shared among deliverers through their own durable consumer (services),
+    # or followed from the log with a tracked position (embedded).
+    intake = WorkerSettings(consumer=hooks.consumer, ack_wait=60.0, max_deliver=-1)
+    work: WorkFeed = (
+        JetStreamWorkFeed(nats, settings.relay, intake, event_type=None)
+        if nats is not None
+        else LogWorkFeed(store, feed, intake, event_type=None, batch_size=settings.feed.batch_size)
+    )
+    return WebhookDeliverer(
+        store,
+        work,
+        DeliveryLog(read_db),
+        watch,
+        box,
+        guard,
+        hooks,
+        rate_storage=rate_storage(settings.cache.redis_url, overrides.get("cache_prefix", "")),
+        batch_size=settings.feed.batch_size,
     )
