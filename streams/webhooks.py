@@ -317,8 +317,9 @@ class WebhookDeliverer:
 
     async def _dispatch(self) -> None:
         settings = self.settings
-        # The longest an attempt can take, waiting for its endpoint's slot included.
-        lease = 3 * settings.timeout + 30.0
+        # The longest an attempt can take, waiting for its endpoint's slot included; a message
+        # claimed by a deliverer that died is due again when it runs out.
+        lease = 3 * settings.timeout + 5.0
         pause = 0.05
         while not self._stopping.is_set():
             self._wake.clear()

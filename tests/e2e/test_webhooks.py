@@ -342,5 +342,48 @@ async def test_a_rate_limit_spreads_deliveries_out(hooks: Hooks) -> None:
     assert times[-1] - times[0] >= 1.0
 
 
+async def test_the_circuit_breaker_holds_attempts_back_from_a_failing_endpoint(
+    settings: Settings,
+) -> None:
+    # One attempt at a time, so that the order of failures and holds is plain.
+    tripping = with_webhooks(
+        settings, breaker_threshold=2, breaker_cooldown=1.0, per_endpoint_concurrency=1
+    )
+    async with receiving() as receiver, serving(tripping) as api:
+        hooks = Hooks(api, receiver)
+        receiver.default["/dead"] = Reply(500)
+        endpoint = await hooks.register(api.alice, "/dead")
+        ids = [await hooks.test(api.alice, endpoint) for _ in range(4)]
+
+        async def each_tried() -> bool:
+            return {r.id for r in receiver.at("/dead")} >= set(ids)
+
+        # While open, the breaker lets one probe through per cooldown, so this takes a while.
+        await eventually(each_tried, within=60, what="every message tried once")
+        firsts: dict[str, float] = {}
+        for received in receiver.at("/dead"):
+            firsts.setdefault(received.id, received.at)
+        # Two failures opened the breaker: the rest were held back for its cooldown.
+        assert max(firsts.values()) - min(firsts.values()) >= 0.9
+
+
+async def test_an_endpoint_failing_for_too_long_is_disabled(settings: Settings) -> None:
+    impatient = with_webhooks(settings, disable_after=1.0, breaker_threshold=100)
+    async with receiving() as receiver, serving(impatient) as api:
+        hooks = Hooks(api, receiver)
+        receiver.default["/broken"] = Reply(500)
+        endpoint = await hooks.register(api.alice, "/broken")
+        await hooks.test(api.alice, endpoint)
+
+        async def disabled() -> Any:
+            shown = await api.client.get(
+                f"/api/v1/webhooks/{endpoint['id']}", headers=api.auth(api.alice)
+            )
+            return shown.json() if shown.json()["status"] == "disabled" else None
+
+        shown = await eventually(disabled, what="endpoint disabled")
+        assert "no successful delivery" in shown["disabled_reason"]
+
+
 async def _async(value: Any) -> Any:
     return value

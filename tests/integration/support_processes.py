@@ -42,6 +42,7 @@ def role_env(settings: Settings, **extra: str) -> dict[str, str]:
         ALMANAC_WEBHOOK_RETRY_SCALE=repr(hooks.retry_scale),
         ALMANAC_WEBHOOK_BREAKER_COOLDOWN=repr(hooks.breaker_cooldown),
         ALMANAC_WEBHOOK_POLL_INTERVAL=repr(hooks.poll_interval),
+        ALMANAC_WEBHOOK_TIMEOUT=repr(hooks.timeout),
     )
     env.update(
         ALMANAC_POOL_SIZE=str(settings.store.pool_size),
