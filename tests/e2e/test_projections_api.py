@@ -28,7 +28,9 @@ async def test_lists_every_projection_with_its_state_position_and_lag(api: Api) 
     async def caught_up() -> dict[str, Any] | None:
         response = await api.client.get("/api/v1/projections", headers=api.auth(api.admin))
         assert response.status_code == 200, response.text
-        [readings] = response.json()["projections"]
+        listed = {p["name"]: p for p in response.json()["projections"]}
+        assert set(listed) == {"readings", "webhook_endpoints"}
+        readings = listed["readings"]
         return readings if readings["position"] == end else None
 
     readings = await eventually(caught_up, what="the listing shows the projection caught up")
