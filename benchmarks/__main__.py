@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import appends, projections, websocket
+from benchmarks import appends, projections, webhooks, websocket
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "appends": appends.run,
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "lag": projections.run_lag,
     "websocket": websocket.run,
     "connections": websocket.run_connections,
+    "webhooks": webhooks.run,
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,13 +30,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     parser.add_argument("--profile", choices=["services", "embedded"], default="services")
     parser.add_argument(
-        "--events", type=int, default=None, help="size of the seeded log (rebuild only)"
+        "--events",
+        type=int,
+        default=None,
+        help="size of the seeded log (rebuild) or events to deliver (webhooks)",
     )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in args.names or list(BENCHMARKS):
         print(f"== {name} ({args.profile}, {args.seconds:g}s per measurement)")
-        sizes = {"events": args.events} if args.events and name == "rebuild" else {}
+        sizes = {"events": args.events} if args.events and name in ("rebuild", "webhooks") else {}
         result = BENCHMARKS[name](seconds=args.seconds, profile=args.profile, **sizes)
         result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
         stamp = time.strftime("%Y%m%dT%H%M%S")

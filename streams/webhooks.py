@@ -51,6 +51,10 @@ _MESSAGE_NAMESPACE = UUID("3d0c8f0e-6a43-4e0f-9d7b-6a2b1c9e4f57")
 # What of a response body is kept with the attempt.
 EXCERPT = 1000
 USER_AGENT = "Almanac-Webhooks/0.1"
+# How long an endpoint's row is reused between attempts (a change takes effect within it),
+# and how often a healthy endpoint's success is written down again.
+ENDPOINT_TTL = 1.0
+HEALTH_INTERVAL = 60.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -161,6 +165,8 @@ class WebhookDeliverer:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
+        self._endpoints: dict[str, tuple[float, Any]] = {}
+        self._success_noted: dict[str, float] = {}
 
     async def prepare(self) -> None:
         await self.log.prepare()
@@ -317,9 +323,13 @@ class WebhookDeliverer:
 
     async def _dispatch(self) -> None:
         settings = self.settings
-        # The longest an attempt can take, waiting for its endpoint's slot included; a message
-        # claimed by a deliverer that died is due again when it runs out.
-        lease = 3 * settings.timeout + 5.0
+        # Up to three rounds of an endpoint's slots are claimed at once (fewer claims, each
+        # covering more), so an attempt may wait two rounds for its slot before its own: the
+        # lease outlasts that, and a message claimed by a deliverer that died is due again
+        # when it runs out.
+        rounds = 3
+        lease = rounds * settings.timeout + 5.0
+        per_endpoint = rounds * settings.per_endpoint_concurrency
         pause = 0.05
         while not self._stopping.is_set():
             self._wake.clear()
@@ -327,11 +337,9 @@ class WebhookDeliverer:
             if free <= 0:
                 await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            busy = [e for e, n in self._busy.items() if n >= settings.per_endpoint_concurrency]
+            busy = [e for e, n in self._busy.items() if n >= per_endpoint]
             try:
-                claimed = await self.log.claim(
-                    free, settings.per_endpoint_concurrency, lease, busy, uuid4().hex
-                )
+                claimed = await self.log.claim(free, per_endpoint, lease, busy, uuid4().hex)
                 pause = 0.05
             except Exception as exc:  # noqa: BLE001 - the log's database may come back
                 log.warning("webhook.claim_failed", error=str(exc) or type(exc).__name__)
@@ -377,7 +385,7 @@ class WebhookDeliverer:
     async def _attempt_now(self, message: Claimed) -> None:
         settings = self.settings
         log_ = log.bind(message_id=message.id, endpoint_id=message.endpoint_id)
-        endpoint = await self.log.endpoint(message.endpoint_id)
+        endpoint = await self._endpoint(message.endpoint_id)
         now = time.time()
         if endpoint is None or endpoint["status"] != "enabled":
             why = "deleted" if endpoint is None else str(endpoint["status"])
@@ -417,7 +425,10 @@ class WebhookDeliverer:
                 next_attempt_at=None,
                 attempt=record,
             )
-            await self.log.health(message.endpoint_id, succeeded=True)
+            if now - self._success_noted.get(message.endpoint_id, 0.0) >= HEALTH_INTERVAL:
+                # Clears a failing spell; while all goes well, once a minute is enough.
+                await self.log.health(message.endpoint_id, succeeded=True)
+                self._success_noted[message.endpoint_id] = now
             return
         attempts = message.attempts + 1
         if outcome.status_code == 410:
@@ -443,10 +454,22 @@ class WebhookDeliverer:
             next_attempt_at=None if delay is None else now + delay,
             attempt=record,
         )
+        self._success_noted.pop(message.endpoint_id, None)
         failing_since = await self.log.health(message.endpoint_id, succeeded=False)
         if failing_since is not None and now - failing_since >= settings.disable_after:
             days = settings.disable_after / 86400
             await self._disable(message, endpoint, f"no successful delivery for {days:g} days")
+
+    async def _endpoint(self, endpoint_id: str) -> Any:
+        now = time.monotonic()
+        cached = self._endpoints.get(endpoint_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        row = await self.log.endpoint(endpoint_id)
+        if len(self._endpoints) > 10_000:
+            self._endpoints.clear()
+        self._endpoints[endpoint_id] = (now + ENDPOINT_TTL, row)
+        return row
 
     async def _postpone(self, message: Claimed, at: float) -> None:
         await self.log.settle(
