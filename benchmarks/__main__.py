@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import appends, batches, projections, websocket
+from benchmarks import appends, batches, projections, webhooks, websocket
 
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "appends": appends.run,
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "websocket": websocket.run,
     "connections": websocket.run_connections,
     "batches": batches.run,
+    "webhooks": webhooks.run,
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,13 +34,16 @@ def main() -> None:
         "--events",
         type=int,
         default=None,
-        help="size of the seeded log (rebuild), or items per batch (batches)",
+        help=(
+            "size of the seeded log (rebuild), items per batch (batches),"
+            " or events to deliver (webhooks)"
+        ),
     )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for name in args.names or list(BENCHMARKS):
         print(f"== {name} ({args.profile}, {args.seconds:g}s per measurement)")
-        sized = name in {"rebuild", "batches"}
+        sized = name in {"rebuild", "batches", "webhooks"}
         sizes = {"events": args.events} if args.events and sized else {}
         result = BENCHMARKS[name](seconds=args.seconds, profile=args.profile, **sizes)
         result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}

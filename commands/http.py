@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Request, Response, delete, patch, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
@@ -26,6 +27,21 @@ from commands.batches import (
     start_batch,
 )
 from commands.readings import GenerateReading, ReadingAccepted, generate_reading
+from commands.webhooks import (
+    Accepted,
+    ChangeWebhook,
+    EndpointState,
+    EndpointWithSecret,
+    RegisterWebhook,
+    change_webhook,
+    delete_webhook,
+    recover_failed,
+    register_webhook,
+    resend_delivery,
+    rotate_webhook_secret,
+    send_test_message,
+)
+from queries.webhooks import get_delivery
 
 
 @post(
@@ -177,5 +193,178 @@ def _changed(changed: BatchChanged) -> Response[BatchChanged]:
     return Response(changed, status_code=202, headers=headers)
 
 
+def _meta(request: Request[Any, Any, Any], principal: Principal) -> EventMeta:
+    return EventMeta.for_request(principal.owner, request.scope["state"].get("request_id"))
+
+
+def _positioned(body: Any, position: int, status: int, **headers: str) -> Response[Any]:
+    return Response(
+        body, status_code=status, headers={"Almanac-Position": str(position), **headers}
+    )
+
+
+@post(
+    "/webhooks",
+    status_code=201,
+    summary="Register a webhook endpoint",
+    description="The response holds the signing secret (`whsec_…`); it is never shown again.",
+    tags=["webhooks"],
+)
+async def post_webhook(
+    data: JSONBody[RegisterWebhook],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[EndpointWithSecret]:
+    guard, box = container.webhooks
+    created = await register_webhook(
+        data, store=container.store, guard=guard, box=box, meta=_meta(request, principal)
+    )
+    return _positioned(created, created.position, 201, Location=f"/api/v1/webhooks/{created.id}")
+
+
+@patch("/webhooks/{endpoint_id:uuid}", summary="Change a webhook endpoint", tags=["webhooks"])
+async def patch_webhook(
+    endpoint_id: FromPath[UUID],
+    data: JSONBody[ChangeWebhook],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[EndpointState]:
+    guard, _ = container.webhooks
+    state = await change_webhook(
+        endpoint_id,
+        data,
+        store=container.store,
+        guard=guard,
+        principal=principal,
+        meta=_meta(request, principal),
+    )
+    return _positioned(state, state.position, 200)
+
+
+@delete(
+    "/webhooks/{endpoint_id:uuid}",
+    status_code=204,
+    summary="Delete a webhook endpoint",
+    tags=["webhooks"],
+)
+async def delete_webhook_route(
+    endpoint_id: FromPath[UUID],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[None]:
+    position = await delete_webhook(
+        endpoint_id, store=container.store, principal=principal, meta=_meta(request, principal)
+    )
+    return _positioned(None, position, 204)
+
+
+@post(
+    "/webhooks/{endpoint_id:uuid}/rotate-secret",
+    status_code=200,
+    summary="Rotate the signing secret",
+    description="The new secret signs from now on; the old one also signs during the "
+    "overlap window (24 h by default), so receivers can switch without losing a message.",
+    tags=["webhooks"],
+)
+async def rotate_secret_route(
+    endpoint_id: FromPath[UUID],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[EndpointWithSecret]:
+    _, box = container.webhooks
+    rotated = await rotate_webhook_secret(
+        endpoint_id,
+        store=container.store,
+        box=box,
+        principal=principal,
+        meta=_meta(request, principal),
+        overlap=container.settings.webhooks.rotation_overlap,
+    )
+    return _positioned(rotated, rotated.position, 200)
+
+
+@post(
+    "/webhooks/{endpoint_id:uuid}/test",
+    status_code=202,
+    summary="Send a webhook.test message",
+    tags=["webhooks"],
+)
+async def test_webhook_route(
+    endpoint_id: FromPath[UUID],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[Accepted]:
+    accepted = await send_test_message(
+        endpoint_id, store=container.store, principal=principal, meta=_meta(request, principal)
+    )
+    location = f"/api/v1/webhooks/{endpoint_id}/deliveries/{accepted.id}"
+    return _positioned(accepted, accepted.position, 202, Location=location)
+
+
+@post(
+    "/webhooks/{endpoint_id:uuid}/deliveries/{delivery_id:str}/resend",
+    status_code=202,
+    summary="Send one message again",
+    tags=["webhooks"],
+)
+async def resend_route(
+    endpoint_id: FromPath[UUID],
+    delivery_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[Accepted]:
+    # The message must exist (a look at the delivery log, which the deliverer keeps).
+    await get_delivery(container.read_db, principal, endpoint_id, delivery_id)
+    accepted = await resend_delivery(
+        endpoint_id,
+        delivery_id,
+        store=container.store,
+        principal=principal,
+        meta=_meta(request, principal),
+    )
+    return _positioned(accepted, accepted.position, 202)
+
+
+@post(
+    "/webhooks/{endpoint_id:uuid}/recover",
+    status_code=202,
+    summary="Send again every message that failed since a time",
+    tags=["webhooks"],
+)
+async def recover_route(
+    endpoint_id: FromPath[UUID],
+    since: Annotated[datetime, QueryParameter(description="ISO 8601 with a time zone.")],
+    request: Request[Any, Any, Any],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> Response[Accepted]:
+    accepted = await recover_failed(
+        endpoint_id,
+        since,
+        store=container.store,
+        principal=principal,
+        meta=_meta(request, principal),
+    )
+    return _positioned(accepted, accepted.position, 202)
+
+
 # Mounted under /api/v1 by almanac.app together with the query side's handlers.
-handlers = [post_reading, post_batch, post_cancel_batch, post_retry_failed]
+handlers = [
+    post_reading,
+    post_batch,
+    post_cancel_batch,
+    post_retry_failed,
+    post_webhook,
+    patch_webhook,
+    delete_webhook_route,
+    rotate_secret_route,
+    test_webhook_route,
+    resend_route,
+    recover_route,
+]

@@ -41,6 +41,20 @@ from queries.readings import (
     get_reading,
     list_readings,
 )
+from queries.webhooks import (
+    MAX_PAGE as MAX_DELIVERY_PAGE,
+)
+from queries.webhooks import (
+    DeliveryDetail,
+    DeliveryPage,
+    DeliveryStatus,
+    WebhookList,
+    WebhookView,
+    get_delivery,
+    get_webhook,
+    list_deliveries,
+    list_webhooks,
+)
 
 MinPosition = Annotated[
     int | None,
@@ -304,6 +318,74 @@ async def list_jobs_route(
     )
 
 
+@get("/webhooks", summary="List webhook endpoints", tags=["webhooks"])
+async def list_webhooks_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    min_position: MinPosition = None,
+) -> Response[WebhookList]:
+    found = await list_webhooks(
+        container.read_db,
+        container.watch,
+        principal,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(found, headers={"Almanac-Position": str(found.position)})
+
+
+@get("/webhooks/{endpoint_id:uuid}", summary="Get a webhook endpoint", tags=["webhooks"])
+async def get_webhook_route(
+    endpoint_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    min_position: MinPosition = None,
+) -> Response[WebhookView]:
+    view = await get_webhook(
+        container.read_db,
+        container.watch,
+        principal,
+        endpoint_id,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(view, headers={"Almanac-Position": str(view.position)})
+
+
+@get(
+    "/webhooks/{endpoint_id:uuid}/deliveries",
+    summary="List the messages sent to an endpoint, newest first",
+    tags=["webhooks"],
+)
+async def list_deliveries_route(
+    endpoint_id: FromPath[UUID],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    status: FromQuery[DeliveryStatus | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_DELIVERY_PAGE)] = 50,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+) -> DeliveryPage:
+    return await list_deliveries(
+        container.read_db, principal, endpoint_id, status=status, limit=limit, cursor=cursor
+    )
+
+
+@get(
+    "/webhooks/{endpoint_id:uuid}/deliveries/{delivery_id:str}",
+    summary="One message with every attempt made to deliver it",
+    tags=["webhooks"],
+)
+async def get_delivery_route(
+    endpoint_id: FromPath[UUID],
+    delivery_id: FromPath[str],
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> DeliveryDetail:
+    return await get_delivery(container.read_db, principal, endpoint_id, delivery_id)
+
+
 # Mounted under /api/v1 by almanac.app together with the command side's handlers.
 handlers = [
     get_job_route,
@@ -314,4 +396,8 @@ handlers = [
     get_batch_route,
     list_batches_route,
     batch_results_route,
+    list_webhooks_route,
+    get_webhook_route,
+    list_deliveries_route,
+    get_delivery_route,
 ]

@@ -18,6 +18,9 @@ from almanac.eventstore import RecordedEvent
 _ENVELOPE = frozenset(
     {"originator_id", "originator_version", "originator_topic", "timestamp", "meta"}
 )
+# Fields that never leave the process, even encrypted (webhook signing secrets).
+_PRIVATE = frozenset({"secret_sealed", "previous_secret_sealed"})
+_LEFT_OUT = _ENVELOPE | _PRIVATE
 
 
 class EventEnvelope(msgspec.Struct, frozen=True):
@@ -42,7 +45,7 @@ def envelope_of(event: RecordedEvent) -> EventEnvelope:
         aggregate_version=event.aggregate_version,
         occurred_at=event.occurred_at,
         metadata=event.meta,
-        data={k: v for k, v in state.items() if k not in _ENVELOPE},
+        data={k: v for k, v in state.items() if k not in _LEFT_OUT},
     )
 
 

@@ -63,17 +63,22 @@ def event_of(headers: dict[str, str]) -> StreamEvent:
 
 
 def consumer_config(
-    worker: WorkerSettings, relay: RelaySettings, event_type: str
+    worker: WorkerSettings, relay: RelaySettings, event_type: str | None
 ) -> ConsumerConfig:
+    """The durable consumer of ``event_type`` messages, or of every message (``None``)."""
     return ConsumerConfig(
         durable_name=worker.consumer,
-        description=f"Almanac workers: {event_type}",
+        description=f"Almanac {worker.consumer}: {event_type or 'every event'}",
         # From the stream's first message: a request stored before any worker ran is work too.
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=worker.ack_wait,
         max_deliver=worker.max_deliver,
-        filter_subject=subject_for(relay.subject_prefix, event_type),
+        filter_subject=(
+            subject_for(relay.subject_prefix, event_type)
+            if event_type is not None
+            else f"{relay.subject_prefix}.>"
+        ),
     )
 
 
@@ -109,7 +114,7 @@ class JetStreamWorkFeed:
         relay: RelaySettings,
         worker: WorkerSettings,
         *,
-        event_type: str,
+        event_type: str | None,
     ) -> None:
         self.nats = nats
         self.relay = relay

@@ -1,6 +1,7 @@
 """The work feed read from the event store's log, with a tracked position (embedded profile).
 
-One consumer reads the log from its saved position and hands out the events of one type.
+One consumer reads the log from its saved position and hands out the events of one type
+(or of every type).
 The saved position only ever passes an event once it is acknowledged, so after a restart
 everything unacknowledged is delivered again; within a run, an event handed back, or left
 unacknowledged past the ack wait, comes again too. Consumers of the same name in several
@@ -59,7 +60,7 @@ class LogWorkFeed:
         feed: EventFeed,
         settings: WorkerSettings,
         *,
-        event_type: str,
+        event_type: str | None,
         batch_size: int = 500,
     ) -> None:
         self.store = store
@@ -102,7 +103,7 @@ class LogWorkFeed:
                 wait = min(wait, self._later[0][0] - now)
             events = await self._follower.next_batch(self._read_to, self.batch_size, max(wait, 0.0))
             for event in events:
-                if event.type == self.event_type:
+                if self.event_type is None or event.type == self.event_type:
                     self._unfinished[event.position] = event
                     self._ready.append(event.position)
             if events:

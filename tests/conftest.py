@@ -31,6 +31,7 @@ from almanac.settings import (
     RelaySettings,
     Settings,
     StoreSettings,
+    WebhookSettings,
 )
 
 PG_ADMIN_URL = os.environ.get(
@@ -135,11 +136,24 @@ def delete_nats_stream(url: str, name: str) -> None:
         pool.submit(asyncio.run, delete()).result(timeout=15)
 
 
+# Tests send webhooks to receivers on 127.0.0.1 over plain HTTP, with the retry schedule
+# compressed a thousandfold (5 s → 5 ms, 5 min → 0.3 s) and a short circuit-breaker pause.
+TEST_WEBHOOKS = WebhookSettings(
+    secret_key="dGVzdC1vbmx5LXdlYmhvb2stc2VjcmV0LWtleS0zMmI=",  # noqa: S106 - tests only
+    allowed_networks=("127.0.0.0/8",),
+    allow_http=True,
+    retry_scale=0.001,
+    breaker_cooldown=0.2,
+    poll_interval=0.05,
+)
+
+
 def embedded_settings(data_dir: Path) -> Settings:
     return Settings(
         store=StoreSettings(data_dir=data_dir),
         feed=FeedSettings(poll_interval=0.2),
         log=LogSettings(level="WARNING"),
+        webhooks=TEST_WEBHOOKS,
     )
 
 
@@ -155,6 +169,7 @@ def services_settings(postgres_url: str) -> Settings:
         relay=RelaySettings(
             stream=stream_name_for(database), subject_prefix=f"test.{database}.events"
         ),
+        webhooks=TEST_WEBHOOKS,
     )
 
 

@@ -13,7 +13,9 @@ from almanac.adapters.nats import NatsConnection
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.redis import RedisConnection
 from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
+from almanac.adapters.secretbox import SecretBox
 from almanac.adapters.sqlite import SqliteReadDatabase
+from almanac.adapters.webhook_targets import TargetGuard
 from almanac.auth import KeyRing
 from almanac.cache import ReadCache, TwoLevelCache
 from almanac.container import ROLES, BackgroundRole, Container
@@ -22,17 +24,20 @@ from almanac.domain.reading import Reading
 from almanac.eventstore import EventStore
 from almanac.feed import WorkFeed
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
-from almanac.settings import Profile, Settings
+from almanac.settings import Profile, Settings, WorkerSettings
 from commands.batch_process import BatchProcessManager
 from commands.worker import ReadingWorker
 from projections.batches import BatchesProjection
 from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
+from projections.webhooks import WebhookEndpointsProjection
 from streams.jetstream import JetStreamWorkFeed
 from streams.logfeed import LogFeed
 from streams.logwork import LogWorkFeed
 from streams.relay import Relay
+from streams.webhook_log import DeliveryLog
+from streams.webhooks import WebhookDeliverer, rate_storage
 from streams.websocket import Hub, LiveSource, LogSource, NatsSource
 
 
@@ -52,6 +57,9 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease: Lease = PostgresLease(settings.read_postgres_url, "projection:readings")
         batches_lease: Lease = PostgresLease(settings.read_postgres_url, "projection:batches")
         manager_lease: Lease = PostgresLease(settings.read_postgres_url, settings.batch.consumer)
+        endpoints_lease: Lease = PostgresLease(
+            settings.read_postgres_url, "projection:webhook_endpoints"
+        )
         if settings.store.read_replica_urls:
             read_router = ReadRouter(
                 read_db,
@@ -70,6 +78,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease = FileLease(locks / "projection-readings.lock")
         batches_lease = FileLease(locks / "projection-batches.lock")
         manager_lease = FileLease(locks / f"{settings.batch.consumer}.lock")
+        endpoints_lease = FileLease(locks / "projection-webhook-endpoints.lock")
     feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
@@ -114,6 +123,16 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     manager = BatchProcessManager(
         store, feed, manager_lease, settings.batch, batch_size=settings.feed.batch_size
     )
+    endpoints_projector = ProjectionRunner(
+        WebhookEndpointsProjection(),
+        feed,
+        read_db,
+        watch,
+        batch_size=settings.feed.batch_size,
+        lease=endpoints_lease,
+        settings=settings.projection,
+    )
+    deliverer = _deliverer(settings, store, feed, nats, read_db, watch, overrides)
     # Every API process sees every event: through NATS on services, from the log in-process.
     live: LiveSource = (
         NatsSource(nats, settings.relay.subject_prefix)
@@ -123,7 +142,8 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     background: dict[str, list[BackgroundRole]] = {
         "api": [Hub(store, live, settings.websocket)],
         "worker": [worker, manager],
-        "projector": [projector, batches_projector],
+        "projector": [projector, batches_projector, endpoints_projector],
+        "deliver": [deliverer],
     }
     if nats is not None and settings.store.postgres_url is not None:
         # One relay per stream publishes at a time; the others are hot standbys.
@@ -152,4 +172,45 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         read_router=read_router,
         background=background,
         roles=roles,
+        webhook_guard=deliverer.guard,
+        secret_box=deliverer.box,
+    )
+
+
+def _deliverer(  # noqa: PLR0917 - the collaborators bootstrap has made
+    settings: Settings,
+    store: EventStore,
+    feed: LogFeed,
+    nats: NatsConnection | None,
+    read_db: ReadDatabase,
+    watch: PositionWatch,
+    overrides: dict[str, Any],
+) -> WebhookDeliverer:
+    hooks = settings.webhooks
+    box = (
+        SecretBox(hooks.secret_key)
+        if hooks.secret_key
+        else SecretBox.from_key_file(settings.store.data_dir / "webhook-secret.key")
+    )
+    guard = TargetGuard(
+        hooks, **({"resolver": overrides["resolver"]} if "resolver" in overrides else {})
+    )
+    # Every event, shared among deliverers through their own durable consumer (services),
+    # or followed from the log with a tracked position (embedded).
+    intake = WorkerSettings(consumer=hooks.consumer, ack_wait=60.0, max_deliver=-1)
+    work: WorkFeed = (
+        JetStreamWorkFeed(nats, settings.relay, intake, event_type=None)
+        if nats is not None
+        else LogWorkFeed(store, feed, intake, event_type=None, batch_size=settings.feed.batch_size)
+    )
+    return WebhookDeliverer(
+        store,
+        work,
+        DeliveryLog(read_db),
+        watch,
+        box,
+        guard,
+        hooks,
+        rate_storage=rate_storage(settings.cache.redis_url, overrides.get("cache_prefix", "")),
+        batch_size=settings.feed.batch_size,
     )

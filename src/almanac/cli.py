@@ -56,7 +56,7 @@ def main() -> None:
     help="Comma-separated roles to run in this process.",
 )
 def serve(host: str | None, port: int | None, roles: str) -> None:
-    """Run the chosen roles (API, worker, projector, relay) in one process.
+    """Run the chosen roles (API, worker, projector, relay, deliver) in one process.
 
     The relay publishes to NATS JetStream, so it runs on the services profile only.
     """
@@ -108,6 +108,14 @@ def serve(host: str | None, port: int | None, roles: str) -> None:
     # that was installed before it started; this one makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Health port (ALMANAC_PORT, default 8000).")
+@click.pass_context
+def deliver(ctx: click.Context, port: int | None) -> None:
+    """Run the webhook deliverer alone (the same as `serve --roles deliver`)."""
+    ctx.invoke(serve, host=None, port=port, roles="deliver")
 
 
 def _welcome(settings: Settings, roles: tuple[str, ...], admin_key: str | None) -> None:

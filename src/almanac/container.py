@@ -12,6 +12,8 @@ import structlog
 from almanac.adapters.nats import NatsConnection
 from almanac.adapters.redis import RedisConnection
 from almanac.adapters.replicas import ReadRouter
+from almanac.adapters.secretbox import SecretBox
+from almanac.adapters.webhook_targets import TargetGuard
 from almanac.auth import KeyRing
 from almanac.cache import ReadCache
 from almanac.domain.interpretation import ReadingGenerator
@@ -23,7 +25,7 @@ from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.container")
 
-ROLES = ("api", "worker", "projector", "relay")
+ROLES = ("api", "worker", "projector", "relay", "deliver")
 # Roles that only exist on the services profile (the relay publishes to NATS).
 SERVICES_ROLES = frozenset({"relay"})
 
@@ -73,6 +75,10 @@ class Container:
     # Each background role is listed under the role name that runs it.
     background: dict[str, list[BackgroundRole]] = field(default_factory=dict)
     roles: tuple[str, ...] = ROLES
+    # Webhook URLs are checked against SSRF and secrets sealed with these (bootstrap makes
+    # both; a hand-made container without webhooks leaves them out).
+    webhook_guard: TargetGuard | None = None
+    secret_box: SecretBox | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _started: bool = False
 
@@ -137,6 +143,12 @@ class Container:
         await asyncio.to_thread(self.store.close)
         self._started = False
         log.info("almanac.stopped")
+
+    @property
+    def webhooks(self) -> tuple[TargetGuard, SecretBox]:
+        assert self.webhook_guard is not None, "bootstrap() sets up webhooks"
+        assert self.secret_box is not None, "bootstrap() sets up webhooks"
+        return self.webhook_guard, self.secret_box
 
     async def readiness(self) -> dict[str, str]:
         """Each engine of the active profile, ``ok`` or why not."""

@@ -6,6 +6,9 @@ of the bad ones together, so a misconfigured deployment is fixed in one round tr
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -163,6 +166,41 @@ class WebSocketSettings(msgspec.Struct, frozen=True):
     auth_timeout: float = 5.0
 
 
+# Seconds after a failed attempt before the next one (Svix's schedule); then it has failed.
+RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class WebhookSettings(msgspec.Struct, frozen=True):
+    """Webhook endpoints and the deliverer."""
+
+    # A Fernet key (urlsafe base64 of 32 bytes) that encrypts endpoint secrets at rest. When
+    # unset, a key file under the data directory is made and used (fine for one machine).
+    secret_key: str | None = None
+    # Networks a webhook URL may resolve into although they are private or reserved.
+    allowed_networks: tuple[str, ...] = ()
+    allow_http: bool = False
+    # An attempt that has no 2xx within this long has failed.
+    timeout: float = 15.0
+    retry_schedule: tuple[float, ...] = RETRY_SCHEDULE
+    # Multiplies every delay of the schedule: tests compress hours into moments with it.
+    retry_scale: float = 1.0
+    # How long the secret replaced by a rotation still signs deliveries too.
+    rotation_overlap: float = 86400.0
+    # An endpoint failing without any success for this long is disabled.
+    disable_after: float = 5 * 86400.0
+    # Consecutive failures that open an endpoint's circuit breaker, and how long it stays open.
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+    # Attempts in flight at once: in all, and to any one endpoint.
+    concurrency: int = 64
+    per_endpoint_concurrency: int = 4
+    # The durable JetStream consumer every deliverer shares (services), and the name of the
+    # deliverer's tracked position in the log (embedded).
+    consumer: str = "webhook-deliverer"
+    # How often the deliverer looks for attempts that fell due when nothing woke it.
+    poll_interval: float = 0.5
+
+
 class Settings(msgspec.Struct, frozen=True):
     store: StoreSettings = StoreSettings()
     cache: CacheSettings = CacheSettings()
@@ -175,6 +213,7 @@ class Settings(msgspec.Struct, frozen=True):
     websocket: WebSocketSettings = WebSocketSettings()
     relay: RelaySettings = RelaySettings()
     batch: BatchSettings = BatchSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @property
     def profile(self) -> Profile:
@@ -380,6 +419,7 @@ class _Reader:
                 "ALMANAC_BATCH_STANDBY_INTERVAL", _float_between(0.05, 60), 1.0
             ),
         )
+        webhooks = self.webhooks()
         if self.problems:
             raise SettingsError(self.problems)
         return Settings(
@@ -394,6 +434,51 @@ class _Reader:
             websocket=websocket,
             relay=relay,
             batch=batch,
+            webhooks=webhooks,
+        )
+
+    def webhooks(self) -> WebhookSettings:
+        default = WebhookSettings()
+        return WebhookSettings(
+            secret_key=self.get("ALMANAC_WEBHOOK_SECRET_KEY", _fernet_key, None),
+            allowed_networks=self.get("ALMANAC_WEBHOOK_ALLOWED_NETWORKS", _networks, ()),
+            allow_http=self.get("ALMANAC_WEBHOOK_ALLOW_HTTP", _bool, False),
+            timeout=self.get("ALMANAC_WEBHOOK_TIMEOUT", _float_between(0.1, 300), default.timeout),
+            retry_scale=self.get(
+                "ALMANAC_WEBHOOK_RETRY_SCALE", _float_between(0.0001, 100), default.retry_scale
+            ),
+            rotation_overlap=self.get(
+                "ALMANAC_WEBHOOK_ROTATION_OVERLAP",
+                _float_between(0, 30 * 86400),
+                default.rotation_overlap,
+            ),
+            disable_after=self.get(
+                "ALMANAC_WEBHOOK_DISABLE_AFTER",
+                _float_between(1, 365 * 86400),
+                default.disable_after,
+            ),
+            breaker_threshold=self.get(
+                "ALMANAC_WEBHOOK_BREAKER_THRESHOLD",
+                _int_between(1, 10_000),
+                default.breaker_threshold,
+            ),
+            breaker_cooldown=self.get(
+                "ALMANAC_WEBHOOK_BREAKER_COOLDOWN",
+                _float_between(0.01, 86400),
+                default.breaker_cooldown,
+            ),
+            concurrency=self.get(
+                "ALMANAC_WEBHOOK_CONCURRENCY", _int_between(1, 10_000), default.concurrency
+            ),
+            per_endpoint_concurrency=self.get(
+                "ALMANAC_WEBHOOK_ENDPOINT_CONCURRENCY",
+                _int_between(1, 1000),
+                default.per_endpoint_concurrency,
+            ),
+            consumer=self.get("ALMANAC_WEBHOOK_CONSUMER", _consumer_name, default.consumer),
+            poll_interval=self.get(
+                "ALMANAC_WEBHOOK_POLL_INTERVAL", _float_between(0.01, 60), default.poll_interval
+            ),
         )
 
     def worker(self) -> WorkerSettings:
@@ -533,6 +618,34 @@ def _max_bytes(raw: str) -> int:
     if value != -1 and not 1024 * 1024 <= value <= 2**62:
         raise ValueError(f"expected -1 (no limit) or at least 1048576 bytes, got {value}")
     return value
+
+
+def _fernet_key(raw: str) -> str:
+    try:
+        decoded = base64.urlsafe_b64decode(raw.encode())
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) != 32:
+        raise ValueError(
+            "expected a Fernet key: urlsafe base64 of 32 random bytes (make one with "
+            "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key()"
+            ".decode())'`)"
+        )
+    return raw
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    networks = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"expected comma-separated networks such as 10.0.0.0/8, got {item!r}"
+            ) from None
+    return tuple(networks)
 
 
 def _bool(raw: str) -> bool:

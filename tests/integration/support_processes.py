@@ -33,6 +33,17 @@ def role_env(settings: Settings, **extra: str) -> dict[str, str]:
             env["ALMANAC_READ_POSTGRES_URL"] = settings.store.read_postgres_url
         env["ALMANAC_NATS_STREAM"] = settings.relay.stream
         env["ALMANAC_NATS_SUBJECT_PREFIX"] = settings.relay.subject_prefix
+    hooks = settings.webhooks
+    if hooks.secret_key:
+        env["ALMANAC_WEBHOOK_SECRET_KEY"] = hooks.secret_key
+    env.update(
+        ALMANAC_WEBHOOK_ALLOWED_NETWORKS=",".join(hooks.allowed_networks),
+        ALMANAC_WEBHOOK_ALLOW_HTTP="1" if hooks.allow_http else "0",
+        ALMANAC_WEBHOOK_RETRY_SCALE=repr(hooks.retry_scale),
+        ALMANAC_WEBHOOK_BREAKER_COOLDOWN=repr(hooks.breaker_cooldown),
+        ALMANAC_WEBHOOK_POLL_INTERVAL=repr(hooks.poll_interval),
+        ALMANAC_WEBHOOK_TIMEOUT=repr(hooks.timeout),
+    )
     env.update(
         ALMANAC_POOL_SIZE=str(settings.store.pool_size),
         ALMANAC_BOOTSTRAP_ADMIN="0",

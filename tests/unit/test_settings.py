@@ -350,3 +350,46 @@ def test_reports_every_bad_worker_variable_at_once() -> None:
     ]
     assert "consumer name" in reasons["ALMANAC_WORKER_CONSUMER"]
     assert "-1 (no limit)" in reasons["ALMANAC_WORKER_MAX_DELIVER"]
+
+
+def test_webhooks_default_to_https_only_and_the_svix_schedule() -> None:
+    webhooks = Settings.from_env({}).webhooks
+    assert webhooks.allow_http is False
+    assert webhooks.allowed_networks == ()
+    assert webhooks.retry_schedule == (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    assert (webhooks.timeout, webhooks.rotation_overlap) == (15.0, 86400.0)
+    assert webhooks.consumer == "webhook-deliverer"
+
+
+def test_webhook_networks_http_and_schedule_scale_are_configurable() -> None:
+    webhooks = Settings.from_env(
+        {
+            "ALMANAC_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8, ::1/128",
+            "ALMANAC_WEBHOOK_ALLOW_HTTP": "1",
+            "ALMANAC_WEBHOOK_RETRY_SCALE": "0.001",
+            "ALMANAC_WEBHOOK_SECRET_KEY": "A" * 43 + "=",
+        }
+    ).webhooks
+    assert webhooks.allowed_networks == ("127.0.0.0/8", "::1/128")
+    assert webhooks.allow_http is True
+    assert webhooks.retry_scale == 0.001
+    assert webhooks.secret_key == "A" * 43 + "="
+
+
+def test_reports_every_bad_webhook_variable_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(
+            {
+                "ALMANAC_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8,not-a-network",
+                "ALMANAC_WEBHOOK_ALLOW_HTTP": "maybe",
+                "ALMANAC_WEBHOOK_SECRET_KEY": "short",
+                "ALMANAC_WEBHOOK_TIMEOUT": "0",
+            }
+        )
+    assert problem_vars(caught.value) == [
+        "ALMANAC_WEBHOOK_SECRET_KEY",
+        "ALMANAC_WEBHOOK_ALLOWED_NETWORKS",
+        "ALMANAC_WEBHOOK_ALLOW_HTTP",
+        "ALMANAC_WEBHOOK_TIMEOUT",
+    ]
+    assert "short" not in str(caught.value)

@@ -1,0 +1,254 @@
+"""Webhook endpoints and their deliveries, as the read model and the delivery log hold them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import msgspec
+
+from almanac.auth import Principal
+from almanac.errors import NotFound
+from almanac.readmodels import PositionWatch, ReadDatabase, Row
+
+ENDPOINTS = "webhook_endpoints"
+MAX_PAGE = 200
+DeliveryStatus = Literal["pending", "succeeded", "failed"]
+
+
+class WebhookView(msgspec.Struct, frozen=True):
+    id: UUID
+    url: str
+    event_types: list[str]
+    description: str
+    rate_limit: int | None
+    status: str
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    position: int
+
+
+class WebhookList(msgspec.Struct, frozen=True):
+    data: list[WebhookView]
+    position: int
+
+
+class AttemptView(msgspec.Struct, frozen=True):
+    id: str
+    attempted_at: datetime
+    outcome: str
+    status_code: int | None
+    latency_ms: float | None
+    error: str | None
+    response: str | None
+    trigger: str
+
+
+class DeliveryView(msgspec.Struct, frozen=True):
+    id: str
+    endpoint_id: UUID
+    event_type: str
+    position: int | None
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeliveryDetail(msgspec.Struct, frozen=True):
+    id: str
+    endpoint_id: UUID
+    event_type: str
+    position: int | None
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    payload: msgspec.Raw
+    attempt_log: list[AttemptView]
+
+
+class DeliveryPage(msgspec.Struct, frozen=True):
+    data: list[DeliveryView]
+    has_more: bool
+    next_cursor: str | None
+
+
+def _time(value: Any) -> datetime:
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+def _view(row: Row) -> WebhookView:
+    return WebhookView(
+        id=UUID(str(row["id"])),
+        url=row["url"],
+        event_types=msgspec.json.decode(row["event_types"], type=list[str]),
+        description=row["description"],
+        rate_limit=row["rate_limit"],
+        status=row["status"],
+        disabled_reason=row["disabled_reason"],
+        created_at=_time(row["created_at"]),
+        updated_at=_time(row["updated_at"]),
+        position=int(row["position"]),
+    )
+
+
+_ENDPOINT_COLUMNS = (
+    "id, owner, url, event_types, description, rate_limit, status, disabled_reason,"
+    " created_at, updated_at, position"
+)
+
+
+async def _reach(watch: PositionWatch, min_position: int | None, timeout: float) -> int:
+    from almanac.errors import NotYetVisible
+
+    if min_position is None:
+        return await watch.current(ENDPOINTS)
+    reached = await watch.wait_for(ENDPOINTS, min_position, timeout)
+    if reached < min_position:
+        raise NotYetVisible(
+            f"webhook endpoints have reached position {reached}, not {min_position} yet",
+            wanted=min_position,
+            current=reached,
+        )
+    return reached
+
+
+async def list_webhooks(
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    *,
+    min_position: int | None = None,
+    timeout: float = 2.0,
+) -> WebhookList:
+    position = await _reach(watch, min_position, timeout)
+    rows = await db.fetch_all(
+        f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints"
+        " WHERE owner = :owner AND status != 'deleted' ORDER BY created_at, id",
+        {"owner": principal.owner},
+    )
+    return WebhookList(data=[_view(r) for r in rows], position=position)
+
+
+async def get_webhook(
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    endpoint_id: UUID,
+    *,
+    min_position: int | None = None,
+    timeout: float = 2.0,
+) -> WebhookView:
+    await _reach(watch, min_position, timeout)
+    row = await _endpoint_row(db, principal, endpoint_id)
+    return _view(row)
+
+
+async def _endpoint_row(db: ReadDatabase, principal: Principal, endpoint_id: UUID) -> Row:
+    row = await db.fetch_one(
+        f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = :id",
+        {"id": str(endpoint_id)},
+    )
+    if row is None or row["status"] == "deleted" or not principal.may_see(row["owner"]):
+        raise NotFound(f"no webhook endpoint {endpoint_id}")
+    return row
+
+
+def _delivery(row: Row) -> DeliveryView:
+    due = row["next_attempt_at"]
+    return DeliveryView(
+        id=row["id"],
+        endpoint_id=UUID(str(row["endpoint_id"])),
+        event_type=row["event_type"],
+        position=row["position"],
+        status=row["status"],
+        attempts=int(row["attempts"]),
+        next_attempt_at=_time(due) if row["status"] == "pending" and due is not None else None,
+        created_at=_time(row["created_at"]),
+        updated_at=_time(row["updated_at"]),
+    )
+
+
+_DELIVERY_COLUMNS = (
+    "id, endpoint_id, owner, event_type, position, status, attempts, next_attempt_at,"
+    " created_at, updated_at"
+)
+
+
+async def list_deliveries(
+    db: ReadDatabase,
+    principal: Principal,
+    endpoint_id: UUID,
+    *,
+    status: DeliveryStatus | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> DeliveryPage:
+    """Newest first; ``cursor`` is the ``next_cursor`` of the page before."""
+    await _endpoint_row(db, principal, endpoint_id)
+    params: dict[str, Any] = {"endpoint_id": str(endpoint_id), "limit": limit + 1}
+    where = "endpoint_id = :endpoint_id"
+    if status is not None:
+        where += " AND status = :status"
+        params["status"] = status
+    if cursor is not None:
+        created, _, last_id = cursor.partition("~")
+        try:
+            params["c_at"] = float(created)
+        except ValueError:
+            from almanac.errors import FieldError, ValidationFailed
+
+            raise ValidationFailed([FieldError("cursor", "not a cursor of this list")]) from None
+        params["c_id"] = last_id
+        where += " AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))"
+    rows = await db.fetch_all(
+        f"SELECT {_DELIVERY_COLUMNS} FROM webhook_messages WHERE {where}"
+        " ORDER BY created_at DESC, id DESC LIMIT :limit",
+        params,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = f"{float(rows[-1]['created_at'])!r}~{rows[-1]['id']}" if more else None
+    return DeliveryPage(data=[_delivery(r) for r in rows], has_more=more, next_cursor=next_cursor)
+
+
+async def get_delivery(
+    db: ReadDatabase, principal: Principal, endpoint_id: UUID, delivery_id: str
+) -> DeliveryDetail:
+    await _endpoint_row(db, principal, endpoint_id)
+    row = await db.fetch_one(
+        f"SELECT {_DELIVERY_COLUMNS}, payload FROM webhook_messages"
+        " WHERE id = :id AND endpoint_id = :endpoint_id",
+        {"id": delivery_id, "endpoint_id": str(endpoint_id)},
+    )
+    if row is None:
+        raise NotFound(f"no delivery {delivery_id} to webhook endpoint {endpoint_id}")
+    attempts = await db.fetch_all(
+        "SELECT id, attempted_at, outcome, status_code, latency_ms, error, response, trigger"
+        " FROM webhook_attempts WHERE message_id = :id AND endpoint_id = :endpoint_id"
+        " ORDER BY attempted_at, id",
+        {"id": delivery_id, "endpoint_id": str(endpoint_id)},
+    )
+    view = _delivery(row)
+    return DeliveryDetail(
+        **msgspec.structs.asdict(view),
+        payload=msgspec.Raw(str(row["payload"]).encode()),
+        attempt_log=[
+            AttemptView(
+                id=a["id"],
+                attempted_at=_time(a["attempted_at"]),
+                outcome=a["outcome"],
+                status_code=a["status_code"],
+                latency_ms=a["latency_ms"],
+                error=a["error"],
+                response=a["response"],
+                trigger=a["trigger"],
+            )
+            for a in attempts
+        ],
+    )
