@@ -43,6 +43,7 @@ from psycopg.rows import tuple_row
 from almanac.domain.events import EventMeta
 from almanac.errors import Conflict, Unavailable
 from almanac.settings import Settings
+from almanac.timeouts import within
 
 log = structlog.get_logger("almanac.eventstore")
 
@@ -177,6 +178,8 @@ def open_application(env: dict[str, str]) -> AlmanacApplication:
 
 
 S = TypeVar("S")
+# Longest a command waits for the group-commit writer before answering 503.
+APPEND_TIMEOUT = 60.0
 # One compiled decoder per view type: views are few and live as long as the process.
 _view_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
@@ -295,11 +298,13 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="almanac-writer", daemon=True)
         self._lock = threading.Lock()
+        self._stopped = False
         self.batches = 0
         self.fallbacks = 0
 
     def start(self) -> None:
         with self._lock:
+            self._stopped = False
             if not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="almanac-writer", daemon=True
@@ -314,12 +319,17 @@ class GroupCommitWriter:
         if not events:
             future.set_exception(ValueError("nothing to save: no pending events"))
             return future
+        if self._stopped:
+            # A job queued behind a stopped writer would wait for ever.
+            future.set_exception(Unavailable("the event store is closed"))
+            return future
         self._queue.put(_Job(events, future))
         return future
 
     def stop(self) -> None:
         """Save everything queued so far, then end the thread."""
         with self._lock:
+            self._stopped = True
             if self._thread.is_alive():
                 self._queue.put(None)
                 self._thread.join(timeout=30)
@@ -420,8 +430,17 @@ class EventStore:
     # -- writing ---------------------------------------------------------------------------
 
     async def append(self, *aggregates: Aggregate) -> int:
-        """Save the aggregates' pending events durably; return the last event's position."""
-        return await asyncio.wrap_future(self.writer.submit(aggregates))
+        """Save the aggregates' pending events durably; return the last event's position.
+
+        A write not confirmed within ``APPEND_TIMEOUT`` answers ``Unavailable``: if it had
+        not started it is dropped, otherwise it may still land (a retry with the same
+        Idempotency-Key is then answered from the stored result)."""
+        try:
+            return await within(asyncio.wrap_future(self.writer.submit(aggregates)), APPEND_TIMEOUT)
+        except TimeoutError:
+            raise Unavailable(
+                f"the event store did not confirm the write within {APPEND_TIMEOUT:g} s"
+            ) from None
 
     def append_sync(self, *aggregates: Aggregate, timeout: float = 30) -> int:
         return self.writer.submit(aggregates).result(timeout=timeout)
