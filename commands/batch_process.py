@@ -34,6 +34,7 @@ from almanac.domain.reading import BatchLink, Reading
 from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import BatchSettings
+from almanac.timeouts import within
 
 log = structlog.get_logger("almanac.batches")
 
@@ -322,7 +323,7 @@ class BatchProcessManager:
 
     async def _sleep(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await within(self._stopping.wait(), seconds)
         except TimeoutError:
             return
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Literal
 
@@ -15,6 +14,7 @@ from almanac.auth import Principal
 from almanac.cache import CacheStats, ReadCache
 from almanac.container import Container
 from almanac.errors import Unavailable
+from almanac.timeouts import within
 
 # A monitoring request waits at most this long for Redis to answer.
 PING_TIMEOUT = 1.0
@@ -40,7 +40,7 @@ async def _redis_status(redis: RedisConnection | None) -> RedisStatus:
         return RedisStatus(status="not_configured")
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(redis.ping(), PING_TIMEOUT)
+        await within(redis.ping(), PING_TIMEOUT)
     except Unavailable as exc:
         return RedisStatus(status="unavailable", detail=exc.detail)
     except TimeoutError:

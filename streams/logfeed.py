@@ -16,6 +16,7 @@ import stamina
 import structlog
 
 from almanac.eventstore import EventStore, RecordedEvent
+from almanac.timeouts import within
 
 log = structlog.get_logger("almanac.feed")
 
@@ -58,7 +59,7 @@ class LogFollower:
         if events:
             return events
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), min(timeout, self._feed.poll_interval))
+            await within(self.wake.wait(), min(timeout, self._feed.poll_interval))
         return await store.read(after, limit)
 
     def close(self) -> None:

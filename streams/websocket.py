@@ -34,6 +34,7 @@ from almanac.errors import AlmanacError
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import WebSocketSettings
+from almanac.timeouts import within
 from streams.envelope import encode_event
 from streams.relay import AGGREGATE_ID, EVENT_TYPE, OWNER, POSITION
 
@@ -291,7 +292,7 @@ class Hub:
             except Exception as exc:  # noqa: BLE001 - the source dropped; resume where it was
                 log.warning("websocket.source_failed", position=self.position, error=repr(exc))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
+                    await within(self._stopping.wait(), pause)
                 pause = min(pause * 2, 5.0)
         log.info("websocket.hub_stopped", position=self.position, connections=self.connections)
 
@@ -457,7 +458,7 @@ class Session:
         key = self.key
         if key is None:
             try:
-                raw = await asyncio.wait_for(self.socket.receive_text(), self.settings.auth_timeout)
+                raw = await within(self.socket.receive_text(), self.settings.auth_timeout)
             except TimeoutError:
                 raise Closed(CLOSE_UNAUTHORIZED, "no API key: send {type: auth, key}") from None
             message = self._decode(raw)

@@ -34,6 +34,7 @@ import structlog
 
 from almanac.adapters.redis import REDIS_ERRORS, RedisConnection
 from almanac.settings import CacheSettings
+from almanac.timeouts import within
 from almanac.views import CachedReading, ChartView
 
 log = structlog.get_logger("almanac.cache")
@@ -561,7 +562,7 @@ class TwoLevelCache:
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await within(self._stopping.wait(), seconds)
 
     @property
     def degraded(self) -> bool:

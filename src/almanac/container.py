@@ -22,6 +22,7 @@ from almanac.eventstore import EventStore
 from almanac.feed import EventFeed
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.settings import Settings
+from almanac.timeouts import within
 
 log = structlog.get_logger("almanac.container")
 
@@ -51,7 +52,7 @@ class Stoppable:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await within(self._stopping.wait(), seconds)
 
 
 class Preparable(Protocol):
@@ -126,10 +127,15 @@ class Container:
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=10)
             for task in pending:
+                frames = task.get_stack(limit=1)
+                where = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "?"
+                log.warning("almanac.role_cancelled", role=task.get_name(), waiting_at=where)
                 task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if pending:
+                # Bounded too: a role that ignores its cancellation must not hold up the exit.
+                _, stuck = await asyncio.wait(pending, timeout=5)
+                for task in stuck:
+                    log.error("almanac.role_not_stopped", role=task.get_name())
         self._tasks.clear()
         await self.feed.stop()
         await self.cache.stop()
@@ -160,7 +166,7 @@ class Container:
         results: dict[str, str] = {}
         for name, check in checks.items():
             try:
-                await asyncio.wait_for(check, timeout=3)
+                await within(check, 3)
                 results[name] = "ok"
             except (AlmanacError, TimeoutError, OSError) as exc:
                 results[name] = getattr(exc, "detail", None) or type(exc).__name__

@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
+from almanac.timeouts import within
+
 Dialect = Literal["sqlite", "postgres"]
 Row = Mapping[str, Any]
 # One statement with the parameter sets to run it with, in order.
@@ -117,5 +119,5 @@ class PositionWatch:
             if current >= position or remaining <= 0:
                 return current
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(pause, remaining))
+                await within(self._changed.wait(), min(pause, remaining))
             pause = min(pause * 2, 0.1)

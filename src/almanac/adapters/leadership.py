@@ -12,7 +12,6 @@ must therefore stay idempotent: projector writes are guarded by positions.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -22,6 +21,8 @@ from typing import Any, Protocol
 
 import psycopg
 import structlog
+
+from almanac.timeouts import within
 
 log = structlog.get_logger("almanac.leadership")
 
@@ -89,7 +90,7 @@ class PostgresLease:
         if conn is None or conn.closed:
             return False
         try:
-            await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
+            await within(conn.execute("SELECT 1"), 5)
         except (psycopg.Error, TimeoutError):
             await self._drop()
             return False
