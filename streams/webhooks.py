@@ -41,6 +41,7 @@ from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
 from almanac.feed import Delivery, WorkFeed
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
+from almanac.timeouts import within
 from streams.envelope import envelope_of
 from streams.webhook_log import AttemptRecord, Claimed, DeliveryLog, NewMessage
 
@@ -55,6 +56,8 @@ USER_AGENT = "Almanac-Webhooks/0.1"
 # and how often a healthy endpoint's success is written down again.
 ENDPOINT_TTL = 1.0
 HEALTH_INTERVAL = 60.0
+# How long attempts under way may go on finishing once the deliverer is told to stop.
+STOP_GRACE = 5.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -162,6 +165,8 @@ class WebhookDeliverer:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._busy: dict[str, int] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
+        # The attempts of ``_in_flight`` past their endpoint's slot, so under way.
+        self._under_way: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
@@ -194,9 +199,13 @@ class WebhookDeliverer:
             intake.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await intake
+            # Attempts still waiting for a slot are dropped at once and those under way have a
+            # moment to finish; what is not settled falls due again when its lease runs out
+            # (an unconfirmed attempt is sent again with the same webhook-id).
+            for task in self._in_flight - self._under_way:
+                task.cancel()
             if self._in_flight:
-                # Finish what is under way; what is not settled falls due again by its lease.
-                await asyncio.wait(self._in_flight, timeout=self.settings.timeout + 1)
+                await asyncio.wait(self._in_flight, timeout=min(self.settings.timeout, STOP_GRACE))
                 for task in self._in_flight:
                     task.cancel()
             await self._client.aclose()
@@ -204,7 +213,7 @@ class WebhookDeliverer:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await within(self._stopping.wait(), seconds)
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -360,7 +369,7 @@ class WebhookDeliverer:
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.005))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                await within(self._wake.wait(), wait)
 
     async def _attempt(self, message: Claimed) -> None:
         endpoint_id = message.endpoint_id
@@ -369,7 +378,13 @@ class WebhookDeliverer:
         )
         try:
             async with slot:
-                await self._attempt_now(message)
+                task = asyncio.current_task()
+                assert task is not None
+                self._under_way.add(task)
+                try:
+                    await self._attempt_now(message)
+                finally:
+                    self._under_way.discard(task)
         except asyncio.CancelledError:
             raise
         except Exception:
