@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -18,6 +18,9 @@ from almanac.app import create_app
 from almanac.bootstrap import bootstrap
 from almanac.container import Container
 from almanac.settings import Settings
+from tests.integration.support_app import on_app_loop
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -27,6 +30,10 @@ class Api:
     admin: str
     alice: str
     bob: str
+
+    async def on_app(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await a coroutine of the container on the app's own loop (see ``on_app_loop``)."""
+        return await on_app_loop(self.client, fn, *args)
 
     @staticmethod
     def auth(key: str) -> dict[str, str]:
@@ -62,7 +69,7 @@ class Api:
             position = body["position"] + 1
 
     async def event_count(self) -> int:
-        return await self.container.store.max_position()
+        return await self.on_app(self.container.store.max_position)
 
 
 @asynccontextmanager

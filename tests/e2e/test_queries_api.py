@@ -62,7 +62,9 @@ async def test_paging_is_stable_while_new_readings_arrive(api: Api) -> None:
     seen = [i["id"] for i in page1["data"]]
     cursor = page1["next_cursor"]
     newer = await post_many(api, api.alice, 3)
-    await api.container.watch.wait_for("readings", int(newer[-1].headers["almanac-position"]), 5.0)
+    await api.on_app(
+        api.container.watch.wait_for, "readings", int(newer[-1].headers["almanac-position"]), 5.0
+    )
     while cursor:
         page = (
             await api.client.get(
@@ -164,8 +166,10 @@ async def test_readings_of_the_same_birth_data_share_one_chart(api: Api) -> None
     assert got.status_code == 200, got.text
     chart = got.json()
     assert chart["chart"] == readings[0]["chart"] == readings[1]["chart"]
-    rows = await api.container.read_db.fetch_all(
-        "SELECT chart_hash FROM charts WHERE chart_hash = :h", {"h": hash_a}
+    rows = await api.on_app(
+        api.container.read_db.fetch_all,
+        "SELECT chart_hash FROM charts WHERE chart_hash = :h",
+        {"h": hash_a},
     )
     assert len(rows) == 1
     other = await api.client.get(f"/api/v1/charts/{hash_a}", headers=api.auth(api.bob))

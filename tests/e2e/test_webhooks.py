@@ -110,7 +110,7 @@ async def test_registers_an_endpoint_and_shows_the_secret_only_once(hooks: Hooks
         await api.client.get(f"/api/v1/webhooks/{created['id']}", headers=api.auth(api.bob))
     ).status_code == 404
     # Stored encrypted: the secret appears nowhere in the event store.
-    events = await api.container.store.read(0, 1000)
+    events = await api.on_app(api.container.store.read, 0, 1000)
     assert not any(secret.encode() in e.state for e in events)
     assert not any(secret.removeprefix("whsec_").encode() in e.state for e in events)
 

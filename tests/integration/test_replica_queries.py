@@ -16,6 +16,7 @@ from almanac.bootstrap import bootstrap
 from almanac.settings import Settings, StoreSettings
 from tests.conftest import services_settings
 from tests.factories import birth_json
+from tests.integration.support_app import on_app_loop
 from tests.integration.support_replica import StreamingPair, missing_prerequisites, streaming_pair
 
 
@@ -69,5 +70,5 @@ async def test_queries_are_served_by_a_fresh_replica_and_reads_stay_consistent(
             if stats["replica"].routed > 0 and listing.json()["data"]:
                 break
             assert time.monotonic() < deadline, f"no listing served by the replica: {stats}"
-            await container.read_router.refresh()
+            await on_app_loop(client, container.read_router.refresh)
         assert [r["id"] for r in listing.json()["data"]] == [posted.json()["id"]]
