@@ -287,8 +287,17 @@ async def get_job_route(
     job_id: FromPath[UUID],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
-) -> JobView:
-    return await get_job(job_id, db=container.read_db, principal=principal)
+    min_position: MinPosition = None,
+) -> Response[JobView]:
+    view = await get_job(
+        job_id,
+        db=container.read_db,
+        watch=container.watch,
+        principal=principal,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(view, headers={"Almanac-Position": str(view.position)})
 
 
 @get(
@@ -307,15 +316,20 @@ async def list_jobs_route(
     cursor: Annotated[
         str | None, QueryParameter(description="`next_cursor` of the previous page.")
     ] = None,
-) -> JobPage:
-    return await list_jobs(
+    min_position: MinPosition = None,
+) -> Response[JobPage]:
+    page = await list_jobs(
         db=container.read_db,
+        watch=container.watch,
         principal=principal,
         kind=kind,
         state=job_state,
         limit=limit,
         cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
     )
+    return Response(page, headers={"Almanac-Position": str(page.position)})
 
 
 @get("/webhooks", summary="List webhook endpoints", tags=["webhooks"])
