@@ -9,9 +9,8 @@ from uuid import UUID
 
 import msgspec
 
-from almanac.errors import FieldError, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.batches import parse_time
+from queries.batches import cursor_number, parse_time
 from queries.readings import wait_for_position
 
 PROJECTION = "dead_letters"
@@ -73,15 +72,14 @@ async def list_dead_letters(
 ) -> DeadLetterPage:
     """A page of dead letters, the most recently recorded first (admins only: the caller
     checks)."""
-    if cursor is not None and not cursor.isdigit():
-        raise ValidationFailed([FieldError("cursor", "use next_cursor as given")])
+    before = cursor_number(cursor)
     await wait_for_position(watch, min_position, timeout, PROJECTION)
     position = await watch.current(PROJECTION)
     params: dict[str, Any] = {"limit": limit + 1}
     where = ""
     if cursor is not None:
         where = " WHERE failed_position < :before"
-        params["before"] = int(cursor)
+        params["before"] = before
     rows = await db.fetch_all(
         _SELECT + where + " ORDER BY failed_position DESC LIMIT :limit", params
     )

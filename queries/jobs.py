@@ -11,9 +11,9 @@ from uuid import UUID
 import msgspec
 
 from almanac.auth import Principal
-from almanac.errors import FieldError, NotFound, ValidationFailed
+from almanac.errors import NotFound
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.batches import parse_time
+from queries.batches import cursor_number, parse_time
 from queries.readings import wait_for_position
 
 JobKind = Literal["reading", "batch"]
@@ -141,8 +141,7 @@ async def list_jobs(
     min_position: int | None,
     timeout: float,
 ) -> JobPage:
-    if cursor is not None and not cursor.isdigit():
-        raise ValidationFailed([FieldError("cursor", "use next_cursor as given")])
+    before = cursor_number(cursor)
     await _wait(watch, min_position, timeout)
     position = min([await watch.current(p) for p in PROJECTIONS])
     where: list[str] = []
@@ -153,7 +152,7 @@ async def list_jobs(
     if cursor is not None:
         # Positions are one global order, so one cursor pages through both kinds at once.
         where.append("{pos} < :before")
-        params["before"] = int(cursor)
+        params["before"] = before
     found: list[tuple[int, JobView]] = []
     if kind in {None, "reading"}:
         clauses = [w.format(pos="requested_position") for w in where]

@@ -371,3 +371,13 @@ async def test_a_bad_min_position_on_jobs_is_422_naming_it(api: Api, path: str) 
         assert got.status_code == 422, got.text
         assert got.headers["content-type"].startswith(PROBLEM)
         assert [e["field"] for e in got.json()["errors"]] == ["min_position"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/jobs", "/api/v1/batches"])
+async def test_a_cursor_not_made_by_the_listing_is_422_naming_it(api: Api, path: str) -> None:
+    """Not digits, a digit that is not ASCII, a number too large for a position."""
+    for bad in ("latest", "\u00b2", "9" * 30):
+        got = await api.client.get(path, params={"cursor": bad}, headers=api.auth(api.alice))
+        assert got.status_code == 422, (bad, got.text)
+        assert got.headers["content-type"].startswith(PROBLEM)
+        assert [e["field"] for e in got.json()["errors"]] == ["cursor"]

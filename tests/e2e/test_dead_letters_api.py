@@ -131,6 +131,8 @@ async def test_dead_letters_are_for_admins_and_bad_parameters_are_422(impatient_
         ("limit=0", "limit"),
         ("limit=201", "limit"),
         ("cursor=latest", "cursor"),
+        ("cursor=%C2%B2", "cursor"),
+        (f"cursor={'9' * 30}", "cursor"),
         ("min_position=-1", "min_position"),
         ("min_position=soon", "min_position"),
     ):
