@@ -5,9 +5,12 @@ services profile a JetStream consumer that every worker process shares, so the r
 split among them; on the embedded profile the event store's log from a tracked position.
 A reading is acknowledged only once its events are appended, or it is found settled
 already; on a transient failure it is handed back, and a worker that dies leaves it to be
-delivered again. Handling is idempotent (a settled reading is skipped, a half-done one
-continues from its chart) and appends are guarded by the aggregate's version, so however
-often a reading is delivered, it is completed once.
+delivered again. When its last try (``ALMANAC_WORKER_MAX_DELIVER``) fails, or the feed
+marks a delivery exhausted because the last try went unanswered, the reading fails as
+exhausted, carrying a dead letter: nothing is dropped with only a log line. Handling is
+idempotent (a settled reading is skipped, a half-done one continues from its chart) and
+appends are guarded by the aggregate's version, so however often a reading is delivered,
+it is completed once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import structlog
 from almanac.container import Stoppable
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart, chart_hash
 from almanac.domain.interpretation import GenerationFailed, ReadingGenerator, ReadingText
-from almanac.domain.reading import Reading
+from almanac.domain.reading import DeadLetter, Reading
 from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import ConcurrencyConflict, EventStore
 from almanac.feed import Delivery, EventRef, WorkFeed
@@ -36,6 +39,11 @@ ChartCalculator = Callable[[BirthData, ChartOptions], Chart]
 # asking again) costs one calculation. Commands never read read models, so this is the
 # worker's own cache, not the ``charts`` table.
 CHART_CACHE_SIZE = 4096
+# The last error of readings whose dead letter could not be recorded on their last try, for
+# the exhausted delivery that follows (if it comes to this process).
+LAST_ERRORS_SIZE = 1024
+# The last error of a reading whose last try ended without an answer.
+UNANSWERED = "the last delivery ended without an answer (its worker stopped or died)"
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -72,6 +80,7 @@ class ReadingWorker(Stoppable):
         self.handled = 0
         self.charts_reused = 0
         self._charts: OrderedDict[str, Chart] = OrderedDict()
+        self._last_errors: OrderedDict[int, str] = OrderedDict()
         self._in_flight: set[asyncio.Task[None]] = set()
         super().__init__()
 
@@ -137,18 +146,23 @@ class ReadingWorker(Stoppable):
             log_.info("worker.redelivered")
         keepalive = asyncio.create_task(self._keep_alive(delivery))
         try:
+            if delivery.exhausted:
+                # The last try went unanswered (its worker died, say, or could not record it).
+                await self._give_up(delivery, None, log_)
+                return
             if event.type == Reading.Requested.TOPIC:
                 await self._handle(event)
         except asyncio.CancelledError:
             # Hand it back now rather than after the ack wait.
             await self._answer(delivery.nak(), log_, "worker.nak_failed")
             raise
-        except Exception as exc:  # transient: the reading comes back later
+        except Exception as exc:  # noqa: BLE001 - transient: it comes back later, or is given up
+            error = str(exc) or type(exc).__name__
             max_deliver = self.settings.max_deliver
             if max_deliver != -1 and delivery.attempt >= max_deliver:
-                log_.exception("worker.reading_abandoned", error=str(exc) or type(exc).__name__)
-            else:
-                log_.warning("worker.reading_deferred", error=str(exc) or type(exc).__name__)
+                await self._give_up(delivery, error, log_)
+                return
+            log_.warning("worker.reading_deferred", error=error)
             await self._answer(
                 delivery.nak(delay=redelivery_delay(delivery.attempt)), log_, "worker.nak_failed"
             )
@@ -158,6 +172,58 @@ class ReadingWorker(Stoppable):
         self.handled += 1
         # A lost ack costs only a redelivery, found settled and skipped.
         await self._answer(delivery.ack(), log_, "worker.ack_failed")
+
+    async def _give_up(self, delivery: Delivery, error: str | None, log_: Any) -> None:
+        """Record the dead letter: the reading fails as exhausted (so a batch gets its item's
+        outcome), then the delivery is acknowledged. Should the record fail too (the event
+        store still down, say), the delivery is handed back: after the last try, the exhausted
+        delivery tries again; after that one, the feed drops the event and logs it."""
+        event = delivery.event
+        tries = delivery.attempt - 1 if delivery.exhausted else delivery.attempt
+        remembered = self._last_errors.pop(event.position, None)
+        last_error = error or remembered or UNANSWERED
+        dead = DeadLetter(self.settings.consumer, event.position, tries, last_error)
+        try:
+            position = await self._abandon(event, dead)
+        except Exception as exc:
+            log_.exception(
+                "worker.dead_letter_failed",
+                deliveries=tries,
+                last_error=last_error,
+                error=str(exc) or type(exc).__name__,
+            )
+            if not delivery.exhausted:
+                self._remember(event.position, last_error)
+            await self._answer(
+                delivery.nak(delay=redelivery_delay(delivery.attempt)), log_, "worker.nak_failed"
+            )
+            return
+        if position is not None:
+            log_.error(
+                "worker.reading_abandoned",
+                deliveries=tries,
+                last_error=last_error,
+                failed_position=position,
+            )
+        await self._answer(delivery.ack(), log_, "worker.ack_failed")
+
+    async def _abandon(self, event: EventRef, dead: DeadLetter) -> int | None:
+        """Fail the reading with the dead letter; ``None`` if it is settled (or gone) already."""
+        for _ in range(5):
+            reading = await self.store.load(Reading, event.aggregate_id)
+            if reading is None or reading.settled:
+                return None
+            reading.abandon(dead, event.meta.caused_by(event.position))
+            try:
+                return await self.store.append(reading)
+            except ConcurrencyConflict:
+                continue
+        raise ConcurrencyConflict(f"reading {event.aggregate_id} kept changing under the worker")
+
+    def _remember(self, position: int, error: str) -> None:
+        self._last_errors[position] = error
+        if len(self._last_errors) > LAST_ERRORS_SIZE:
+            self._last_errors.popitem(last=False)
 
     @staticmethod
     async def _answer(answer: Awaitable[None], log_: Any, failed: str) -> None:

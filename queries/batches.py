@@ -159,10 +159,13 @@ async def get_batch(
     return batch_from_row(row)
 
 
-def _cursor(raw: str | None, field: str = "cursor") -> int:
+def cursor_number(raw: str | None, field: str = "cursor") -> int:
+    """The number a ``next_cursor`` carries (-1 for none)."""
     if raw is None:
         return -1
-    if not raw.isdigit():
+    # ASCII digits within a 64-bit integer: anything else was not made here (and ``int``
+    # would refuse a superscript digit, or the database a number too large).
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise ValidationFailed([FieldError(field, "use next_cursor as given")])
     return int(raw)
 
@@ -188,7 +191,7 @@ async def list_batches(
         params["owner"] = principal.owner
     if cursor is not None:
         where.append("started_position < :before")
-        params["before"] = _cursor(cursor)
+        params["before"] = cursor_number(cursor)
     if status is not None:
         where.append("status = :status")
         params["status"] = status
@@ -221,7 +224,7 @@ async def batch_results(
         timeout=timeout,
     )
     position = await watch.current(PROJECTION)
-    params = {"batch_id": str(batch_id), "after": _cursor(cursor), "limit": limit + 1}
+    params = {"batch_id": str(batch_id), "after": cursor_number(cursor), "limit": limit + 1}
     rows = await db.fetch_all(_SELECT_ITEMS, params)
     more = len(rows) > limit
     items = [_item(r) for r in rows[:limit]]

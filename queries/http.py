@@ -30,6 +30,8 @@ from queries.batches import (
     stream_results,
 )
 from queries.charts import get_chart
+from queries.dead_letters import MAX_PAGE as MAX_DEAD_LETTER_PAGE
+from queries.dead_letters import DeadLetterPage, list_dead_letters
 from queries.fields import parse_fields, select
 from queries.jobs import JobKind, JobPage, JobState, JobView, get_job, list_jobs
 from queries.readings import (
@@ -287,8 +289,17 @@ async def get_job_route(
     job_id: FromPath[UUID],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
-) -> JobView:
-    return await get_job(job_id, db=container.read_db, principal=principal)
+    min_position: MinPosition = None,
+) -> Response[JobView]:
+    view = await get_job(
+        job_id,
+        db=container.read_db,
+        watch=container.watch,
+        principal=principal,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(view, headers={"Almanac-Position": str(view.position)})
 
 
 @get(
@@ -307,15 +318,50 @@ async def list_jobs_route(
     cursor: Annotated[
         str | None, QueryParameter(description="`next_cursor` of the previous page.")
     ] = None,
-) -> JobPage:
-    return await list_jobs(
+    min_position: MinPosition = None,
+) -> Response[JobPage]:
+    page = await list_jobs(
         db=container.read_db,
+        watch=container.watch,
         principal=principal,
         kind=kind,
         state=job_state,
         limit=limit,
         cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
     )
+    return Response(page, headers={"Almanac-Position": str(page.position)})
+
+
+@get(
+    "/dead-letters",
+    summary="Work given up on after its last delivery, newest first (admin)",
+    description=(
+        "One record per reading whose every delivery to the workers failed "
+        "(`ALMANAC_WORKER_MAX_DELIVER`); the reading itself failed with the reason."
+    ),
+    tags=["admin"],
+)
+async def list_dead_letters_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_DEAD_LETTER_PAGE)] = 50,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`next_cursor` of the previous page.")
+    ] = None,
+    min_position: MinPosition = None,
+) -> Response[DeadLetterPage]:
+    principal.require_admin()
+    page = await list_dead_letters(
+        db=container.read_db,
+        watch=container.watch,
+        limit=limit,
+        cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(page, headers={"Almanac-Position": str(page.position)})
 
 
 @get("/webhooks", summary="List webhook endpoints", tags=["webhooks"])
@@ -396,6 +442,7 @@ handlers = [
     get_batch_route,
     list_batches_route,
     batch_results_route,
+    list_dead_letters_route,
     list_webhooks_route,
     get_webhook_route,
     list_deliveries_route,

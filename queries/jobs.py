@@ -11,13 +11,16 @@ from uuid import UUID
 import msgspec
 
 from almanac.auth import Principal
-from almanac.errors import FieldError, NotFound, ValidationFailed
-from almanac.readmodels import ReadDatabase, Row
-from queries.batches import parse_time
+from almanac.errors import NotFound
+from almanac.readmodels import PositionWatch, ReadDatabase, Row
+from queries.batches import cursor_number, parse_time
+from queries.readings import wait_for_position
 
 JobKind = Literal["reading", "batch"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 MAX_PAGE = 200
+# Jobs are read from both read models: a ``min_position`` waits for each.
+PROJECTIONS = ("readings", "batches")
 
 # Each kind's own statuses, as job states.
 _READING_STATES: dict[str, JobState] = {
@@ -46,6 +49,8 @@ class JobPage(msgspec.Struct, frozen=True):
     data: list[JobView]
     has_more: bool
     next_cursor: str | None
+    # The position both read models have reached: the page reflects every event up to it.
+    position: int
 
 
 _READINGS = (
@@ -91,7 +96,21 @@ def _batch_job(row: Row) -> JobView:
     )
 
 
-async def get_job(job_id: UUID, *, db: ReadDatabase, principal: Principal) -> JobView:
+async def _wait(watch: PositionWatch, min_position: int | None, timeout: float) -> None:
+    for projection in PROJECTIONS:
+        await wait_for_position(watch, min_position, timeout, projection)
+
+
+async def get_job(
+    job_id: UUID,
+    *,
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    min_position: int | None,
+    timeout: float,
+) -> JobView:
+    await _wait(watch, min_position, timeout)
     for sql, build in ((_READINGS, _reading_job), (_BATCHES, _batch_job)):
         row = await db.fetch_one(sql + " WHERE id = :id", {"id": str(job_id)})
         if row is not None and principal.may_see(str(row["owner"])):
@@ -113,14 +132,18 @@ def _batch_statuses(state: JobState) -> tuple[str, str]:
 async def list_jobs(
     *,
     db: ReadDatabase,
+    watch: PositionWatch,
     principal: Principal,
     kind: JobKind | None,
     state: JobState | None,
     limit: int,
     cursor: str | None,
+    min_position: int | None,
+    timeout: float,
 ) -> JobPage:
-    if cursor is not None and not cursor.isdigit():
-        raise ValidationFailed([FieldError("cursor", "use next_cursor as given")])
+    before = cursor_number(cursor)
+    await _wait(watch, min_position, timeout)
+    position = min([await watch.current(p) for p in PROJECTIONS])
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
@@ -129,7 +152,7 @@ async def list_jobs(
     if cursor is not None:
         # Positions are one global order, so one cursor pages through both kinds at once.
         where.append("{pos} < :before")
-        params["before"] = int(cursor)
+        params["before"] = before
     found: list[tuple[int, JobView]] = []
     if kind in {None, "reading"}:
         clauses = [w.format(pos="requested_position") for w in where]
@@ -150,4 +173,5 @@ async def list_jobs(
     found.sort(key=lambda pair: pair[0], reverse=True)
     more = len(found) > limit
     page = found[:limit]
-    return JobPage([job for _, job in page], more, str(page[-1][0]) if more else None)
+    next_cursor = str(page[-1][0]) if more else None
+    return JobPage([job for _, job in page], more, next_cursor, position)

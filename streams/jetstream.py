@@ -5,7 +5,8 @@ Every worker process binds to the same durable consumer, filtered to the subject
 event type, so each message goes to one worker at a time. A message is acknowledged only
 once its work is done; one that is handed back (``nak``) or left unacknowledged past the
 ack wait, because its worker died, is delivered again, to whichever worker asks next, up
-to the consumer's max deliveries. The consumer is created, or updated to the configured
+to the configured max deliveries, then once more marked exhausted (the consumer's own
+``max_deliver`` is one higher). The consumer is created, or updated to the configured
 settings, when a worker opens the feed.
 """
 
@@ -73,7 +74,9 @@ def consumer_config(
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=worker.ack_wait,
-        max_deliver=worker.max_deliver,
+        # One delivery more than the work gets: the last is marked exhausted, for the
+        # consumer to record the event as given up (see ``JetStreamDelivery.exhausted``).
+        max_deliver=worker.max_deliver + 1 if worker.max_deliver != -1 else -1,
         filter_subject=(
             subject_for(relay.subject_prefix, event_type)
             if event_type is not None
@@ -83,9 +86,10 @@ def consumer_config(
 
 
 class JetStreamDelivery:
-    def __init__(self, message: Any, event: StreamEvent) -> None:
+    def __init__(self, message: Any, event: StreamEvent, max_deliver: int) -> None:
         self._message = message
         self._event = event
+        self._max_deliver = max_deliver
 
     @property
     def event(self) -> StreamEvent:
@@ -94,6 +98,10 @@ class JetStreamDelivery:
     @property
     def attempt(self) -> int:
         return int(self._message.metadata.num_delivered)
+
+    @property
+    def exhausted(self) -> bool:
+        return self._max_deliver != -1 and self.attempt > self._max_deliver
 
     async def ack(self) -> None:
         # Acknowledged by the server before the caller moves on: a lost ack would only
@@ -180,7 +188,7 @@ class JetStreamWorkFeed:
                 )
                 await message.term()
                 continue
-            deliveries.append(JetStreamDelivery(message, event))
+            deliveries.append(JetStreamDelivery(message, event, self.worker.max_deliver))
         return deliveries
 
     async def close(self) -> None:

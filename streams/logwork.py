@@ -4,7 +4,8 @@ One consumer reads the log from its saved position and hands out the events of o
 (or of every type).
 The saved position only ever passes an event once it is acknowledged, so after a restart
 everything unacknowledged is delivered again; within a run, an event handed back, or left
-unacknowledged past the ack wait, comes again too. Consumers of the same name in several
+unacknowledged past the ack wait, comes again too (up to max deliveries, then once more
+marked exhausted, to be recorded as given up). Consumers of the same name in several
 processes do not share the work out: each sees every event (harmless, as handling is
 idempotent). Sharing work among processes is what the JetStream feed is for.
 """
@@ -30,10 +31,13 @@ CHECKPOINT_INTERVAL = 0.5
 
 
 class LogDelivery:
-    def __init__(self, feed: LogWorkFeed, event: RecordedEvent, attempt: int) -> None:
+    def __init__(
+        self, feed: LogWorkFeed, event: RecordedEvent, attempt: int, *, exhausted: bool
+    ) -> None:
         self._feed = feed
         self._event = event
         self._attempt = attempt
+        self._exhausted = exhausted
 
     @property
     def event(self) -> RecordedEvent:
@@ -42,6 +46,10 @@ class LogDelivery:
     @property
     def attempt(self) -> int:
         return self._attempt
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted
 
     async def ack(self) -> None:
         self._feed.acked(self)
@@ -123,13 +131,19 @@ class LogWorkFeed:
     def _hand_out(self, limit: int) -> list[Delivery]:
         deliveries: list[Delivery] = []
         expires = time.monotonic() + self.settings.ack_wait
+        max_deliver = self.settings.max_deliver
         while self._ready and len(deliveries) < limit:
             position = self._ready.popleft()
             if position not in self._unfinished:
                 continue
             attempt = self._attempts.get(position, 0) + 1
             self._attempts[position] = attempt
-            delivery = LogDelivery(self, self._unfinished[position], attempt)
+            delivery = LogDelivery(
+                self,
+                self._unfinished[position],
+                attempt,
+                exhausted=max_deliver != -1 and attempt > max_deliver,
+            )
             self._out[position] = (delivery, expires)
             deliveries.append(delivery)
         return deliveries
@@ -147,7 +161,8 @@ class LogWorkFeed:
 
     def _again(self, position: int) -> None:
         max_deliver = self.settings.max_deliver
-        if max_deliver != -1 and self._attempts.get(position, 0) >= max_deliver:
+        if max_deliver != -1 and self._attempts.get(position, 0) > max_deliver:
+            # Even the delivery for recording it as given up went unanswered.
             log.error(
                 "workfeed.delivery_exhausted",
                 consumer=self.name,

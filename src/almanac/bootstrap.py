@@ -29,6 +29,7 @@ from commands.batch_process import BatchProcessManager
 from commands.worker import ReadingWorker
 from projections.batches import BatchesProjection
 from projections.cache_refresher import CacheRefresher
+from projections.dead_letters import DeadLettersProjection
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from projections.webhooks import WebhookEndpointsProjection
@@ -60,6 +61,9 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         endpoints_lease: Lease = PostgresLease(
             settings.read_postgres_url, "projection:webhook_endpoints"
         )
+        dead_letters_lease: Lease = PostgresLease(
+            settings.read_postgres_url, "projection:dead_letters"
+        )
         if settings.store.read_replica_urls:
             read_router = ReadRouter(
                 read_db,
@@ -79,6 +83,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         batches_lease = FileLease(locks / "projection-batches.lock")
         manager_lease = FileLease(locks / f"{settings.batch.consumer}.lock")
         endpoints_lease = FileLease(locks / "projection-webhook-endpoints.lock")
+        dead_letters_lease = FileLease(locks / "projection-dead-letters.lock")
     feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
@@ -132,6 +137,15 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         lease=endpoints_lease,
         settings=settings.projection,
     )
+    dead_letters_projector = ProjectionRunner(
+        DeadLettersProjection(),
+        feed,
+        read_db,
+        watch,
+        batch_size=settings.feed.batch_size,
+        lease=dead_letters_lease,
+        settings=settings.projection,
+    )
     deliverer = _deliverer(settings, store, feed, nats, read_db, watch, overrides)
     # Every API process sees every event: through NATS on services, from the log in-process.
     live: LiveSource = (
@@ -142,7 +156,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     background: dict[str, list[BackgroundRole]] = {
         "api": [Hub(store, live, settings.websocket)],
         "worker": [worker, manager],
-        "projector": [projector, batches_projector, endpoints_projector],
+        "projector": [projector, batches_projector, endpoints_projector, dead_letters_projector],
         "deliver": [deliverer],
     }
     if nats is not None and settings.store.postgres_url is not None:

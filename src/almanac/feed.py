@@ -58,6 +58,13 @@ class Delivery(Protocol):
         within one run only: after a restart it starts again at 1)."""
         ...
 
+    @property
+    def exhausted(self) -> bool:
+        """True on the one delivery that follows the last of ``max_deliver`` unacknowledged
+        ones: not for trying the work again, but for recording that it was given up (a
+        dead letter). If this one is not acknowledged either, the event is dropped."""
+        ...
+
     async def ack(self) -> None:
         """Done: the event is never delivered again."""
         ...
@@ -76,7 +83,9 @@ class WorkFeed(Protocol):
 
     Each event goes to one consumer at a time; one that is neither acknowledged nor handed
     back within the ack wait (its consumer died, say) is delivered again, as is one handed
-    back with ``nak``. A single consumer gets first deliveries in position order.
+    back with ``nak``, up to ``max_deliver`` times; then once more, marked ``exhausted``, so
+    that the consumer records it as given up, whether its last delivery failed or its
+    consumer died. A single consumer gets first deliveries in position order.
     """
 
     async def open(self) -> None:

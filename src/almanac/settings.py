@@ -125,9 +125,10 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     # A reading handed to a worker and neither acknowledged nor handed back within this long
     # goes to another worker: how soon the work of a killed worker is taken up.
     ack_wait: float = 30.0
-    # Deliveries of one reading before it is given up on (-1: never). Each worker failure
-    # hands a reading back with a growing delay, so the default outlasts a long outage,
-    # yet a reading that kills every worker that takes it does not do so forever.
+    # Deliveries of one reading before it is given up on (-1: never): it then fails as
+    # exhausted, with a dead letter. Each worker failure hands a reading back with a growing
+    # delay, so the default outlasts a long outage, yet a reading that kills every worker
+    # that takes it does not do so forever.
     max_deliver: int = 100
 
 

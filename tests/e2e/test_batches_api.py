@@ -339,3 +339,45 @@ async def test_jobs_view_covers_readings_and_batches(api: Api) -> None:
         "/api/v1/jobs", params={"kind": "batch", "state": "succeeded"}, headers=api.auth(api.alice)
     )
     assert [j["id"] for j in succeeded.json()["data"]] == [batch_id]
+
+
+async def test_jobs_read_your_own_write_with_min_position(api: Api) -> None:
+    """Right after the command, with no polling: the job waits for both read models."""
+    accepted = await api.post_reading(api.alice, {"birth": birth_json()})
+    position = int(accepted.headers["almanac-position"])
+    reading_id = accepted.json()["id"]
+    one = await api.client.get(
+        f"/api/v1/jobs/{reading_id}", params={"min_position": position}, headers=api.auth(api.alice)
+    )
+    assert one.status_code == 200, one.text
+    assert (one.json()["id"], one.json()["kind"]) == (reading_id, "reading")
+    assert int(one.headers["almanac-position"]) >= position
+    listed = await api.client.get(
+        "/api/v1/jobs", params={"min_position": position}, headers=api.auth(api.alice)
+    )
+    assert listed.status_code == 200, listed.text
+    page = listed.json()
+    assert reading_id in [j["id"] for j in page["data"]]
+    assert page["position"] >= position
+    assert int(listed.headers["almanac-position"]) == page["position"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/jobs", "/api/v1/jobs/77777777-0000-4000-8000-000000000000"]
+)
+async def test_a_bad_min_position_on_jobs_is_422_naming_it(api: Api, path: str) -> None:
+    for bad in ("soon", "-1"):
+        got = await api.client.get(path, params={"min_position": bad}, headers=api.auth(api.alice))
+        assert got.status_code == 422, got.text
+        assert got.headers["content-type"].startswith(PROBLEM)
+        assert [e["field"] for e in got.json()["errors"]] == ["min_position"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/jobs", "/api/v1/batches"])
+async def test_a_cursor_not_made_by_the_listing_is_422_naming_it(api: Api, path: str) -> None:
+    """Not digits, a digit that is not ASCII, a number too large for a position."""
+    for bad in ("latest", "\u00b2", "9" * 30):
+        got = await api.client.get(path, params={"cursor": bad}, headers=api.auth(api.alice))
+        assert got.status_code == 422, (bad, got.text)
+        assert got.headers["content-type"].startswith(PROBLEM)
+        assert [e["field"] for e in got.json()["errors"]] == ["cursor"]

@@ -29,7 +29,7 @@ async def test_lists_every_projection_with_its_state_position_and_lag(api: Api) 
         response = await api.client.get("/api/v1/projections", headers=api.auth(api.admin))
         assert response.status_code == 200, response.text
         listed = {p["name"]: p for p in response.json()["projections"]}
-        assert set(listed) == {"batches", "readings", "webhook_endpoints"}
+        assert set(listed) == {"batches", "dead_letters", "readings", "webhook_endpoints"}
         readings = listed["readings"]
         return readings if readings["position"] == end else None
 

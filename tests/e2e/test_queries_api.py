@@ -215,6 +215,10 @@ async def test_every_query_endpoint_honours_min_position(impatient_api: Api) -> 
         f"{response.headers['location']}?min_position={far}",
         f"/api/v1/readings?min_position={far}",
         f"/api/v1/charts/{'0' * 64}?min_position={far}",
+        f"/api/v1/jobs/{response.json()['id']}?min_position={far}",
+        f"/api/v1/jobs?min_position={far}",
+        f"/api/v1/batches?min_position={far}",
+        f"/api/v1/webhooks?min_position={far}",
     ):
         got = await impatient_api.client.get(url, headers=impatient_api.auth(impatient_api.alice))
         assert got.status_code == 503, url

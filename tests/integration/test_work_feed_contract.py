@@ -100,6 +100,7 @@ class WorkFeedContract:
         assert sorted(positions_of(got)) == requested
         assert {d.event.type for d in got} == {REQUESTED}
         assert {d.attempt for d in got} == {1}
+        assert {d.exhausted for d in got} == {False}
         # Each delivery names its event as stored.
         for delivery in got:
             [stored] = await source.store.read(delivery.event.position - 1, 1)
@@ -151,14 +152,32 @@ class WorkFeedContract:
         assert sorted(positions_of(again)) == requested[2:]
         await second.close()
 
-    async def test_an_event_is_delivered_at_most_max_deliver_times(self, source: Source) -> None:
-        await request(source.store, 1)
+    async def test_after_max_deliver_tries_an_event_comes_once_more_marked_exhausted(
+        self, source: Source
+    ) -> None:
+        """Handed back every time, even on the exhausted delivery: then it never comes again."""
+        [position] = await request(source.store, 1)
         feed = await source.open_feed(msgspec.structs.replace(WORKER, max_deliver=2))
-        [first] = await take(feed, 1, ack=False)
-        await first.nak()
-        [second] = await take(feed, 1, ack=False)
-        assert second.attempt == 2
-        await second.nak()
+        seen = []
+        for _ in range(3):
+            [delivery] = await take(feed, 1, ack=False)
+            seen.append((delivery.event.position, delivery.attempt, delivery.exhausted))
+            await delivery.nak()
+        assert seen == [(position, 1, False), (position, 2, False), (position, 3, True)]
+        assert await everything_within(feed, ACK_WAIT * 2) == []
+        await feed.close()
+
+    async def test_a_last_try_left_unanswered_comes_once_more_marked_exhausted(
+        self, source: Source
+    ) -> None:
+        """As when the worker holding the last try dies: the dead letter is still recorded."""
+        [position] = await request(source.store, 1)
+        feed = await source.open_feed(msgspec.structs.replace(WORKER, max_deliver=1))
+        [only_try] = await take(feed, 1, ack=False)
+        assert (only_try.attempt, only_try.exhausted) == (1, False)
+        [last] = await take(feed, 1, ack=False, within=ACK_WAIT + 20)
+        assert (last.event.position, last.attempt, last.exhausted) == (position, 2, True)
+        await last.ack()
         assert await everything_within(feed, ACK_WAIT * 2) == []
         await feed.close()
 
@@ -266,7 +285,8 @@ class TestJetStreamWorkFeed(WorkFeedContract):
         second: Any = await source.open_feed(changed)
         client = await second.nats.connect()
         info = await client.jetstream().consumer_info(second.relay.stream, changed.consumer)
-        assert (info.config.ack_wait, info.config.max_deliver) == (7.0, 4)
+        # One more than configured: the delivery marked exhausted.
+        assert (info.config.ack_wait, info.config.max_deliver) == (7.0, 5)
 
 
 async def opened_when_the_stream_exists(feed: WorkFeed) -> None:

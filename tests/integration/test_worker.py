@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+import msgspec
 
 from almanac.container import Container
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
 from almanac.domain.kinds import ReadingKind
+from almanac.domain.reading import DeadLetter, Reading
 from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
+from almanac.feed import Delivery
 from almanac.settings import Settings
-from commands.worker import ReadingWorker
+from commands.worker import UNANSWERED, ReadingWorker
+from tests.conftest import embedded_settings
 from tests.factories import birth, new_reading
 from tests.integration.support_containers import running, settled
 from tests.integration.support_eventlog import (
@@ -377,3 +384,153 @@ async def test_identical_birth_data_reuses_the_calculated_chart(settings: Settin
     assert {r.status for r in done} == {"generated"}
     assert len(calculations) == 1
     assert len({r.chart.chart_hash for r in done if r.chart is not None}) == 1
+
+
+def giving_up_after(settings: Settings, max_deliver: int) -> Settings:
+    return msgspec.structs.replace(
+        settings, worker=msgspec.structs.replace(settings.worker, max_deliver=max_deliver)
+    )
+
+
+class UnreachableGenerator:
+    """A generator whose service is down: every call is a transient failure."""
+
+    name = "unreachable"
+    version = "1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
+        self.calls += 1
+        raise Unavailable("the oracle is unreachable")
+
+
+async def test_a_reading_whose_every_delivery_fails_is_failed_as_exhausted_with_a_dead_letter(
+    settings: Settings,
+) -> None:
+    generator = UnreachableGenerator()
+    async with running(giving_up_after(settings, 3), generator=generator) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert done.status == "failed"
+    assert done.failure == "exhausted 3 deliveries: the oracle is unreachable"
+    assert generator.calls == 3, "one try per delivery, the last one included"
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, FAILED]
+    requested, failed = events[0], events[2]
+    assert failed.event.dead_letter == DeadLetter(
+        consumer=settings.worker.consumer,
+        position=requested.position,
+        deliveries=3,
+        last_error="the oracle is unreachable",
+    )
+    assert failed.meta.causation_id == f"position:{requested.position}"
+
+
+class RefusingFirstDeadLetterStore(EventStore):
+    """The event store, unavailable for the first dead letter the worker records."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.refused = 0
+
+    async def append(self, *aggregates: Any) -> int:
+        dead_letters = [
+            e
+            for a in aggregates
+            for e in a.pending_events
+            if isinstance(e, Reading.Failed) and e.dead_letter is not None
+        ]
+        if dead_letters and not self.refused:
+            self.refused += 1
+            raise Unavailable("the event store is restarting")
+        return await super().append(*aggregates)
+
+
+async def test_a_dead_letter_the_store_refuses_is_recorded_on_the_exhausted_delivery(
+    settings: Settings,
+) -> None:
+    """The last try's error is kept for the extra delivery the feed makes after it."""
+    generator = UnreachableGenerator()
+    tight = giving_up_after(settings, 2)
+    store = RefusingFirstDeadLetterStore(tight)
+    async with running(tight, generator=generator, store=store) as container:
+        reading = new_reading()
+        await container.store.append(reading)
+        [done] = await settled(container, [reading.id])
+        events = (by_reading(await whole_log(container.store)))[reading.id]
+    assert store.refused == 1
+    assert generator.calls == 2, "the exhausted delivery records the failure, it does not retry"
+    assert done.failure == "exhausted 2 deliveries: the oracle is unreachable"
+    assert [e.type for e in events] == [REQUESTED, CHART_CALCULATED, FAILED]
+    assert events[2].event.dead_letter.deliveries == 2
+
+
+class ScriptedDelivery:
+    """One delivery as a feed would make it, noting how it was answered."""
+
+    def __init__(self, event: RecordedEvent, attempt: int, *, exhausted: bool) -> None:
+        self.event = event
+        self.attempt = attempt
+        self.exhausted = exhausted
+        self.answers: list[str] = []
+
+    async def ack(self) -> None:
+        self.answers.append("ack")
+
+    async def nak(self, delay: float = 0.0) -> None:
+        self.answers.append("nak")
+
+    async def in_progress(self) -> None:
+        return None
+
+
+class ScriptedFeed:
+    """A work feed that hands out the deliveries it is given, then nothing more."""
+
+    def __init__(self, deliveries: list[Delivery]) -> None:
+        self.waiting = deliveries
+        self._never = asyncio.Event()
+
+    async def open(self) -> None:
+        return None
+
+    async def fetch(self, limit: int, timeout: float) -> list[Delivery]:
+        if self.waiting:
+            handed, self.waiting = self.waiting[:limit], self.waiting[limit:]
+            return handed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._never.wait(), timeout)
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_exhausted_delivery_after_an_unanswered_last_try_fails_the_reading(
+    tmp_path: Path,
+) -> None:
+    """As when the worker on the last try died: no error is known, and the reason says so."""
+    settings = giving_up_after(embedded_settings(tmp_path / "var"), 3)
+    store = EventStore(settings)
+    reading = new_reading()
+    await store.append(reading)
+    [requested] = await store.read(0, 1)
+    delivery = ScriptedDelivery(requested, 4, exhausted=True)
+    generator = CountingGenerator()
+    feed = ScriptedFeed([delivery])
+    async with running(settings, store=store, generator=generator, work_feed=feed) as container:
+        [done] = await settled(container, [reading.id])
+        await eventually(lambda: _true(delivery.answers == ["ack"]), what="the delivery acked")
+        [failed] = [e for e in (await whole_log(store)) if e.type == FAILED]
+    assert done.failure == f"exhausted 3 deliveries: {UNANSWERED}"
+    assert generator.calls == 0
+    assert failed.event.dead_letter == DeadLetter(
+        settings.worker.consumer, requested.position, 3, UNANSWERED
+    )
+
+
+async def _true(value: bool) -> bool:
+    return value

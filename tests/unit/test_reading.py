@@ -13,8 +13,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from almanac.domain.chart import calculate_chart
 from almanac.domain.events import EventMeta
 from almanac.domain.interpretation import BuiltinGenerator, ReadingText
-from almanac.domain.reading import Reading, ReadingAlreadySettled
+from almanac.domain.reading import DeadLetter, Reading, ReadingAlreadySettled
 from almanac.errors import Conflict
+from almanac.eventstore import MsgspecMapper, RecordedEvent
 from tests.factories import birth, meta, new_reading
 
 CHART = calculate_chart(birth())
@@ -98,6 +99,35 @@ def test_failing_after_the_chart_is_a_text_failure() -> None:
     assert failed.stage == "text"
 
 
+def test_abandoning_fails_the_reading_with_the_dead_letter_and_its_reason() -> None:
+    reading = new_reading()
+    reading.record_chart(CHART, meta())
+    dead = DeadLetter("reading-worker", position=7, deliveries=5, last_error="the store is down")
+    reading.abandon(dead, meta())
+    assert reading.status == "failed"
+    assert reading.failure == "exhausted 5 deliveries: the store is down"
+    [failed] = [e for e in reading.pending_events if isinstance(e, Reading.Failed)]
+    assert (failed.stage, failed.dead_letter) == ("text", dead)
+    once = DeadLetter("reading-worker", position=7, deliveries=1, last_error="boom")
+    assert once.reason == "exhausted 1 delivery: boom"
+
+
+def test_the_dead_letter_survives_storage_and_older_failures_have_none() -> None:
+    abandoned = new_reading()
+    dead = DeadLetter("reading-worker", position=1, deliveries=2, last_error="gone")
+    abandoned.abandon(dead, meta())
+    stored = RecordedEvent.of(abandoned.pending_events[-1], 2)
+    assert stored.event.dead_letter == dead
+    # A failure stored before dead letters existed has no such field at all.
+    plain = RecordedEvent.of(failed_reading().pending_events[-1], 2)
+    assert b"dead_letter" in plain.state
+    old_state = plain.state.replace(b',"dead_letter":null', b"")
+    assert b"dead_letter" not in old_state
+    old = RecordedEvent(2, plain.type, plain.aggregate_key, 2, old_state, MsgspecMapper())
+    assert old.event.dead_letter is None
+    assert old.event.reason == "the sky was overcast"
+
+
 def test_refuses_a_second_chart() -> None:
     reading = new_reading()
     reading.record_chart(CHART, meta())
@@ -115,7 +145,7 @@ def test_refuses_a_text_before_the_chart() -> None:
 
 
 @pytest.mark.parametrize("settle", [generated_reading, failed_reading], ids=["generated", "failed"])
-@pytest.mark.parametrize("action", ["record_chart", "record_text", "fail"])
+@pytest.mark.parametrize("action", ["record_chart", "record_text", "fail", "abandon"])
 def test_refuses_anything_after_settlement(settle: Any, action: str) -> None:
     reading = settle()
     before = (reading.status, reading.version, len(reading.pending_events))
@@ -123,6 +153,7 @@ def test_refuses_anything_after_settlement(settle: Any, action: str) -> None:
         "record_chart": (CHART, meta()),
         "record_text": (TEXT, meta()),
         "fail": ("too late", meta()),
+        "abandon": (DeadLetter("reading-worker", 1, 3, "too late"), meta()),
     }
     with pytest.raises(ReadingAlreadySettled, match=f"already {before[0]}"):
         getattr(reading, action)(*args[action])

@@ -21,6 +21,7 @@ from almanac.errors import Conflict
 __all__ = [
     "READING_KINDS",
     "BatchLink",
+    "DeadLetter",
     "Reading",
     "ReadingAlreadySettled",
     "ReadingKind",
@@ -35,6 +36,21 @@ class BatchLink(msgspec.Struct, frozen=True):
     batch_id: UUID
     index: int
     attempt: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """Work on a reading given up: its request, at ``position``, was delivered ``deliveries``
+    times to the work feed's ``consumer`` and never done; ``last_error`` is the last failure."""
+
+    consumer: str
+    position: int
+    deliveries: int
+    last_error: str
+
+    @property
+    def reason(self) -> str:
+        deliveries = "1 delivery" if self.deliveries == 1 else f"{self.deliveries} deliveries"
+        return f"exhausted {deliveries}: {self.last_error}"
 
 
 class ReadingAlreadySettled(Conflict):
@@ -86,6 +102,9 @@ class Reading(Aggregate):
         TOPIC = "reading.failed"
         reason: str
         stage: Literal["chart", "text"]
+        # Set when the reading failed because its work was given up after every delivery
+        # failed (absent otherwise, and from events stored before dead letters).
+        dead_letter: DeadLetter | None = None
 
         def apply(self, aggregate: Reading) -> None:
             aggregate.status = "failed"
@@ -156,8 +175,22 @@ class Reading(Aggregate):
 
     def fail(self, reason: str, meta: EventMeta) -> None:
         self._require_open()
-        stage: Literal["chart", "text"] = "chart" if self.chart is None else "text"
-        self.trigger_event(self.Failed, reason=reason, stage=stage, meta=meta)
+        self.trigger_event(self.Failed, reason=reason, stage=self._stage, meta=meta)
+
+    def abandon(self, dead_letter: DeadLetter, meta: EventMeta) -> None:
+        """Fail the reading because the work on it was given up (delivered too often)."""
+        self._require_open()
+        self.trigger_event(
+            self.Failed,
+            reason=dead_letter.reason,
+            stage=self._stage,
+            meta=meta,
+            dead_letter=dead_letter,
+        )
+
+    @property
+    def _stage(self) -> Literal["chart", "text"]:
+        return "chart" if self.chart is None else "text"
 
     def _require_open(self) -> None:
         if self.settled:
