@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from typing import NoReturn
 
@@ -61,11 +60,11 @@ def serve(host: str | None, port: int | None, roles: str) -> None:
     The relay publishes to NATS JetStream, so it runs on the services profile only.
     """
     import msgspec
-    import uvicorn
 
     from almanac.app import create_app
     from almanac.bootstrap import bootstrap
     from almanac.logs import configure_logging
+    from almanac.server import serve as serve_app
 
     chosen = _parse_roles(roles)
     settings = load_settings()
@@ -84,30 +83,7 @@ def serve(host: str | None, port: int | None, roles: str) -> None:
     if "api" in chosen and settings.access.bootstrap_admin:
         issued = container.keyring.issue_first_admin()
     _welcome(settings, chosen, issued.secret if issued else None)
-    app = create_app(settings, container)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=http.host,
-            port=http.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=20,
-            # WebSockets: no per-message deflate (its zlib state costs ~60 kB a connection,
-            # and frames are small); clients send at most small control messages; the hub's
-            # own heartbeats keep idle connections alive, so the server sends no pings.
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_max_size=64 * 1024,
-            ws_max_queue=8,
-            ws_ping_interval=None,
-        )
-    )
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler
-    # that was installed before it started; this one makes that a clean exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.run()
+    serve_app(create_app(settings, container), host=http.host, port=http.port)
 
 
 @main.command()
