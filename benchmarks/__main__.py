@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import api, appends, batches, projections, webhooks, websocket
+from benchmarks import api, appends, batches, projections, relay, webhooks, websocket
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,16 @@ BENCHMARKS: dict[str, Benchmark] = {
         2.0,
         http=True,
     ),
+    "relay": Benchmark(
+        relay.run,
+        "the relay publishing a stored log to JetStream vs a bare NATS publish loop",
+        ("services",),
+        0.5,
+        sized=True,
+    ),
     "websocket": Benchmark(
         websocket.run,
-        "command -> WebSocket frame at 1k commands/s, 100 clients; bare NATS publish loop",
+        "command -> WebSocket frame at 1k commands/s, 100 clients",
         ("services",),
         0.7,
     ),
@@ -154,7 +161,7 @@ def main() -> None:
         type=int,
         default=None,
         help=(
-            "size of the seeded log (rebuild), items per batch (batches),"
+            "size of the seeded log (rebuild, relay), items per batch (batches),"
             " or events to deliver (webhooks)"
         ),
     )
