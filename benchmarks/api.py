@@ -379,7 +379,8 @@ def _finish(spy: subprocess.Popen[bytes] | None) -> None:
 
 def _report(r: dict[str, Any]) -> None:
     p, t = r["peaks_per_s"], r["targets"]
-    half = r["get_half_load"]
+    # A load generator run that got no answers has no percentiles: shown as nan.
+    half = {k: float("nan") if v is None else v for k, v in r["get_half_load"].items()}
     print(
         f"POST /api/v1/readings, {CONNECTIONS} connections: bare {p['bare_post']:,.0f}/s, "
         f"almanac {p['post']:,.0f}/s (p50 {r['post_p50_ms']:.1f} ms, p99 "
