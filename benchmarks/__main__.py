@@ -2,7 +2,7 @@
 
 ``almanac bench NAME`` is the same (``almanac bench --list`` lists them). With no name every
 benchmark runs; ``--profile all`` runs each on every profile where it means something (what
-``make bench`` does, about 15 minutes on 2 cores).
+``make bench`` does, about 18 minutes on 2 cores).
 """
 
 from __future__ import annotations
