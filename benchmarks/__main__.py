@@ -1,4 +1,9 @@
-"""``python -m benchmarks [NAME ...] [--seconds N] [--profile P] [--events N]``: run, save JSON."""
+"""``python -m benchmarks [NAME ...] [--seconds N] [--profile P] [--events N]``: run, save JSON.
+
+``almanac bench NAME`` is the same (``almanac bench --list`` lists them). With no name every
+benchmark runs; ``--profile all`` runs each on every profile where it means something (what
+``make bench`` does, about 18 minutes on 2 cores).
+"""
 
 from __future__ import annotations
 
@@ -8,49 +13,172 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import appends, batches, projections, webhooks, websocket
+from benchmarks import api, appends, batches, projections, relay, webhooks, websocket
 
-BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
-    "appends": appends.run,
-    "rebuild": projections.run_rebuild,
-    "lag": projections.run_lag,
-    "websocket": websocket.run,
-    "connections": websocket.run_connections,
-    "batches": batches.run,
-    "webhooks": webhooks.run,
+
+@dataclass(frozen=True)
+class Benchmark:
+    run: Callable[..., dict[str, Any]]
+    summary: str
+    profiles: tuple[str, ...]
+    # Rough wall time of one run at the default --seconds, for planning (2 cores).
+    minutes: float
+    # Takes --events (the size of what it seeds or sends).
+    sized: bool = False
+    # Takes --server and --pyspy.
+    http: bool = False
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "appends": Benchmark(
+        appends.run,
+        "group-commit appends, 1 and 64 writers, vs psycopg single-row inserts (1/8 clients)",
+        ("services", "embedded"),
+        0.5,
+    ),
+    "rebuild": Benchmark(
+        projections.run_rebuild,
+        "readings projection rebuilt from position 0 (events/s), vs executemany",
+        ("services", "embedded"),
+        2.0,
+        sized=True,
+    ),
+    "lag": Benchmark(
+        projections.run_lag,
+        "command -> read model visible at 1k commands/s (p50/p99)",
+        ("services", "embedded"),
+        0.5,
+    ),
+    "api": Benchmark(
+        api.run,
+        "POST and GET /api/v1/readings vs a bare Litestar app (wrk); latency vs load; RSS",
+        ("services", "embedded"),
+        2.0,
+        http=True,
+    ),
+    "relay": Benchmark(
+        relay.run,
+        "the relay publishing a stored log to JetStream vs a bare NATS publish loop",
+        ("services",),
+        0.5,
+        sized=True,
+    ),
+    "websocket": Benchmark(
+        websocket.run,
+        "command -> WebSocket frame at 1k commands/s, 100 clients",
+        ("services",),
+        0.7,
+    ),
+    "connections": Benchmark(
+        websocket.run_connections,
+        "10,000 WebSockets on one API process: broadcast delay and RSS",
+        ("services",),
+        3.0,
+    ),
+    "batches": Benchmark(
+        batches.run,
+        "batch items/s with 1 and 2 workers vs single readings",
+        ("services",),
+        1.5,
+        sized=True,
+    ),
+    "webhooks": Benchmark(
+        webhooks.run,
+        "webhook deliveries to a local receiver vs a bare httpx POST loop",
+        ("services", "embedded"),
+        1.0,
+        sized=True,
+    ),
 }
 RESULTS = Path(__file__).parent / "results"
 
 
+def listing() -> str:
+    rows = [
+        f"{name:<12} {b.summary} [{', '.join(b.profiles)}; ~{b.minutes:g} min each]"
+        for name, b in BENCHMARKS.items()
+    ]
+    total = sum(b.minutes * len(b.profiles) for b in BENCHMARKS.values())
+    rows.append(f"every benchmark on every profile (make bench): ~{total:.0f} min")
+    return "\n".join(rows)
+
+
+def run_benchmarks(
+    names: list[str],
+    *,
+    seconds: float | None = None,
+    profile: str = "services",
+    events: int | None = None,
+    server: str = "uvicorn",
+    pyspy: bool = False,
+) -> list[Path]:
+    """Run each named benchmark on ``profile`` (or on each of its profiles, for "all")."""
+    RESULTS.mkdir(exist_ok=True)
+    saved: list[Path] = []
+    for name in names or list(BENCHMARKS):
+        bench = BENCHMARKS[name]
+        profiles = bench.profiles if profile == "all" else (profile,)
+        for each in profiles:
+            options: dict[str, Any] = {"profile": each}
+            if seconds is not None:
+                options["seconds"] = seconds
+            if events and bench.sized:
+                options["events"] = events
+            if bench.http:
+                options.update(server=server, pyspy=pyspy)
+            length = f"{seconds:g}s per measurement" if seconds else "default lengths"
+            print(f"== {name} ({each}, {length})")
+            result = bench.run(**options)
+            result["machine"] = {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+            }
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            path = RESULTS / f"{name}-{each}-{stamp}.json"
+            path.write_text(json.dumps(result, indent=2))
+            print(f"   saved {path}")
+            saved.append(path)
+    return saved
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("names", nargs="*", default=list(BENCHMARKS), choices=[*BENCHMARKS, []])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
-    parser.add_argument("--profile", choices=["services", "embedded"], default="services")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []])
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="length of each measurement (default: each's)"
+    )
+    parser.add_argument("--profile", choices=["services", "embedded", "all"], default="services")
     parser.add_argument(
         "--events",
         type=int,
         default=None,
         help=(
-            "size of the seeded log (rebuild), items per batch (batches),"
+            "size of the seeded log (rebuild, relay), items per batch (batches),"
             " or events to deliver (webhooks)"
         ),
     )
+    parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    parser.add_argument("--pyspy", action="store_true", help="profile the API process (api)")
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
-    for name in args.names or list(BENCHMARKS):
-        print(f"== {name} ({args.profile}, {args.seconds:g}s per measurement)")
-        sized = name in {"rebuild", "batches", "webhooks"}
-        sizes = {"events": args.events} if args.events and sized else {}
-        result = BENCHMARKS[name](seconds=args.seconds, profile=args.profile, **sizes)
-        result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        path = RESULTS / f"{name}-{args.profile}-{stamp}.json"
-        path.write_text(json.dumps(result, indent=2))
-        print(f"   saved {path}")
+    if args.list:
+        print(listing())
+        return
+    run_benchmarks(
+        args.names,
+        seconds=args.seconds,
+        profile=args.profile,
+        events=args.events,
+        server=args.server,
+        pyspy=args.pyspy,
+    )
 
 
 if __name__ == "__main__":

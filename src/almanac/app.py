@@ -237,7 +237,13 @@ def create_app(
         # A guard runs before the body is read: no key means 401, whatever the body holds.
         connection.state.principal = await authenticate(connection)
 
-    async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+    # The principal depends on the container (whose keyring vouches for it), so Litestar
+    # resolves the two in turn; two independent providers would be resolved concurrently
+    # in an anyio task group per request, which cost more than the whole query handler.
+    async def provide_principal(
+        request: Request[Any, Any, Any], container: NamedDependency[Container]
+    ) -> Principal:
+        del container  # a parameter only for the order of resolution
         principal = request.state.get("principal")
         return principal if isinstance(principal, Principal) else await authenticate(request)
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -61,11 +60,11 @@ def serve(host: str | None, port: int | None, roles: str) -> None:
     The relay publishes to NATS JetStream, so it runs on the services profile only.
     """
     import msgspec
-    import uvicorn
 
     from almanac.app import create_app
     from almanac.bootstrap import bootstrap
     from almanac.logs import configure_logging
+    from almanac.server import serve as serve_app
 
     chosen = _parse_roles(roles)
     settings = load_settings()
@@ -84,30 +83,7 @@ def serve(host: str | None, port: int | None, roles: str) -> None:
     if "api" in chosen and settings.access.bootstrap_admin:
         issued = container.keyring.issue_first_admin()
     _welcome(settings, chosen, issued.secret if issued else None)
-    app = create_app(settings, container)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=http.host,
-            port=http.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=20,
-            # WebSockets: no per-message deflate (its zlib state costs ~60 kB a connection,
-            # and frames are small); clients send at most small control messages; the hub's
-            # own heartbeats keep idle connections alive, so the server sends no pings.
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_max_size=64 * 1024,
-            ws_max_queue=8,
-            ws_ping_interval=None,
-        )
-    )
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler
-    # that was installed before it started; this one makes that a clean exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.run()
+    serve_app(create_app(settings, container), host=http.host, port=http.port)
 
 
 @main.command()
@@ -210,6 +186,77 @@ def migrate() -> None:
 
     asyncio.run(run())
     console.print(f"migrated ({settings.profile.value} profile)")
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--list", "list_only", is_flag=True, help="List the benchmarks and exit.")
+@click.option(
+    "--seconds", type=float, default=None, help="Length of each measurement (default: each's)."
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["services", "embedded", "all"]),
+    default="services",
+    show_default=True,
+    help="Profile to measure; 'all': every profile where the benchmark means something.",
+)
+@click.option("--events", type=int, default=None, help="Size of what a sized benchmark seeds.")
+@click.option(
+    "--server",
+    type=click.Choice(["uvicorn", "granian"]),
+    default="uvicorn",
+    show_default=True,
+    help="ASGI server of the HTTP benchmarks.",
+)
+@click.option("--pyspy", is_flag=True, help="Profile the API process with py-spy (api).")
+def bench(
+    *,
+    names: tuple[str, ...],
+    list_only: bool,
+    seconds: float | None,
+    profile: str,
+    events: int | None,
+    server: str,
+    pyspy: bool,
+) -> None:
+    """Run benchmarks (all of them without NAMES); results go to benchmarks/results/.
+
+    The benchmarks live in the repository, not in the installed package: run this from a
+    checkout (it is what `python -m benchmarks` runs).
+    """
+    suite = _benchmark_suite()
+    if list_only:
+        print(suite.listing())
+        return
+    unknown = [n for n in names if n not in suite.BENCHMARKS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(suite.BENCHMARKS)}",
+            param_hint="NAMES",
+        )
+    suite.run_benchmarks(
+        list(names),
+        seconds=seconds,
+        profile=profile,
+        events=events,
+        server=server,
+        pyspy=pyspy,
+    )
+
+
+def _benchmark_suite() -> Any:
+    """The ``benchmarks`` package of the checkout in the working directory (or on the path)."""
+    import importlib
+    from pathlib import Path
+
+    checkout = Path.cwd()
+    if (checkout / "benchmarks" / "__main__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module("benchmarks.__main__")
+    except ImportError:
+        _fail("the benchmarks are not here: run `almanac bench` from a checkout of Almanac")
 
 
 if __name__ == "__main__":

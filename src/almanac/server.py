@@ -1,0 +1,40 @@
+"""The ASGI server of every ``almanac serve`` process, with its settings in one place.
+
+Benchmarks serve their bare baseline app through ``serve`` too, so that both run under the
+same server with the same settings. Why uvicorn and not granian: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+
+def serve(app: Any, *, host: str, port: int) -> None:
+    """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT, then shut down gracefully."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=20,
+            # WebSockets: no per-message deflate (its zlib state costs ~60 kB a connection,
+            # and frames are small); clients send at most small control messages; the hub's
+            # own heartbeats keep idle connections alive, so the server sends no pings.
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            ws_max_size=64 * 1024,
+            ws_max_queue=8,
+            ws_ping_interval=None,
+        )
+    )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler
+    # that was installed before it started; this one makes that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run()

@@ -1,0 +1,74 @@
+"""The benchmark suite's own tools: the command that runs it and the bare baseline app.
+
+Benchmarks measure and are not run here; these check only that the suite can be listed and
+that the baseline serves what Almanac serves, so that the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import msgspec
+from click.testing import CliRunner
+from litestar.testing import TestClient
+
+from almanac.cli import main
+from almanac.domain.chart import ChartOptions
+from almanac.views import ReadingView
+from benchmarks.bare_app import create_bare_app
+from tests.factories import birth, birth_json
+
+
+def _reading() -> bytes:
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    view = ReadingView(
+        id=uuid.uuid4(),
+        status="generated",
+        kind="natal",
+        label="Ada",
+        birth=birth(),
+        options=ChartOptions(),
+        chart_hash="c" * 64,
+        chart=None,
+        text=None,
+        failure=None,
+        created_at=moment,
+        updated_at=moment,
+        position=42,
+    )
+    return msgspec.json.encode(view)
+
+
+def test_bench_lists_every_benchmark_with_its_profiles() -> None:
+    result = CliRunner().invoke(main, ["bench", "--list"])
+    assert result.exit_code == 0, result.output
+    for name in ("appends", "rebuild", "lag", "api", "websocket", "webhooks"):
+        assert name in result.output
+    assert "make bench" in result.output
+
+
+def test_bench_refuses_an_unknown_benchmark() -> None:
+    result = CliRunner().invoke(main, ["bench", "no-such-benchmark"])
+    assert result.exit_code == 2
+    assert "unknown benchmark" in result.output
+
+
+def test_bare_app_serves_the_reading_it_was_given_byte_for_byte() -> None:
+    body = _reading()
+    with TestClient(create_bare_app(body)) as client:
+        got = client.get(f"/api/v1/readings/{uuid.uuid4()}")
+    assert got.status_code == 200
+    assert got.content == body
+    assert got.headers["almanac-position"] == "42"
+
+
+def test_bare_app_answers_a_reading_command_as_almanac_does() -> None:
+    with TestClient(create_bare_app()) as client:
+        accepted = client.post("/api/v1/readings", json={"birth": birth_json(), "label": "x"})
+        refused = client.post("/api/v1/readings", json={"birth": {}})
+    assert accepted.status_code == 202
+    assert set(accepted.json()) == {"id", "status", "position"}
+    assert accepted.json()["status"] == "requested"
+    assert accepted.headers["location"] == f"/api/v1/readings/{accepted.json()['id']}"
+    assert refused.status_code == 400
