@@ -11,6 +11,12 @@ It speaks just enough HTTP/1.1 (request bytes built once, responses parsed by ht
 uvloop) to offer a few thousand requests per second from one core, where an httpx client
 manages a few hundred.
 
+With ``--label PREFIX`` each request's JSON body gets ``"label": "<PREFIX><n>"``, n its index
+from 0, so every request is distinct and whatever it causes can be traced back to it. With
+``--send-log FILE`` the generator writes, per request, its index, scheduled, written and
+completed times and its status, read from CLOCK_MONOTONIC (system-wide on Linux, so another
+process on the machine can compare its own readings of it with these).
+
 Run: ``python -m benchmarks.loadgen --port 8000 --path /api/v1/readings --method POST
 --body-file body.json --header 'Authorization: Bearer …' --rate 500 --seconds 3``.
 Prints one JSON object: offered and achieved rate, status counts, latency percentiles (ms).
@@ -28,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import httptools
+
+# CLOCK_MONOTONIC on Linux (as perf_counter is): comparable across processes, never stepped.
+_now = time.monotonic
 
 
 class _Connection(asyncio.Protocol):
@@ -59,6 +68,37 @@ def _request(method: str, path: str, port: int, headers: list[str], body: bytes)
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+class Requests:
+    """The bytes of request ``n``: the same every time, or with a label of its own."""
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        port: int,
+        headers: list[str],
+        body: bytes,
+        *,
+        label: str | None,
+    ) -> None:
+        self.fixed = _request(method, path, port, headers, body)
+        self.label = label
+        if label is not None:
+            marker = "\x00label\x00"
+            text = json.dumps({**json.loads(body or b"{}"), "label": marker})
+            head, tail = text.split(json.dumps(marker))
+            self.body_head, self.body_tail = (head + '"' + label).encode(), ('"' + tail).encode()
+            lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *headers]
+            lines += ["Content-Type: application/json", "Content-Length: "]
+            self.head = "\r\n".join(lines).encode()
+
+    def __call__(self, n: int) -> bytes:
+        if self.label is None:
+            return self.fixed
+        body = self.body_head + str(n).encode() + self.body_tail
+        return self.head + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
 def percentiles(values_ms: list[float]) -> dict[str, float]:
     ordered = sorted(values_ms)
     n = len(ordered)
@@ -71,11 +111,19 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
 
 
 async def offer(
-    *, port: int, request: bytes, rate: float, seconds: float, connections: int
+    *,
+    port: int,
+    request: bytes | Requests,
+    rate: float,
+    seconds: float,
+    connections: int,
+    send_log: list[tuple[int, float, float, float, int]] | None = None,
 ) -> dict[str, Any]:
+    """Offer ``rate`` requests/s for ``seconds``; ``send_log`` collects, per request, (index,
+    scheduled, written, completed, status), times from ``_now``; status 0 when it failed."""
     loop = asyncio.get_running_loop()
     total = max(1, int(rate * seconds))
-    queue: asyncio.Queue[float | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     errors = 0
@@ -84,29 +132,36 @@ async def offer(
         nonlocal errors
         _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
         try:
-            while (scheduled := await queue.get()) is not None:
+            while (item := await queue.get()) is not None:
+                index, scheduled = item
                 conn.waiter = loop.create_future()
-                conn.transport.write(request)
+                written = _now()
+                conn.transport.write(request if isinstance(request, bytes) else request(index))
                 try:
                     status = await conn.waiter
                 except ConnectionError:
                     errors += 1
+                    if send_log is not None:
+                        send_log.append((index, scheduled, written, _now(), 0))
                     _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
                     continue
-                latencies.append((time.perf_counter() - scheduled) * 1000)
+                completed = _now()
+                latencies.append((completed - scheduled) * 1000)
                 statuses[status] += 1
+                if send_log is not None:
+                    send_log.append((index, scheduled, written, completed, status))
         finally:
             if conn.transport is not None:
                 conn.transport.close()
 
     workers = [asyncio.create_task(worker()) for _ in range(connections)]
-    start = time.perf_counter() + 0.05
+    start = _now() + 0.05
     sent = 0
     while sent < total:
-        now = time.perf_counter()
+        now = _now()
         due = min(total, int((now - start) * rate) + 1) if now >= start else 0
         for i in range(sent, due):
-            queue.put_nowait(start + i / rate)
+            queue.put_nowait((i, start + i / rate))
         sent = max(sent, due)
         await asyncio.sleep(min(0.001, 1 / rate))
     for _ in workers:
@@ -117,7 +172,7 @@ async def offer(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    elapsed = time.perf_counter() - start
+    elapsed = _now() - start
     lost = total - len(latencies) - errors
     return {
         "offered_per_s": rate,
@@ -141,20 +196,35 @@ def main() -> None:
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--label", default=None, help='give each JSON body "label": "<LABEL><request index>"'
+    )
+    parser.add_argument(
+        "--send-log", type=Path, default=None, help="write each request's times here (JSON)"
+    )
     args = parser.parse_args()
     body = args.body_file.read_bytes() if args.body_file else b""
-    request = _request(args.method, args.path, args.port, args.header, body)
+    request = Requests(args.method, args.path, args.port, args.header, body, label=args.label)
+    send_log: list[tuple[int, float, float, float, int]] | None = (
+        None if args.send_log is None else []
+    )
     import uvloop
 
     result = uvloop.run(
         offer(
             port=args.port,
-            request=request,
+            request=request if args.label is not None else request.fixed,
             rate=args.rate,
             seconds=args.seconds,
             connections=args.connections,
+            send_log=send_log,
         )
     )
+    if args.send_log is not None:
+        fields = ["index", "scheduled", "written", "completed", "status"]
+        args.send_log.write_text(
+            json.dumps({"clock": "CLOCK_MONOTONIC", "fields": fields, "requests": send_log})
+        )
     print(json.dumps(result))
 
 
