@@ -1,16 +1,25 @@
-"""Command → WebSocket frame latency, and fan-out to many connections.
+"""Command → WebSocket frame latency and fan-out, at fixed offered rates.
 
-A server process (``almanac serve --roles api,relay``, services profile on a fresh database)
-takes ``POST /api/v1/readings`` at a fixed offered rate from this process, which also
-holds ``--clients`` WebSocket connections subscribed to every event. For each command the
-latency is from just before its POST to the arrival of its ``reading.requested`` frame on
-the first connection; every connection counts the frames it gets (fan-out).
-Target (DESIGN): p50 <= 5 ms, p99 <= 25 ms at 1,000 commands/s.
+A server process (``almanac serve --roles api,relay``, services profile on a fresh database
+and stream; ``api`` alone on embedded) takes ``POST /api/v1/readings`` from the open-loop
+load generator (``benchmarks/loadgen.py``, its own process, 64 connections), which gives
+each body a label of its own (``ws<rate>-<n>``) and logs when each request was due, written
+and answered. This process (uvloop) holds WebSocket connections subscribed to
+``event:reading.requested`` and notes when each frame arrives; the label in the frame's
+payload names its command. Both processes read CLOCK_MONOTONIC, which on Linux is one clock
+for the whole machine. The sweep runs once with 1 connection (the command's own way to a
+frame) and once with 100 (the fan-out: a frame per command per connection, sent by the API
+process and received by this one).
 
-Baseline: the same POSTs with no WebSocket client (the HTTP round trip alone), so the
-figure shows what the stream adds.
+For each offered rate (each ``seconds`` long): the latency from the time each
+command was due (the load generator's schedule, so a request kept waiting for a free
+connection counts its wait) to its frame, over every frame on every connection and on the
+first connection alone; frames expected (accepted commands times connections) and received;
+and, as the baseline from the same run, the POST round trip of the same commands (the
+load generator's own figures), so the reader sees what the command itself costs and what
+the stream adds. Target (DESIGN): p50 <= 5 ms, p99 <= 25 ms at 1,000 commands/s.
 
-Run: ``python -m benchmarks websocket --seconds 10`` (``--profile embedded`` too).
+Run: ``python -m benchmarks websocket --seconds 3`` (``--profile embedded`` too).
 """
 
 from __future__ import annotations
@@ -19,19 +28,22 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import nats
 import nats.js.errors
 import websockets
 
+from benchmarks import loadgen
 from benchmarks.appends import _database, _drop
 
 NATS_URL = "nats://127.0.0.1:4222"
@@ -117,106 +129,241 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-async def _offer(
-    base: str, key: str, rate: int, seconds: float, sent: dict[str, float] | None
-) -> tuple[float, list[float]]:
-    """POST at ``rate``/s for ``seconds``; returns the achieved rate and HTTP latencies."""
-    total = int(rate * seconds)
-    interval = 1.0 / rate
-    http_ms: list[float] = []
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+class _Data(msgspec.Struct):
+    label: str | None = None
+
+
+class _Payload(msgspec.Struct):
+    data: _Data
+
+
+class _Frame(msgspec.Struct):
+    """What the benchmark reads of a frame; the decoder skips the rest."""
+
+    type: str
+    payload: _Payload | None = None
+
+
+_decode_frame = msgspec.json.Decoder(_Frame).decode
+RATES = (100, 250, 500, 1000)
+CONNECTIONS = 64  # the load generator's, as in the api benchmark
+TARGET_P50_MS, TARGET_P99_MS = 5.0, 25.0
+
+
+class _Clients:
+    """WebSocket connections noting the label and arrival time of each frame they receive."""
+
+    def __init__(self, sockets: list[Any]) -> None:
+        self.sockets = sockets
+        self.frames: list[list[tuple[str, float]]] = [[] for _ in sockets]
+        self.closed: dict[int, str] = {}
+        # Frames of the current rate (their labels start with ``prefix``) and how many make all.
+        self.prefix = "\x00"
+        self.matching = 0
+        self.expected = float("inf")
+        self.complete = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._listen(i, s)) for i, s in enumerate(sockets)]
+
+    async def _listen(self, index: int, socket: Any) -> None:
+        try:
+            async for raw in socket:
+                now = time.monotonic()
+                frame = _decode_frame(raw)
+                if frame.type == "event" and frame.payload and frame.payload.data.label:
+                    label = frame.payload.data.label
+                    self.frames[index].append((label, now))
+                    if label.startswith(self.prefix):
+                        self.matching += 1
+                        if self.matching >= self.expected:
+                            self.complete.set()
+        except websockets.ConnectionClosed:
+            pass
+        self.closed[index] = str(socket.close_code)
+
+    def take(self, prefix: str = "\x00") -> list[list[tuple[str, float]]]:
+        """The frames noted so far, per connection; noting starts afresh, counting ``prefix``."""
+        taken, self.frames = self.frames, [[] for _ in self.sockets]
+        self.prefix, self.matching, self.expected = prefix, 0, float("inf")
+        self.complete.clear()
+        return taken
+
+    async def all_of(self, expected: int, timeout: float) -> None:
+        """Until ``expected`` frames of the current prefix are in, or ``timeout`` seconds."""
+        self.expected = expected
+        if self.matching >= expected:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.complete.wait(), timeout)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*(s.close() for s in self.sockets), return_exceptions=True)
+
+
+async def _connect(ws: str, key: str, clients: int) -> _Clients:
     headers = {"Authorization": f"Bearer {key}"}
-    # Open loop: a request waits for a free connection rather than fail, so an offered rate
-    # above what the server (or this client) manages shows as latency and a lower rate.
-    timeout = httpx.Timeout(30, pool=None)
-    errors = 0
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout) as http:
-        start = time.perf_counter()
-
-        # httpx's pool slows down badly with thousands of queued requests: they queue here
-        # instead (the latency still counts the wait, from the scheduled time).
-        in_flight = asyncio.Semaphore(64)
-
-        async def one(i: int) -> None:
-            nonlocal errors
-            await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
-            t0 = time.perf_counter()
-            try:
-                async with in_flight:
-                    response = await http.post("/api/v1/readings", json=BODY, headers=headers)
-            except httpx.HTTPError:
-                errors += 1
-                return
-            http_ms.append((time.perf_counter() - t0) * 1000)
-            if response.status_code != 202:
-                errors += 1
-            elif sent is not None:
-                sent[response.headers["location"].rsplit("/", 1)[1]] = t0
-
-        await asyncio.gather(*(one(i) for i in range(total)))
-        if errors:
-            print(f"   {errors} of {total} commands failed")
-        return (total - errors) / (time.perf_counter() - start), http_ms
-
-
-async def _measure(
-    base: str, ws: str, key: str, *, rate: int, seconds: float, clients: int
-) -> dict[str, Any]:
-    # Baseline: the HTTP round trips alone.
-    baseline_rate, baseline_http = await _offer(base, key, rate, min(seconds, 3.0), None)
-    sent: dict[str, float] = {}
-    arrived: dict[str, float] = {}
-    all_arrived = asyncio.Event()
-    counts = [0] * clients
-    # Commands whose frames the first connection must see; known once the POSTs are done.
-    expected = [int(rate * seconds) + 1]
-    sockets = [
-        await websockets.connect(
-            f"{ws}/ws?topics=event:reading.requested",
-            additional_headers={"Authorization": f"Bearer {key}"},
-        )
-        for _ in range(clients)
-    ]
+    url = f"{ws}/ws?topics=event:reading.requested"
+    sockets = [await websockets.connect(url, additional_headers=headers) for _ in range(clients)]
     for socket in sockets:
         json.loads(await socket.recv())  # welcome
+    return _Clients(sockets)
 
-    async def listen(index: int, socket: Any) -> None:
-        async for raw in socket:
-            now = time.perf_counter()
-            frame = json.loads(raw)
-            if frame["type"] != "event":
+
+async def _loadgen(
+    port: int, key: str, body: Path, log: Path, *, rate: int, seconds: float, label: str
+) -> dict[str, Any]:
+    """One fixed-rate run of benchmarks/loadgen.py, awaited without blocking the clients."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "benchmarks.loadgen", "--port", str(port)),
+        *("--path", "/api/v1/readings", "--method", "POST", "--body-file", str(body)),
+        *("--header", f"Authorization: Bearer {key}", "--label", label, "--send-log", str(log)),
+        *("--rate", str(rate), "--seconds", str(seconds), "--connections", str(CONNECTIONS)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), seconds + 60)
+    assert process.returncode == 0, f"the load generator failed ({process.returncode})"
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(server: int) -> tuple[float, ...]:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the awaited load generators
+    return (
+        time.monotonic(),
+        _cpu_seconds(server),
+        time.process_time(),
+        children.ru_utime + children.ru_stime,
+    )
+
+
+async def _point(
+    clients: _Clients,
+    *,
+    server: int,
+    port: int,
+    key: str,
+    body: Path,
+    tmp: Path,
+    rate: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """One offered rate: latencies from each command's due time to its frames."""
+    label = f"ws{len(clients.sockets)}c{rate}-"
+    log = tmp / f"sent-{rate}.json"
+    clients.take(label)
+    before = _cpu(server)
+    http = await _loadgen(port, key, body, log, rate=rate, seconds=seconds, label=label)
+    sent = json.loads(log.read_text())["requests"]
+    # index -> (due, written), for the commands the server took (202: their events are stored).
+    accepted = {i: (due, written) for i, due, written, _, status in sent if status == 202}
+    expected = len(accepted) * len(clients.sockets)
+    # Bounded: frames still missing 10 s after the last answer count as lost.
+    await clients.all_of(expected, 10)
+    wall, *used = (b - a for a, b in zip(before, _cpu(server), strict=True))
+    frames = clients.take()
+    every: list[float] = []
+    from_written: list[float] = []
+    first: list[float] = []
+    received = 0
+    for connection, noted in enumerate(frames):
+        for frame_label, arrived in noted:
+            if not frame_label.startswith(label):
+                continue  # a straggler from an earlier rate
+            command = accepted.get(int(frame_label[len(label) :]))
+            if command is None:
                 continue
-            counts[index] += 1
-            if index == 0:
-                arrived.setdefault(frame["aggregate_id"], now)
-                if len(arrived) >= expected[0]:
-                    all_arrived.set()
-
-    listeners = [asyncio.create_task(listen(i, s)) for i, s in enumerate(sockets)]
-    try:
-        achieved, http_ms = await _offer(base, key, rate, seconds, sent)
-        expected[0] = len(sent)
-        if len(arrived) >= len(sent):
-            all_arrived.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_arrived.wait(), 10)
-    finally:
-        for task in listeners:
-            task.cancel()
-        for socket in sockets:
-            await socket.close()
-    latencies = [(arrived[i] - t0) * 1000 for i, t0 in sent.items() if i in arrived]
+            received += 1
+            due, written = command
+            every.append((arrived - due) * 1000)
+            from_written.append((arrived - written) * 1000)
+            if connection == 0:
+                first.append((arrived - due) * 1000)
+    waits = [(written - due) * 1000 for _, due, written, _, _ in sent]
+    round_trips = [(done - written) * 1000 for _, _, written, done, status in sent if status]
     return {
         "offered_per_s": rate,
-        "achieved_per_s": achieved,
-        "clients": clients,
-        "commands": len(sent),
-        "frames_received": sum(counts),
-        "frames_expected": len(sent) * clients,
-        **_percentiles(latencies),
-        "http": _percentiles(http_ms),
-        "baseline_http": {"achieved_per_s": baseline_rate, **_percentiles(baseline_http)},
+        "achieved_per_s": http["achieved_per_s"],
+        "seconds": seconds,
+        "commands": http["requests"],
+        "accepted": len(accepted),
+        "http_statuses": http["statuses"],
+        "http_errors": http["errors"],
+        "clients": len(clients.sockets),
+        "frames_expected": expected,
+        "frames_received": received,
+        "frame": loadgen.percentiles(every),
+        "frame_first_connection": loadgen.percentiles(first),
+        "frame_from_written": loadgen.percentiles(from_written),
+        # The baseline: the POST round trip of the same commands, from their due time (the
+        # load generator's own figures) and from when each was written.
+        "http": {k: v for k, v in http.items() if k.endswith("_ms")},
+        "http_from_written": loadgen.percentiles(round_trips),
+        "loadgen_wait": loadgen.percentiles(waits),
+        # Cores each process kept busy over the point (2 on this machine, shared with the rest).
+        "cores_used": {
+            name: round(cpu / wall, 2)
+            for name, cpu in zip(("server", "clients", "loadgen"), used, strict=True)
+        },
     }
+
+
+async def _sweep(
+    server: int,
+    http_port: int,
+    ws: str,
+    key: str,
+    *,
+    rates: Sequence[int],
+    seconds: float,
+    clients: int,
+) -> dict[str, Any]:
+    """Every rate in turn with ``clients`` connections open throughout."""
+    print(f"   {clients} WebSocket connection{'s' if clients > 1 else ''}:")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        body = tmp / "command.json"
+        body.write_text(json.dumps(BODY))
+        connected = await _connect(ws, key, clients)
+        try:
+            # Warm-up (imports, pools, the relay's first publishes); not reported.
+            where: dict[str, Any] = {
+                "server": server,
+                "port": http_port,
+                "key": key,
+                "body": body,
+                "tmp": tmp,
+            }
+            await _point(connected, **where, rate=min(rates), seconds=1)
+            points = []
+            for rate in rates:
+                point = await _point(connected, **where, rate=rate, seconds=seconds)
+                point["ratio_p50"] = point["frame"].get("p50_ms", float("nan")) / TARGET_P50_MS
+                point["ratio_p99"] = point["frame"].get("p99_ms", float("nan")) / TARGET_P99_MS
+                _print_point(point)
+                points.append(point)
+        finally:
+            await connected.close()
+    return {"clients": clients, "points": points, "closed_connections": connected.closed}
+
+
+def _print_point(p: dict[str, Any]) -> None:
+    f, one, h = p["frame"], p["frame_first_connection"], p["http"]
+    nan = float("nan")
+    print(
+        f"   {p['offered_per_s']:,}/s offered, {p['achieved_per_s']:,.0f}/s achieved: frame p50 "
+        f"{f.get('p50_ms', nan):.1f} ms, p99 {f.get('p99_ms', nan):.1f} ms, max "
+        f"{f.get('max_ms', nan):.0f} ms (first connection p99 {one.get('p99_ms', nan):.1f} ms); "
+        f"POST p50 {h.get('p50_ms', nan):.1f} ms, p99 {h.get('p99_ms', nan):.1f} ms; cores used "
+        f"{', '.join(f'{k} {v:.2f}' for k, v in p['cores_used'].items())}; frames "
+        f"{p['frames_received']:,} of {p['frames_expected']:,}"
+    )
 
 
 @contextlib.contextmanager
@@ -250,24 +397,66 @@ def _server(profile: str) -> Iterator[tuple[str, str, str, int]]:
 
 
 def run(
-    seconds: float = 10.0, profile: str = "services", rate: int = 1000, clients: int = 100
+    seconds: float = 3.0,
+    profile: str = "services",
+    rates: Sequence[int] = RATES,
+    clients: Sequence[int] = (1, 100),
 ) -> dict[str, Any]:
+    """The sweep of ``rates`` once per number of ``clients``, on one server: one connection
+    shows the command's way to a frame; 100 add the fan-out (the API process sends, and this
+    process receives, a frame per command per connection)."""
     result: dict[str, Any] = {"benchmark": "websocket", "profile": profile}
-    with _server(profile) as (base, ws, key, _):
-        figures = asyncio.run(_measure(base, ws, key, rate=rate, seconds=seconds, clients=clients))
-    result.update(figures, target_p50_ms=5, target_p99_ms=25)
-    print(
-        f"baseline POST round trip at {figures['baseline_http']['achieved_per_s']:,.0f}/s: "
-        f"p50 {figures['baseline_http']['p50_ms']:.1f} ms, "
-        f"p99 {figures['baseline_http']['p99_ms']:.1f} ms"
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    with _server(profile) as (base, ws, key, pid):
+        port = int(base.rsplit(":", 1)[1])
+        import uvloop  # as in the load generator: it costs the receiving clients less
+
+        sweeps = [
+            uvloop.run(_sweep(pid, port, ws, key, rates=rates, seconds=seconds, clients=n))
+            for n in clients
+        ]
+    result.update(
+        seconds_per_rate=seconds,
+        loadgen_connections=CONNECTIONS,
+        sweeps=sweeps,
+        highest_achieved_per_s={
+            str(s["clients"]): max(p["achieved_per_s"] for p in s["points"]) for s in sweeps
+        },
+        loadavg_before=load_before,
+        loadavg_after=Path("/proc/loadavg").read_text().split()[:3],
+        target_p50_ms=TARGET_P50_MS,
+        target_p99_ms=TARGET_P99_MS,
     )
-    print(
-        f"command -> WebSocket frame at {figures['achieved_per_s']:,.0f} commands/s, "
-        f"{clients} connections: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms "
-        f"(targets 5 / 25 ms; ratios {figures['p50_ms'] / 5:.2f} / {figures['p99_ms'] / 25:.2f}); "
-        f"frames {figures['frames_received']:,} of {figures['frames_expected']:,}"
-    )
+    _report(result)
     return result
+
+
+def _report(r: dict[str, Any]) -> None:
+    nan = float("nan")
+    print(
+        f"command -> WebSocket frame ({r['profile']}), latency from each command's due time; "
+        f"targets p50 {TARGET_P50_MS:g} ms, p99 {TARGET_P99_MS:g} ms at 1,000/s"
+    )
+    print(
+        "   clients  offered  achieved | frame p50    p99    max  p99/25 ms"
+        " | POST p50    p99 | frames received/expected"
+    )
+    for sweep in r["sweeps"]:
+        for p in sweep["points"]:
+            f, h = p["frame"], p["http"]
+            print(
+                f"   {sweep['clients']:>7} {p['offered_per_s']:>8,} {p['achieved_per_s']:>9,.0f}"
+                f" | {f.get('p50_ms', nan):>9.1f} {f.get('p99_ms', nan):>6.1f}"
+                f" {f.get('max_ms', nan):>6.0f} {p['ratio_p99']:>10.2f}"
+                f" | {h.get('p50_ms', nan):>8.1f} {h.get('p99_ms', nan):>6.1f}"
+                f" | {p['frames_received']:,}/{p['frames_expected']:,}"
+            )
+        if sweep["closed_connections"]:
+            print(f"   connections the server closed: {sweep['closed_connections']}")
+    print(
+        f"   load average {' '.join(r['loadavg_before'])} before, "
+        f"{' '.join(r['loadavg_after'])} after"
+    )
 
 
 def _rss_mb(pid: int) -> float:
