@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
-from uuid import UUID, uuid4, uuid5
+from uuid import UUID, uuid5
 
 import msgspec
 
@@ -21,6 +21,7 @@ from almanac.domain.chart import resolve_birth
 from almanac.domain.events import EventMeta
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.eventstore import ConcurrencyConflict, EventStore
+from almanac.ids import new_uuid
 from commands.readings import IDEMPOTENCY_HEADER, IdempotencyKeyReused, check_idempotency_key
 
 _IDEMPOTENCY_NAMESPACE = UUID("6f1d2c8e-93a4-4b57-8e0a-5c2b7d9f1e36")
@@ -152,7 +153,7 @@ async def start_batch(
     """Append ``batch.started``; returns the response and whether it was a replay."""
     key = check_idempotency_key(idempotency_key)
     digest = batch_hash(items, label)
-    batch_id = uuid5(_IDEMPOTENCY_NAMESPACE, f"{principal.owner}\n{key}") if key else uuid4()
+    batch_id = uuid5(_IDEMPOTENCY_NAMESPACE, f"{principal.owner}\n{key}") if key else new_uuid()
     batch = Batch.start(batch_id=batch_id, meta=meta, items=items, label=label, request_hash=digest)
     try:
         position = await store.append(batch)

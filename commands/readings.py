@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from typing import Annotated
-from uuid import UUID, uuid4, uuid5
+from uuid import UUID, uuid5
 
 import msgspec
 
@@ -15,6 +15,7 @@ from almanac.domain.kinds import ReadingKind
 from almanac.domain.reading import Reading
 from almanac.errors import FieldError, ValidationFailed
 from almanac.eventstore import ConcurrencyConflict, EventStore
+from almanac.ids import new_uuid
 
 _IDEMPOTENCY_NAMESPACE = UUID("0b7e4a36-2f7c-4d35-b1c8-3e0f6a9d2c54")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -81,7 +82,7 @@ async def generate_reading(
         raise ValidationFailed([FieldError("label", "must not contain control characters")])
     key = check_idempotency_key(idempotency_key)
     digest = request_hash(command)
-    reading_id = uuid5(_IDEMPOTENCY_NAMESPACE, f"{principal.owner}\n{key}") if key else uuid4()
+    reading_id = uuid5(_IDEMPOTENCY_NAMESPACE, f"{principal.owner}\n{key}") if key else new_uuid()
     reading = Reading.request(
         reading_id=reading_id,
         meta=meta,

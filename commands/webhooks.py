@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import msgspec
 
@@ -21,6 +21,7 @@ from almanac.domain.webhook import (
 )
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.eventstore import EventStore
+from almanac.ids import new_uuid
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=2000, description="https URL.")]
 EventTypes = Annotated[
@@ -122,7 +123,7 @@ async def register_webhook(
     await _check_url(guard, command.url)
     secret = new_signing_secret()
     endpoint = WebhookEndpoint.create(
-        endpoint_id=uuid4(),
+        endpoint_id=new_uuid(),
         meta=meta,
         url=command.url,
         event_types=command.event_types,
@@ -220,7 +221,7 @@ async def send_test_message(
     endpoint_id: UUID, *, store: EventStore, principal: Principal, meta: EventMeta
 ) -> Accepted:
     endpoint = await _owned(store, endpoint_id, principal)
-    message_id = f"msg_{uuid4().hex}"
+    message_id = f"msg_{new_uuid().hex}"
     endpoint.request_test(meta, message_id)
     return Accepted(message_id, await store.append(endpoint))
 

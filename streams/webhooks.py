@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from uuid import UUID, uuid4, uuid5
+from uuid import UUID, uuid5
 
 import httpx
 import msgspec
@@ -39,6 +39,7 @@ from almanac.domain.webhook import TEST_EVENT_TYPE, WebhookEndpoint, matches
 from almanac.errors import AlmanacError
 from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
 from almanac.feed import Delivery, WorkFeed
+from almanac.ids import new_uuid
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
 from almanac.timeouts import within
@@ -348,7 +349,7 @@ class WebhookDeliverer:
                 continue
             busy = [e for e, n in self._busy.items() if n >= per_endpoint]
             try:
-                claimed = await self.log.claim(free, per_endpoint, lease, busy, uuid4().hex)
+                claimed = await self.log.claim(free, per_endpoint, lease, busy, new_uuid().hex)
                 pause = 0.05
             except Exception as exc:  # noqa: BLE001 - the log's database may come back
                 log.warning("webhook.claim_failed", error=str(exc) or type(exc).__name__)
@@ -546,7 +547,7 @@ class WebhookDeliverer:
 
     def _record(self, message: Claimed, at: float, outcome: Outcome) -> AttemptRecord:
         return AttemptRecord(
-            id=f"atmpt_{uuid4().hex}",
+            id=f"atmpt_{new_uuid().hex}",
             message_id=message.id,
             endpoint_id=message.endpoint_id,
             attempted_at=at,

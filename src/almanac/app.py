@@ -6,7 +6,6 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from uuid import uuid4
 
 import msgspec
 import structlog
@@ -25,6 +24,7 @@ from almanac import errors
 from almanac.auth import Principal
 from almanac.bootstrap import bootstrap
 from almanac.container import ROLES, Container
+from almanac.ids import new_uuid
 from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.http")
@@ -168,7 +168,7 @@ class RequestIdMiddleware(ASGIMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
         request_id = (
-            incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid4().hex
+            incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else new_uuid().hex
         )
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from uuid import uuid4
-
 import msgspec
+
+from almanac.ids import new_uuid
 
 
 class EventMeta(msgspec.Struct, frozen=True):
@@ -24,5 +24,5 @@ class EventMeta(msgspec.Struct, frozen=True):
 
     @staticmethod
     def for_request(owner: str, request_id: str | None = None) -> EventMeta:
-        rid = request_id or uuid4().hex
+        rid = request_id or new_uuid().hex
         return EventMeta(owner, rid, f"request:{rid}")
