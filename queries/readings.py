@@ -86,6 +86,11 @@ async def wait_for_position(
     return current
 
 
+def _older_than(held: bytes, position: int) -> bool:
+    reading = decode_reading(held)
+    return reading is None or reading.view.position < position
+
+
 async def get_reading(
     reading_id: UUID,
     *,
@@ -111,7 +116,15 @@ async def get_reading(
     if row is None:
         raise NotFound(f"no reading {reading_id}")
     entry = reading_from_row(row)
-    await cache.fill(key, encode_entry(entry), mark=mark)
+    position = entry.view.position
+    if cached is not None and position > cached.view.position:
+        # The cache gave an earlier state than this one: replace it there, so a later read
+        # without min_position does not step back to it.
+        await cache.supersede(
+            key, encode_entry(entry), stale=lambda held: _older_than(held, position)
+        )
+    else:
+        await cache.fill(key, encode_entry(entry), mark=mark)
     if not principal.may_see(entry.owner):
         raise NotFound(f"no reading {reading_id}")
     return entry.view

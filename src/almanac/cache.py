@@ -32,6 +32,7 @@ from uuid import UUID, uuid4
 
 import msgspec
 import structlog
+from redis.exceptions import WatchError
 
 from almanac.adapters.redis import REDIS_ERRORS, RedisConnection
 from almanac.settings import CacheSettings
@@ -136,6 +137,11 @@ class ReadCache(Protocol):
 
     async def fill(self, key: str, value: bytes, *, mark: int) -> None:
         """Cache a value read from the database, unless it may be older than the cache's."""
+        ...
+
+    async def supersede(self, key: str, value: bytes, *, stale: Callable[[bytes], bool]) -> None:
+        """Put ``value`` in place of a cached value that ``stale`` finds older than it (or of
+        none): the cache answered an earlier state than the database has since shown."""
         ...
 
     async def invalidate(self, keys: Iterable[str]) -> None:
@@ -347,6 +353,29 @@ class TwoLevelCache:
     async def fill(self, key: str, value: bytes, *, mark: int) -> None:
         self._fill_l1(key, value, mark)
         await self._store({key: value}, publish=False, filling=True)
+
+    async def supersede(self, key: str, value: bytes, *, stale: Callable[[bytes], bool]) -> None:
+        held = self._l1.get(key)
+        if held is None or stale(held):
+            self._l1.put(key, value)
+        if self._redis is None or (self._failing and self._clock() < self._skip_until):
+            return
+        entry = self._entry(key)
+        try:
+            # Compare and set: a refresh that lands in between wins (WatchError), and what
+            # it wrote is at least as new as this value.
+            async with self._redis.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(entry)
+                held = await pipe.get(entry)
+                if held is not None and not stale(held):
+                    return
+                pipe.multi()
+                pipe.set(entry, value, px=self._l2_ttl_ms)
+                await pipe.execute()
+        except WatchError:
+            return
+        except REDIS_ERRORS as exc:
+            self._report_error(exc, "supersede", retry_in=0.0)
 
     async def invalidate(self, keys: Iterable[str]) -> None:
         unique = list(dict.fromkeys(keys))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 
+from almanac.cache import decode_reading, encode_entry, reading_key
 from tests.e2e.conftest import Api
 from tests.factories import birth_json
 
@@ -234,3 +236,25 @@ async def test_concurrent_listing_and_posting_never_errors(api: Api) -> None:
             assert got.status_code == 200
 
     await asyncio.gather(reader(), post_many(api, api.alice, 10))
+
+
+async def test_a_fresh_read_replaces_an_earlier_cached_state(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    generated = await api.wait_for_status(api.alice, response, {"generated"})
+    key = reading_key(generated["id"])
+    current = decode_reading(await api.on_app(api.container.cache.get, key))
+    assert current is not None
+    # The cache holds an earlier state, as it does between a commit and its refresh.
+    earlier = msgspec.structs.replace(
+        current.view, status="chart_calculated", position=current.view.position - 1
+    )
+    stale = encode_entry(msgspec.structs.replace(current, view=earlier))
+    await api.on_app(api.container.cache.refresh, {key: stale})
+    location, alice = response.headers["location"], api.auth(api.alice)
+    assert (await api.client.get(location, headers=alice)).json()["status"] == "chart_calculated"
+    fresh = await api.client.get(f"{location}?min_position={generated['position']}", headers=alice)
+    assert fresh.json()["status"] == "generated"
+    # From then on, reads without a position do not step back.
+    assert (await api.client.get(location, headers=alice)).json()["status"] == "generated"
+    cached = decode_reading(await api.on_app(api.container.cache.get, key))
+    assert cached is not None and cached.view.position == generated["position"]

@@ -149,6 +149,22 @@ class TestReadCacheContract:
         await any_cache.fill("reading:a", b"read before the refresh", mark=mark)
         assert await any_cache.get("reading:a") == b"refreshed"
 
+    async def test_supersede_replaces_an_older_value_and_keeps_a_newer_one(
+        self, any_cache: TwoLevelCache
+    ) -> None:
+        def older_than(version: bytes) -> Any:
+            return lambda held: held < version
+
+        await any_cache.put_many({"reading:a": b"v1", "reading:b": b"v3"})
+        await any_cache.supersede("reading:a", b"v2", stale=older_than(b"v2"))
+        await any_cache.supersede("reading:b", b"v2", stale=older_than(b"v2"))
+        await any_cache.supersede("reading:c", b"v2", stale=older_than(b"v2"))
+        assert await any_cache.get_many(["reading:a", "reading:b", "reading:c"]) == {
+            "reading:a": b"v2",
+            "reading:b": b"v3",
+            "reading:c": b"v2",
+        }
+
     async def test_every_get_is_a_hit_or_a_miss_at_some_level(
         self, any_cache: TwoLevelCache
     ) -> None:
@@ -175,6 +191,19 @@ async def test_a_value_put_by_one_process_is_read_from_l2_by_another_and_expires
         assert (stats.l2_hits, stats.l1_hits) == (1, 1)
     ttl_ms = await redis.pttl(f"{prefix}almanac:reading:a")
     assert 0 < ttl_ms <= CACHE.l2_ttl * 1000
+
+
+async def test_a_superseded_value_reaches_l2_for_every_process_unless_newer_is_there(
+    redis: Any, prefix: str
+) -> None:
+    async with started(REDIS_URL, prefix) as api, started(REDIS_URL, prefix) as later:
+        await api.put_many({"reading:a": b"v1", "reading:b": b"v3"})
+        # A fill would leave L2 alone (set only if absent); a superseding value replaces it.
+        await api.supersede("reading:a", b"v2", stale=lambda held: held < b"v2")
+        await api.supersede("reading:b", b"v2", stale=lambda held: held < b"v2")
+        assert await later.get("reading:a") == b"v2"
+        assert await later.get("reading:b") == b"v3"
+    assert 0 < await redis.pttl(f"{prefix}almanac:reading:a") <= CACHE.l2_ttl * 1000
 
 
 async def test_caches_with_different_prefixes_share_nothing(redis: Any, prefix: str) -> None:
