@@ -9,8 +9,10 @@ import msgspec
 import pytest
 
 from almanac.cache import decode_reading, encode_entry, reading_key
+from almanac.views import CachedReading
 from tests.e2e.conftest import Api
 from tests.factories import birth_json
+from tests.integration.support_waiting import eventually
 
 PROBLEM = "application/problem+json"
 
@@ -242,8 +244,13 @@ async def test_a_fresh_read_replaces_an_earlier_cached_state(api: Api) -> None:
     [response] = await post_many(api, api.alice, 1)
     generated = await api.wait_for_status(api.alice, response, {"generated"})
     key = reading_key(generated["id"])
-    current = decode_reading(await api.on_app(api.container.cache.get, key))
-    assert current is not None
+
+    async def refreshed() -> CachedReading | None:
+        # The projector's own refresh comes after its commit: let it land first.
+        cached = decode_reading(await api.on_app(api.container.cache.get, key))
+        return cached if cached and cached.view.position == generated["position"] else None
+
+    current = await eventually(refreshed, within=20, what="the generated reading cached")
     # The cache holds an earlier state, as it does between a commit and its refresh.
     earlier = msgspec.structs.replace(
         current.view, status="chart_calculated", position=current.view.position - 1
