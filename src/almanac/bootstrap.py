@@ -6,6 +6,7 @@ Tests pass ``**overrides`` to swap a collaborator (a generator, a chart calculat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from almanac.adapters.leadership import FileLease, Lease, PostgresLease
@@ -31,7 +32,7 @@ from projections.batches import BatchesProjection
 from projections.cache_refresher import CacheRefresher
 from projections.dead_letters import DeadLettersProjection
 from projections.readings import ReadingsProjection
-from projections.runner import ProjectionRunner
+from projections.runner import AfterCommit, Projection, ProjectionRunner
 from projections.webhooks import WebhookEndpointsProjection
 from streams.jetstream import JetStreamWorkFeed
 from streams.logfeed import LogFeed
@@ -106,46 +107,32 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         )
     )
     worker = ReadingWorker(store, work, generator, settings.worker, **worker_kwargs)
-    projector = ProjectionRunner(
+
+    def runner(
+        projection: Projection, lease: Lease, after_commit: Sequence[AfterCommit] = ()
+    ) -> ProjectionRunner:
+        return ProjectionRunner(
+            projection,
+            feed,
+            read_db,
+            watch,
+            batch_size=settings.feed.batch_size,
+            after_commit=after_commit,
+            lease=lease,
+            settings=settings.projection,
+        )
+
+    projector = runner(
         overrides.get("readings_projection") or ReadingsProjection(),
-        feed,
-        read_db,
-        watch,
-        batch_size=settings.feed.batch_size,
-        after_commit=[CacheRefresher(cache, read_db)],
-        lease=lease,
-        settings=settings.projection,
+        lease,
+        [CacheRefresher(cache, read_db)],
     )
-    batches_projector = ProjectionRunner(
-        BatchesProjection(),
-        feed,
-        read_db,
-        watch,
-        batch_size=settings.feed.batch_size,
-        lease=batches_lease,
-        settings=settings.projection,
-    )
+    batches_projector = runner(BatchesProjection(), batches_lease)
     manager = BatchProcessManager(
         store, feed, manager_lease, settings.batch, batch_size=settings.feed.batch_size
     )
-    endpoints_projector = ProjectionRunner(
-        WebhookEndpointsProjection(),
-        feed,
-        read_db,
-        watch,
-        batch_size=settings.feed.batch_size,
-        lease=endpoints_lease,
-        settings=settings.projection,
-    )
-    dead_letters_projector = ProjectionRunner(
-        DeadLettersProjection(),
-        feed,
-        read_db,
-        watch,
-        batch_size=settings.feed.batch_size,
-        lease=dead_letters_lease,
-        settings=settings.projection,
-    )
+    endpoints_projector = runner(WebhookEndpointsProjection(), endpoints_lease)
+    dead_letters_projector = runner(DeadLettersProjection(), dead_letters_lease)
     deliverer = _deliverer(settings, store, feed, nats, read_db, watch, overrides)
     # Every API process sees every event: through NATS on services, from the log in-process.
     live: LiveSource = (
