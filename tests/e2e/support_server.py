@@ -21,6 +21,7 @@ from almanac.bootstrap import bootstrap
 from almanac.container import Container
 from almanac.settings import Settings
 from tests.factories import birth_json
+from tests.integration.support_waiting import until_started
 
 
 @dataclass
@@ -58,11 +59,7 @@ async def live_server(settings: Settings, **overrides: Any) -> AsyncIterator[Liv
         uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
     )
     task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert not task.done(), "the server stopped while starting"
-        assert time.monotonic() < deadline, "the server did not start within 20 s"
-        await asyncio.sleep(0.01)
+    await until_started(server, task, within=20, what="the API server")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         keys = [

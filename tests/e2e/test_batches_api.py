@@ -279,8 +279,13 @@ async def _true(value: bool) -> bool:
 
 
 class SlowGenerator(BuiltinGenerator):
+    """Takes 20 ms a reading, as a remote text generator might: the big batch then stays
+    in flight long enough for fairness to show. A modelled cost, not a wait for other work."""
+
+    GENERATION_TIME = 0.02
+
     async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(self.GENERATION_TIME)
         return await super().generate(chart, kind, label)
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from tests.integration.support_waiting import until_started
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -83,11 +85,7 @@ async def receiving() -> AsyncIterator[Receiver]:
         )
     )
     task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "the webhook receiver did not start"
+    await until_started(server, task, within=5, what="the webhook receiver")
     receiver.port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield receiver

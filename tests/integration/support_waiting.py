@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -48,3 +48,13 @@ def wait_until(check: Callable[[], T | bool | None], *, within: float = 20, what
             break
         time.sleep(CHECK_INTERVAL)
     pytest.fail(f"{what}: not within {within} s (last check gave {last!r})")
+
+
+async def until_started(server: Any, task: asyncio.Task[None], *, within: float, what: str) -> None:
+    """Wait until a ``uvicorn.Server`` running as ``task`` listens; fail at once if it ends."""
+
+    async def started() -> bool:
+        assert not task.done(), f"{what}: the server stopped while starting"
+        return bool(server.started)
+
+    await eventually(started, within=within, what=what)
