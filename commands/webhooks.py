@@ -132,6 +132,11 @@ async def register_webhook(
         secret_sealed=box.seal(secret),
     )
     position = await store.append(endpoint)
+    return _with_secret(endpoint, secret, position)
+
+
+def _with_secret(endpoint: WebhookEndpoint, secret: str, position: int) -> EndpointWithSecret:
+    """The endpoint as created or rotated: the one answer that shows its secret."""
     return EndpointWithSecret(
         id=endpoint.id,
         url=endpoint.url,
@@ -197,16 +202,7 @@ async def rotate_webhook_secret(
     secret = new_signing_secret()
     endpoint.rotate_secret(meta, box.seal(secret), datetime.now(UTC) + timedelta(seconds=overlap))
     position = await store.append(endpoint)
-    return EndpointWithSecret(
-        id=endpoint.id,
-        url=endpoint.url,
-        event_types=endpoint.event_types,
-        description=endpoint.description,
-        rate_limit=endpoint.rate_limit,
-        status=endpoint.status,
-        secret=secret,
-        position=position,
-    )
+    return _with_secret(endpoint, secret, position)
 
 
 async def delete_webhook(

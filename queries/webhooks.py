@@ -9,7 +9,7 @@ from uuid import UUID
 import msgspec
 
 from almanac.auth import Principal
-from almanac.errors import NotFound
+from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 
 ENDPOINTS = "webhook_endpoints"
@@ -58,16 +58,9 @@ class DeliveryView(msgspec.Struct, frozen=True):
     updated_at: datetime
 
 
-class DeliveryDetail(msgspec.Struct, frozen=True):
-    id: str
-    endpoint_id: UUID
-    event_type: str
-    position: int | None
-    status: str
-    attempts: int
-    next_attempt_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
+class DeliveryDetail(DeliveryView, frozen=True):
+    """A delivery with its payload and every attempt at it."""
+
     payload: msgspec.Raw
     attempt_log: list[AttemptView]
 
@@ -201,8 +194,6 @@ async def list_deliveries(
         try:
             params["c_at"] = float(created)
         except ValueError:
-            from almanac.errors import FieldError, ValidationFailed
-
             raise ValidationFailed([FieldError("cursor", "not a cursor of this list")]) from None
         params["c_id"] = last_id
         where += " AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))"
