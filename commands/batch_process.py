@@ -34,7 +34,7 @@ from almanac.domain.reading import BatchLink, Reading
 from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import BatchSettings
-from almanac.timeouts import within
+from almanac.timeouts import wait_event
 
 log = structlog.get_logger("almanac.batches")
 
@@ -322,10 +322,7 @@ class BatchProcessManager:
             return  # asked for before (by this manager before a restart, or another)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await within(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return
+        await wait_event(self._stopping, seconds)
 
     def stop(self) -> None:
         self._stopping.set()

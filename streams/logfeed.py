@@ -16,7 +16,7 @@ import stamina
 import structlog
 
 from almanac.eventstore import EventStore, RecordedEvent
-from almanac.timeouts import within
+from almanac.timeouts import wait_event
 
 log = structlog.get_logger("almanac.feed")
 
@@ -58,8 +58,7 @@ class LogFollower:
         events = await store.read(after, limit)
         if events:
             return events
-        with contextlib.suppress(TimeoutError):
-            await within(self.wake.wait(), min(timeout, self._feed.poll_interval))
+        await wait_event(self.wake, min(timeout, self._feed.poll_interval))
         return await store.read(after, limit)
 
     def close(self) -> None:

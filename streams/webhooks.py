@@ -42,7 +42,7 @@ from almanac.feed import Delivery, WorkFeed
 from almanac.ids import new_uuid
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
-from almanac.timeouts import within
+from almanac.timeouts import wait_event
 from streams.envelope import envelope_of
 from streams.webhook_log import AttemptRecord, Claimed, DeliveryLog, NewMessage
 
@@ -213,8 +213,7 @@ class WebhookDeliverer:
             log.info("webhook.deliverer_stopped", delivered=self.delivered)
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await within(self._stopping.wait(), seconds)
+        await wait_event(self._stopping, seconds)
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -369,8 +368,7 @@ class WebhookDeliverer:
                 due = await self.log.next_due()
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.005))
-            with contextlib.suppress(TimeoutError):
-                await within(self._wake.wait(), wait)
+            await wait_event(self._wake, wait)
 
     async def _attempt(self, message: Claimed) -> None:
         endpoint_id = message.endpoint_id

@@ -34,7 +34,7 @@ from almanac.errors import AlmanacError
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import WebSocketSettings
-from almanac.timeouts import within
+from almanac.timeouts import wait_event, within
 from streams.envelope import encode_event
 from streams.relay import AGGREGATE_ID, EVENT_TYPE, OWNER, POSITION
 
@@ -291,8 +291,7 @@ class Hub:
                 raise
             except Exception as exc:  # noqa: BLE001 - the source dropped; resume where it was
                 log.warning("websocket.source_failed", position=self.position, error=repr(exc))
-                with contextlib.suppress(TimeoutError):
-                    await within(self._stopping.wait(), pause)
+                await wait_event(self._stopping, pause)
                 pause = min(pause * 2, 5.0)
         log.info("websocket.hub_stopped", position=self.position, connections=self.connections)
 

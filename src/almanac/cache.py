@@ -36,7 +36,7 @@ from redis.exceptions import WatchError
 
 from almanac.adapters.redis import REDIS_ERRORS, RedisConnection
 from almanac.settings import CacheSettings
-from almanac.timeouts import within
+from almanac.timeouts import wait_event
 from almanac.views import CachedReading, ChartView
 
 log = structlog.get_logger("almanac.cache")
@@ -598,8 +598,7 @@ class TwoLevelCache:
             self._unlogged_errors = 0
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await within(self._stopping.wait(), seconds)
+        await wait_event(self._stopping, seconds)
 
     @property
     def degraded(self) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +21,7 @@ from almanac.eventstore import EventStore
 from almanac.feed import EventFeed
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.settings import Settings
-from almanac.timeouts import within
+from almanac.timeouts import wait_event, within
 
 log = structlog.get_logger("almanac.container")
 
@@ -51,8 +50,7 @@ class Stoppable:
         self._stopping.set()
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await within(self._stopping.wait(), seconds)
+        await wait_event(self._stopping, seconds)
 
 
 class Preparable(Protocol):

@@ -8,12 +8,11 @@ Schema statements differ per dialect and are supplied by each projection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
-from almanac.timeouts import within
+from almanac.timeouts import wait_event
 
 Dialect = Literal["sqlite", "postgres"]
 Row = Mapping[str, Any]
@@ -118,6 +117,5 @@ class PositionWatch:
             remaining = deadline - time.monotonic()
             if current >= position or remaining <= 0:
                 return current
-            with contextlib.suppress(TimeoutError):
-                await within(self._changed.wait(), min(pause, remaining))
+            await wait_event(self._changed, min(pause, remaining))
             pause = min(pause * 2, 0.1)
