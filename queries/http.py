@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from litestar import Request, Response, get
+from litestar import MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Stream
+from litestar.serialization import encode_json
 
 from almanac.auth import Principal
 from almanac.container import Container
@@ -82,6 +84,32 @@ def _not_modified(request: Request[Any, Any, Any], etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
+class _Encoded:
+    """The JSON of the last frozen views served, keyed by identity.
+
+    A cached reading is decoded once and the same view object then answers every hit, so
+    its JSON is made once too instead of on every request. Each entry holds its view, so
+    an id cannot be reused by another object while the entry lives.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._bodies: OrderedDict[int, tuple[Any, bytes]] = OrderedDict()
+
+    def __call__(self, view: Any) -> bytes:
+        held = self._bodies.get(id(view))
+        if held is not None and held[0] is view:
+            return held[1]
+        body = encode_json(view)
+        self._bodies[id(view)] = (view, body)
+        if len(self._bodies) > self._size:
+            self._bodies.popitem(last=False)
+        return body
+
+
+_encoded = _Encoded(256)
+
+
 def _single(
     request: Request[Any, Any, Any], body: Any, etag: str, position: int, fields: str | None
 ) -> Response[Any]:
@@ -89,7 +117,9 @@ def _single(
     if _not_modified(request, etag):
         return Response(None, status_code=304, headers=headers)
     paths = parse_fields(fields, type(body))
-    return Response(body if paths is None else select(body, paths), headers=headers)
+    if paths is not None:
+        return Response(select(body, paths), headers=headers)
+    return Response(_encoded(body), media_type=MediaType.JSON, headers=headers)
 
 
 @get("/readings/{reading_id:uuid}", summary="Get a reading", tags=["readings"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -11,7 +11,6 @@ import msgspec
 import structlog
 from litestar import Litestar, Request, Response, Router, get
 from litestar.config.compression import CompressionConfig
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -185,6 +184,31 @@ class RequestIdMiddleware(ASGIMiddleware):
             structlog.contextvars.unbind_contextvars("request_id")
 
 
+class AuthMiddleware(ASGIMiddleware):
+    """Authenticates every API request before its handler runs or its body is read.
+
+    No key means 401, whatever the body holds. A middleware rather than a route guard:
+    Litestar copies the route handler for every guard call, which cost a cached GET more
+    than its whole query.
+    """
+
+    def __init__(self, authenticate: Callable[[str | None], Awaitable[Principal]]) -> None:
+        # A plain function: Litestar deep-copies routers with their middleware, and a
+        # function is copied as itself, where a key ring would be copied whole.
+        self._authenticate = authenticate
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        secret = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                secret = token.strip() if scheme.lower() == "bearer" else None
+                break
+        principal = await self._authenticate(secret)
+        scope.setdefault("state", {})["principal"] = principal
+        await next_app(scope, receive, send)
+
+
 @get("/health/live", summary="Liveness", tags=["health"], include_in_schema=True)
 async def health_live() -> dict[str, str]:
     return {"status": "ok"}
@@ -227,15 +251,8 @@ def create_app(
     async def provide_container() -> Container:
         return graph
 
-    async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-        header = connection.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        secret = token.strip() if scheme.lower() == "bearer" else None
+    async def authenticate(secret: str | None) -> Principal:
         return await graph.keyring.authenticate(secret)
-
-    async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: object) -> None:
-        # A guard runs before the body is read: no key means 401, whatever the body holds.
-        connection.state.principal = await authenticate(connection)
 
     # The principal depends on the container (whose keyring vouches for it), so Litestar
     # resolves the two in turn; two independent providers would be resolved concurrently
@@ -244,8 +261,11 @@ def create_app(
         request: Request[Any, Any, Any], container: NamedDependency[Container]
     ) -> Principal:
         del container  # a parameter only for the order of resolution
-        principal = request.state.get("principal")
-        return principal if isinstance(principal, Principal) else await authenticate(request)
+        principal = request.scope["state"].get("principal")
+        if not isinstance(principal, Principal):
+            # Only routes behind AuthMiddleware ask for a principal.
+            raise errors.Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+        return principal
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -265,7 +285,7 @@ def create_app(
         handlers.append(
             Router(
                 path="/",
-                guards=[require_key],
+                middleware=[AuthMiddleware(authenticate)],
                 route_handlers=[
                     Router(path="/api/v1", route_handlers=[*command_handlers, *query_handlers]),
                     monitoring_router,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -50,27 +51,45 @@ class KeyRing:
         self._store = store
         self._ttl = cache_ttl
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._loading: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, secret: str | None) -> Principal:
         if not secret:
             raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
         if not secret.startswith(KEY_PREFIX) or len(secret) > 200:
             raise Unauthorized("the API key is not valid")
-        now = time.monotonic()
         cached = self._cache.get(secret)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             principal = cached[1]
         else:
-            key = await self._store.load(ApiKey, key_id_for(secret))
-            valid = key is not None and not key.revoked and key.matches(secret)
-            principal = _principal(key) if valid and key is not None else None
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            # A refusal is remembered only briefly: the key may be issued a moment later.
-            ttl = self._ttl if principal is not None else min(self._ttl, 1.0)
-            self._cache[secret] = (now + ttl, principal)
+            principal = await self._look_up(secret)
         if principal is None:
             raise Unauthorized("the API key is not valid")
+        return principal
+
+    async def _look_up(self, secret: str) -> Principal | None:
+        # When a busy key's entry expires, every request in flight misses at once; they
+        # share one load instead of queueing one each for the store's few threads.
+        pending = self._loading.get(secret)
+        if pending is None:
+            pending = self._loading[secret] = asyncio.ensure_future(self._load(secret))
+            pending.add_done_callback(lambda done: self._loaded(secret, done))
+        # Shielded: one caller giving up does not cancel the load the others wait for.
+        return await asyncio.shield(pending)
+
+    def _loaded(self, secret: str, done: asyncio.Future[Principal | None]) -> None:
+        if self._loading.get(secret) is done:
+            del self._loading[secret]
+
+    async def _load(self, secret: str) -> Principal | None:
+        key = await self._store.load(ApiKey, key_id_for(secret))
+        valid = key is not None and not key.revoked and key.matches(secret)
+        principal = _principal(key) if valid and key is not None else None
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        # A refusal is remembered only briefly: the key may be issued a moment later.
+        ttl = self._ttl if principal is not None else min(self._ttl, 1.0)
+        self._cache[secret] = (time.monotonic() + ttl, principal)
         return principal
 
     def issue(self, *, name: str, role: Role, owner: str) -> IssuedKey:

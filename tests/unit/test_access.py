@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import string
 from collections.abc import Sequence
@@ -193,6 +194,58 @@ async def test_a_refused_key_works_once_issued_when_nothing_is_cached(
         await ring.authenticate(secret)
     store.append_sync(ApiKey.issue(secret=secret, name="late", role="admin", meta=meta("o")))
     assert (await ring.authenticate(secret)).is_admin
+
+
+class GatedStore(InMemoryStore):
+    """Loads wait for the gate to open, and are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.loads = 0
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        self.loads += 1
+        await self.gate.wait()
+        return self.load_sync(cls, aggregate_id)
+
+
+async def test_requests_that_miss_together_share_one_load() -> None:
+    """When a busy key's entry expires, its requests in flight do not each load the key."""
+    store = GatedStore()
+    ring = keyring(store, ttl=30)
+    new = ring.issue(name="busy", role="client", owner="owner-b")
+    waiting = [asyncio.ensure_future(ring.authenticate(new.secret)) for _ in range(50)]
+    await asyncio.sleep(0)  # let every request reach the lookup
+    store.gate.set()
+    assert await asyncio.gather(*waiting) == [new.principal] * 50
+    assert store.loads == 1
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_shared_load() -> None:
+    store = GatedStore()
+    ring = keyring(store, ttl=30)
+    new = ring.issue(name="busy", role="client", owner="owner-b")
+    impatient = asyncio.ensure_future(ring.authenticate(new.secret))
+    patient = asyncio.ensure_future(ring.authenticate(new.secret))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    store.gate.set()
+    assert await patient == new.principal
+    assert impatient.cancelled()
+    assert store.loads == 1
+
+
+async def test_a_shared_refusal_refuses_every_caller() -> None:
+    store = GatedStore()
+    ring = keyring(store, ttl=30)
+    secret = new_secret()
+    waiting = [asyncio.ensure_future(ring.authenticate(secret)) for _ in range(3)]
+    await asyncio.sleep(0)
+    store.gate.set()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(o, Unauthorized) for o in outcomes)
+    assert store.loads == 1
 
 
 def test_the_first_admin_key_is_issued_once(store: InMemoryStore) -> None:
