@@ -10,6 +10,7 @@ members one by one, so one stale command never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -277,10 +278,57 @@ class RecordedEvent:
         return view
 
 
+Outcome = int | BaseException
+
+
 @dataclasses.dataclass(slots=True)
 class _Job:
     events: list[Any]
-    future: Future[int]
+    # A thread waits on a concurrent Future (loop None); a coroutine on an asyncio Future of
+    # its loop, which only that loop may settle.
+    future: Future[int] | asyncio.Future[int]
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def claim(self) -> bool:
+        """Whether the caller still waits; one that gave up before its turn is dropped."""
+        if self.loop is None:
+            return typing.cast("Future[int]", self.future).set_running_or_notify_cancel()
+        # Read from the writer thread: a plain attribute read. A caller that gives up after
+        # this point hears a timeout while its write may still land, as the docs say.
+        return not self.future.cancelled()
+
+
+def _conflict() -> ConcurrencyConflict:
+    return ConcurrencyConflict("the aggregate was changed by another command")
+
+
+def _deliver(outcomes: list[tuple[_Job, Outcome]]) -> None:
+    """Settle each caller's future; one wake-up per event loop for the whole batch.
+
+    Waking a loop costs a system call and a turn of the loop; per caller that was a large
+    share of a command's CPU under load."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], Outcome]]] = {}
+    for job, outcome in outcomes:
+        if job.loop is None:
+            _settle_one(job.future, outcome)
+        else:
+            by_loop.setdefault(job.loop, []).append((typing.cast("Any", job.future), outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting there
+            loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future[int], Outcome]]) -> None:
+    for future, outcome in settled:
+        if not future.done():
+            _settle_one(future, outcome)
+
+
+def _settle_one(future: Future[int] | asyncio.Future[int], outcome: Outcome) -> None:
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 class GroupCommitWriter:
@@ -312,19 +360,34 @@ class GroupCommitWriter:
                 self._thread.start()
 
     def submit(self, aggregates: Iterable[Aggregate]) -> Future[int]:
+        """Queue a save; for a thread, which waits on the returned future."""
+        future: Future[int] = Future()
+        self._queue_job(aggregates, future, None)
+        return future
+
+    def submit_async(self, aggregates: Iterable[Aggregate]) -> asyncio.Future[int]:
+        """Queue a save; for a coroutine on the running loop, which awaits the result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue_job(aggregates, future, loop)
+        return future
+
+    def _queue_job(
+        self,
+        aggregates: Iterable[Aggregate],
+        future: Future[int] | asyncio.Future[int],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         # Collect now, on the caller's side: if a batch fails, the events must still exist
         # for the one-by-one fallback.
         events = [e for agg in aggregates for e in agg.collect_events()]
-        future: Future[int] = Future()
         if not events:
             future.set_exception(ValueError("nothing to save: no pending events"))
-            return future
-        if self._stopped:
+        elif self._stopped:
             # A job queued behind a stopped writer would wait for ever.
             future.set_exception(Unavailable("the event store is closed"))
-            return future
-        self._queue.put(_Job(events, future))
-        return future
+        else:
+            self._queue.put(_Job(events, future, loop))
 
     def stop(self) -> None:
         """Save everything queued so far, then end the thread."""
@@ -334,22 +397,17 @@ class GroupCommitWriter:
                 self._queue.put(None)
                 self._thread.join(timeout=30)
 
-    def _save_alone(self, job: _Job) -> None:
+    def _save_alone(self, job: _Job) -> Outcome:
         try:
             recordings = self._app.save(*job.events)
         except RecordConflictError:
-            job.future.set_exception(
-                ConcurrencyConflict("the aggregate was changed by another command")
-            )
-            return
+            return _conflict()
         except (OperationalError, InterfaceError) as exc:
-            job.future.set_exception(Unavailable(f"the event store is not answering: {exc}"))
-            return
+            return Unavailable(f"the event store is not answering: {exc}")
         except Exception as exc:  # noqa: BLE001 - the caller must hear how its save ended
-            job.future.set_exception(exc)
-            return
-        job.future.set_result(max(r.notification.id for r in recordings))
+            return exc
         self._on_commit(recordings[-1].notification.id)
+        return max(r.notification.id for r in recordings)
 
     def _run(self) -> None:
         while True:
@@ -375,41 +433,36 @@ class GroupCommitWriter:
                 return
 
     def _save(self, batch: list[_Job]) -> None:
-        # A caller that gave up before its turn is dropped, unsaved; from here on a job can
-        # no longer be cancelled, so every remaining caller hears how its save ended.
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        if not batch:
-            return
+        # A caller that gave up before its turn is dropped, unsaved; every remaining caller
+        # hears how its save ended.
+        batch = [job for job in batch if job.claim()]
+        if batch:
+            _deliver(self._outcomes(batch))
+
+    def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
         events = [e for job in batch for e in job.events]
         try:
             recordings = self._app.save(*events)
         except RecordConflictError:
             if len(batch) == 1:
-                batch[0].future.set_exception(
-                    ConcurrencyConflict("the aggregate was changed by another command")
-                )
-                return
+                return [(batch[0], _conflict())]
             log.debug("writer.batch_conflict", size=len(batch))
             self.fallbacks += 1
-            for job in batch:
-                self._save_alone(job)
-            return
+            return [(job, self._save_alone(job)) for job in batch]
         except (OperationalError, InterfaceError) as exc:
             error = Unavailable(f"the event store is not answering: {exc}")
-            for job in batch:
-                job.future.set_exception(error)
-            return
+            return [(job, error) for job in batch]
         except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
-            for job in batch:
-                job.future.set_exception(exc)
-            return
+            return [(job, exc) for job in batch]
+        outcomes: list[tuple[_Job, Outcome]] = []
         offset = 0
         for job in batch:
             mine = recordings[offset : offset + len(job.events)]
             offset += len(job.events)
-            job.future.set_result(max(r.notification.id for r in mine))
+            outcomes.append((job, max(r.notification.id for r in mine)))
         self.batches += 1
         self._on_commit(recordings[-1].notification.id)
+        return outcomes
 
 
 class EventStore:
@@ -436,7 +489,7 @@ class EventStore:
         not started it is dropped, otherwise it may still land (a retry with the same
         Idempotency-Key is then answered from the stored result)."""
         try:
-            return await within(asyncio.wrap_future(self.writer.submit(aggregates)), APPEND_TIMEOUT)
+            return await within(self.writer.submit_async(aggregates), APPEND_TIMEOUT)
         except TimeoutError:
             raise Unavailable(
                 f"the event store did not confirm the write within {APPEND_TIMEOUT:g} s"

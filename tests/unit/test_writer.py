@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -121,3 +122,53 @@ def test_a_caller_that_gave_up_is_dropped_and_the_writer_keeps_serving_the_rest(
     assert later.result(timeout=5) == 2, "the writer thread is still alive"
     writer.stop()
     assert app.saves == [1, 1], "the cancelled command's events were not saved"
+
+
+async def test_coroutines_on_one_loop_hear_their_positions_with_one_wake_up_per_batch() -> None:
+    app = FakeApplication()
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    wake_ups = 0
+    plain = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wake_ups
+        wake_ups += 1
+        return plain(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+    try:
+        futures = [writer.submit_async([new_reading()]) for _ in range(10)]
+        writer.start()
+        positions = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    finally:
+        writer.stop()
+        del loop.call_soon_threadsafe
+    assert positions == list(range(1, 11))
+    assert app.saves == [10]
+    assert wake_ups == 1
+
+
+async def test_a_coroutine_that_gave_up_is_dropped_unsaved() -> None:
+    app = FakeApplication()
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    gave_up = writer.submit_async([new_reading()])
+    kept = writer.submit_async([new_reading()])
+    gave_up.cancel()
+    writer.start()
+    try:
+        assert await asyncio.wait_for(kept, 5) == 1
+    finally:
+        writer.stop()
+    assert app.saves == [1]
+
+
+async def test_a_coroutine_hears_a_failed_save() -> None:
+    app = FakeApplication(fail_with=OperationalError("connection refused"))
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    writer.start()
+    try:
+        with pytest.raises(Unavailable, match="not answering"):
+            await asyncio.wait_for(writer.submit_async([new_reading()]), 5)
+    finally:
+        writer.stop()
