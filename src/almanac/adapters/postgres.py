@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any, Literal
@@ -52,6 +54,30 @@ async def ensure_database(url: str) -> bool:
         raise Unavailable(f"cannot reach Postgres to create {name!r}: {exc}") from exc
 
 
+class IdleCheck:
+    """The pool's check of a connection it lends: a round trip, but only after a rest.
+
+    A connection lent again within ``after`` seconds of coming back was working a moment
+    ago; checking it as well cost a round trip on every query and every projector commit.
+    One that rested longer (a server restart may have cut it) is checked, and replaced if
+    it is dead. Pass ``check`` and ``returned`` as the pool's ``check`` and ``reset``.
+    """
+
+    def __init__(self, after: float = 1.0) -> None:
+        self._after = after
+        self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        returned = self._returned.get(conn)
+        if returned is None or time.monotonic() - returned > self._after:
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def returned(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._returned[conn] = time.monotonic()
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # JSON columns come back as text: msgspec decodes them faster than psycopg would.
     conn.adapters.register_loader("jsonb", TextLoader)
@@ -79,7 +105,8 @@ class PostgresReadDatabase:
                 "options": "-c synchronous_commit=off",
             },
             timeout=5,
-            check=AsyncConnectionPool.check_connection,
+            check=(idle := IdleCheck()).check,
+            reset=idle.returned,
         )
 
     async def open(self) -> None:
@@ -97,7 +124,14 @@ class PostgresReadDatabase:
 
     async def write(self, writes: Sequence[Write]) -> None:
         try:
-            async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            # Pipelined: the whole transaction goes to the server in one round trip instead of
+            # one per statement (BEGIN, each write, COMMIT), which is projection lag.
+            async with (
+                self._connection() as conn,
+                conn.pipeline(),
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
                 for write in writes:
                     if isinstance(write, BulkInsert):
                         bulk, columns = await self._bulk_insert(cur, write)

@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 # The primary's connection set-up, so that rows decode alike from every source.
-from almanac.adapters.postgres import PostgresReadDatabase, _configure
+from almanac.adapters.postgres import IdleCheck, PostgresReadDatabase, _configure
 from almanac.errors import Unavailable
 from almanac.readmodels import Dialect, ReadDatabase, Row, Write, projection_position
 from almanac.settings import mask_password
@@ -63,7 +63,8 @@ class ReplicaReadDatabase(PostgresReadDatabase):
             # Give up reconnecting soon: the router decides when to try a lost standby again,
             # and a fresh attempt then connects at once instead of after a long pool backoff.
             reconnect_timeout=reconnect_timeout,
-            check=AsyncConnectionPool.check_connection,
+            check=(idle := IdleCheck()).check,
+            reset=idle.returned,
         )
 
     async def open(self) -> None:
