@@ -15,7 +15,7 @@ import dataclasses
 import queue
 import threading
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -33,13 +33,16 @@ from eventsourcing.persistence import (
     InternalError,
     Mapper,
     OperationalError,
+    ProgrammingError,
     RecordConflictError,
     StoredEvent,
     Tracking,
     Transcoder,
 )
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import Environment, EnvType, get_topic, resolve_topic
 from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Identifier
 
 from almanac.domain.events import EventMeta
 from almanac.errors import Conflict, Unavailable
@@ -120,6 +123,45 @@ class _UnusedTranscoder(Transcoder):
         raise NotImplementedError
 
 
+class ArrayInsertRecorder(PostgresApplicationRecorder):
+    """eventsourcing's Postgres recorder, sending a batch as four binary arrays.
+
+    The stock recorder sends a batch as one array of a composite type, which psycopg dumps
+    field by field in Python, escaping each event's state as text: about 4 ms of CPU for 64
+    events here, against 1 ms for ``unnest`` over four typed arrays in binary. The table,
+    its lock, the NOTIFY and the returned notification ids are the stock recorder's.
+    """
+
+    def __init__(
+        self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
+    ) -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        self._insert_arrays = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+            " SELECT * FROM unnest(%b::{id_type}[], %b::bigint[], %b::text[], %b::bytea[])"
+            " RETURNING notification_id"
+        ).format(
+            schema=Identifier(datastore.schema),
+            table=Identifier(events_table_name),
+            id_type=Identifier(datastore.originator_id_type),
+        )
+
+    def _insert_stored_events(
+        self, curs: psycopg.Cursor[Any], stored_events: Sequence[StoredEvent], **_: Any
+    ) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert_arrays,
+            (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ),
+        )
+
+
 class AlmanacApplication(Application[UUID]):
     """The one eventsourcing application; its events table is ``almanac_events``."""
 
@@ -132,6 +174,18 @@ class AlmanacApplication(Application[UUID]):
 
     def construct_mapper(self) -> Mapper[UUID]:
         return MsgspecMapper()
+
+    def record(self, events: Sequence[Any]) -> list[int]:
+        """Store domain events in one transaction; their notification ids, in order.
+
+        What ``save`` does for Almanac, which has no snapshots, aggregate cache or
+        followers, without its per-object protocol checks (``isinstance`` against runtime
+        protocols), which cost as much CPU as the insert itself."""
+        stored = [self.mapper.to_stored_event(event) for event in events]
+        ids = self.recorder.insert_events(stored)
+        if ids is None or len(ids) != len(stored):
+            raise ProgrammingError(f"the recorder returned {ids!r} for {len(stored)} events")
+        return list(ids)
 
 
 def application_env(settings: Settings) -> dict[str, str]:
@@ -157,6 +211,7 @@ def application_env(settings: Settings) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_PRE_PING": "y",
         "POSTGRES_LOCK_TIMEOUT": "5",
+        "APPLICATION_RECORDER_TOPIC": get_topic(ArrayInsertRecorder),
     }
 
 
@@ -399,15 +454,15 @@ class GroupCommitWriter:
 
     def _save_alone(self, job: _Job) -> Outcome:
         try:
-            recordings = self._app.save(*job.events)
+            positions = self._app.record(job.events)
         except RecordConflictError:
             return _conflict()
         except (OperationalError, InterfaceError) as exc:
             return Unavailable(f"the event store is not answering: {exc}")
         except Exception as exc:  # noqa: BLE001 - the caller must hear how its save ended
             return exc
-        self._on_commit(recordings[-1].notification.id)
-        return max(r.notification.id for r in recordings)
+        self._on_commit(positions[-1])
+        return max(positions)
 
     def _run(self) -> None:
         while True:
@@ -442,7 +497,7 @@ class GroupCommitWriter:
     def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
         events = [e for job in batch for e in job.events]
         try:
-            recordings = self._app.save(*events)
+            positions = self._app.record(events)
         except RecordConflictError:
             if len(batch) == 1:
                 return [(batch[0], _conflict())]
@@ -457,11 +512,11 @@ class GroupCommitWriter:
         outcomes: list[tuple[_Job, Outcome]] = []
         offset = 0
         for job in batch:
-            mine = recordings[offset : offset + len(job.events)]
+            mine = positions[offset : offset + len(job.events)]
             offset += len(job.events)
-            outcomes.append((job, max(r.notification.id for r in mine)))
+            outcomes.append((job, max(mine)))
         self.batches += 1
-        self._on_commit(recordings[-1].notification.id)
+        self._on_commit(positions[-1])
         return outcomes
 
 

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from eventsourcing.persistence import IntegrityError, Notification, OperationalError, Recording
+from eventsourcing.persistence import IntegrityError, OperationalError
 
 from almanac.errors import Unavailable
 from almanac.eventstore import ConcurrencyConflict, GroupCommitWriter
@@ -24,24 +24,15 @@ class FakeApplication:
         self.conflicting: set[int] = set()
         self.lock = threading.Lock()
 
-    def save(self, *events: Any) -> list[Recording[Any]]:
+    def record(self, events: Any) -> list[int]:
         if self.fail_with is not None:
             raise self.fail_with
         if any(id(e) in self.conflicting for e in events):
             raise IntegrityError("duplicate key")
         self.saves.append(len(events))
-        recordings = []
-        for event in events:
-            self.position += 1
-            notification = Notification(
-                originator_id=event.originator_id,
-                originator_version=event.originator_version,
-                topic="t",
-                state=b"",
-                id=self.position,
-            )
-            recordings.append(Recording(event, notification))
-        return recordings
+        start = self.position
+        self.position += len(events)
+        return list(range(start + 1, self.position + 1))
 
 
 def queued(app: FakeApplication, count: int) -> tuple[GroupCommitWriter, list[Any], list[int]]:
