@@ -124,12 +124,16 @@ class _UnusedTranscoder(Transcoder):
 
 
 class ArrayInsertRecorder(PostgresApplicationRecorder):
-    """eventsourcing's Postgres recorder, sending a batch as four binary arrays.
+    """eventsourcing's Postgres recorder, inserting a batch as four binary arrays in three
+    round trips.
 
     The stock recorder sends a batch as one array of a composite type, which psycopg dumps
     field by field in Python, escaping each event's state as text: about 4 ms of CPU for 64
-    events here, against 1 ms for ``unnest`` over four typed arrays in binary. The table,
-    its lock, the NOTIFY and the returned notification ids are the stock recorder's.
+    events here, against 1 ms for ``unnest`` over four typed arrays in binary. It also runs
+    the transaction in psycopg's pipeline mode, whose send-and-receive loop polls the
+    socket for writing between statements: ~2 ms of CPU to store a single event. Here the
+    transaction is three plain round trips: BEGIN with the lock and NOTIFY, the insert, and
+    COMMIT. The table, its lock, the NOTIFY and the returned ids are the stock recorder's.
     """
 
     def __init__(
@@ -146,20 +150,38 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
             id_type=Identifier(datastore.originator_id_type),
         )
 
-    def _insert_stored_events(
-        self, curs: psycopg.Cursor[Any], stored_events: Sequence[StoredEvent], **_: Any
-    ) -> None:
-        self._lock_table(curs)
-        self._notify_channel(curs)
-        curs.execute(
-            self._insert_arrays,
-            (
-                [e.originator_id for e in stored_events],
-                [e.originator_version for e in stored_events],
-                [e.topic for e in stored_events],
-                [e.state for e in stored_events],
-            ),
+        # One simple-protocol query (no parameters, so several statements are allowed).
+        self._begin = SQL("; ").join(
+            [
+                SQL("BEGIN"),
+                *self.lock_table_statements,
+                SQL("NOTIFY {0}").format(Identifier(self.channel_name)),
+            ]
         )
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> Sequence[int]:
+        if not stored_events:
+            return []
+        columns = (
+            [e.originator_id for e in stored_events],
+            [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events],
+            [e.state for e in stored_events],
+        )
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            try:
+                curs.execute(self._begin)
+                curs.execute(self._insert_arrays, columns)
+                ids = [row["notification_id"] for row in curs.fetchall()]
+                curs.execute("COMMIT")
+            except BaseException:
+                # Leave the connection idle for the pool, if it still works at all.
+                with contextlib.suppress(psycopg.Error):
+                    curs.execute("ROLLBACK")
+                raise
+        if len(ids) != len(stored_events):
+            raise ProgrammingError(f"stored {len(stored_events)} events, got {len(ids)} ids")
+        return ids
 
 
 class AlmanacApplication(Application[UUID]):
