@@ -124,14 +124,10 @@ class PostgresReadDatabase:
 
     async def write(self, writes: Sequence[Write]) -> None:
         try:
-            # Pipelined: the whole transaction goes to the server in one round trip instead of
-            # one per statement (BEGIN, each write, COMMIT), which is projection lag.
-            async with (
-                self._connection() as conn,
-                conn.pipeline(),
-                conn.transaction(),
-                conn.cursor() as cur,
-            ):
+            # Not in psycopg's pipeline mode: its loop polls the socket between statements,
+            # which cost more CPU (1.47 -> 1.69 ms a projector batch) than the round trips
+            # it saved on a local server.
+            async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 for write in writes:
                     if isinstance(write, BulkInsert):
                         bulk, columns = await self._bulk_insert(cur, write)
