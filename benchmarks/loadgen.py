@@ -110,6 +110,18 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
     return out
 
 
+async def _open(port: int, connections: int) -> list[_Connection]:
+    """Every connection, open before the clock starts: the first requests' latency is then
+    the server's answer, not also the setting up of the generator's own connections."""
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> _Connection:
+        _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
+        return conn
+
+    return await asyncio.wait_for(asyncio.gather(*(connect() for _ in range(connections))), 30)
+
+
 async def offer(
     *,
     port: int,
@@ -128,9 +140,10 @@ async def offer(
     statuses: Counter[int] = Counter()
     errors = 0
 
-    async def worker() -> None:
+    opened = await _open(port, connections)
+
+    async def worker(conn: _Connection) -> None:
         nonlocal errors
-        _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
         try:
             while (item := await queue.get()) is not None:
                 index, scheduled = item
@@ -154,7 +167,7 @@ async def offer(
             if conn.transport is not None:
                 conn.transport.close()
 
-    workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    workers = [asyncio.create_task(worker(conn)) for conn in opened]
     start = _now() + 0.05
     sent = 0
     while sent < total:
