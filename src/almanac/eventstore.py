@@ -124,7 +124,7 @@ class _UnusedTranscoder(Transcoder):
 
 
 class ArrayInsertRecorder(PostgresApplicationRecorder):
-    """eventsourcing's Postgres recorder, inserting a batch as four binary arrays in three
+    """eventsourcing's Postgres recorder, inserting a batch as four binary arrays in plain
     round trips.
 
     The stock recorder sends a batch as one array of a composite type, which psycopg dumps
@@ -132,8 +132,11 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
     events here, against 1 ms for ``unnest`` over four typed arrays in binary. It also runs
     the transaction in psycopg's pipeline mode, whose send-and-receive loop polls the
     socket for writing between statements: ~2 ms of CPU to store a single event. Here the
-    transaction is three plain round trips: BEGIN with the lock and NOTIFY, the insert, and
-    COMMIT. The table, its lock, the NOTIFY and the returned ids are the stock recorder's.
+    transaction is three plain round trips (after the pool's pre-ping): BEGIN with the lock
+    and NOTIFY, the insert, and COMMIT. The table, its lock, the NOTIFY, the returned ids and
+    the retries of a lost connection or lock timeout are the stock recorder's; the
+    database-function variant (``POSTGRES_ENABLE_DB_FUNCTIONS``) is not offered, as Almanac
+    must not use it (see DESIGN).
     """
 
     def __init__(
@@ -168,17 +171,29 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
             [e.topic for e in stored_events],
             [e.state for e in stored_events],
         )
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            try:
-                curs.execute(self._begin)
-                curs.execute(self._insert_arrays, columns)
-                ids = [row["notification_id"] for row in curs.fetchall()]
-                curs.execute("COMMIT")
-            except BaseException:
-                # Leave the connection idle for the pool, if it still works at all.
-                with contextlib.suppress(psycopg.Error):
-                    curs.execute("ROLLBACK")
-                raise
+        # As the stock recorder does, a lost connection or a lock timeout is tried again,
+        # but only while COMMIT has not been sent: after that the batch may have landed,
+        # and a second insert would report its own events as a version conflict.
+        committing = False
+
+        def retryable(exc: Exception) -> bool:
+            return isinstance(exc, (OperationalError, InterfaceError)) and not committing
+
+        for attempt in stamina.retry_context(
+            on=retryable, attempts=10, wait_initial=0.1, wait_max=1.0, timeout=30.0
+        ):
+            with attempt, self.datastore.get_connection() as conn, conn.cursor() as curs:
+                try:
+                    curs.execute(self._begin)
+                    curs.execute(self._insert_arrays, columns)
+                    ids = [row["notification_id"] for row in curs.fetchall()]
+                    committing = True
+                    curs.execute("COMMIT")
+                except BaseException:
+                    # Leave the connection idle for the pool, if it still works at all.
+                    with contextlib.suppress(psycopg.Error):
+                        curs.execute("ROLLBACK")
+                    raise
         if len(ids) != len(stored_events):
             raise ProgrammingError(f"stored {len(stored_events)} events, got {len(ids)} ids")
         return ids
