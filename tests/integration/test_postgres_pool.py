@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from almanac.adapters.postgres import IdleCheck
+from almanac.adapters.postgres import IdleCheck, PostgresReadDatabase
 from tests.integration.support_waiting import eventually
 
 
@@ -29,8 +29,8 @@ async def test_a_connection_back_a_moment_ago_is_lent_without_a_round_trip(
     async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
         await idle.returned(conn)
         await _cut(conn, postgres_url)
-        # Not checked, so the cut goes unnoticed here (the query that follows would fail,
-        # and its caller retries as after any lost connection).
+        # Not checked, so the cut goes unnoticed here (the query that follows fails, and
+        # is repeated on a fresh connection: see the last test).
         await idle.check(conn)
 
 
@@ -52,3 +52,28 @@ async def test_a_connection_never_returned_is_checked(postgres_url: str) -> None
         await _cut(conn, postgres_url)
         with pytest.raises(psycopg.OperationalError):
             await idle.check(conn)
+
+
+async def test_a_read_on_a_connection_cut_since_its_last_use_is_repeated_on_a_fresh_one(
+    postgres_url: str,
+) -> None:
+    """A server restart within the rest that goes unchecked costs the reader nothing."""
+    db = PostgresReadDatabase(postgres_url, max_size=1)
+    await db.open()
+    try:
+        first = await db.fetch_one("SELECT pg_backend_pid() AS pid", {})
+        assert first is not None
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (first["pid"],))
+
+            async def gone() -> bool:
+                cur = await admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first["pid"],)
+                )
+                return await cur.fetchone() is None
+
+            await eventually(gone, within=10, what="the server session to end")
+        again = await db.fetch_one("SELECT pg_backend_pid() AS pid", {})
+        assert again is not None and again["pid"] != first["pid"]
+    finally:
+        await db.close()

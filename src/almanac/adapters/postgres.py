@@ -60,7 +60,10 @@ class IdleCheck:
     A connection lent again within ``after`` seconds of coming back was working a moment
     ago; checking it as well cost a round trip on every query and every projector commit.
     One that rested longer (a server restart may have cut it) is checked, and replaced if
-    it is dead. Pass ``check`` and ``returned`` as the pool's ``check`` and ``reset``.
+    it is dead. Should a server restart fall inside that second, the first use of such a
+    connection fails: reads are then repeated once on a fresh connection, and projector
+    writes are retried as after any lost connection. Pass ``check`` and ``returned`` as the
+    pool's ``check`` and ``reset``.
     """
 
     def __init__(self, after: float = 1.0) -> None:
@@ -171,21 +174,30 @@ class PostgresReadDatabase:
         return query, columns
 
     async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> Row | None:
-        try:
-            async with self._connection() as conn:
-                cur = await conn.execute(to_pyformat(sql), params)
-                row: Row | None = await cur.fetchone()
-                return row
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"the read database is not answering: {exc}") from exc
+        rows = await self._read(sql, params, one=True)
+        return rows[0] if rows else None
 
     async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]:
-        try:
-            async with self._connection() as conn:
-                cur = await conn.execute(to_pyformat(sql), params)
-                return list(await cur.fetchall())
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"the read database is not answering: {exc}") from exc
+        return await self._read(sql, params, one=False)
+
+    async def _read(self, sql: str, params: Mapping[str, Any], *, one: bool) -> list[Row]:
+        # A connection lent without a check (IdleCheck) may have been cut by a server
+        # restart since it was last used: a read is safe to repeat on a fresh one, once.
+        for attempt in (1, 2):
+            lent: psycopg.AsyncConnection[Any] | None = None
+            try:
+                async with self._connection() as conn:
+                    lent = conn
+                    cur = await conn.execute(to_pyformat(sql), params)
+                    if one:
+                        row = await cur.fetchone()
+                        return [] if row is None else [row]
+                    return list(await cur.fetchall())
+            except psycopg.OperationalError as exc:
+                if attempt == 1 and lent is not None and lent.broken:
+                    continue
+                raise Unavailable(f"the read database is not answering: {exc}") from exc
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _connection(self) -> Any:
         return _Connection(self.pool)
