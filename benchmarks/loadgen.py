@@ -119,7 +119,14 @@ async def _open(port: int, connections: int) -> list[_Connection]:
         _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
         return conn
 
-    return await asyncio.wait_for(asyncio.gather(*(connect() for _ in range(connections))), 30)
+    opening = [asyncio.ensure_future(connect()) for _ in range(connections)]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*opening), 30)
+    except BaseException:
+        for task in opening:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().transport.close()
+        raise
 
 
 async def offer(

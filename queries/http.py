@@ -85,7 +85,7 @@ def _not_modified(request: Request[Any, Any, Any], etag: str) -> bool:
 
 
 class _Encoded:
-    """The JSON of the last frozen views served, keyed by identity.
+    """The JSON of the frozen views served most recently, keyed by identity.
 
     A cached reading is decoded once and the same view object then answers every hit, so
     its JSON is made once too instead of on every request. Each entry holds its view, so
@@ -99,6 +99,7 @@ class _Encoded:
     def __call__(self, view: Any) -> bytes:
         held = self._bodies.get(id(view))
         if held is not None and held[0] is view:
+            self._bodies.move_to_end(id(view))
             return held[1]
         body = encode_json(view)
         self._bodies[id(view)] = (view, body)
