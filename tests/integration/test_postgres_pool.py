@@ -11,7 +11,10 @@ from tests.integration.support_waiting import eventually
 
 async def _cut(conn: psycopg.AsyncConnection[object], url: str) -> None:
     """End ``conn``'s server session from another connection, as a server restart would."""
-    pid = conn.info.backend_pid
+    await _end_session(conn.info.backend_pid, url)
+
+
+async def _end_session(pid: int, url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
         await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
@@ -63,16 +66,7 @@ async def test_a_read_on_a_connection_cut_since_its_last_use_is_repeated_on_a_fr
     try:
         first = await db.fetch_one("SELECT pg_backend_pid() AS pid", {})
         assert first is not None
-        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s)", (first["pid"],))
-
-            async def gone() -> bool:
-                cur = await admin.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first["pid"],)
-                )
-                return await cur.fetchone() is None
-
-            await eventually(gone, within=10, what="the server session to end")
+        await _end_session(first["pid"], postgres_url)
         again = await db.fetch_one("SELECT pg_backend_pid() AS pid", {})
         assert again is not None and again["pid"] != first["pid"]
     finally:
