@@ -31,6 +31,7 @@ from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import ConcurrencyConflict, EventStore
 from almanac.feed import Delivery, EventRef, WorkFeed
 from almanac.settings import WorkerSettings
+from almanac.timeouts import unless
 
 log = structlog.get_logger("almanac.worker")
 
@@ -102,7 +103,9 @@ class ReadingWorker(Stoppable):
                     if free <= 0:
                         await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                         continue
-                    for delivery in await self.feed.fetch(free, timeout=1.0):
+                    # Stop does not wait for the fetch to run out: it ends it.
+                    fetched = await unless(self._stopping, self.feed.fetch(free, timeout=1.0))
+                    for delivery in fetched or []:
                         task = asyncio.create_task(self._work_on(delivery))
                         self._in_flight.add(task)
                         task.add_done_callback(self._in_flight.discard)

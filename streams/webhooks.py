@@ -42,7 +42,7 @@ from almanac.feed import Delivery, WorkFeed
 from almanac.ids import new_uuid
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
-from almanac.timeouts import wait_event
+from almanac.timeouts import cancel_and_wait, wait_event
 from streams.envelope import envelope_of
 from streams.webhook_log import AttemptRecord, Claimed, DeliveryLog, NewMessage
 
@@ -197,9 +197,7 @@ class WebhookDeliverer:
         try:
             await self._dispatch()
         finally:
-            intake.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await intake
+            await cancel_and_wait(intake)
             # Attempts still waiting for a slot are dropped at once and those under way have a
             # moment to finish; what is not settled falls due again when its lease runs out
             # (an unconfirmed attempt is sent again with the same webhook-id).

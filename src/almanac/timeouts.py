@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -29,3 +29,35 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return event.is_set()
     return True
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], *, every: float = 0.2) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again while it runs on.
+
+    A library that waits through ``asyncio.wait_for`` (nats-py's pull ``fetch`` does) can
+    swallow a cancellation on Python 3.11 when what it waited for arrives at the same moment;
+    the task then carries on as if never cancelled. An exception the task ended with other
+    than its cancellation is raised here.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=every)
+    if not task.cancelled() and (failure := task.exception()) is not None:
+        raise failure
+
+
+async def unless(stopping: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
+    """``await awaitable``, or None as soon as ``stopping`` is set (it is then cancelled)."""
+    work = asyncio.ensure_future(awaitable)
+    signal = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({work, signal}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await cancel_and_wait(work)
+        raise
+    finally:
+        signal.cancel()
+    if work.done():
+        return work.result()
+    await cancel_and_wait(work)
+    return None
