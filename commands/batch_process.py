@@ -28,13 +28,13 @@ import msgspec
 import structlog
 
 from almanac.adapters.leadership import Lease
+from almanac.container import Stoppable
 from almanac.domain.batch import Batch
 from almanac.domain.events import EventMeta
 from almanac.domain.reading import BatchLink, Reading
 from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import BatchSettings
-from almanac.timeouts import wait_event
 
 log = structlog.get_logger("almanac.batches")
 
@@ -75,7 +75,7 @@ class _Outcome:
     meta: EventMeta
 
 
-class BatchProcessManager:
+class BatchProcessManager(Stoppable):
     name = "batch-manager"
 
     def __init__(
@@ -97,7 +97,7 @@ class BatchProcessManager:
         self._open: dict[UUID, _Open] = {}
         # Readings of batch items not settled yet: their link and the position of the request.
         self._links: dict[UUID, tuple[BatchLink, int]] = {}
-        self._stopping = asyncio.Event()
+        super().__init__()
 
     async def run(self) -> None:
         waiting_logged = False
@@ -320,9 +320,3 @@ class BatchProcessManager:
             await self.store.append(reading)
         except ConcurrencyConflict:
             return  # asked for before (by this manager before a restart, or another)
-
-    async def _sleep(self, seconds: float) -> None:
-        await wait_event(self._stopping, seconds)
-
-    def stop(self) -> None:
-        self._stopping.set()

@@ -34,6 +34,7 @@ from standardwebhooks.webhooks import Webhook
 
 from almanac.adapters.secretbox import SecretBox
 from almanac.adapters.webhook_targets import TargetGuard, TargetRefused
+from almanac.container import Stoppable
 from almanac.domain.events import EventMeta
 from almanac.domain.webhook import TEST_EVENT_TYPE, WebhookEndpoint, matches
 from almanac.errors import AlmanacError
@@ -135,7 +136,7 @@ class Outcome(msgspec.Struct, frozen=True):
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-class WebhookDeliverer:
+class WebhookDeliverer(Stoppable):
     name = "webhook-deliverer"
 
     def __init__(  # noqa: PLR0917 - built once, by bootstrap
@@ -169,7 +170,7 @@ class WebhookDeliverer:
         # The attempts of ``_in_flight`` past their endpoint's slot, so under way.
         self._under_way: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
+        super().__init__()
         self._client: httpx.AsyncClient | None = None
         self._endpoints: dict[str, tuple[float, Any]] = {}
         self._success_noted: dict[str, float] = {}
@@ -178,7 +179,7 @@ class WebhookDeliverer:
         await self.log.prepare()
 
     def stop(self) -> None:
-        self._stopping.set()
+        super().stop()
         self._wake.set()
 
     async def run(self) -> None:
@@ -209,9 +210,6 @@ class WebhookDeliverer:
                     task.cancel()
             await self._client.aclose()
             log.info("webhook.deliverer_stopped", delivered=self.delivered)
-
-    async def _sleep(self, seconds: float) -> None:
-        await wait_event(self._stopping, seconds)
 
     # -- intake ----------------------------------------------------------------------------
 

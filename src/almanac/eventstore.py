@@ -194,8 +194,6 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
                     with contextlib.suppress(psycopg.Error):
                         curs.execute("ROLLBACK")
                     raise
-        if len(ids) != len(stored_events):
-            raise ProgrammingError(f"stored {len(stored_events)} events, got {len(ids)} ids")
         return ids
 
 
@@ -390,10 +388,6 @@ class _Job:
         return not self.future.cancelled()
 
 
-def _conflict() -> ConcurrencyConflict:
-    return ConcurrencyConflict("the aggregate was changed by another command")
-
-
 def _deliver(outcomes: list[tuple[_Job, Outcome]]) -> None:
     """Settle each caller's future; one wake-up per event loop for the whole batch.
 
@@ -489,15 +483,21 @@ class GroupCommitWriter:
                 self._queue.put(None)
                 self._thread.join(timeout=30)
 
-    def _save_alone(self, job: _Job) -> Outcome:
+    def _record(self, events: list[Any]) -> list[int] | BaseException:
+        """The events' positions, or the error each of their callers is to hear."""
         try:
-            positions = self._app.record(job.events)
+            return self._app.record(events)
         except RecordConflictError:
-            return _conflict()
+            return ConcurrencyConflict("the aggregate was changed by another command")
         except (OperationalError, InterfaceError) as exc:
             return Unavailable(f"the event store is not answering: {exc}")
-        except Exception as exc:  # noqa: BLE001 - the caller must hear how its save ended
+        except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
             return exc
+
+    def _save_alone(self, job: _Job) -> Outcome:
+        positions = self._record(job.events)
+        if isinstance(positions, BaseException):
+            return positions
         self._on_commit(positions[-1])
         return max(positions)
 
@@ -532,20 +532,14 @@ class GroupCommitWriter:
             _deliver(self._outcomes(batch))
 
     def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
-        events = [e for job in batch for e in job.events]
-        try:
-            positions = self._app.record(events)
-        except RecordConflictError:
-            if len(batch) == 1:
-                return [(batch[0], _conflict())]
+        positions = self._record([e for job in batch for e in job.events])
+        if isinstance(positions, ConcurrencyConflict) and len(batch) > 1:
+            # One stale command must not fail its neighbours: save each on its own.
             log.debug("writer.batch_conflict", size=len(batch))
             self.fallbacks += 1
             return [(job, self._save_alone(job)) for job in batch]
-        except (OperationalError, InterfaceError) as exc:
-            error = Unavailable(f"the event store is not answering: {exc}")
-            return [(job, error) for job in batch]
-        except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
-            return [(job, exc) for job in batch]
+        if isinstance(positions, BaseException):
+            return [(job, positions) for job in batch]
         outcomes: list[tuple[_Job, Outcome]] = []
         offset = 0
         for job in batch:

@@ -44,7 +44,10 @@ async def test_a_task_that_failed_while_stopping_reports_its_failure() -> None:
 
 
 async def test_unless_gives_the_result_when_it_comes_first() -> None:
-    assert await unless(asyncio.Event(), asyncio.sleep(0, result=[1, 2])) == [1, 2]
+    async def answer() -> list[int]:
+        return [1, 2]
+
+    assert await unless(asyncio.Event(), answer()) == [1, 2]
 
 
 async def test_unless_ends_the_wait_as_soon_as_stop_is_signalled() -> None:
