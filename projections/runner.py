@@ -136,6 +136,9 @@ class ProjectionRunner(Stoppable):
         self._last_beat = 0.0
         self._hooks_backlog: list[list[RecordedEvent]] = []
         self._hooks_task: asyncio.Task[None] | None = None
+        self._pending_indexes: list[str] = []
+        # Set once the active runner has applied the log it found and built its indexes.
+        self.caught_up = asyncio.Event()
 
     @property
     def version(self) -> int:
@@ -143,10 +146,50 @@ class ProjectionRunner(Stoppable):
 
     async def prepare(self) -> None:
         """Create the bookkeeping tables, and the projection's own unless a rebuild is due
-        (then the active runner recreates them in their new shape)."""
+        (then the active runner recreates them in their new shape).
+
+        A projection that has applied nothing yet gets its tables without their secondary
+        indexes: it is about to catch up from position 0, and building an index once over
+        the caught-up rows costs far less than maintaining it row by row on the way (a
+        rebuild's inserts ran ~15 % faster without the ``readings`` indexes). The runner
+        builds them as soon as it has caught up; any later ``prepare`` builds whichever are
+        still missing (after a crash mid-rebuild, say), as every statement is idempotent.
+        """
         await self.db.migrate(bookkeeping_schema(self.db.dialect))
-        if not await self._rebuild_due():
-            await self.db.migrate(list(self.projection.schema[self.db.dialect]))
+        if await self._rebuild_due():
+            return
+        tables, indexes = self._schema()
+        if await projection_position(self.db, self.projection.name) == 0:
+            await self.db.migrate(tables)
+            self._pending_indexes = indexes
+        else:
+            await self.db.migrate([*tables, *indexes])
+            self._pending_indexes = []
+
+    def _schema(self) -> tuple[list[str], list[str]]:
+        """The projection's statements: tables and the rest first, then its plain indexes
+        (a unique index is a constraint, and is never deferred)."""
+        statements = list(self.projection.schema[self.db.dialect])
+        indexes = [s for s in statements if s.lstrip().upper().startswith("CREATE INDEX")]
+        return [s for s in statements if s not in indexes], indexes
+
+    async def _build_indexes(self) -> None:
+        """Build the indexes deferred while catching up from position 0."""
+        indexes = self._pending_indexes
+        if not indexes:
+            return
+        started = time.perf_counter()
+        await self.db.migrate(indexes)
+        self._pending_indexes = []
+        if self.state == "rebuilding":
+            await self._resume()
+        log.info(
+            "projection.indexes_built",
+            projection=self.projection.name,
+            position=self.position,
+            indexes=len(indexes),
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     async def run(self) -> None:
         name = self.projection.name
@@ -176,16 +219,7 @@ class ProjectionRunner(Stoppable):
 
     async def _lead(self) -> None:
         name = self.projection.name
-        log.info("projection.leading", projection=name, holder=self.holder)
-        await self.prepare()
-        if await self._rebuild_due():
-            await self._rebuild()
-        elif await schema_version(self.db, name) is None:
-            await self._record_version()
-        self.position = await projection_position(self.db, name)
-        self.watch.announce(name, self.position)
-        await self._enter("parked" if await open_parking(self.db, name) else "running")
-        log.info("projection.started", projection=name, position=self.position)
+        await self._take_over()
         follower = self.feed.follow()
         failures = 0
         try:
@@ -206,23 +240,46 @@ class ProjectionRunner(Stoppable):
                     failures += 1
                     await self._retrying("projection.read_failed", exc, failures)
                     continue
-                if not events:
-                    continue
                 try:
-                    await self._commit_with_retries(events)
+                    await self._apply(events)
                 except Parked:
                     continue
                 except Exception as exc:  # noqa: BLE001 - infrastructure; resume from position
                     failures += 1
                     await self._retrying("projection.batch_failed", exc, failures)
                     continue
-                if failures:
+                if events and failures:
                     failures = 0
-                    await self._enter("running")
+                    await self._resume()
         finally:
             follower.close()
             await self._hooks_done()
             await self._enter("stopped")
+
+    async def _take_over(self) -> None:
+        """Become the active runner: tables in shape, position and state loaded."""
+        name = self.projection.name
+        log.info("projection.leading", projection=name, holder=self.holder)
+        self.caught_up.clear()
+        await self.prepare()
+        if await self._rebuild_due():
+            await self._rebuild()
+        elif await schema_version(self.db, name) is None:
+            await self._record_version()
+        self.position = await projection_position(self.db, name)
+        self.watch.announce(name, self.position)
+        if await open_parking(self.db, name):
+            await self._enter("parked")
+        else:
+            await self._resume()
+        log.info("projection.started", projection=name, position=self.position)
+
+    async def _apply(self, events: list[RecordedEvent]) -> None:
+        if events:
+            await self._commit_with_retries(events)
+        if len(events) < self.batch_size:  # caught up with the log
+            await self._build_indexes()
+            self.caught_up.set()
 
     # -- committing ---------------------------------------------------------------------
 
@@ -357,7 +414,7 @@ class ProjectionRunner(Stoppable):
         name = self.projection.name
         parked = await open_parking(self.db, name)
         if parked is None:  # resolved by hand in the database
-            await self._enter("running")
+            await self._resume()
             return
         request = parked["request"]
         position = int(parked["position"])
@@ -367,12 +424,12 @@ class ProjectionRunner(Stoppable):
             await self.db.write([(RESOLVE, [resolve]), (SAVE_POSITION, [saved])])
             self._committed(max(self.position, position))
             log.warning("projection.event_skipped", projection=name, position=position)
-            await self._enter("running")
+            await self._resume()
         elif request == "retry":
             resolve = {"name": name, "position": position, "resolution": "retried", "at": now()}
             await self.db.write([(RESOLVE, [resolve])])
             log.info("projection.event_retried", projection=name, position=position)
-            await self._enter("running")
+            await self._resume()
         else:
             await self._heartbeat()
             await self._sleep(self.settings.standby_interval)
@@ -398,7 +455,8 @@ class ProjectionRunner(Stoppable):
                 (FORGET_POSITION, [{"name": name}]),
             ]
         )
-        await self.db.migrate(list(self.projection.schema[self.db.dialect]))
+        tables, self._pending_indexes = self._schema()
+        await self.db.migrate(tables)
         await self._record_version()
 
     async def _record_version(self) -> None:
@@ -436,6 +494,13 @@ class ProjectionRunner(Stoppable):
             return
         self.state, self._detail = state, detail
         await self._heartbeat()
+
+    async def _resume(self) -> None:
+        """Back to work: running, or rebuilding while catching up from position 0."""
+        if self._pending_indexes:
+            await self._enter("rebuilding", detail="catching up from position 0")
+        else:
+            await self._enter("running")
 
     async def _retrying(self, event: str, exc: BaseException, failures: int) -> None:
         log.warning(

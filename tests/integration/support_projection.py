@@ -154,3 +154,15 @@ class PoisonedProjection:
 
 def watch_of(db: ReadDatabase) -> PositionWatch:
     return PositionWatch(lambda name: projection_position(db, name))
+
+
+async def secondary_indexes(db: ReadDatabase) -> set[str]:
+    """The names of the indexes on ``readings`` besides its primary key."""
+    sql = (
+        "SELECT indexname AS name FROM pg_indexes"
+        " WHERE tablename = 'readings' AND indexname <> 'readings_pkey'"
+        if db.dialect == "postgres"
+        else "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'readings'"
+        " AND sql IS NOT NULL"
+    )
+    return {str(row["name"]) for row in await db.fetch_all(sql, {})}

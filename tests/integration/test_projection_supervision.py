@@ -32,6 +32,7 @@ from tests.integration.support_projection import (
     project_everything,
     projecting,
     request,
+    secondary_indexes,
     write_history,
 )
 from tests.integration.support_waiting import eventually
@@ -128,6 +129,33 @@ async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
     assert [p.position for p in status.parked] == [events[7].position]
     assert {str(row["id"]) for row in rows} == {str(e.aggregate_id) for e in events[:7]}
     assert max(int(row["position"]) for row in rows) <= events[6].position
+
+
+async def test_a_runner_stopped_before_catching_up_leaves_its_indexes_to_the_next_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+        poison = PoisonedProjection(poisoned_position=events[7].position)
+        async with supervised(settings, tmp_path, store, batch_size=5, projection=poison) as (
+            db,
+            first,
+            _,
+        ):
+            await parked_at(db, events[7].position)
+            indexes_while_parked = await secondary_indexes(db)
+            assert first.state == "parked"
+            successor = ProjectionRunner(
+                ReadingsProjection(), first.feed, db, first.watch, settings=QUICK
+            )
+            await successor.prepare()
+            indexes_after_restart = await secondary_indexes(db)
+    finally:
+        store.close()
+    assert indexes_while_parked == set(), "deferred until the runner has caught up"
+    assert indexes_after_restart == {"readings_owner_order", "readings_order"}
 
 
 async def ask(db: ReadDatabase, position: int, what: str) -> None:
@@ -289,6 +317,17 @@ def _terminate(admin_url: str, databases: list[str], application: str | None = N
         return 0 if row is None else int(row[0])
 
 
+def _lock_holders(admin_url: str, database: str) -> set[int]:
+    """The sessions of ``database`` holding an advisory lock."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = %s",
+            (database,),
+        ).fetchall()
+        return {int(row[0]) for row in rows}
+
+
 def _admin_url(url: str) -> str:
     return urlsplit(url)._replace(path="/postgres").geturl()
 
@@ -316,12 +355,22 @@ async def test_a_lost_lease_connection_is_noticed_and_the_lease_taken_again(
         ):
             await reached(runner, await store.max_position())
             assert isinstance(db, PostgresReadDatabase)
-            killed = _terminate(_admin_url(db.url), [_dbname(db.url)], "almanac-lease")
+            admin, database = _admin_url(db.url), _dbname(db.url)
+            first_holders = _lock_holders(admin, database)
+            assert len(first_holders) == 1
+            killed = _terminate(admin, [database], "almanac-lease")
             assert killed == 1
             for i in range(5):
                 end = await store.append(request(label=f"after {i}"))
+
+            async def lease_taken_again() -> bool:
+                # Asked of the server, not of the lease: a check through the lease itself
+                # would be the one to notice the loss, in the runner's stead.
+                holders = _lock_holders(admin, database)
+                return len(holders) == 1 and not holders & first_holders
+
+            await eventually(lease_taken_again, what="a new lease connection holds the lock")
             await reached(runner, end)
-            assert await runner.lease.held()
             rows = normalised(await db.fetch_all(ALL_ROWS, {}))
         assert rows == await rebuilt_rows(store, settings, tmp_path)
     finally:

@@ -29,9 +29,11 @@ from tests.integration.support_projection import (
     ALL_ROWS,
     NAME,
     RefusingGenerator,
+    log_feed,
     normalised,
     project_everything,
     request,
+    secondary_indexes,
     watch_of,
     write_history,
 )
@@ -128,6 +130,39 @@ async def test_the_position_after_a_batch_is_its_last_event(
                 await runner._commit(batch)
                 assert await projection_position(db, NAME) == batch[-1].position
                 assert runner.position == batch[-1].position
+    finally:
+        store.close()
+
+
+READINGS_INDEXES = {"readings_owner_order", "readings_order"}
+
+
+async def test_a_runner_catching_up_from_zero_builds_its_indexes_once_caught_up(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        for _ in range(3):
+            await write_history(store)
+        end = await store.max_position()
+        async with fresh_read_database(settings, tmp_path) as db, log_feed(store) as feed:
+            runner = ProjectionRunner(ReadingsProjection(), feed, db, watch_of(db), batch_size=5)
+            await runner.prepare()
+            # Nothing applied yet: the tables are there, their indexes wait for the catch-up.
+            assert await secondary_indexes(db) == set()
+            assert await db.fetch_all(ALL_ROWS, {}) == []
+            task = asyncio.create_task(runner.run())
+            try:
+
+                async def caught_up() -> bool:
+                    return runner.state == "running" and runner.position == end
+
+                await eventually(caught_up, what="the runner caught up and built its indexes")
+                assert await secondary_indexes(db) == READINGS_INDEXES
+            finally:
+                runner.stop()
+                await asyncio.wait_for(task, timeout=10)
+            assert len(await db.fetch_all(ALL_ROWS, {})) == 36
     finally:
         store.close()
 
