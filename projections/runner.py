@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import stamina
 import structlog
@@ -28,7 +28,7 @@ import structlog
 from almanac.adapters.leadership import Lease
 from almanac.container import Stoppable
 from almanac.eventstore import RecordedEvent
-from almanac.feed import EventFeed
+from almanac.feed import EventFeed, Follower
 from almanac.readmodels import (
     FORGET_POSITION,
     SAVE_POSITION,
@@ -137,6 +137,7 @@ class ProjectionRunner(Stoppable):
         self._hooks_backlog: list[list[RecordedEvent]] = []
         self._hooks_task: asyncio.Task[None] | None = None
         self._pending_indexes: list[str] = []
+        self._follower: Follower | None = None
         # Set once the active runner has applied the log it found and built its indexes.
         self.caught_up = asyncio.Event()
 
@@ -220,7 +221,7 @@ class ProjectionRunner(Stoppable):
     async def _lead(self) -> None:
         name = self.projection.name
         await self._take_over()
-        follower = self.feed.follow()
+        follower = self._follower = self.feed.follow(self._writes)
         failures = 0
         try:
             while not self._stopping.is_set():
@@ -253,6 +254,7 @@ class ProjectionRunner(Stoppable):
                     await self._resume()
         finally:
             follower.close()
+            self._follower = None
             await self._hooks_done()
             await self._enter("stopped")
 
@@ -320,21 +322,20 @@ class ProjectionRunner(Stoppable):
             with attempt:
                 await self._commit(events)
 
-    async def _commit(self, events: list[RecordedEvent]) -> None:
+    def _writes(self, events: list[RecordedEvent]) -> list[Write]:
+        """The projection's writes for a batch, folded and merged (pure: the follower runs
+        it in its reading thread for the batches it reads ahead)."""
         handle_batch = getattr(self.projection, "handle_batch", None)
-        writes: list[Write] = (
-            handle_batch(events)
-            if handle_batch is not None
-            else [w for event in events for w in self.projection.handle(event)]
-        )
+        if handle_batch is not None:
+            return coalesce(handle_batch(events))
+        return coalesce([w for event in events for w in self.projection.handle(event)])
+
+    async def _commit(self, events: list[RecordedEvent]) -> None:
+        prepared = None if self._follower is None else self._follower.prepared(events)
+        writes = self._writes(events) if prepared is None else cast("list[Write]", prepared)
         last = events[-1].position
-        writes.append(
-            (
-                SAVE_POSITION,
-                [{"name": self.projection.name, "position": last, "updated_at": now()}],
-            )
-        )
-        await self.db.write(coalesce(writes))
+        save = {"name": self.projection.name, "position": last, "updated_at": now()}
+        await self.db.write([*writes, (SAVE_POSITION, [save])])
         self._committed(last)
         self._after_commit(events)
         log.debug(

@@ -16,56 +16,76 @@ import stamina
 import structlog
 
 from almanac.eventstore import EventStore, RecordedEvent
+from almanac.feed import Prepare
 from almanac.timeouts import wait_event
 
 log = structlog.get_logger("almanac.feed")
 
 
 class LogFollower:
-    def __init__(self, feed: LogFeed) -> None:
+    def __init__(self, feed: LogFeed, prepare: Prepare | None = None) -> None:
         self._feed = feed
+        self._prepare = prepare
         self.wake = asyncio.Event()
-        # While a consumer works through a full batch, the next one is read meanwhile.
-        self._ahead: asyncio.Task[list[RecordedEvent]] | None = None
+        # While a consumer works through a full batch, the next one is read (and prepared)
+        # meanwhile.
+        self._ahead: asyncio.Task[_Read] | None = None
         self._ahead_after = -1
+        self._last: _Read = ([], None)
 
     async def next_batch(self, after: int, limit: int, timeout: float) -> list[RecordedEvent]:
-        events = await self._read(after, limit, timeout)
+        self._last = await self._read(after, limit, timeout)
+        events = self._last[0]
         if len(events) == limit:
             self._ahead_after = events[-1].position
-            self._ahead = asyncio.create_task(self._feed.store.read(self._ahead_after, limit))
+            self._ahead = asyncio.create_task(self._fetch(self._ahead_after, limit))
         return events
 
-    async def _read(self, after: int, limit: int, timeout: float) -> list[RecordedEvent]:
+    def prepared(self, events: list[RecordedEvent]) -> object | None:
+        last, result = self._last
+        if events is not last:
+            return None
+        self._last = (last, None)
+        return result
+
+    async def _read(self, after: int, limit: int, timeout: float) -> _Read:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             if self._ahead_after == after:
-                events = await ahead
-                if events:
-                    return events
+                read = await ahead
+                if read[0]:
+                    return read
             else:
                 ahead.cancel()
         return await self._wait_and_read(after, limit, timeout)
 
-    async def _wait_and_read(self, after: int, limit: int, timeout: float) -> list[RecordedEvent]:
-        store = self._feed.store
-        events = await store.read(after, limit)
-        if events or timeout <= 0:
-            return events
+    async def _wait_and_read(self, after: int, limit: int, timeout: float) -> _Read:
+        read = await self._fetch(after, limit)
+        if read[0] or timeout <= 0:
+            return read
         # Clear, then look again: a commit between the first read and the clear would
         # otherwise be slept through.
         self.wake.clear()
-        events = await store.read(after, limit)
-        if events:
-            return events
+        read = await self._fetch(after, limit)
+        if read[0]:
+            return read
         await wait_event(self.wake, min(timeout, self._feed.poll_interval))
-        return await store.read(after, limit)
+        return await self._fetch(after, limit)
+
+    async def _fetch(self, after: int, limit: int) -> _Read:
+        store = self._feed.store
+        if self._prepare is None:
+            return await store.read(after, limit), None
+        return await store.read_prepared(after, limit, self._prepare)
 
     def close(self) -> None:
         if self._ahead is not None:
             self._ahead.cancel()
             self._ahead = None
         self._feed.followers.discard(self)
+
+
+_Read = tuple[list[RecordedEvent], object | None]
 
 
 class LogFeed:
@@ -85,8 +105,8 @@ class LogFeed:
         if self._listen_dsn and self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="almanac-feed-listen")
 
-    def follow(self) -> LogFollower:
-        follower = LogFollower(self)
+    def follow(self, prepare: Prepare | None = None) -> LogFollower:
+        follower = LogFollower(self, prepare)
         self.followers.add(follower)
         return follower
 

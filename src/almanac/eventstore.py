@@ -613,6 +613,19 @@ class EventStore:
         """Up to ``limit`` events with positions greater than ``after``, in order."""
         return await self._run(self.read_sync, after, limit)
 
+    async def read_prepared(
+        self, after: int, limit: int, prepare: Callable[[list[RecordedEvent]], T]
+    ) -> tuple[list[RecordedEvent], T]:
+        """``read``, with ``prepare`` applied to the events in the same worker thread: CPU
+        work on a batch (a projection folding it into writes) runs beside the event loop,
+        while the loop is busy with the batch before."""
+
+        def read_and_prepare() -> tuple[list[RecordedEvent], T]:
+            events = self.read_sync(after, limit)
+            return events, prepare(events)
+
+        return await self._run(read_and_prepare)
+
     def read_sync(self, after: int, limit: int) -> list[RecordedEvent]:
         try:
             rows = self._select_after(after, limit)

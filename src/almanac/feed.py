@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 from uuid import UUID
 
@@ -18,13 +19,24 @@ class Follower(Protocol):
         seconds for the first one and returns an empty list if none came."""
         ...
 
+    def prepared(self, events: list[RecordedEvent]) -> object | None:
+        """What the follower's ``prepare`` made of ``events``, the batch it returned last,
+        handed out once (a consumer trying the batch again works it out anew); None if
+        there is nothing for these events."""
+        ...
+
     def close(self) -> None: ...
+
+
+# Work on a batch that a follower may do as it reads it, off the event loop: pure, and safe
+# to run in a worker thread.
+Prepare = Callable[[list[RecordedEvent]], object]
 
 
 class EventFeed(Protocol):
     async def start(self) -> None: ...
 
-    def follow(self) -> Follower: ...
+    def follow(self, prepare: Prepare | None = None) -> Follower: ...
 
     async def stop(self) -> None: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -165,6 +166,44 @@ async def test_a_runner_catching_up_from_zero_builds_its_indexes_once_caught_up(
             assert len(await db.fetch_all(ALL_ROWS, {})) == 36
     finally:
         store.close()
+
+
+async def test_a_follower_prepares_every_batch_it_reads_off_the_event_loop(
+    settings: Settings,
+) -> None:
+    store = EventStore(settings)
+    threads: set[int] = set()
+
+    def positions(events: list[RecordedEvent]) -> list[int]:
+        threads.add(threading.get_ident())
+        return [event.position for event in events]
+
+    try:
+        start = await store.max_position()
+        for _ in range(3):
+            await write_history(store)
+        end = await store.max_position()
+        logged = [e.position for e in await whole_log(store) if e.position > start]
+        async with log_feed(store) as feed:
+            follower = feed.follow(positions)
+            plain = feed.follow()
+            batches: list[list[int]] = []
+            after = start
+            while after < end:
+                # Full batches of 5: each next one is read (and prepared) ahead.
+                batch = await follower.next_batch(after, 5, timeout=5)
+                assert follower.prepared(list(batch)) is None, "only for the batch returned"
+                assert follower.prepared(batch) == [e.position for e in batch]
+                assert follower.prepared(batch) is None, "handed out once"
+                assert plain.prepared(await plain.next_batch(after, 5, timeout=5)) is None
+                batches.append([e.position for e in batch])
+                after = batch[-1].position
+            follower.close()
+            plain.close()
+    finally:
+        store.close()
+    assert [p for batch in batches for p in batch] == logged
+    assert threading.get_ident() not in threads
 
 
 @asynccontextmanager
