@@ -18,6 +18,7 @@ from almanac.domain.chart import ChartOptions
 from almanac.domain.events import EventMeta
 from almanac.domain.reading import Reading
 from almanac.eventstore import EventStore
+from almanac.server import settle_heap
 from almanac.settings import Settings
 from benchmarks.appends import BIRTH
 
@@ -48,6 +49,7 @@ async def offer(store: EventStore, rate: int, seconds: float) -> dict[int, float
 def main() -> None:
     rate, seconds = int(sys.argv[1]), float(sys.argv[2])
     store = EventStore(Settings.from_env())
+    settle_heap()  # as an ``almanac serve`` process does once started
     try:
         started = time.monotonic()
         committed = asyncio.run(offer(store, rate, seconds))

@@ -31,7 +31,9 @@ def configure_logging(settings: LogSettings) -> None:
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        # Calls below the level return at once: with stdlib's BoundLogger every call ran the
+        # processors (timestamp and all) before logging dropped it, ~10 µs a debug line.
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
     # Library logs (uvicorn, eventsourcing, psycopg) go through the same renderer.

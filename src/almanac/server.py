@@ -6,16 +6,36 @@ same server with the same settings. Why uvicorn and not granian: benchmarks/READ
 
 from __future__ import annotations
 
+import gc
 import signal
+import socket
 import sys
 from typing import Any
+
+
+def settle_heap() -> None:
+    """Take what start-up built out of the cyclic garbage collector's sight.
+
+    Modules, the object graph and its connections live as long as the process, yet every
+    full collection walks them all: in a projector at 1,000 commands/s, full collections
+    stopped the event loop for 33-50 ms every few seconds, and those pauses were most of the
+    projection lag's p99. Frozen, they are never walked again; what is collected is what was
+    made since. Garbage left from start-up is collected first so that none of it is kept.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def serve(app: Any, *, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT, then shut down gracefully."""
     import uvicorn
 
-    server = uvicorn.Server(
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)  # the app's lifespan: every role started
+            settle_heap()
+
+    server = Server(
         uvicorn.Config(
             app,
             host=host,

@@ -1,0 +1,72 @@
+"""Log set-up: JSON lines at the configured level, below it nothing at all."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from almanac.logs import configure_logging
+from almanac.settings import LogSettings
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+
+
+def lines(out: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_lines_below_the_level_are_dropped_before_any_processing(
+    restored: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure_logging(LogSettings(level="INFO", format="json"))
+    stamped: list[str] = []
+    stamper = structlog.processors.TimeStamper.__call__
+
+    def counting(self: object, logger: object, name: str, event: dict[str, object]) -> object:
+        stamped.append(str(event["event"]))
+        return stamper(self, logger, name, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(structlog.processors.TimeStamper, "__call__", counting)
+    log = structlog.get_logger("almanac.test")
+    log.debug("test.quiet", position=1)
+    log.info("test.said", position=2)
+    assert stamped == ["test.said"]
+    [line] = lines(capsys.readouterr().out)
+    assert line["event"] == "test.said"
+    assert line["level"] == "info"
+    assert line["logger"] == "almanac.test"
+    assert line["position"] == 2
+
+
+def fail() -> None:
+    raise ZeroDivisionError("boom")
+
+
+def test_an_exception_is_logged_with_its_traceback(
+    restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(LogSettings(level="WARNING", format="json"))
+    log = structlog.get_logger("almanac.test").bind(correlation_id="c-1")
+    try:
+        fail()
+    except ZeroDivisionError:
+        log.exception("test.failed")
+    log.info("test.below_warning")
+    [line] = lines(capsys.readouterr().out)
+    assert line["event"] == "test.failed"
+    assert line["level"] == "error"
+    assert line["correlation_id"] == "c-1"
+    assert "ZeroDivisionError: boom" in str(line["exception"])
