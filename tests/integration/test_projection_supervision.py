@@ -14,7 +14,7 @@ import pytest
 
 from almanac.adapters.leadership import FileLease, Lease, PostgresLease
 from almanac.adapters.postgres import PostgresReadDatabase
-from almanac.eventstore import EventStore
+from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
 from almanac.settings import ProjectionSettings, Settings
 from projections.readings import ReadingsProjection
@@ -98,9 +98,12 @@ async def parked_at(db: ReadDatabase, position: int) -> dict[str, Any]:
     return await eventually(parked, what=f"the event at {position} is parked")
 
 
-async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
+@asynccontextmanager
+async def parked_on_the_eighth_event(
     settings: Settings, tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[ReadDatabase, ProjectionRunner, list[RecordedEvent], dict[str, Any]]]:
+    """A runner over a fresh history in batches of 5, parked at its eighth event: the read
+    database, the runner, the log and the parking."""
     store = EventStore(settings)
     try:
         await write_history(store)
@@ -112,15 +115,22 @@ async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
             _,
         ):
             parked = await parked_at(db, events[7].position)
-            status = await projection_status(db, NAME, head=events[-1].position)
             assert runner.state == "parked"
-            # The events before the poison, also those of its own batch, are committed.
-            assert runner.position == events[6].position
-            assert await projection_position(db, NAME) == events[6].position
-            rows = await db.fetch_all(ALL_ROWS, {})
+            yield db, runner, events, parked
+        assert poison.poison_attempts == 2 * QUICK.attempts, "the batch, then the event alone"
     finally:
         store.close()
-    assert poison.poison_attempts == 2 * QUICK.attempts, "the batch, then the event alone"
+
+
+async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with parked_on_the_eighth_event(settings, tmp_path) as (db, runner, events, parked):
+        status = await projection_status(db, NAME, head=events[-1].position)
+        # The events before the poison, also those of its own batch, are committed.
+        assert runner.position == events[6].position
+        assert await projection_position(db, NAME) == events[6].position
+        rows = await db.fetch_all(ALL_ROWS, {})
     assert parked["event_type"] == events[7].type
     assert parked["aggregate_id"] == str(events[7].aggregate_id)
     assert "no_such_table" in parked["error"]
@@ -134,26 +144,11 @@ async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
 async def test_a_runner_stopped_before_catching_up_leaves_its_indexes_to_the_next_start(
     settings: Settings, tmp_path: Path
 ) -> None:
-    store = EventStore(settings)
-    try:
-        await write_history(store)
-        events = await whole_log(store)
-        poison = PoisonedProjection(poisoned_position=events[7].position)
-        async with supervised(settings, tmp_path, store, batch_size=5, projection=poison) as (
-            db,
-            first,
-            _,
-        ):
-            await parked_at(db, events[7].position)
-            indexes_while_parked = await secondary_indexes(db)
-            assert first.state == "parked"
-            successor = ProjectionRunner(
-                ReadingsProjection(), first.feed, db, first.watch, settings=QUICK
-            )
-            await successor.prepare()
-            indexes_after_restart = await secondary_indexes(db)
-    finally:
-        store.close()
+    async with parked_on_the_eighth_event(settings, tmp_path) as (db, first, _, _):
+        indexes_while_parked = await secondary_indexes(db)
+        successor = ProjectionRunner(ReadingsProjection(), first.feed, db, first.watch)
+        await successor.prepare()
+        indexes_after_restart = await secondary_indexes(db)
     assert indexes_while_parked == set(), "deferred until the runner has caught up"
     assert indexes_after_restart == {"readings_owner_order", "readings_order"}
 
