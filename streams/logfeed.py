@@ -21,6 +21,9 @@ from almanac.timeouts import wait_event
 
 log = structlog.get_logger("almanac.feed")
 
+# The application name of a feed's LISTEN connection, as Postgres shows it.
+LISTENER_NAME = "almanac-feed-listen"
+
 
 class LogFollower:
     def __init__(self, feed: LogFeed, prepare: Prepare | None = None) -> None:
@@ -100,15 +103,27 @@ class LogFeed:
         self._listener: asyncio.Task[None] | None = None
         store.on_commit(self._committed)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the feed holds, or is opening, its LISTEN connection."""
+        return self._listener is not None and not self._listener.done()
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._listen_dsn and self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="almanac-feed-listen")
+        self._listen_if_followed()
 
     def follow(self, prepare: Prepare | None = None) -> LogFollower:
         follower = LogFollower(self, prepare)
         self.followers.add(follower)
+        self._listen_if_followed()
         return follower
+
+    def _listen_if_followed(self) -> None:
+        """LISTEN from the first follower on: a process that follows nothing here (an API
+        process of the services profile, whose live events come through NATS) holds no
+        connection for it and is not woken by every commit of every other process."""
+        if self._listen_dsn and self._listener is None and self.followers and self._loop:
+            self._listener = self._loop.create_task(self._listen(), name="almanac-feed-listen")
 
     async def stop(self) -> None:
         if self._listener is not None:
@@ -119,7 +134,8 @@ class LogFeed:
 
     def _committed(self, _position: int) -> None:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        # Called in the writer's thread; with no follower there is nobody to wake.
+        if self.followers and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake_all)
 
     def _wake_all(self) -> None:
@@ -139,7 +155,9 @@ class LogFeed:
     @stamina.retry(on=psycopg.OperationalError, attempts=None, timeout=None, wait_max=5.0)
     async def _listen_once(self, channel: str) -> None:
         assert self._listen_dsn is not None
-        async with await psycopg.AsyncConnection.connect(self._listen_dsn, autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            self._listen_dsn, autocommit=True, application_name=LISTENER_NAME
+        ) as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
             log.info("feed.listening", channel=channel)
             # Anything committed while (re)connecting is picked up by this wake-up.

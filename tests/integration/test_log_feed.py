@@ -1,0 +1,64 @@
+"""The log feed on Postgres: LISTEN only while something follows, and woken across processes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from almanac.eventstore import EventStore
+from streams.logfeed import LISTENER_NAME, LogFeed
+from tests.conftest import services_settings
+from tests.integration.support_projection import request
+from tests.integration.support_waiting import eventually
+
+
+def listeners(url: str, since: object) -> int:
+    """This database's LISTEN connections opened since ``since`` (the server's clock)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = %s AND backend_start >= %s",
+            (LISTENER_NAME, since),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+
+def server_now(url: str) -> object:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        return row[0]
+
+
+async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
+    postgres_url: str,
+) -> None:
+    settings = services_settings(postgres_url)
+    url = settings.store.postgres_url
+    assert url is not None
+    since = server_now(url)
+    store, elsewhere = EventStore(settings), EventStore(settings)
+    # Polling alone would take 30 s: only the notification can wake the follower in time.
+    feed = LogFeed(store, poll_interval=30, listen_dsn=url)
+    try:
+        await feed.start()
+        assert not feed.listening, "nothing follows the feed yet"
+        follower = feed.follow()
+        assert feed.listening
+
+        async def listening() -> bool:
+            return listeners(url, since) == 1
+
+        await eventually(listening, what="the feed LISTENs once followed")
+        after = await store.max_position()
+        waiting = asyncio.create_task(follower.next_batch(after, 10, timeout=30))
+        # Another process's writer: its commits reach this process only by NOTIFY.
+        position = await elsewhere.append(request(label="elsewhere"))
+        events = await asyncio.wait_for(waiting, timeout=10)
+        follower.close()
+    finally:
+        await feed.stop()
+        store.close()
+        elsewhere.close()
+    assert [e.position for e in events] == [position]
