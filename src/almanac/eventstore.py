@@ -615,14 +615,19 @@ class EventStore:
 
     async def read_prepared(
         self, after: int, limit: int, prepare: Callable[[list[RecordedEvent]], T]
-    ) -> tuple[list[RecordedEvent], T]:
+    ) -> tuple[list[RecordedEvent], T | None]:
         """``read``, with ``prepare`` applied to the events in the same worker thread: CPU
         work on a batch (a projection folding it into writes) runs beside the event loop,
-        while the loop is busy with the batch before."""
+        while the loop is busy with the batch before. None when ``prepare`` raised: the
+        events were read all the same, and the consumer works them out itself, where its
+        own handling of a failing event applies (a projection parks it)."""
 
-        def read_and_prepare() -> tuple[list[RecordedEvent], T]:
+        def read_and_prepare() -> tuple[list[RecordedEvent], T | None]:
             events = self.read_sync(after, limit)
-            return events, prepare(events)
+            try:
+                return events, prepare(events)
+            except Exception:  # noqa: BLE001 - not the read's failure; see above
+                return events, None
 
         return await self._run(read_and_prepare)
 

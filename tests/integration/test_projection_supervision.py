@@ -15,7 +15,7 @@ import pytest
 from almanac.adapters.leadership import FileLease, Lease, PostgresLease
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.eventstore import EventStore, RecordedEvent
-from almanac.readmodels import PositionWatch, ReadDatabase, projection_position
+from almanac.readmodels import PositionWatch, ReadDatabase, Write, projection_position
 from almanac.settings import ProjectionSettings, Settings
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
@@ -100,7 +100,7 @@ async def parked_at(db: ReadDatabase, position: int) -> dict[str, Any]:
 
 @asynccontextmanager
 async def parked_on_the_eighth_event(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, poisoned: type[PoisonedProjection] = PoisonedProjection
 ) -> AsyncIterator[tuple[ReadDatabase, ProjectionRunner, list[RecordedEvent], dict[str, Any]]]:
     """A runner over a fresh history in batches of 5, parked at its eighth event: the read
     database, the runner, the log and the parking."""
@@ -108,7 +108,7 @@ async def parked_on_the_eighth_event(
     try:
         await write_history(store)
         events = await whole_log(store)
-        poison = PoisonedProjection(poisoned_position=events[7].position)
+        poison = poisoned(poisoned_position=events[7].position)
         async with supervised(settings, tmp_path, store, batch_size=5, projection=poison) as (
             db,
             runner,
@@ -117,7 +117,9 @@ async def parked_on_the_eighth_event(
             parked = await parked_at(db, events[7].position)
             assert runner.state == "parked"
             yield db, runner, events, parked
-        assert poison.poison_attempts == 2 * QUICK.attempts, "the batch, then the event alone"
+        # The batch, then the event alone (and, where folding fails, the fold as it was read).
+        extra = 1 if poisoned is FailingFold else 0
+        assert poison.poison_attempts == 2 * QUICK.attempts + extra
     finally:
         store.close()
 
@@ -139,6 +141,32 @@ async def test_a_poison_event_is_retried_then_parked_after_the_events_before_it(
     assert [p.position for p in status.parked] == [events[7].position]
     assert {str(row["id"]) for row in rows} == {str(e.aggregate_id) for e in events[:7]}
     assert max(int(row["position"]) for row in rows) <= events[6].position
+
+
+class FailingFold(PoisonedProjection):
+    """Raises while folding the poisoned event, as a decode error would, instead of failing
+    at the database."""
+
+    def handle(self, event: RecordedEvent) -> list[Write]:
+        if event.position == self.poisoned and not self.healed:
+            self.poison_attempts += 1
+            raise ValueError("cannot make sense of this event")
+        return self.inner.handle(event)
+
+
+async def test_an_event_the_projection_cannot_fold_is_parked_too(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Folding runs as the batch is read; its failure must still end in a parking."""
+    async with parked_on_the_eighth_event(settings, tmp_path, FailingFold) as (
+        db,
+        _,
+        events,
+        parked,
+    ):
+        position = await projection_position(db, NAME)
+    assert "cannot make sense of this event" in parked["error"]
+    assert position == events[6].position
 
 
 async def test_a_runner_stopped_before_catching_up_leaves_its_indexes_to_the_next_start(
