@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -169,16 +170,28 @@ async def test_an_event_the_projection_cannot_fold_is_parked_too(
     assert position == events[6].position
 
 
-async def test_a_runner_stopped_before_catching_up_leaves_its_indexes_to_the_next_start(
+async def test_indexes_a_runner_left_unbuilt_are_built_by_its_successor_once_caught_up(
     settings: Settings, tmp_path: Path
 ) -> None:
-    async with parked_on_the_eighth_event(settings, tmp_path) as (db, first, _, _):
+    async with parked_on_the_eighth_event(settings, tmp_path) as (db, first, events, _):
         indexes_while_parked = await secondary_indexes(db)
-        successor = ProjectionRunner(ReadingsProjection(), first.feed, db, first.watch)
+        first.stop()
+        await ask(db, events[7].position, "skip")
+        successor = ProjectionRunner(
+            ReadingsProjection(), first.feed, db, first.watch, settings=QUICK
+        )
         await successor.prepare()
-        indexes_after_restart = await secondary_indexes(db)
+        indexes_after_prepare = await secondary_indexes(db)
+        task = asyncio.create_task(successor.run())
+        try:
+            await asyncio.wait_for(successor.caught_up.wait(), timeout=20)
+            indexes_once_caught_up = await secondary_indexes(db)
+        finally:
+            successor.stop()
+            await asyncio.wait_for(task, timeout=10)
     assert indexes_while_parked == set(), "deferred until the runner has caught up"
-    assert indexes_after_restart == {"readings_owner_order", "readings_order"}
+    assert indexes_after_prepare == set(), "only the active runner builds indexes"
+    assert indexes_once_caught_up == {"readings_owner_order", "readings_order"}
 
 
 async def ask(db: ReadDatabase, position: int, what: str) -> None:

@@ -138,16 +138,29 @@ async def test_the_position_after_a_batch_is_its_last_event(
 READINGS_INDEXES = {"readings_owner_order", "readings_order"}
 
 
+class ThreadNoting(ReadingsProjection):
+    """The readings projection, noting the threads it folds batches in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def handle_batch(self, events: list[RecordedEvent]) -> list[Write]:
+        self.threads.append(threading.get_ident())
+        return super().handle_batch(events)
+
+
 async def test_a_runner_catching_up_from_zero_builds_its_indexes_once_caught_up(
     settings: Settings, tmp_path: Path
 ) -> None:
     store = EventStore(settings)
+    projection = ThreadNoting()
     try:
         for _ in range(3):
             await write_history(store)
         end = await store.max_position()
         async with fresh_read_database(settings, tmp_path) as db, log_feed(store) as feed:
-            runner = ProjectionRunner(ReadingsProjection(), feed, db, watch_of(db), batch_size=5)
+            runner = ProjectionRunner(projection, feed, db, watch_of(db), batch_size=5)
             await runner.prepare()
             # Nothing applied yet: the tables are there, their indexes wait for the catch-up.
             assert await secondary_indexes(db) == set()
@@ -166,6 +179,9 @@ async def test_a_runner_catching_up_from_zero_builds_its_indexes_once_caught_up(
             assert len(await db.fetch_all(ALL_ROWS, {})) == 36
     finally:
         store.close()
+    # Every batch was folded as it was read, and the runner used those writes.
+    assert projection.threads
+    assert threading.get_ident() not in projection.threads
 
 
 async def test_a_follower_prepares_every_batch_it_reads_off_the_event_loop(
