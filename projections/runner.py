@@ -324,8 +324,8 @@ class ProjectionRunner(Stoppable):
                 await self._commit(events)
 
     def _writes(self, events: list[RecordedEvent]) -> list[Write]:
-        """The projection's writes for a batch, folded and merged (pure: the follower runs
-        it in its reading thread for the batches it reads ahead)."""
+        """The projection's writes for a batch, folded and merged. Pure: the follower runs
+        it in its reading thread as it reads each batch, beside the commit of the one before."""
         handle_batch = getattr(self.projection, "handle_batch", None)
         if handle_batch is not None:
             return coalesce(handle_batch(events))
