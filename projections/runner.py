@@ -136,7 +136,8 @@ class ProjectionRunner(Stoppable):
         self._last_beat = 0.0
         self._hooks_backlog: list[list[RecordedEvent]] = []
         self._hooks_task: asyncio.Task[None] | None = None
-        self._pending_indexes: list[str] = []
+        # The indexes are built (IF NOT EXISTS) once per lead, when it has caught up.
+        self._indexes_due = False
         # Catching up from position 0 (state "rebuilding") until the indexes are built.
         self._rebuilding = False
         self._follower: Follower | None = None
@@ -171,14 +172,15 @@ class ProjectionRunner(Stoppable):
 
     async def _build_indexes(self) -> None:
         """Build the projection's indexes that are not there yet (IF NOT EXISTS), once."""
-        indexes = self._pending_indexes
-        if not indexes:
+        if not self._indexes_due:
             return
+        indexes = self._schema()[1]
         started = time.perf_counter()
         # Not ``migrate``: its lock would hold up every process starting meanwhile. Only the
         # lease holder builds indexes.
-        await self.db.write([(statement, [{}]) for statement in indexes])
-        self._pending_indexes = []
+        if indexes:
+            await self.db.write([(statement, [{}]) for statement in indexes])
+        self._indexes_due = False
         if self._rebuilding:
             self._rebuilding = False
             log.info(
@@ -270,7 +272,7 @@ class ProjectionRunner(Stoppable):
         self.position = await projection_position(self.db, name)
         self.watch.announce(name, self.position)
         self._rebuilding = self.position == 0
-        self._pending_indexes = self._schema()[1]
+        self._indexes_due = True
         if await open_parking(self.db, name):
             await self._enter("parked")
         else:

@@ -624,6 +624,8 @@ class EventStore:
 
         def read_and_prepare() -> tuple[list[RecordedEvent], T | None]:
             events = self.read_sync(after, limit)
+            if not events:  # an idle poll: nothing to prepare
+                return events, None
             try:
                 return events, prepare(events)
             except Exception:  # noqa: BLE001 - not the read's failure; see above

@@ -25,35 +25,26 @@ async def _end_session(pid: int, url: str) -> None:
         await eventually(gone, within=10, what="the server session to end")
 
 
-async def test_a_connection_back_a_moment_ago_is_lent_without_a_round_trip(
-    postgres_url: str,
+@pytest.mark.parametrize(
+    ("returned", "after", "checked"),
+    [(True, 60, False), (True, 0, True), (False, 60, True)],
+    ids=["back-a-moment-ago-lent-without-a-round-trip", "rested-checked", "never-returned"],
+)
+async def test_a_lent_connection_is_checked_only_after_a_rest(
+    postgres_url: str, returned: bool, after: float, checked: bool
 ) -> None:
-    idle = IdleCheck(after=60)
+    idle = IdleCheck(after=after)
     async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
-        await idle.returned(conn)
+        if returned:
+            await idle.returned(conn)
+        await idle.check(conn)  # alive: passes either way
         await _cut(conn, postgres_url)
-        # Not checked, so the cut goes unnoticed here (the query that follows fails, and
-        # is repeated on a fresh connection: see the last test).
-        await idle.check(conn)
-
-
-async def test_a_connection_that_rested_is_checked_and_a_dead_one_refused(
-    postgres_url: str,
-) -> None:
-    idle = IdleCheck(after=0)
-    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
-        await idle.returned(conn)
-        await idle.check(conn)  # alive: passes
-        await _cut(conn, postgres_url)
-        with pytest.raises(psycopg.OperationalError):
-            await idle.check(conn)
-
-
-async def test_a_connection_never_returned_is_checked(postgres_url: str) -> None:
-    idle = IdleCheck(after=60)
-    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
-        await _cut(conn, postgres_url)
-        with pytest.raises(psycopg.OperationalError):
+        if checked:
+            with pytest.raises(psycopg.OperationalError):
+                await idle.check(conn)
+        else:
+            # Not checked, so the cut goes unnoticed here (the query that follows fails, and
+            # is repeated on a fresh connection: see the next test).
             await idle.check(conn)
 
 
