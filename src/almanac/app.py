@@ -14,7 +14,7 @@ from litestar.config.compression import CompressionConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.middleware import ASGIMiddleware
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -161,30 +161,41 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return problem(500, "Internal server error", "Something went wrong on our side.", request)
 
 
-class RequestIdMiddleware(ASGIMiddleware):
-    """Binds a request id to every log line of the request and echoes it back."""
+class RequestIdMiddleware:
+    """Binds a request id to every log line of the request and echoes it back.
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
-        request_id = (
-            incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else new_uuid().hex
-        )
+    A plain ASGI middleware, as is ``AuthMiddleware``: both run on every request, and
+    Litestar's ``ASGIMiddleware`` adds a closure and its exclusion checks to each call.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value
+                break
+        request_id = incoming.decode("latin-1")
+        if not (0 < len(request_id) <= 128 and request_id.isprintable()):
+            request_id = new_uuid().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        echoed = (b"x-request-id", request_id.encode())
         structlog.contextvars.bind_contextvars(request_id=request_id)
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), echoed]
             await send(message)
 
         try:
-            await next_app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-class AuthMiddleware(ASGIMiddleware):
+class AuthMiddleware:
     """Authenticates every API request before its handler runs or its body is read.
 
     No key means 401, whatever the body holds. A middleware rather than a route guard:
@@ -192,12 +203,15 @@ class AuthMiddleware(ASGIMiddleware):
     than its whole query.
     """
 
-    def __init__(self, authenticate: Callable[[str | None], Awaitable[Principal]]) -> None:
+    def __init__(
+        self, app: ASGIApp, authenticate: Callable[[str | None], Awaitable[Principal]]
+    ) -> None:
+        self.app = app
         # A plain function: Litestar deep-copies routers with their middleware, and a
         # function is copied as itself, where a key ring would be copied whole.
         self._authenticate = authenticate
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         secret = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -206,7 +220,7 @@ class AuthMiddleware(ASGIMiddleware):
                 break
         principal = await self._authenticate(secret)
         scope.setdefault("state", {})["principal"] = principal
-        await next_app(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 @get("/health/live", summary="Liveness", tags=["health"], include_in_schema=True)
@@ -285,7 +299,7 @@ def create_app(
         handlers.append(
             Router(
                 path="/",
-                middleware=[AuthMiddleware(authenticate)],
+                middleware=[DefineMiddleware(AuthMiddleware, authenticate=authenticate)],
                 route_handlers=[
                     Router(path="/api/v1", route_handlers=[*command_handlers, *query_handlers]),
                     monitoring_router,
@@ -307,7 +321,7 @@ def create_app(
             RecursionError: bad_encoding,
             Exception: internal_error,
         },
-        middleware=[RequestIdMiddleware()],
+        middleware=[RequestIdMiddleware],
         # Brotli for clients that accept it, gzip otherwise, above 1 KiB.
         compression_config=CompressionConfig(
             backend="brotli", minimum_size=1024, brotli_gzip_fallback=True

@@ -47,7 +47,6 @@ from psycopg.sql import SQL, Identifier
 from almanac.domain.events import EventMeta
 from almanac.errors import Conflict, Unavailable
 from almanac.settings import Settings
-from almanac.timeouts import within
 
 log = structlog.get_logger("almanac.eventstore")
 
@@ -383,9 +382,10 @@ class _Job:
         """Whether the caller still waits; one that gave up before its turn is dropped."""
         if self.loop is None:
             return typing.cast("Future[int]", self.future).set_running_or_notify_cancel()
-        # Read from the writer thread: a plain attribute read. A caller that gives up after
-        # this point hears a timeout while its write may still land, as the docs say.
-        return not self.future.cancelled()
+        # Read from the writer thread: a plain attribute read. A caller that gave up
+        # (cancelled, or its deadline passed) is done; one that gives up after this point
+        # hears a timeout while its write may still land, as the docs say.
+        return not self.future.done()
 
 
 def _deliver(outcomes: list[tuple[_Job, Outcome]]) -> None:
@@ -408,6 +408,13 @@ def _settle(settled: list[tuple[asyncio.Future[int], Outcome]]) -> None:
     for future, outcome in settled:
         if not future.done():
             _settle_one(future, outcome)
+
+
+def _expire(future: asyncio.Future[int]) -> None:
+    if not future.done():
+        future.set_exception(
+            Unavailable(f"the event store did not confirm the write within {APPEND_TIMEOUT:g} s")
+        )
 
 
 def _settle_one(future: Future[int] | asyncio.Future[int], outcome: Outcome) -> None:
@@ -574,12 +581,15 @@ class EventStore:
         A write not confirmed within ``APPEND_TIMEOUT`` answers ``Unavailable``: if it had
         not started it is dropped, otherwise it may still land (a retry with the same
         Idempotency-Key is then answered from the stored result)."""
+        future = self.writer.submit_async(aggregates)
+        # A timer on the future rather than ``asyncio.timeout`` (and its Python context
+        # manager, ~10 µs of the loop per command under load). Expiry settles the future
+        # with the error, so the writer drops the job if it has not started it.
+        timer = future.get_loop().call_later(APPEND_TIMEOUT, _expire, future)
         try:
-            return await within(self.writer.submit_async(aggregates), APPEND_TIMEOUT)
-        except TimeoutError:
-            raise Unavailable(
-                f"the event store did not confirm the write within {APPEND_TIMEOUT:g} s"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
 
     def append_sync(self, *aggregates: Aggregate, timeout: float = 30) -> int:
         return self.writer.submit(aggregates).result(timeout=timeout)

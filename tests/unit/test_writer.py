@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from eventsourcing.persistence import IntegrityError, OperationalError
 
+from almanac import eventstore
 from almanac.errors import Unavailable
-from almanac.eventstore import ConcurrencyConflict, GroupCommitWriter
+from almanac.eventstore import ConcurrencyConflict, EventStore, GroupCommitWriter
+from almanac.settings import Settings
 from tests.factories import new_reading
 
 
@@ -163,3 +166,34 @@ async def test_a_coroutine_hears_a_failed_save() -> None:
             await asyncio.wait_for(writer.submit_async([new_reading()]), 5)
     finally:
         writer.stop()
+
+
+async def test_an_append_past_its_deadline_hears_unavailable_and_is_dropped_unsaved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = EventStore(Settings.from_env({"ALMANAC_DATA_DIR": str(tmp_path)}))
+    app = FakeApplication()
+    entered, release = threading.Event(), threading.Event()
+    record = app.record
+
+    def held_record(events: Any) -> list[int]:
+        entered.set()
+        assert release.wait(10), "the test never released the writer"
+        return record(events)
+
+    app.record = held_record  # type: ignore[method-assign]
+    store.writer._app = app  # type: ignore[assignment]
+    try:
+        first = asyncio.ensure_future(store.append(new_reading()))
+        assert await asyncio.to_thread(entered.wait, 10), "the writer never took the first"
+        # The second waits behind the first, past its (shortened) deadline.
+        monkeypatch.setattr(eventstore, "APPEND_TIMEOUT", 0.05)
+        with pytest.raises(Unavailable, match=r"did not confirm the write within 0\.05 s"):
+            await store.append(new_reading())
+        release.set()
+        assert await first == 1
+        assert await store.append(new_reading()) == 2
+    finally:
+        release.set()
+        store.close()
+    assert app.saves == [1, 1], "the caller told 'unavailable' before its turn was not saved"
