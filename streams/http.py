@@ -23,9 +23,14 @@ def hub_of(container: Container) -> Hub:
 
 def _key(socket: WebSocket[Any, Any, Any]) -> str | None:
     """The API key from the Authorization header or, for browsers, ``?key=``."""
-    scheme, _, token = socket.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    # From the raw headers: ``socket.headers`` would keep a parsed copy for the connection's
+    # whole life (2 kB each, 20 MB for 10,000 connections).
+    for name, value in socket.scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
     key = socket.query_params.get("key")
     return key or None
 

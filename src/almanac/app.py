@@ -13,6 +13,7 @@ from litestar import Litestar, Request, Response, Router, get
 from litestar.config.compression import CompressionConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -181,15 +182,19 @@ class RequestIdMiddleware:
         if not (0 < len(request_id) <= 128 and request_id.isprintable()):
             request_id = new_uuid().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        echoed = (b"x-request-id", request_id.encode())
         structlog.contextvars.bind_contextvars(request_id=request_id)
-
-        async def send_with_id(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), echoed]
-            await send(message)
-
         try:
+            if scope["type"] != ScopeType.HTTP:
+                # A WebSocket's every frame would pass through the wrapper below for nothing.
+                await self.app(scope, receive, send)
+                return
+            echoed = (b"x-request-id", request_id.encode())
+
+            async def send_with_id(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), echoed]
+                await send(message)
+
             await self.app(scope, receive, send_with_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")

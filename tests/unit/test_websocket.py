@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -180,3 +181,92 @@ def test_credential_events_reach_admins_only_even_of_the_clients_own_owner() -> 
     h.publish(live(2, "alice", "reading.requested"))
     assert [alice.queue.get_nowait().position] == [2]
     assert admin.queue.qsize() == 2
+
+
+def test_a_broadcast_matches_each_distinct_topic_once_not_once_per_listener(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = hub()
+    calls: list[Topic] = []
+    matches = Topic.matches
+
+    def counted(topic: Topic, event: LiveEvent) -> bool:
+        calls.append(topic)
+        return matches(topic, event)
+
+    monkeypatch.setattr(Topic, "matches", counted)
+    wanted, other = Topic("event", "reading.*"), Topic("event", "batch.*")
+    crowd = [Listener(principal("root", "admin"), 10, topics={wanted}) for _ in range(50)]
+    crowd += [Listener(principal("root", "admin"), 10, topics={other}) for _ in range(50)]
+    for listener in crowd:
+        h.attach(listener)
+    h.publish(live(1))
+    assert sorted(map(str, calls)) == ["event:batch.*", "event:reading.*"]
+    assert [listener.queue.qsize() for listener in crowd] == [1] * 50 + [0] * 50
+
+
+def test_a_beat_sends_a_heartbeat_only_to_connections_quiet_since_the_last_beat() -> None:
+    h = hub()
+    busy, idle = (Listener(principal("alice"), 10, topics={Topic("all")}) for _ in range(2))
+    for listener in (busy, idle):
+        h.attach(listener)
+    h.beat()  # both just welcomed: nothing yet, the quiet interval starts now
+    assert (busy.queue.qsize(), idle.queue.qsize()) == (0, 0)
+    busy.quiet = False  # what sending a frame does
+    h.beat()
+    assert (busy.queue.qsize(), idle.queue.qsize()) == (0, 1)
+    beat = idle.queue.get_nowait()
+    assert json.loads(beat.frame) == {"type": "heartbeat", "position": h.position}
+    h.beat()
+    assert (busy.queue.qsize(), idle.queue.qsize()) == (1, 1), "both quiet for a whole beat"
+
+
+class RecordingSocket:
+    """A client that reads every frame as it comes and says nothing."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._never = asyncio.Event()
+
+    async def send_text(self, data: str) -> None:
+        self.sent.append(json.loads(data))
+        self._changed.set()
+
+    async def receive_text(self) -> str:
+        await self._never.wait()
+        raise AssertionError("unreachable")
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        del code, reason
+
+    async def frames(self, count: int) -> list[str]:
+        """The types of the first ``count`` frames, once that many were sent (5 s at most)."""
+        async with asyncio.timeout(5):
+            while len(self.sent) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        # The events of ``live`` are bare ``{"position": n}`` frames.
+        return [f.get("type", "event") for f in self.sent[:count]]
+
+
+async def test_a_quiet_session_gets_heartbeats_and_a_busy_one_does_not() -> None:
+    h = hub(heartbeat=3600)  # beats are given by hand below
+    socket = RecordingSocket()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    try:
+        assert await socket.frames(1) == ["welcome"]
+        h.beat()
+        h.beat()
+        assert await socket.frames(2) == ["welcome", "heartbeat"]
+        h.publish(live(1))
+        assert await socket.frames(3) == ["welcome", "heartbeat", "event"]
+        h.beat()  # an event went out since the last beat: no heartbeat now
+        h.publish(live(2))
+        assert await socket.frames(4) == ["welcome", "heartbeat", "event", "event"]
+        assert socket.sent[1]["position"] == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
