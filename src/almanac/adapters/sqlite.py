@@ -15,6 +15,13 @@ from almanac.errors import Unavailable
 from almanac.readmodels import BulkInsert, Row, Write
 
 T = TypeVar("T")
+
+# The writer connection's page cache, in KiB (SQLite's default is 2 MB a connection). A
+# projector's writes look rows up by id all over the primary-key index; with 2 MB, a
+# rebuild of 1M events (333k readings) kept re-reading index pages from the file, at
+# 40-45k events/s; with 32 MB or more, 48-51k. Only the writer has it: the cache fills
+# only as pages are used, and the readers' point queries do well on the default.
+WRITER_CACHE_KIB = 65_536
 _UNAVAILABLE = re.compile(r"locked|busy|unable to open|disk|readonly|I/O", re.IGNORECASE)
 
 
@@ -32,7 +39,7 @@ class SqliteReadDatabase:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, cache_kib: int | None = None) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             # Each connection is used only by the thread that made it; close() runs after
@@ -48,6 +55,8 @@ class SqliteReadDatabase:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=10000")
+            if cache_kib is not None:
+                conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -73,7 +82,7 @@ class SqliteReadDatabase:
         await self._on(self._writer, self._write, writes)
 
     def _write(self, writes: Sequence[Write]) -> None:
-        conn = self._connection()
+        conn = self._connection(cache_kib=WRITER_CACHE_KIB)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:
