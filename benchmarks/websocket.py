@@ -1,7 +1,7 @@
 """Command → WebSocket frame latency and fan-out, at fixed offered rates.
 
-A server process (``almanac serve --roles api,relay``, services profile on a fresh database
-and stream; ``api`` alone on embedded) takes ``POST /api/v1/readings`` from the open-loop
+An API process (``almanac serve --roles api``; on the services profile, on a fresh database
+and stream, with ``almanac serve --roles relay`` in a process of its own, as deployed) takes ``POST /api/v1/readings`` from the open-loop
 load generator (``benchmarks/loadgen.py``, its own process, 64 connections), which gives
 each body a label of its own (``ws<rate>-<n>``) and logs when each request was due, written
 and answered. This process (uvloop) holds WebSocket connections subscribed to
@@ -372,27 +372,36 @@ def _print_point(p: dict[str, Any]) -> None:
 def _server(profile: str) -> Iterator[tuple[str, str, str, int]]:
     """A server process on a fresh database and stream: (HTTP base, WS base, admin key, pid)."""
     name, url = _database()
-    server: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
+
+    def serve(roles: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = _free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "almanac", "serve", "--roles", roles, "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(process)
+        base = f"http://127.0.0.1:{port}"
+        asyncio.run(_wait_ready(base, process))
+        return process, base
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             env = _server_env(profile, url, Path(tmp))
             key = _admin_key(env)
-            port = _free_port()
-            # On services the frames travel through NATS: the relay publishes what the API stored.
-            roles = "api,relay" if profile == "services" else "api"
-            server = subprocess.Popen(
-                [sys.executable, "-m", "almanac", "serve", "--roles", roles, "--port", str(port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            base = f"http://127.0.0.1:{port}"
-            asyncio.run(_wait_ready(base, server))
-            yield base, f"ws://127.0.0.1:{port}", key, server.pid
+            if profile == "services":
+                # The frames travel through NATS: a relay process (as in compose.yaml, its
+                # own service) publishes what the API stored.
+                serve("relay")
+            server, base = serve("api")
+            yield base, base.replace("http://", "ws://"), key, server.pid
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+        for process in started:
+            process.terminate()
+        for process in started:
+            process.wait(timeout=60)
         _drop(name)
         _drop(f"{name}_read")
         asyncio.run(_delete_stream(f"BENCH_{name}"))
