@@ -1,8 +1,9 @@
 """Command → WebSocket frame latency and fan-out, at fixed offered rates.
 
 An API process (``almanac serve --roles api``; on the services profile, on a fresh database
-and stream, with ``almanac serve --roles relay`` in a process of its own, as deployed) takes ``POST /api/v1/readings`` from the open-loop
-load generator (``benchmarks/loadgen.py``, its own process, 64 connections), which gives
+and stream, with ``almanac serve --roles relay`` in a process of its own, as deployed)
+takes ``POST /api/v1/readings`` from the open-loop load generator
+(``benchmarks/loadgen.py``, its own process, 64 connections), which gives
 each body a label of its own (``ws<rate>-<n>``) and logs when each request was due, written
 and answered. This process (uvloop) holds WebSocket connections subscribed to
 ``event:reading.requested`` and notes when each frame arrives; the label in the frame's
