@@ -585,18 +585,17 @@ class Session:
             await self._replay(listener, self.after)
         while True:
             event = await listener.queue.get()
-            if event.type == HEARTBEAT:
-                await self.socket.send_text(event.frame)
-                continue
-            listener.quiet = False
-            if event.type == PROGRESS:  # not an event: no position of its own to track
-                await self.socket.send_text(event.frame)
-                continue
-            if event.position <= listener.sent_through:
+            # Heartbeats and progress reports are not events: no position of their own.
+            positioned = event.type not in (HEARTBEAT, PROGRESS)
+            if positioned and event.position <= listener.sent_through:
                 continue
             await self.socket.send_text(event.frame)
-            listener.sent_through = event.position
-            self.hub.sent += 1
+            if event.type == HEARTBEAT:
+                continue
+            listener.quiet = False
+            if positioned:
+                listener.sent_through = event.position
+                self.hub.sent += 1
 
     async def _report(self, listener: Listener, progress: Progress) -> None:
         """Queue a progress frame every interval until the report ends, then the last one;
