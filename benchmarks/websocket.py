@@ -496,6 +496,7 @@ async def _broadcast(
     delays: list[float] = []
     server_cpu = 0.0
     per_round: list[dict[str, float]] = []
+    lost = 0  # frames that never came: their connection was closed or dropped
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         for _ in range(rounds):
             arrivals = [client.expect(b'"type":"event"') for client in clients]
@@ -503,9 +504,15 @@ async def _broadcast(
             t0 = time.perf_counter()
             response = await http.post("/api/v1/readings", json=BODY, headers=headers)
             assert response.status_code == 202, response.text
-            times = await asyncio.wait_for(asyncio.gather(*arrivals), 120)
-            delays.extend((t - t0) * 1000 for t in times)
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*arrivals, return_exceptions=True), 120
+            )
             server_cpu += _cpu_seconds(pid) - cpu
+            times = [t for t in outcomes if isinstance(t, float)]
+            lost += len(outcomes) - len(times)
+            if not times:
+                break
+            delays.extend((t - t0) * 1000 for t in times)
             last = sorted((t - t0) * 1000 for t in times)
             per_round.append(
                 {"first_ms": last[0], "p50_ms": last[len(last) // 2], "last_ms": last[-1]}
@@ -518,8 +525,9 @@ async def _broadcast(
         "open_seconds": open_seconds,
         "rounds": rounds,
         "closed_by_server": closed,
-        # The server's CPU (all threads) per frame it sent: the command, the relay and the
-        # fan-out, spread over the frames.
+        "frames_lost": lost,
+        # The API process's CPU (all its threads) per frame it sent: the command and the
+        # fan-out (on services the relay is a process of its own), spread over the frames.
         "server_cpu_us_per_frame": server_cpu / (rounds * connections) * 1e6,
         "broadcast": _percentiles(delays),
         "per_round": per_round,
@@ -548,6 +556,7 @@ def run_connections(
         f"p50 {b['p50_ms']:.0f} ms, p99 {b['p99_ms']:.0f} ms (target 100; ratio "
         f"{b['p99_ms'] / 100:.2f}), server CPU {figures['server_cpu_us_per_frame']:.1f} µs a "
         f"frame; RSS idle {rss['idle']:.0f} MB, connected "
-        f"{rss['connected']:.0f} MB, after {rss['after_broadcast']:.0f} MB (target 300)"
+        f"{rss['connected']:.0f} MB, after {rss['after_broadcast']:.0f} MB (target 300); "
+        f"frames lost {figures['frames_lost']:,}"
     )
     return result

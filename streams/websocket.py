@@ -18,6 +18,7 @@ import collections
 import contextlib
 import fnmatch
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -183,8 +184,8 @@ class Listener:
     sent_through: int = 0
     queue: Mailbox = field(default_factory=Mailbox)
     overflowed: bool = False
-    # Nothing but heartbeats sent since the hub's last heartbeat tick.
-    quiet: bool = False
+    # When the connection was last sent a frame (time.monotonic()); heartbeats follow quiet.
+    last_sent: float = field(default_factory=time.monotonic)
     # Ends the connection's session (it is then closed with the reason the session finds).
     interrupt: Callable[[], None] = lambda: None
 
@@ -381,19 +382,30 @@ class Hub:
                 listener.offer(event)
 
     async def _beat(self) -> None:
-        # One timer for the process, not one a connection.
-        while not await wait_event(self._stopping, self.settings.heartbeat):
-            self.beat()
+        # One timer for the process, not one a connection: it looks four times an interval,
+        # so a quiet connection hears a heartbeat 1 to 1.25 intervals after its last frame.
+        while not await wait_event(self._stopping, self.settings.heartbeat / 4):
+            try:
+                self.beat()
+            except Exception:  # heartbeats must go on whatever one beat met
+                log.exception("websocket.beat_failed")
 
-    def beat(self) -> None:
-        """A heartbeat frame to each connection that was sent nothing but heartbeats since
-        the last beat (every ``heartbeat`` seconds)."""
-        beat = LiveEvent(0, HEARTBEAT, "", "", frame(type=HEARTBEAT, position=self.position))
+    def beat(self, now: float | None = None) -> None:
+        """A heartbeat frame to each connection that was sent nothing for ``heartbeat``
+        seconds, unless one is already waiting in its queue (a stalled client collects at
+        most one, not one a beat until it is closed as a slow consumer)."""
+        now = time.monotonic() if now is None else now
+        due = now - self.settings.heartbeat
+        beat: LiveEvent | None = None
         for listeners in (self._admins, *self._by_owner.values()):
             for listener in listeners:
-                if listener.quiet:
+                if listener.last_sent <= due and not listener.queue.qsize():
+                    if beat is None:
+                        position = self.position
+                        beat = LiveEvent(
+                            0, HEARTBEAT, "", "", frame(type=HEARTBEAT, position=position)
+                        )
                     listener.offer(beat)
-                listener.quiet = True
 
     def _candidates(self, owner: str) -> Iterable[Listener]:
         mine = self._by_owner.get(owner)
@@ -590,9 +602,7 @@ class Session:
             if positioned and event.position <= listener.sent_through:
                 continue
             await self.socket.send_text(event.frame)
-            if event.type == HEARTBEAT:
-                continue
-            listener.quiet = False
+            listener.last_sent = time.monotonic()
             if positioned:
                 listener.sent_through = event.position
                 self.hub.sent += 1
@@ -639,6 +649,7 @@ class Session:
         async for event in self.hub.missed(listener, after, until):
             await self.socket.send_text(event.frame)
             listener.sent_through = event.position
+            listener.last_sent = time.monotonic()
         listener.sent_through = max(listener.sent_through, until)
 
     async def _receive(self, listener: Listener) -> None:

@@ -28,7 +28,7 @@ def settle_heap() -> None:
 
     What is made since can be large too: 10,000 WebSocket connections are ~1M tracked
     objects, and a full collection of them stopped the loop for 0.3-1 s, every few seconds
-    while connections opened and during broadcasts. A full collection now waits for 1,000
+    while connections opened and during broadcasts. A full collection now waits for 100
     collections of the middle generation instead of 10 (and, as always, for the objects
     awaiting one to be a quarter of those that survived the last); the young generations
     are collected as before, and reference counting frees what holds no cycle at once.

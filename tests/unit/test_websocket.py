@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import uuid4
@@ -205,20 +206,18 @@ def test_a_broadcast_matches_each_distinct_topic_once_not_once_per_listener(
     assert [listener.queue.qsize() for listener in crowd] == [1] * 50 + [0] * 50
 
 
-def test_a_beat_sends_a_heartbeat_only_to_connections_quiet_since_the_last_beat() -> None:
-    h = hub()
+def test_a_beat_sends_one_heartbeat_to_connections_quiet_for_an_interval() -> None:
+    h = hub(heartbeat=15)
     busy, idle = (Listener(principal("alice"), 10, topics={Topic("all")}) for _ in range(2))
     for listener in (busy, idle):
         h.attach(listener)
-    h.beat()  # both just welcomed: nothing yet, the quiet interval starts now
-    assert (busy.queue.qsize(), idle.queue.qsize()) == (0, 0)
-    busy.quiet = False  # what sending a frame does
-    h.beat()
+    now = time.monotonic()
+    busy.last_sent, idle.last_sent = now - 14, now - 15
+    h.beat(now)
     assert (busy.queue.qsize(), idle.queue.qsize()) == (0, 1)
-    beat = idle.queue.get_nowait()
-    assert json.loads(beat.frame) == {"type": "heartbeat", "position": h.position}
-    h.beat()
-    assert (busy.queue.qsize(), idle.queue.qsize()) == (1, 1), "both quiet for a whole beat"
+    h.beat(now + 1)  # its heartbeat has not gone out yet (a stalled client): not a second
+    assert (busy.queue.qsize(), idle.queue.qsize()) == (1, 1)
+    assert json.loads(idle.queue.get_nowait().frame) == {"type": "heartbeat", "position": 0}
 
 
 class RecordingSocket:
@@ -251,18 +250,18 @@ class RecordingSocket:
 
 
 async def test_a_quiet_session_gets_heartbeats_and_a_busy_one_does_not() -> None:
-    h = hub(heartbeat=3600)  # beats are given by hand below
+    h = hub(heartbeat=60)  # beats are given by hand below, with their clock
     socket = RecordingSocket()
     session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
     task = asyncio.create_task(session.run())
     try:
         assert await socket.frames(1) == ["welcome"]
-        h.beat()
-        h.beat()
+        h.beat(time.monotonic() + 30)  # half an interval after the welcome: nothing
+        h.beat(time.monotonic() + 61)
         assert await socket.frames(2) == ["welcome", "heartbeat"]
         h.publish(live(1))
         assert await socket.frames(3) == ["welcome", "heartbeat", "event"]
-        h.beat()  # an event went out since the last beat: no heartbeat now
+        h.beat(time.monotonic() + 59)  # the event went out just now: no heartbeat
         h.publish(live(2))
         assert await socket.frames(4) == ["welcome", "heartbeat", "event", "event"]
         assert socket.sent[1]["position"] == 0
