@@ -512,10 +512,14 @@ async def _broadcast(
             lost += len(outcomes) - len(times)
             if not times:
                 break
-            delays.extend((t - t0) * 1000 for t in times)
-            last = sorted((t - t0) * 1000 for t in times)
+            round_ms = sorted((t - t0) * 1000 for t in times)
+            delays.extend(round_ms)
             per_round.append(
-                {"first_ms": last[0], "p50_ms": last[len(last) // 2], "last_ms": last[-1]}
+                {
+                    "first_ms": round_ms[0],
+                    "p50_ms": round_ms[len(round_ms) // 2],
+                    "last_ms": round_ms[-1],
+                }
             )
     loaded_rss = _rss_mb(pid)
     closed = sum(client.closed for client in clients)

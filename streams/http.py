@@ -9,7 +9,7 @@ from litestar import WebSocket, websocket
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from almanac.auth import Principal
+from almanac.auth import Principal, bearer_token
 from almanac.container import Container
 from almanac.errors import NotFound
 from queries.batches import get_batch
@@ -25,14 +25,7 @@ def _key(socket: WebSocket[Any, Any, Any]) -> str | None:
     """The API key from the Authorization header or, for browsers, ``?key=``."""
     # From the raw headers: ``socket.headers`` would keep a parsed copy for the connection's
     # whole life (2 kB each, 20 MB for 10,000 connections).
-    for name, value in socket.scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            break
-    key = socket.query_params.get("key")
-    return key or None
+    return bearer_token(socket.scope["headers"]) or socket.query_params.get("key") or None
 
 
 def _after(socket: WebSocket[Any, Any, Any]) -> int | None:

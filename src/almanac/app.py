@@ -21,7 +21,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from almanac import errors
-from almanac.auth import Principal
+from almanac.auth import Principal, bearer_token, raw_header
 from almanac.bootstrap import bootstrap
 from almanac.container import ROLES, Container
 from almanac.ids import new_uuid
@@ -173,12 +173,7 @@ class RequestIdMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        incoming = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value
-                break
-        request_id = incoming.decode("latin-1")
+        request_id = (raw_header(scope["headers"], b"x-request-id") or b"").decode("latin-1")
         if not (0 < len(request_id) <= 128 and request_id.isprintable()):
             request_id = new_uuid().hex
         scope.setdefault("state", {})["request_id"] = request_id
@@ -217,13 +212,7 @@ class AuthMiddleware:
         self._authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        secret = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                secret = token.strip() if scheme.lower() == "bearer" else None
-                break
-        principal = await self._authenticate(secret)
+        principal = await self._authenticate(bearer_token(scope["headers"]))
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 

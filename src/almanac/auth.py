@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import msgspec
 
@@ -19,6 +20,25 @@ from almanac.domain.access import (
 from almanac.domain.events import EventMeta
 from almanac.errors import Forbidden, Unauthorized
 from almanac.eventstore import ConcurrencyConflict, EventStore
+
+
+def raw_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` in an ASGI scope's headers (whose names servers
+    give in lower case), without parsing the rest."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key in ``Authorization: Bearer <key>``; None if there is no such header."""
+    value = raw_header(headers, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class Principal(msgspec.Struct, frozen=True):
