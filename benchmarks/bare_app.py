@@ -6,6 +6,11 @@
 the benchmark saved from the real server) with the same headers. No authentication, event
 store, cache or middleware: what is left is the framework and the server.
 
+For the ``connections`` benchmark, ``WS /ws`` accepts a connection and sends it one frame
+(a welcome); ``POST /bare/broadcast`` writes its body as one text frame to every connection
+open, encoded once and written through the server's direct path (streams/wsserver.py), in
+one pass: the least a broadcast can cost on this server and this machine's network stack.
+
 Run: ``python -m benchmarks.bare_app --port 8001 [--reading FILE] [--server granian]``.
 Under uvicorn it is served by ``almanac.server.serve``, the function ``almanac serve`` uses,
 so both run with the same server settings.
@@ -14,6 +19,7 @@ so both run with the same server settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import uuid
@@ -22,12 +28,14 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from litestar import Litestar, Response, get, post
+from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
 from litestar.config.compression import CompressionConfig
+from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath, JSONBody
 
 from almanac.views import ReadingView
 from commands.readings import GenerateReading, ReadingAccepted
+from streams.wsserver import DirectSend, direct_send, text_frame
 
 READING_FILE = "ALMANAC_BENCH_READING"
 
@@ -62,8 +70,30 @@ def create_bare_app(reading: bytes | None = None) -> Litestar:
     async def ready() -> dict[str, str]:
         return {"status": "ok"}
 
+    connections: set[DirectSend] = set()
+
+    @websocket("/ws")
+    async def listen(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.accept()
+        await socket.send_text('{"type":"welcome"}')
+        direct = direct_send(socket.scope)
+        if direct is None:
+            raise RuntimeError("the bare fan-out needs almanac.server's WebSocket protocol")
+        connections.add(direct)
+        try:
+            with contextlib.suppress(WebSocketDisconnect):
+                await socket.receive_data("text")  # until the client goes
+        finally:
+            connections.discard(direct)
+
+    @post("/bare/broadcast", status_code=202)
+    async def broadcast(request: Request[Any, Any, Any]) -> dict[str, int]:
+        frame = text_frame(await request.body())
+        sent = sum(direct(frame) for direct in tuple(connections))
+        return {"connections": len(connections), "sent": sent}
+
     return Litestar(
-        route_handlers=[post_reading, get_reading, ready],
+        route_handlers=[post_reading, get_reading, ready, listen, broadcast],
         # As in almanac.app: compression is configured (it applies only above 1 KiB to
         # clients that ask for it, which the load generators do not).
         compression_config=CompressionConfig(

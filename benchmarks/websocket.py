@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -149,6 +149,7 @@ class _Frame(msgspec.Struct):
 
 _decode_frame = msgspec.json.Decoder(_Frame).decode
 RATES = (100, 250, 500, 1000)
+EVENT_MARK = b'"type":"event"'
 CONNECTIONS = 64  # the load generator's, as in the api benchmark
 TARGET_P50_MS, TARGET_P99_MS = 5.0, 25.0
 
@@ -479,18 +480,23 @@ def _rss_mb(pid: int) -> float:
 
 
 async def _broadcast(
-    base: str, ws: str, key: str, *, pid: int, connections: int, rounds: int
+    base: str,
+    ws: str,
+    headers: dict[str, str],
+    trigger: Callable[[httpx.AsyncClient], Awaitable[None]],
+    *,
+    pid: int,
+    connections: int,
+    rounds: int,
+    path: str = "/ws?topics=event:reading.requested",
 ) -> dict[str, Any]:
-    """Open ``connections`` sockets, then post ``rounds`` commands one at a time; for each,
-    the delay until every socket has its frame."""
+    """Open ``connections`` sockets, then ``trigger`` a broadcast ``rounds`` times, one at a
+    time; for each, the delay until every socket has its frame."""
     idle_rss = _rss_mb(pid)
-    headers = {"Authorization": f"Bearer {key}"}
     address = urlsplit(ws)
     host, port = address.hostname or "127.0.0.1", address.port or 80
     opened_at = time.perf_counter()
-    clients = await wsclients.open_clients(
-        host, port, "/ws?topics=event:reading.requested", headers, connections
-    )
+    clients = await wsclients.open_clients(host, port, path, headers, connections)
     open_seconds = time.perf_counter() - opened_at
     connected_rss = _rss_mb(pid)
     delays: list[float] = []
@@ -499,11 +505,10 @@ async def _broadcast(
     lost = 0  # frames that never came: their connection was closed or dropped
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         for _ in range(rounds):
-            arrivals = [client.expect(b'"type":"event"') for client in clients]
+            arrivals = [client.expect(EVENT_MARK) for client in clients]
             cpu = _cpu_seconds(pid)
             t0 = time.perf_counter()
-            response = await http.post("/api/v1/readings", json=BODY, headers=headers)
-            assert response.status_code == 202, response.text
+            await trigger(http)
             outcomes = await asyncio.wait_for(
                 asyncio.gather(*arrivals, return_exceptions=True), 120
             )
@@ -523,6 +528,7 @@ async def _broadcast(
             )
     loaded_rss = _rss_mb(pid)
     closed = sum(client.closed for client in clients)
+    frame_bytes = max((client.matched_bytes for client in clients), default=0)
     wsclients.close_all(clients)
     return {
         "connections": connections,
@@ -530,13 +536,38 @@ async def _broadcast(
         "rounds": rounds,
         "closed_by_server": closed,
         "frames_lost": lost,
-        # The API process's CPU (all its threads) per frame it sent: the command and the
+        "frame_bytes": frame_bytes,
+        # The server process's CPU (all its threads) per frame it sent: the trigger and the
         # fan-out (on services the relay is a process of its own), spread over the frames.
         "server_cpu_us_per_frame": server_cpu / (rounds * connections) * 1e6,
         "broadcast": _percentiles(delays),
         "per_round": per_round,
         "rss_mb": {"idle": idle_rss, "connected": connected_rss, "after_broadcast": loaded_rss},
     }
+
+
+@contextlib.contextmanager
+def _bare_server() -> Iterator[tuple[str, int]]:
+    """The bare app (benchmarks/bare_app.py) in a process of its own: (HTTP base, pid)."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bare_app", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(_wait_ready(base, process))
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _bare_frame(size: int) -> bytes:
+    """A frame the clients take for an event, of ``size`` bytes."""
+    head = b'{"type":"event","payload":"'
+    return head + b"x" * max(0, size - len(head) - 2) + b'"}'
 
 
 def run_connections(
@@ -550,8 +581,14 @@ def run_connections(
         _server(profile) as (base, ws, key, pid),
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
     ):
+        headers = {"Authorization": f"Bearer {key}"}
+
+        async def command(http: httpx.AsyncClient) -> None:
+            response = await http.post("/api/v1/readings", json=BODY, headers=headers)
+            assert response.status_code == 202, response.text
+
         figures = runner.run(
-            _broadcast(base, ws, key, pid=pid, connections=connections, rounds=rounds)
+            _broadcast(base, ws, headers, command, pid=pid, connections=connections, rounds=rounds)
         )
     result.update(figures, target_broadcast_p99_ms=100, target_rss_mb=300)
     b, rss = figures["broadcast"], figures["rss_mb"]
@@ -562,5 +599,38 @@ def run_connections(
         f"frame; RSS idle {rss['idle']:.0f} MB, connected "
         f"{rss['connected']:.0f} MB, after {rss['after_broadcast']:.0f} MB (target 300); "
         f"frames lost {figures['frames_lost']:,}"
+    )
+    # The baseline: the same clients and frame size on the bare app, whose broadcast is one
+    # pass of writes (the floor this server and this machine's network stack set).
+    frame = _bare_frame(figures["frame_bytes"])
+    with (
+        _bare_server() as (bare_base, bare_pid),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+
+        async def broadcast(http: httpx.AsyncClient) -> None:
+            response = await http.post("/bare/broadcast", content=frame)
+            assert response.status_code == 202, response.text
+
+        bare = runner.run(
+            _broadcast(
+                bare_base,
+                bare_base.replace("http://", "ws://"),
+                {},
+                broadcast,
+                pid=bare_pid,
+                connections=connections,
+                rounds=rounds,
+                path="/ws",
+            )
+        )
+    result["baseline"] = bare
+    bb = bare["broadcast"]
+    print(
+        f"   baseline, the bare app writing the same {len(frame):,}-byte frame to each: "
+        f"p50 {bb['p50_ms']:.0f} ms, p99 {bb['p99_ms']:.0f} ms, server CPU "
+        f"{bare['server_cpu_us_per_frame']:.1f} µs a frame, RSS connected "
+        f"{bare['rss_mb']['connected']:.0f} MB; Almanac's p99 is "
+        f"{b['p99_ms'] / bb['p99_ms']:.2f} x the bare one"
     )
     return result

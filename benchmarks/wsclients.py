@@ -31,6 +31,7 @@ class LeanClient(asyncio.Protocol):
         self.frames = 0
         self.closed = False
         self._want = b""
+        self.matched_bytes = 0  # the size of the last wanted frame's payload
         self._arrived: asyncio.Future[float] | None = None
         self._transport: asyncio.Transport | None = None
 
@@ -93,6 +94,7 @@ class LeanClient(asyncio.Protocol):
         arrived = self._arrived
         if arrived is not None and not arrived.done() and self._want in payload:
             arrived.set_result(time.perf_counter())
+            self.matched_bytes = len(payload)
 
     def close(self) -> None:
         if self._transport is not None:

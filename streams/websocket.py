@@ -14,7 +14,6 @@ duplicate. Further back than ``max_replay`` positions it is told the position is
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fnmatch
 import itertools
@@ -38,7 +37,9 @@ from almanac.feed import EventFeed
 from almanac.settings import WebSocketSettings
 from almanac.timeouts import cancel_and_wait, wait_event, within
 from streams.envelope import encode_event
+from streams.mailbox import Mailbox
 from streams.relay import AGGREGATE_ID, EVENT_TYPE, OWNER, POSITION
+from streams.wsserver import DirectSend, direct_send, text_frame
 
 log = structlog.get_logger("almanac.websocket")
 
@@ -138,41 +139,6 @@ class Topic:
 # -- listeners and the hub ----------------------------------------------------------------
 
 
-class Mailbox:
-    """A connection's frames waiting to be sent, for its one sending task.
-
-    What ``asyncio.Queue`` does here for a third of its memory (one deque, not three, and
-    a future only while the sender waits): with 10,000 connections, that is 19 MB.
-    """
-
-    __slots__ = ("_frames", "_waiter")
-
-    def __init__(self) -> None:
-        self._frames: collections.deque[LiveEvent] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def qsize(self) -> int:
-        return len(self._frames)
-
-    def put_nowait(self, event: LiveEvent) -> None:
-        self._frames.append(event)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def get_nowait(self) -> LiveEvent:
-        return self._frames.popleft()
-
-    async def get(self) -> LiveEvent:
-        while not self._frames:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._frames.popleft()
-
-
 @dataclass(eq=False)
 class Listener:
     """One connection's subscriptions and its bounded queue of frames to send."""
@@ -182,12 +148,20 @@ class Listener:
     topics: set[Topic] = field(default_factory=set)
     # Frames at or below this position were already sent (or replayed): skip them.
     sent_through: int = 0
-    queue: Mailbox = field(default_factory=Mailbox)
+    queue: Mailbox[LiveEvent] = field(default_factory=Mailbox)
     overflowed: bool = False
     # When the connection was last sent a frame (time.monotonic()); heartbeats follow quiet.
     last_sent: float = field(default_factory=time.monotonic)
     # Ends the connection's session (it is then closed with the reason the session finds).
     interrupt: Callable[[], None] = lambda: None
+    # Whether frames must wait in the queue, in order: a task is sending them, or the
+    # session has not yet begun to (its welcome frame goes first).
+    sending: bool = True
+    # Starts a task that sends what is queued (when none is ``sending``).
+    wake: Callable[[], None] = lambda: None
+    # Writes an encoded frame at once, past the queue (the server's ``DIRECT_SEND``), when
+    # nothing waits in it; None where the server offers no such path.
+    direct: DirectSend | None = None
 
     def may_see(self, event: LiveEvent) -> bool:
         if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
@@ -207,14 +181,27 @@ class Listener:
                 return self.may_see(event)
         return False
 
-    def offer(self, event: LiveEvent) -> None:
+    def offer(self, event: LiveEvent, wire: bytes | None = None) -> None:
+        """Queue ``event`` for the sending task or, given its encoded frame ``wire`` while
+        that task is idle, write it now; a full queue ends the connection (slow consumer)."""
         if self.overflowed:
             return
+        if wire is not None and self.direct is not None and not self.sending:
+            if positioned(event) and event.position <= self.sent_through:
+                return
+            if self.direct(wire):
+                self.last_sent = time.monotonic()
+                if positioned(event):
+                    self.sent_through = event.position
+                return
         if self.queue.qsize() >= self.queue_size:
             self.overflowed = True
             self.interrupt()
             return
         self.queue.put_nowait(event)
+        if not self.sending:
+            self.sending = True
+            self.wake()
 
 
 class LiveSource(Protocol):
@@ -325,7 +312,6 @@ class Hub:
         self._admins: set[Listener] = set()
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()
-        self.sent = 0
 
     @property
     def connections(self) -> int:
@@ -377,9 +363,12 @@ class Hub:
     def publish(self, event: LiveEvent) -> None:
         self.position = max(self.position, event.position)
         verdicts: dict[Topic, bool] = {}
+        wire: bytes | None = None
         for listener in self._candidates(event.owner):
             if listener.sent_through < event.position and listener.wants(event, verdicts):
-                listener.offer(event)
+                if wire is None:
+                    wire = text_frame(event.frame.encode())
+                listener.offer(event, wire)
 
     async def _beat(self) -> None:
         # One timer for the process, not one a connection: it looks four times an interval,
@@ -397,6 +386,7 @@ class Hub:
         now = time.monotonic() if now is None else now
         due = now - self.settings.heartbeat
         beat: LiveEvent | None = None
+        wire = b""
         for listeners in (self._admins, *self._by_owner.values()):
             for listener in listeners:
                 if listener.last_sent <= due and not listener.queue.qsize():
@@ -405,7 +395,8 @@ class Hub:
                         beat = LiveEvent(
                             0, HEARTBEAT, "", "", frame(type=HEARTBEAT, position=position)
                         )
-                    listener.offer(beat)
+                        wire = text_frame(beat.frame.encode())
+                    listener.offer(beat, wire)
 
     def _candidates(self, owner: str) -> Iterable[Listener]:
         mine = self._by_owner.get(owner)
@@ -478,6 +469,13 @@ def frame(**fields: object) -> str:
 
 PROGRESS = "progress"
 HEARTBEAT = "heartbeat"
+
+
+def positioned(event: LiveEvent) -> bool:
+    """Heartbeats and progress reports are not events: no position of their own."""
+    return event.type not in (HEARTBEAT, PROGRESS)
+
+
 # Reports on something running (a batch): its fields as a frame, or None once it has ended.
 Progress = Callable[[Principal], Awaitable[dict[str, object] | None]]
 
@@ -518,11 +516,18 @@ class Session:
     # a second, so that a client sees one at least every second even on a busy server.
     progress: Progress | None = None
     progress_interval: float = 0.5
+    # The task serving the connection (it reads the client's messages), and the task that
+    # sends what is queued while there is something to send.
+    _task: asyncio.Task[Any] | None = field(default=None, init=False, repr=False)
+    _sender: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _interrupted: bool = field(default=False, init=False, repr=False)
+    _failure: BaseException | None = field(default=None, init=False, repr=False)
 
     async def run(self) -> None:
         try:
             principal = await self._principal()
-            listener = Listener(principal, self.settings.queue_size, topics=set(self.topics))
+            # The session's topics are the listener's from now on (one set, not two).
+            listener = Listener(principal, self.settings.queue_size, topics=self.topics)
             self.listener = listener
             await self.hub.started()
             self.hub.attach(listener)
@@ -560,52 +565,78 @@ class Session:
                 topics=sorted(map(str, listener.topics)),
             )
         )
-        # Two tasks a connection: overflow and shutdown end them through ``interrupt``.
-        tasks = {
-            asyncio.ensure_future(self._send(listener)),
-            asyncio.ensure_future(self._receive(listener)),
-        }
+        # No task of its own for an idle connection (10,000 of them are many tasks): this one
+        # reads the client's messages; frames are written at once by the hub, or, when they
+        # must wait, sent by a task that ends once the queue is empty. Overflow, shutdown and
+        # a failed send end the session through ``interrupt``.
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        listener.interrupt = self._interrupt
+        listener.wake = self._start_sending
+        listener.direct = direct_send(getattr(self.socket, "scope", None))
+        self._start_sending(replay=self.after)  # what waited for the welcome
+        reporter = None
         if self.progress is not None:
-            tasks.add(asyncio.ensure_future(self._report(listener, self.progress)))
-
-        def interrupt() -> None:
-            for task in tasks:
-                task.cancel()
-
-        listener.interrupt = interrupt
-        if self.hub.stopping:
-            interrupt()
+            reporter = asyncio.ensure_future(self._report(listener, self.progress))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if listener.overflowed or self.hub.stopping:
+                self._interrupt()
+            await self._receive(listener)
+        except asyncio.CancelledError:
+            if not self._interrupted:
+                raise
+            task.uncancel()
+        except Exception:  # noqa: BLE001 - the client went: the session ends
+            log.debug("websocket.client_gone", owner=listener.principal.owner)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        for task in done:
-            if not task.cancelled() and isinstance(task.exception(), Closed):
-                raise task.exception()  # type: ignore[misc]
+            # Nothing may interrupt the clean-up below; a failed send is in ``_failure``.
+            self._interrupted = True
+            listener.interrupt = listener.wake = _nothing
+            for helper in (self._sender, reporter):
+                if helper is not None:
+                    with contextlib.suppress(Exception):
+                        await cancel_and_wait(helper)
+        if isinstance(self._failure, Closed):
+            raise self._failure
         if listener.overflowed:
             log.warning("websocket.slow_consumer", owner=listener.principal.owner)
             raise Closed(CLOSE_SLOW_CONSUMER, "too far behind: reconnect with after=<position>")
         if self.hub.stopping:
             raise Closed(CLOSE_GOING_AWAY, "server shutting down: reconnect with after=<position>")
 
-    async def _send(self, listener: Listener) -> None:
-        if self.after is not None:
-            await self._replay(listener, self.after)
-        while True:
-            event = await listener.queue.get()
-            # Heartbeats and progress reports are not events: no position of their own.
-            positioned = event.type not in (HEARTBEAT, PROGRESS)
-            if positioned and event.position <= listener.sent_through:
+    def _interrupt(self) -> None:
+        if not self._interrupted and self._task is not None:
+            self._interrupted = True
+            self._task.cancel()
+
+    def _start_sending(self, replay: int | None = None) -> None:
+        listener = self.listener
+        assert listener is not None
+        listener.sending = True
+        self._sender = asyncio.ensure_future(self._send(listener, replay))
+        self._sender.add_done_callback(self._sent)
+
+    def _sent(self, sender: asyncio.Task[None]) -> None:
+        if self._sender is sender:
+            self._sender = None  # a done task is ~1.5 kB, kept for nothing
+        if not sender.cancelled() and sender.exception() is not None:
+            self._failure = sender.exception()
+            self._interrupt()
+
+    async def _send(self, listener: Listener, replay: int | None) -> None:
+        """Send what is queued, in order, then hand back to the direct path."""
+        if replay is not None:
+            await self._replay(listener, replay)
+        queue = listener.queue
+        while queue.qsize():
+            event = queue.get_nowait()
+            if positioned(event) and event.position <= listener.sent_through:
                 continue
             await self.socket.send_text(event.frame)
             listener.last_sent = time.monotonic()
-            if positioned:
+            if positioned(event):
                 listener.sent_through = event.position
-                self.hub.sent += 1
+        listener.sending = False
 
     async def _report(self, listener: Listener, progress: Progress) -> None:
         """Queue a progress frame every interval until the report ends, then the last one;
@@ -629,7 +660,6 @@ class Session:
             # On a fixed cadence: the time a report takes does not stretch the interval.
             due = max(due + self.progress_interval, loop.time())
             await asyncio.sleep(due - loop.time())
-        await asyncio.Event().wait()  # the connection stays open for events
 
     async def _replay(self, listener: Listener, after: int) -> None:
         until = await self.hub.store.max_position()
@@ -699,3 +729,7 @@ class Session:
 
 
 _background: set[asyncio.Task[Any]] = set()
+
+
+def _nothing() -> None:
+    pass

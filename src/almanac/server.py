@@ -38,6 +38,33 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def config(app: Any, *, host: str, port: int) -> Any:
+    """The ``uvicorn.Config`` every Almanac server runs with (the e2e tests' too)."""
+    import uvicorn
+
+    from streams.wsserver import Protocol
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=20,
+        # WebSockets: uvicorn's sans-I/O protocol, lighter and with a direct path for frames
+        # many connections receive alike (streams/wsserver.py); no per-message deflate (its
+        # zlib state costs ~60 kB a connection, frames are small, and the direct path needs
+        # every connection's bytes alike); clients send at most small control messages; the
+        # hub's own heartbeats keep idle connections alive, so the server sends no pings.
+        ws=Protocol,
+        ws_per_message_deflate=False,
+        ws_max_size=64 * 1024,
+        ws_max_queue=8,
+        ws_ping_interval=None,
+    )
+
+
 def serve(app: Any, *, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT, then shut down gracefully."""
     import uvicorn
@@ -47,25 +74,7 @@ def serve(app: Any, *, host: str, port: int) -> None:
             await super().startup(sockets)  # the app's lifespan: every role started
             settle_heap()
 
-    server = Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=20,
-            # WebSockets: no per-message deflate (its zlib state costs ~60 kB a connection,
-            # and frames are small); clients send at most small control messages; the hub's
-            # own heartbeats keep idle connections alive, so the server sends no pings.
-            ws="websockets-sansio",
-            ws_per_message_deflate=False,
-            ws_max_size=64 * 1024,
-            ws_max_queue=8,
-            ws_ping_interval=None,
-        )
-    )
+    server = Server(config(app, host=host, port=port))
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler
     # that was installed before it started; this one makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -19,6 +19,7 @@ import websockets
 from almanac.app import create_app
 from almanac.bootstrap import bootstrap
 from almanac.container import Container
+from almanac.server import config
 from almanac.settings import Settings
 from tests.factories import birth_json
 from tests.integration.support_waiting import until_started
@@ -55,9 +56,7 @@ class LiveServer:
 async def live_server(settings: Settings, **overrides: Any) -> AsyncIterator[LiveServer]:
     container = bootstrap(settings, cache_prefix=f"test-{uuid.uuid4().hex[:8]}:", **overrides)
     app = create_app(settings, container)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
-    )
+    server = uvicorn.Server(config(app, host="127.0.0.1", port=0))
     task = asyncio.create_task(server.serve())
     await until_started(server, task, within=20, what="the API server")
     port = server.servers[0].sockets[0].getsockname()[1]

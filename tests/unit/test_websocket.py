@@ -28,6 +28,8 @@ from streams.websocket import (
     Session,
     Topic,
 )
+from streams.wsserver import DIRECT_SEND, text_frame
+from tests.integration.support_waiting import eventually
 
 READING = str(uuid4())
 
@@ -269,3 +271,75 @@ async def test_a_quiet_session_gets_heartbeats_and_a_busy_one_does_not() -> None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class DirectSocket(RecordingSocket):
+    """A client whose server offers the direct path; it takes a frame there only while
+    ``open`` (else the frame must wait in the connection's queue)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = True
+        self.direct: list[int] = []  # positions written through the direct path
+        self.scope = {"extensions": {DIRECT_SEND: self._write}}
+
+    def _write(self, data: bytes) -> bool:
+        if not self.open:
+            return False
+        assert data == text_frame(data[2:])  # one whole frame (the test frames are short)
+        frame = json.loads(data[2:])
+        self.direct.append(frame.get("position", 0))
+        self.sent.append(frame)
+        self._changed.set()
+        return True
+
+
+async def test_an_idle_connection_is_written_at_once_a_busy_one_in_order_through_its_queue() -> (
+    None
+):
+    h = hub(heartbeat=60)
+    socket = DirectSocket()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    try:
+        assert await socket.frames(1) == ["welcome"]
+        listener = session.listener
+        assert listener is not None
+
+        async def handed_over() -> bool:  # the queue is empty: frames go out directly
+            return not listener.sending
+
+        await eventually(handed_over, within=5, what="the session's start")
+        h.publish(live(1))
+        assert socket.direct == [1] and listener.queue.qsize() == 0
+        socket.open = False  # the transport is full: the frame waits its turn
+        h.publish(live(2))
+        socket.open = True
+        h.publish(live(3))  # the queue is not empty: behind 2, not before it
+        assert listener.queue.qsize() == 2
+        await socket.frames(4)
+        h.publish(live(3))  # already sent
+        h.publish(live(4))
+        await socket.frames(5)
+        assert [f["position"] for f in socket.sent[1:]] == [1, 2, 3, 4]
+        assert socket.direct == [1, 4]
+        assert listener.sent_through == 4
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_frames_wait_in_the_queue_without_a_direct_path_or_until_the_session_begins() -> None:
+    h = hub()
+    plain = Listener(principal("alice"), 10, topics={Topic("all")}, sending=False)
+    written: list[bytes] = []
+    starting = Listener(principal("alice"), 10, topics={Topic("all")}, direct=written.append)
+    woken: list[int] = []
+    plain.wake = lambda: woken.append(1)
+    for listener in (plain, starting):
+        h.attach(listener)
+    h.publish(live(1))  # ``starting``'s welcome frame has not gone out yet
+    h.publish(live(2))
+    assert (plain.queue.qsize(), starting.queue.qsize(), written) == (2, 2, [])
+    assert woken == [1] and plain.sending  # one sending task, for both
