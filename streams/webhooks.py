@@ -33,7 +33,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from standardwebhooks.webhooks import Webhook
 
 from almanac.adapters.secretbox import SecretBox
-from almanac.adapters.webhook_targets import TargetGuard, TargetRefused
+from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_transport
 from almanac.container import Stoppable
 from almanac.domain.events import EventMeta
 from almanac.domain.webhook import TEST_EVENT_TYPE, WebhookEndpoint, matches
@@ -183,13 +183,15 @@ class WebhookDeliverer(Stoppable):
         self._wake.set()
 
     async def run(self) -> None:
+        limits = httpx.Limits(
+            max_connections=self.settings.concurrency,
+            max_keepalive_connections=self.settings.concurrency,
+        )
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=httpx.Timeout(self.settings.timeout),
-            limits=httpx.Limits(
-                max_connections=self.settings.concurrency,
-                max_keepalive_connections=self.settings.concurrency,
-            ),
+            # Connections only to addresses the guard accepted in the lookup it connects by.
+            transport=guarded_transport(self.guard, limits=limits, trust_env=False),
             trust_env=False,
             headers={"user-agent": USER_AGENT},
         )

@@ -3,7 +3,10 @@
 A URL is refused unless it is ``https`` (or ``http`` when allowed) and every address its
 host resolves to is public, or inside a network the operator allowed. It is checked when
 an endpoint is registered or changed and again before every delivery, since what a name
-resolves to can change.
+resolves to can change -- and the delivery's connection goes to an address of the lookup
+that was checked (``guarded_transport``), never to a second lookup's: a name that answers
+with a public address to the check and a private one to the connection (DNS rebinding)
+cannot carry a delivery inside.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
+
+import httpcore
+import httpx
 
 from almanac.errors import AlmanacError
 from almanac.settings import WebhookSettings
@@ -84,7 +91,10 @@ class TargetGuard:
 
     async def check(self, url: str) -> list[str]:
         """The addresses the URL's host resolves to, all of them acceptable."""
-        host, port = self.check_form(url)
+        return await self.addresses(*self.check_form(url))
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The addresses ``host`` resolves to (or is), refused unless all are acceptable."""
         try:
             addresses = [ipaddress.ip_address(host)]
         except ValueError:
@@ -99,3 +109,50 @@ class TargetGuard:
                     f"the host {host!r} resolves to {address}, a private or reserved address"
                 )
         return [str(a) for a in addresses]
+
+
+class GuardedNetwork(httpcore.AsyncNetworkBackend):
+    """httpcore's network, connecting only to addresses ``guard`` accepted in the same
+    lookup: the host is resolved and checked here, then one of those addresses is
+    connected to (TLS still verifies, and names, the host itself)."""
+
+    def __init__(self, guard: TargetGuard, network: httpcore.AsyncNetworkBackend) -> None:
+        self._guard = guard
+        self._network = network
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        failure: Exception = httpcore.ConnectError(f"{host} has no address to connect to")
+        for address in await self._guard.addresses(host, port):
+            try:
+                return await self._network.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        raise failure
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise TargetRefused("webhooks are not delivered to Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._network.sleep(seconds)
+
+
+def guarded_transport(guard: TargetGuard, **options: Any) -> httpx.AsyncHTTPTransport:
+    """An ``httpx`` transport (``options`` as ``httpx.AsyncHTTPTransport``'s) whose new
+    connections go through ``GuardedNetwork``."""
+    transport = httpx.AsyncHTTPTransport(**options)
+    pool = transport._pool
+    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
+        raise RuntimeError("this httpx/httpcore cannot pin webhook connections to checked hosts")
+    pool._network_backend = GuardedNetwork(guard, pool._network_backend)
+    return transport
