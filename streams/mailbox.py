@@ -1,4 +1,4 @@
-"""A queue for exactly one consumer task, at a third of ``asyncio.Queue``'s memory."""
+"""A queue for exactly one consumer task, at a tenth of ``asyncio.Queue``'s memory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ class Mailbox(Generic[T]):
     """What ``asyncio.Queue`` does for one consumer, for a tenth of its memory: one list
     (a deque is ~600 bytes even when empty, and these hold a few items at most), and a
     future only while the consumer waits. A connection has two of these; with 10,000
-    connections each is ~20 MB less than a queue.
+    connections each is ~20 MB less than a queue. One task may wait in ``get`` at a time
+    (a second waiter would take the first one's place).
     """
 
     __slots__ = ("_items", "_waiter")

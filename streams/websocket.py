@@ -579,25 +579,30 @@ class Session:
         if self.progress is not None:
             reporter = asyncio.ensure_future(self._report(listener, self.progress))
         try:
-            if listener.overflowed or self.hub.stopping:
-                self._interrupt()
-            await self._receive(listener)
+            # Overflowed or stopped while the welcome went out: straight to the close.
+            if not (listener.overflowed or self.hub.stopping):
+                await self._receive(listener)
         except asyncio.CancelledError:
-            if not self._interrupted:
+            # Ours (``_interrupt``) is taken back; one from outside as well goes on.
+            if not self._interrupted or task.uncancel():
                 raise
-            task.uncancel()
         except Exception:  # noqa: BLE001 - the client went: the session ends
             log.debug("websocket.client_gone", owner=listener.principal.owner)
         finally:
             # Nothing may interrupt the clean-up below; a failed send is in ``_failure``.
             self._interrupted = True
+            self._task = None
             listener.interrupt = listener.wake = _nothing
-            for helper in (self._sender, reporter):
-                if helper is not None:
-                    with contextlib.suppress(Exception):
-                        await cancel_and_wait(helper)
-        if isinstance(self._failure, Closed):
-            raise self._failure
+            helpers = [t for t in (self._sender, reporter) if t is not None]
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(Exception):
+                    await cancel_and_wait(helper)
+        # The failure's traceback holds this session: let go of it before raising.
+        failure, self._failure = self._failure, None
+        if isinstance(failure, Closed):
+            raise failure
         if listener.overflowed:
             log.warning("websocket.slow_consumer", owner=listener.principal.owner)
             raise Closed(CLOSE_SLOW_CONSUMER, "too far behind: reconnect with after=<position>")

@@ -48,7 +48,7 @@ def direct_send(scope: Any) -> DirectSend | None:
 
 class Flag:
     """``asyncio.Event`` as uvicorn's protocol uses it for ``writable`` (set, clear, wait),
-    without its ~600-byte deque of waiters; one waits at most (the app's sending task)."""
+    without its ~600-byte deque of waiters (a list, empty while nothing waits)."""
 
     __slots__ = ("_set", "_waiters")
 

@@ -19,6 +19,7 @@ from almanac.errors import Unauthorized
 from almanac.eventstore import RecordedEvent
 from almanac.settings import WebSocketSettings
 from streams.websocket import (
+    CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHORIZED,
     BadTopic,
@@ -343,3 +344,116 @@ def test_frames_wait_in_the_queue_without_a_direct_path_or_until_the_session_beg
     h.publish(live(2))
     assert (plain.queue.qsize(), starting.queue.qsize(), written) == (2, 2, [])
     assert woken == [1] and plain.sending  # one sending task, for both
+
+
+class WelcomeGate(RecordingSocket):
+    """A client whose welcome frame takes until the test opens the gate; optionally, its
+    connection fails on the first frame after the welcome."""
+
+    def __init__(self, *, fail_after_welcome: bool = False) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.fail_after_welcome = fail_after_welcome
+        self.closed: tuple[int, str | None] | None = None
+        self.gone = False  # its disconnect is already there to be read
+
+    async def receive_text(self) -> str:
+        if self.gone:
+            raise ConnectionResetError("the client went")
+        return await super().receive_text()
+
+    async def send_text(self, data: str) -> None:
+        if not self.sent:
+            await self.gate.wait()
+        elif self.fail_after_welcome:
+            raise ConnectionResetError("the client went")
+        await super().send_text(data)
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed = (code, reason)
+
+
+async def started(session: Session, h: Hub) -> None:
+    async def attached() -> bool:
+        return session.listener is not None and h.connections == 1
+
+    await eventually(attached, within=5, what="the session attached")
+
+
+async def test_a_server_stopping_during_the_welcome_closes_with_going_away() -> None:
+    h = hub()
+    socket = WelcomeGate()
+    reports: list[int] = []
+
+    async def progress(_: Principal) -> dict[str, object]:
+        reports.append(1)
+        return {}  # nothing to report yet: asked again at once (interval 0)
+
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good", progress=progress)
+    session.progress_interval = 0
+    task = asyncio.create_task(session.run())
+    await started(session, h)
+    h.stop()
+    socket.gone = True  # and the client hung up meanwhile
+    socket.gate.set()
+    await asyncio.wait_for(task, timeout=5)  # ends, not cancelled
+    assert socket.closed is not None and socket.closed[0] == CLOSE_GOING_AWAY
+    assert h.connections == 0
+    asked = len(reports)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(reports) == asked  # the reporter ended with the session
+
+
+async def test_falling_behind_during_the_welcome_closes_with_4429() -> None:
+    h = hub(queue_size=2)
+    socket = WelcomeGate()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    await started(session, h)
+    for position in range(1, 5):
+        h.publish(live(position))
+    socket.gate.set()
+    await asyncio.wait_for(task, timeout=5)
+    assert socket.closed is not None and socket.closed[0] == CLOSE_SLOW_CONSUMER
+
+
+async def test_a_stop_while_serving_closes_with_going_away() -> None:
+    h = hub()
+    socket = WelcomeGate()
+    socket.gate.set()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    await started(session, h)
+    await socket.frames(1)
+    h.stop()
+    await asyncio.wait_for(task, timeout=5)
+    assert socket.closed is not None and socket.closed[0] == CLOSE_GOING_AWAY
+
+
+async def test_an_outside_cancellation_meeting_an_interrupt_is_not_swallowed() -> None:
+    h = hub()
+    socket = WelcomeGate()
+    socket.gate.set()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    await started(session, h)
+    await socket.frames(1)
+    h.stop()  # interrupts the session's task...
+    task.cancel()  # ...which its server cancels in the same moment
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
+
+
+async def test_a_failed_send_ends_the_session_and_lets_it_go() -> None:
+    h = hub()
+    socket = WelcomeGate(fail_after_welcome=True)
+    socket.gate.set()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    await started(session, h)
+    await socket.frames(1)
+    h.publish(live(1))  # no direct path here: queued, and its send fails
+    await asyncio.wait_for(task, timeout=5)
+    assert h.connections == 0
+    assert session._failure is None and session._task is None  # no cycle kept
