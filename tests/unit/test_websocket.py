@@ -373,11 +373,18 @@ class WelcomeGate(RecordingSocket):
         self.closed = (code, reason)
 
 
-async def started(session: Session, h: Hub) -> None:
-    async def attached() -> bool:
+async def attached(
+    h: Hub, socket: WelcomeGate, **options: Any
+) -> tuple[Session, asyncio.Task[None]]:
+    """A session of ``socket`` running, once the hub has its listener."""
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good", **options)
+    task = asyncio.create_task(session.run())
+
+    async def listening() -> bool:
         return session.listener is not None and h.connections == 1
 
-    await eventually(attached, within=5, what="the session attached")
+    await eventually(listening, within=5, what="the session attached")
+    return session, task
 
 
 async def test_a_server_stopping_during_the_welcome_closes_with_going_away() -> None:
@@ -389,10 +396,7 @@ async def test_a_server_stopping_during_the_welcome_closes_with_going_away() -> 
         reports.append(1)
         return {}  # nothing to report yet: asked again at once (interval 0)
 
-    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good", progress=progress)
-    session.progress_interval = 0
-    task = asyncio.create_task(session.run())
-    await started(session, h)
+    _, task = await attached(h, socket, progress=progress, progress_interval=0)
     h.stop()
     socket.gone = True  # and the client hung up meanwhile
     socket.gate.set()
@@ -408,9 +412,7 @@ async def test_a_server_stopping_during_the_welcome_closes_with_going_away() -> 
 async def test_falling_behind_during_the_welcome_closes_with_4429() -> None:
     h = hub(queue_size=2)
     socket = WelcomeGate()
-    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
-    task = asyncio.create_task(session.run())
-    await started(session, h)
+    _, task = await attached(h, socket)
     for position in range(1, 5):
         h.publish(live(position))
     socket.gate.set()
@@ -422,9 +424,7 @@ async def test_a_stop_while_serving_closes_with_going_away() -> None:
     h = hub()
     socket = WelcomeGate()
     socket.gate.set()
-    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
-    task = asyncio.create_task(session.run())
-    await started(session, h)
+    _, task = await attached(h, socket)
     await socket.frames(1)
     h.stop()
     await asyncio.wait_for(task, timeout=5)
@@ -435,9 +435,7 @@ async def test_an_outside_cancellation_meeting_an_interrupt_is_not_swallowed() -
     h = hub()
     socket = WelcomeGate()
     socket.gate.set()
-    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
-    task = asyncio.create_task(session.run())
-    await started(session, h)
+    _, task = await attached(h, socket)
     await socket.frames(1)
     h.stop()  # interrupts the session's task...
     task.cancel()  # ...which its server cancels in the same moment
@@ -449,9 +447,7 @@ async def test_a_failed_send_ends_the_session_and_lets_it_go() -> None:
     h = hub()
     socket = WelcomeGate(fail_after_welcome=True)
     socket.gate.set()
-    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
-    task = asyncio.create_task(session.run())
-    await started(session, h)
+    session, task = await attached(h, socket)
     await socket.frames(1)
     h.publish(live(1))  # no direct path here: queued, and its send fails
     await asyncio.wait_for(task, timeout=5)
