@@ -4,6 +4,7 @@ checks every signature with the ``standardwebhooks`` library."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -387,3 +388,35 @@ async def test_an_endpoint_failing_for_too_long_is_disabled(settings: Settings) 
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_a_name_rebound_after_its_check_is_refused_at_the_connection(
+    settings: Settings,
+) -> None:
+    # The check before each attempt hears an allowed address, the connection's own lookup
+    # right after it a private one (DNS rebinding): nothing may be sent there.
+    answers = itertools.repeat(["127.0.0.1"])
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return next(answers) if host == "rebind.example" else ["127.0.0.1"]
+
+    async with receiving() as receiver, serving(settings, resolver=resolver) as api:
+        hooks = Hooks(api, receiver)
+        response = await api.client.post(
+            "/api/v1/webhooks",
+            json={"url": f"http://rebind.example:{receiver.port}/hook"},
+            headers=api.auth(api.alice),
+        )
+        assert response.status_code == 201, response.text
+        endpoint = response.json()
+        answers = itertools.cycle([["127.0.0.1"], ["10.0.0.7"]])
+        message_id = await hooks.test(api.alice, endpoint)
+
+        async def attempted() -> Any:
+            found = await hooks.delivery(api.alice, endpoint, message_id)
+            return found["attempt_log"] if found and found["attempt_log"] else None
+
+        first = (await eventually(attempted, what="an attempt"))[0]
+    assert first["error"].startswith("refused:"), first
+    assert "resolves to 10.0.0.7" in first["error"]
+    assert receiver.at("/hook") == []

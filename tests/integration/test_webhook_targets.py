@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import httpcore
 import httpx
 import pytest
 
-from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_transport
+from almanac.adapters.webhook_targets import (
+    GuardedNetwork,
+    TargetGuard,
+    TargetRefused,
+    guarded_transport,
+)
 from almanac.settings import WebhookSettings
 from tests.integration.support_receiver import receiving
 
@@ -59,3 +68,38 @@ async def test_an_address_literal_is_checked_at_connect_too() -> None:
         with pytest.raises(TargetRefused, match="private or reserved"):
             await client.post(receiver.url("/hook"), content=b"{}")
     assert receiver.received == []
+
+
+class Unanswered(httpcore.AsyncNetworkBackend):
+    """A network where no address answers: each try takes the time it is given."""
+
+    def __init__(self) -> None:
+        self.tried: list[tuple[str, float | None]] = []
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None, *_: Any, **__: Any
+    ) -> httpcore.AsyncNetworkStream:
+        self.tried.append((host, timeout))
+        await asyncio.sleep(timeout or 0)
+        raise httpcore.ConnectTimeout(f"{host} did not answer")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+async def test_the_lookup_and_every_address_tried_share_the_connection_s_one_timeout() -> None:
+    names = Names(slow_example=[["93.184.216.34", "93.184.216.35", "93.184.216.36"]])
+    network = Unanswered()
+    guarded = GuardedNetwork(TargetGuard(WebhookSettings(), resolver=names), network)
+    with pytest.raises(httpcore.ConnectTimeout):
+        await guarded.connect_tcp("slow.example", 443, timeout=0.2)
+    # The first address (in the resolver's order) had the whole budget; no other had more
+    # than what was left of it.
+    assert network.tried[0][0] == "93.184.216.34"
+    assert sum(t or 0 for _, t in network.tried) <= 0.2 + 0.01 * len(network.tried)
+
+
+def test_a_transport_through_a_proxy_is_refused() -> None:
+    guard = TargetGuard(LOOPBACK_ALLOWED)
+    with pytest.raises(RuntimeError, match="pinned"):
+        guarded_transport(guard, proxy="http://127.0.0.1:3128")

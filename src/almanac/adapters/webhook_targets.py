@@ -43,7 +43,8 @@ async def resolve(host: str, port: int) -> list[str]:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise TargetRefused(f"the host {host!r} does not resolve ({exc.strerror})") from None
-    return sorted({str(info[4][0]) for info in infos})
+    # In the resolver's order (its preference, e.g. IPv4 or IPv6 first), each once.
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def is_public(address: Address) -> bool:
@@ -113,8 +114,9 @@ class TargetGuard:
 
 class GuardedNetwork(httpcore.AsyncNetworkBackend):
     """httpcore's network, connecting only to addresses ``guard`` accepted in the same
-    lookup: the host is resolved and checked here, then one of those addresses is
-    connected to (TLS still verifies, and names, the host itself)."""
+    lookup: the host is resolved and checked here, then those addresses are tried in turn
+    (TLS still verifies, and names, the host itself). The lookup and every try share the
+    connection's one timeout, as they do in httpcore's own network."""
 
     def __init__(self, guard: TargetGuard, network: httpcore.AsyncNetworkBackend) -> None:
         self._guard = guard
@@ -128,14 +130,22 @@ class GuardedNetwork(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         failure: Exception = httpcore.ConnectError(f"{host} has no address to connect to")
-        for address in await self._guard.addresses(host, port):
-            try:
-                return await self._network.connect_tcp(
-                    address, port, timeout, local_address, socket_options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                addresses = await self._guard.addresses(host, port)
+                for address in addresses:
+                    left = None if deadline is None else max(deadline - loop.time(), 0.001)
+                    try:
+                        return await self._network.connect_tcp(
+                            address, port, left, local_address, socket_options
+                        )
+                    except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                        failure = exc
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"no connection to {host} within {timeout} s") from None
         raise failure
 
     async def connect_unix_socket(
@@ -152,7 +162,10 @@ def guarded_transport(guard: TargetGuard, **options: Any) -> httpx.AsyncHTTPTran
     connections go through ``GuardedNetwork``."""
     transport = httpx.AsyncHTTPTransport(**options)
     pool = transport._pool
-    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
-        raise RuntimeError("this httpx/httpcore cannot pin webhook connections to checked hosts")
+    # Not through a proxy: it would be the proxy that is checked and connected to, and the
+    # proxy that resolves the target. (The deliverer's client also ignores the proxy
+    # variables of the environment: ``trust_env=False``.)
+    if type(pool) is not httpcore.AsyncConnectionPool or not hasattr(pool, "_network_backend"):
+        raise RuntimeError("webhook connections cannot be pinned to checked hosts here")
     pool._network_backend = GuardedNetwork(guard, pool._network_backend)
     return transport
