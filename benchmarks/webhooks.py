@@ -4,7 +4,8 @@ A receiver process (a bare ASGI app under uvicorn on 127.0.0.1) answers every PO
 200. The deliverer runs in this process (``deliver`` and ``projector`` roles, the relay
 too on services): one endpoint is registered, ``--events`` ``reading.requested`` events are
 appended at once, and the figure is messages delivered (signed, recorded, settled in the
-delivery log) per second, from the first append to the last message settled.
+delivery log) per second, from the first append to the last message settled. It runs on
+uvloop, as under ``almanac serve --roles deliver``.
 
 Baseline: an ``httpx.AsyncClient`` posting the same body to the same receiver from as many
 concurrent tasks as the deliverer keeps in flight to one endpoint
@@ -29,6 +30,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import uvloop
 
 from almanac.bootstrap import bootstrap
 from almanac.domain.chart import BirthData, ChartOptions
@@ -200,8 +202,9 @@ def run(
             if profile == "services":
                 name, db_url = _database()
             settings = _settings(profile, Path(tmp) / "var", db_url)
-            rate, sample = asyncio.run(deliveries(settings, url, events))
-            base = asyncio.run(
+            # Both on uvloop, the loop of every ``almanac serve`` process.
+            rate, sample = uvloop.run(deliveries(settings, url, events))
+            base = uvloop.run(
                 baseline(url, sample.encode(), settings.webhooks.per_endpoint_concurrency, seconds)
             )
     finally:
