@@ -270,7 +270,8 @@ class ProjectionRunner(Stoppable):
         elif await schema_version(self.db, name) is None:
             await self._record_version()
         self.position = await projection_position(self.db, name)
-        self.watch.announce(name, self.position)
+        # Where it really is: after a rebuild, back at 0 (queries wait for the new tables).
+        self.watch.restart(name, self.position)
         self._rebuilding = self.position == 0
         self._indexes_due = True
         if await open_parking(self.db, name):

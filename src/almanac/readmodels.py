@@ -88,28 +88,65 @@ class PositionWatch:
 
     Projectors in this process announce their commits so waiting queries wake at once;
     projectors in other processes are seen by re-reading the tracking row with backoff.
+
+    The tracking row is the authority: a projection rebuilt in place starts again from 0,
+    in this process or another, and a query asking for ``min_position`` must then wait for
+    the rebuilt read model, not pass on what the old one had reached. So what is known
+    without a read is trusted for ``fresh`` seconds only; a read lowers it, unless this
+    process's own projector announced more meanwhile (a commit the read raced); and a
+    projector that takes a projection over here sets it to where it really is.
     """
 
-    def __init__(self, read_position: Callable[[str], Awaitable[int]]) -> None:
+    def __init__(
+        self,
+        read_position: Callable[[str], Awaitable[int]],
+        *,
+        fresh: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._read_position = read_position
-        self._known: dict[str, int] = {}
+        self._fresh = fresh
+        self._clock = clock
+        # name -> (position, when it was learned, whether this process's projector said so)
+        self._known: dict[str, tuple[int, float, bool]] = {}
         self._changed = asyncio.Event()
 
     def announce(self, name: str, position: int) -> None:
-        if position > self._known.get(name, 0):
-            self._known[name] = position
+        """A commit of this process's projector (positions only move forward)."""
+        known = self._known.get(name)
+        if known is None or position >= known[0]:
+            self._learn(name, position, announced=True)
+
+    def restart(self, name: str, position: int) -> None:
+        """This process's projector took ``name`` over at ``position`` (0 after a rebuild)."""
+        self._learn(name, position, announced=True)
+
+    def _learn(self, name: str, position: int, *, announced: bool) -> None:
+        before = self._known.get(name)
+        self._known[name] = (position, self._clock(), announced)
+        if before is None or position > before[0]:
             self._changed.set()
             self._changed = asyncio.Event()
 
+    def _trusted(self, name: str) -> tuple[int, bool] | None:
+        known = self._known.get(name)
+        if known is None or self._clock() - known[1] >= self._fresh:
+            return None
+        return known[0], known[2]
+
     async def current(self, name: str) -> int:
         position = await self._read_position(name)
-        self.announce(name, position)
-        return max(position, self._known.get(name, 0))
+        trusted = self._trusted(name)
+        if trusted is not None and trusted[1] and trusted[0] > position:
+            return trusted[0]  # announced here after the read began
+        self._learn(name, position, announced=False)
+        return position
 
     async def wait_for(self, name: str, position: int, timeout: float) -> int:
         """Wait until projection ``name`` reaches ``position``; return where it is."""
-        if self._known.get(name, 0) >= position:
-            return self._known[name]
+        trusted = self._trusted(name)
+        if trusted is not None and trusted[0] >= position:
+            return trusted[0]
         deadline = time.monotonic() + timeout
         pause = 0.005
         while True:
