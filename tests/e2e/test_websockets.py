@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +14,8 @@ import pytest
 import websockets
 
 from almanac.settings import Settings
+from streams.http import hub_of
+from streams.websocket import event_frame
 from tests.e2e.support_server import LiveServer, events_until, live_server, next_frame
 
 PROGRESS = ["reading.requested", "reading.chart_calculated", "reading.generated"]
@@ -203,3 +208,94 @@ async def test_an_idle_connection_gets_heartbeats(settings: Settings) -> None:
     assert heartbeat["type"] == "heartbeat"
     # The keys issued as the server started may be seen after the welcome.
     assert heartbeat["position"] >= position
+
+
+async def test_a_client_that_stops_reading_gets_what_was_sent_in_order_then_4429(
+    settings: Settings,
+) -> None:
+    # A small queue, and a client with a small receive buffer that takes in one frame and
+    # then stops reading: the server's socket buffer fills, frames then wait in the queue,
+    # and the queue overflows. Until then, every frame (sent at once or after waiting) goes
+    # out once, in order. The events are the hub's own, large, so that buffers fill fast.
+    small = msgspec.structs.replace(
+        settings, websocket=msgspec.structs.replace(settings.websocket, queue_size=8)
+    )
+    async with live_server(small) as server:
+        hub = hub_of(server.container)
+        host, port = server.ws_url.removeprefix("ws://").split(":")
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect((host, int(port)))
+        published: list[int] = []
+        async with server.connect("/ws?topics=*", server.alice, sock=raw, max_queue=1) as client:
+            welcome = await next_frame(client)
+            padding = "x" * 60_000
+            for n in range(1, 2001):  # bounded: the server gives up on this client long before
+                if hub.connections == 0:
+                    break
+                position = welcome["position"] + 1_000_000 + n
+                envelope = json.dumps({"position": position, "padding": padding}).encode()
+                hub.publish(event_frame(position, "reading.requested", "r", "alice", envelope))
+                published.append(position)
+                await asyncio.sleep(0)  # the server's loop writes what it can
+            assert hub.connections == 0, "the client was never found too slow"
+            received = [p async for p in event_positions(client)]
+            assert client.close_code == 4429
+    assert received, "nothing was sent before the close"
+    assert received == published[: len(received)]  # a prefix: no gap, no duplicate, in order
+
+
+async def test_frames_that_waited_for_a_slow_client_and_those_after_arrive_in_order(
+    server: LiveServer,
+) -> None:
+    # The client stops reading until frames wait in its queue on the server, then reads
+    # again while more events come: those must go out behind the waiting ones, not past them.
+    hub = hub_of(server.container)
+    host, port = server.ws_url.removeprefix("ws://").split(":")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect((host, int(port)))
+    published: list[int] = []
+    async with server.connect("/ws?topics=*", server.alice, sock=raw, max_queue=1) as client:
+        welcome = await next_frame(client)
+        [listener] = hub._by_owner["alice"]
+        padding = "x" * 8_000
+
+        def publish() -> None:
+            position = welcome["position"] + 1_000_000 + len(published) + 1
+            envelope = json.dumps({"position": position, "padding": padding}).encode()
+            hub.publish(event_frame(position, "reading.requested", "r", "alice", envelope))
+            published.append(position)
+
+        for _ in range(2000):  # bounded: frames wait long before
+            if listener.queue.qsize() >= 5:
+                break
+            publish()
+            await asyncio.sleep(0)
+        assert listener.queue.qsize() >= 5, "no frame ever had to wait"
+        received: list[int] = []
+        last: list[int] = []  # the position of the final frame, once it is known
+
+        async def read() -> None:
+            while not (last and received and received[-1] >= last[0]):
+                frame = json.loads(await asyncio.wait_for(client.recv(), 10))
+                if frame["type"] == "event":
+                    received.append(frame["position"])
+
+        reader = asyncio.ensure_future(read())
+        for _ in range(200):  # while the queue drains, and after
+            publish()
+            await asyncio.sleep(0)
+        last.append(welcome["position"] + 1_000_000 + len(published) + 1)
+        publish()
+        await asyncio.wait_for(reader, 30)
+    assert received == published
+
+
+async def event_positions(client: Any) -> AsyncIterator[int]:
+    """The positions of the event frames a client is sent until its connection closes."""
+    with contextlib.suppress(websockets.ConnectionClosed):
+        for _ in range(10_000):
+            frame = json.loads(await asyncio.wait_for(client.recv(), 10))
+            if frame["type"] == "event":
+                yield frame["position"]
