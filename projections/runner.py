@@ -460,6 +460,7 @@ class ProjectionRunner(Stoppable):
                 (FORGET_POSITION, [{"name": name}]),
             ]
         )
+        self.watch.restart(name, 0)  # queries here wait for the new tables from now on
         await self.db.migrate(self._schema()[0])
         await self._record_version()
 

@@ -91,10 +91,10 @@ class PositionWatch:
 
     The tracking row is the authority: a projection rebuilt in place starts again from 0,
     in this process or another, and a query asking for ``min_position`` must then wait for
-    the rebuilt read model, not pass on what the old one had reached. So what is known
-    without a read is trusted for ``fresh`` seconds only; a read lowers it, unless this
-    process's own projector announced more meanwhile (a commit the read raced); and a
-    projector that takes a projection over here sets it to where it really is.
+    the rebuilt read model, not pass on what the old one had reached. So a position known
+    without reading the row is trusted for ``fresh`` seconds at most; a projector of this
+    process that starts a projection again (``restart``) sets it to where it really is, and
+    a read that was under way meanwhile is not believed.
     """
 
     def __init__(
@@ -109,16 +109,19 @@ class PositionWatch:
         self._clock = clock
         # name -> (position, when it was learned, whether this process's projector said so)
         self._known: dict[str, tuple[int, float, bool]] = {}
+        self._restarts: dict[str, int] = {}
         self._changed = asyncio.Event()
 
     def announce(self, name: str, position: int) -> None:
-        """A commit of this process's projector (positions only move forward)."""
+        """A commit of this process's projector: it moves forward from what it said before,
+        and is believed over a read (a leading projector knows best)."""
         known = self._known.get(name)
-        if known is None or position >= known[0]:
+        if known is None or not known[2] or position >= known[0]:
             self._learn(name, position, announced=True)
 
     def restart(self, name: str, position: int) -> None:
-        """This process's projector took ``name`` over at ``position`` (0 after a rebuild)."""
+        """This process's projector starts ``name`` at ``position`` (0 for a rebuild)."""
+        self._restarts[name] = self._restarts.get(name, 0) + 1
         self._learn(name, position, announced=True)
 
     def _learn(self, name: str, position: int, *, announced: bool) -> None:
@@ -129,16 +132,21 @@ class PositionWatch:
             self._changed = asyncio.Event()
 
     def _trusted(self, name: str) -> tuple[int, bool] | None:
+        """What is known of ``name`` and whether it was announced, while still fresh."""
         known = self._known.get(name)
         if known is None or self._clock() - known[1] >= self._fresh:
             return None
         return known[0], known[2]
 
     async def current(self, name: str) -> int:
+        restarts = self._restarts.get(name, 0)
         position = await self._read_position(name)
         trusted = self._trusted(name)
-        if trusted is not None and trusted[1] and trusted[0] > position:
-            return trusted[0]  # announced here after the read began
+        if self._restarts.get(name, 0) != restarts:
+            # Started again while the row was read: the read may be of the old tables.
+            return trusted[0] if trusted is not None else 0
+        if trusted is not None and trusted[0] > position:
+            return trusted[0]  # learned since the read began; positions do not go back
         self._learn(name, position, announced=False)
         return position
 
@@ -150,7 +158,11 @@ class PositionWatch:
         deadline = time.monotonic() + timeout
         pause = 0.005
         while True:
-            current = await self.current(name)
+            trusted = self._trusted(name)
+            if trusted is not None and trusted[1]:
+                current = trusted[0]  # this process's projector tells each commit
+            else:
+                current = await self.current(name)
             remaining = deadline - time.monotonic()
             if current >= position or remaining <= 0:
                 return current

@@ -90,9 +90,10 @@ async def projecting(
     projection: Projection | None = None,
     lease: Lease | None = None,
     settings: ProjectionSettings | None = None,
+    watch: PositionWatch | None = None,
 ) -> AsyncIterator[tuple[ProjectionRunner, PositionWatch]]:
     """A runner following ``feed`` into ``db`` in a task; stopped on the way out."""
-    watch = watch_of(db)
+    watch = watch or watch_of(db)
     runner = ProjectionRunner(
         projection or ReadingsProjection(),
         feed,

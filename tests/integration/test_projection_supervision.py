@@ -34,6 +34,7 @@ from tests.integration.support_projection import (
     projecting,
     request,
     secondary_indexes,
+    watch_of,
     write_history,
 )
 from tests.integration.support_waiting import eventually
@@ -294,10 +295,23 @@ async def test_a_new_schema_version_rebuilds_the_tables_from_position_zero(
             # A change no event explains: only a rebuild from scratch undoes it.
             stale = [{"id": before[0]["id"]}]
             await db.write([("UPDATE readings SET label = 'stale' WHERE id = :id", stale)])
+            # A query here saw the old tables at ``end`` a moment ago.
+            watch = watch_of(db)
+            assert await watch.wait_for(NAME, end, timeout=5) == end
             async with (
                 log_feed(store) as feed,
-                projecting(feed, db, projection=ReshapedReadings(), settings=QUICK) as (runner, _),
+                projecting(
+                    feed, db, projection=ReshapedReadings(), settings=QUICK, watch=watch
+                ) as (runner, _),
             ):
+
+                async def rebuilt() -> bool:
+                    # Never more than the new tables hold, at any moment of the rebuild.
+                    said = await watch.wait_for(NAME, end, timeout=0)
+                    assert said <= await projection_position(db, NAME)
+                    return said == end and runner.caught_up.is_set()
+
+                await eventually(rebuilt, within=30, what="the rebuild caught up")
                 await reached(runner, end)
                 after = normalised(await db.fetch_all(ALL_ROWS, {}))
             assert await schema_version(db, NAME) == ReadingsProjection.version + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from almanac.readmodels import PositionWatch
 
 
@@ -62,3 +64,21 @@ async def test_a_projection_taken_over_here_is_where_its_projector_says() -> Non
     assert await watch.wait_for("readings", 50, timeout=0) == 0
     watch.announce("readings", 60)
     assert await watch.wait_for("readings", 50, timeout=0) == 60
+
+
+async def test_a_read_under_way_when_the_projection_starts_again_is_not_believed() -> None:
+    tracking = Tracking(100)
+    gate = asyncio.Event()
+
+    async def slow_read(name: str) -> int:
+        position = tracking.position  # the old tables' row, read before the rebuild
+        await gate.wait()
+        return position
+
+    watch = PositionWatch(slow_read, fresh=1.0, clock=tracking.clock)
+    reading = asyncio.ensure_future(watch.current("readings"))
+    await asyncio.sleep(0)
+    watch.restart("readings", 0)  # this process's projector rebuilds it meanwhile
+    gate.set()
+    assert await reading == 0
+    assert await watch.wait_for("readings", 100, timeout=0) == 0

@@ -218,6 +218,18 @@ async def test_a_stale_cache_starts_one_background_refresh_and_reads_do_not_wait
     assert router.stats()[1].position == 90
 
 
+async def test_a_read_naming_a_min_position_waits_for_fresh_positions_when_they_are_old() -> None:
+    primary, replica = FakeSource("primary", 100), FakeSource("replica", 100)
+    clock = Clock()
+    router = make_router(primary, replica, clock=clock, refresh_interval=0.1)
+    await router.refresh()
+    # Rebuilt in place meanwhile: the primary's copy is back at 105, the replica's at 40.
+    primary.position, replica.position = 105, 40
+    clock.advance(0.1)
+    assert await served_by(router, min_position=100) == "primary"
+    assert router.stats()[1].position == 40
+
+
 async def test_concurrent_first_reads_share_one_refresh() -> None:
     primary, replica = FakeSource("primary", 100), FakeSource("replica", 100)
     router = make_router(primary, replica)

@@ -3,7 +3,9 @@
 How fresh a source is comes from its own ``projection_positions`` row: the table replicates
 with the read model, so a standby's row says how far its copy has got. Positions are cached
 and refreshed in the background at most every ``refresh_interval``, so routing adds no query
-to a request. A standby that errors or does not answer within ``timeout`` is set aside for a
+to a request -- except a read that names a ``min_position`` while the cached positions are
+older than that: it waits for the refresh (a projection rebuilt in place starts again from
+0, so an old position may overstate what a copy holds). A standby that errors or does not answer within ``timeout`` is set aside for a
 backoff that doubles with each failure, then tried again; a read that fails on a standby is
 answered by the primary instead, so losing a standby costs latency, never an error.
 """
@@ -183,7 +185,12 @@ class ReadRouter:
         if not self._filled:
             await self.refresh()  # the very first reads wait for the first positions
         elif self._clock() - self._refreshed_at >= self._interval:
-            self._start_refresh()
+            if min_position:
+                # Read-your-writes is not routed on old positions: a projection rebuilt in
+                # place starts again from 0, and a replica's old position would overstate it.
+                await self.refresh()
+            else:
+                self._start_refresh()
         wanted = min_position or 0
         eligible = self._eligible(wanted)
         if not eligible and self._worth_refreshing_for(wanted):
