@@ -5,9 +5,10 @@ with the read model, so a standby's row says how far its copy has got. Positions
 and refreshed in the background at most every ``refresh_interval``, so routing adds no query
 to a request -- except a read that names a ``min_position`` while the cached positions are
 older than that: it waits for the refresh (a projection rebuilt in place starts again from
-0, so an old position may overstate what a copy holds). A standby that errors or does not answer within ``timeout`` is set aside for a
-backoff that doubles with each failure, then tried again; a read that fails on a standby is
-answered by the primary instead, so losing a standby costs latency, never an error.
+0, so an old position may overstate what a copy holds). A standby that errors or does not
+answer within ``timeout`` is set aside for a backoff that doubles with each failure, then
+tried again; a read that fails on a standby is answered by the primary instead, so losing a
+standby costs latency, never an error.
 """
 
 from __future__ import annotations
