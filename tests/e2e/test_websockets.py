@@ -210,6 +210,16 @@ async def test_an_idle_connection_gets_heartbeats(settings: Settings) -> None:
     assert heartbeat["position"] >= position
 
 
+def slow_reader(server: LiveServer) -> Any:
+    """Alice's client on ``/ws?topics=*`` that takes in one frame at a time, through a 4 kB
+    receive buffer, and only when the test reads: the server's buffers fill quickly."""
+    host, port = server.ws_url.removeprefix("ws://").split(":")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect((host, int(port)))
+    return server.connect("/ws?topics=*", server.alice, sock=raw, max_queue=1)
+
+
 async def test_a_client_that_stops_reading_gets_what_was_sent_in_order_then_4429(
     settings: Settings,
 ) -> None:
@@ -222,12 +232,8 @@ async def test_a_client_that_stops_reading_gets_what_was_sent_in_order_then_4429
     )
     async with live_server(small) as server:
         hub = hub_of(server.container)
-        host, port = server.ws_url.removeprefix("ws://").split(":")
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect((host, int(port)))
         published: list[int] = []
-        async with server.connect("/ws?topics=*", server.alice, sock=raw, max_queue=1) as client:
+        async with slow_reader(server) as client:
             welcome = await next_frame(client)
             padding = "x" * 60_000
             for n in range(1, 2001):  # bounded: the server gives up on this client long before
@@ -251,12 +257,8 @@ async def test_frames_that_waited_for_a_slow_client_and_those_after_arrive_in_or
     # The client stops reading until frames wait in its queue on the server, then reads
     # again while more events come: those must go out behind the waiting ones, not past them.
     hub = hub_of(server.container)
-    host, port = server.ws_url.removeprefix("ws://").split(":")
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.connect((host, int(port)))
     published: list[int] = []
-    async with server.connect("/ws?topics=*", server.alice, sock=raw, max_queue=1) as client:
+    async with slow_reader(server) as client:
         welcome = await next_frame(client)
         [listener] = hub._by_owner["alice"]
         padding = "x" * 8_000
