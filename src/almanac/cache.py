@@ -84,6 +84,29 @@ def _decode_reading(data: bytes) -> CachedReading | None:
         return None
 
 
+class _ViewPosition(msgspec.Struct):
+    position: int
+
+
+class _Positioned(msgspec.Struct):
+    """What a cached value says of its position: a chart's own, or its reading's."""
+
+    position: int | None = None
+    view: _ViewPosition | None = None
+
+
+_positioned = msgspec.json.Decoder(_Positioned)
+
+
+def position_of(data: bytes) -> int | None:
+    """The read-model position a cached value reflects; None if it does not say."""
+    try:
+        found = _positioned.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return found.view.position if found.view is not None else found.position
+
+
 def decode_chart(data: bytes | None) -> ChartView | None:
     if data is None:
         return None
@@ -340,12 +363,22 @@ class TwoLevelCache:
     async def refresh(self, items: Mapping[str, bytes]) -> bool:
         if not items:
             return True
+        # Not where this process's L1 already holds a later state: a refresher reads its rows,
+        # then writes them, and a read of a later commit may have filled the key in between.
+        items = {k: v for k, v in items.items() if not self._later_in_l1(k, v)}
         # This process's L1 takes the new values at once; fills already under way are stale.
         self._forget(items)
         for key, value in items.items():
             self._l1.put(key, value)
         self._sent += len(items)
         return await self._store(items, publish=True)
+
+    def _later_in_l1(self, key: str, value: bytes) -> bool:
+        held = self._l1.get(key)
+        if held is None:
+            return False
+        held_at, value_at = position_of(held), position_of(value)
+        return held_at is not None and value_at is not None and held_at > value_at
 
     def mark(self) -> int:
         return self._seq

@@ -563,3 +563,21 @@ async def test_the_refresher_retries_when_the_cache_could_not_store() -> None:
     cache.refreshes = True
     await refresher([recorded("api_key.issued")])
     assert set(cache.refreshed[-1]) == {reading_key(missed)}
+
+
+async def test_a_refresh_does_not_put_back_an_earlier_state_than_a_fill_just_cached(
+    clock: FakeClock,
+) -> None:
+    # The refresher read the row at position 7, a commit moved it to 9, a query read and
+    # cached that, and then the refresher's write of position 7 arrives.
+    cache = l1_only(clock)
+    earlier = a_cached_reading()
+    later = msgspec.structs.replace(
+        earlier, view=msgspec.structs.replace(earlier.view, status="generated", position=9)
+    )
+    key = reading_key(earlier.view.id)
+    await cache.fill(key, encode_entry(later), mark=cache.mark())
+    assert await cache.refresh({key: encode_entry(earlier)})
+    assert decode_reading(await cache.get(key)) == later
+    assert await cache.refresh({key: encode_entry(later)})  # the same state again: fine
+    assert decode_reading(await cache.get(key)) == later
