@@ -52,7 +52,8 @@ from benchmarks.websocket import (
     _delete_stream,
     _free_port,
     _server_env,
-    _wait_ready,
+    _start,
+    _stop,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -166,21 +167,6 @@ def rss_mb(pid: int) -> float:
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(c) for c in (task / "children").read_text().split()]
     return total / 1024
-
-
-def _start(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    asyncio.run(_wait_ready(f"http://127.0.0.1:{port}", server))
-    return server
-
-
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(timeout=10)
 
 
 async def _generated_reading(base: str, key: str) -> bytes:

@@ -120,6 +120,22 @@ async def _wait_ready(base: str, server: subprocess.Popen[bytes]) -> None:
     raise AssertionError("the server did not become ready within 30 s")
 
 
+def _start(argv: list[str], env: dict[str, str] | None, port: int) -> subprocess.Popen[bytes]:
+    """A server process, once it answers ``/health/ready`` on ``port``."""
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    asyncio.run(_wait_ready(f"http://127.0.0.1:{port}", server))
+    return server
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+
+
 def _percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     n = len(ordered)
@@ -378,16 +394,10 @@ def _server(profile: str) -> Iterator[tuple[str, str, str, int]]:
 
     def serve(roles: str) -> tuple[subprocess.Popen[bytes], str]:
         port = _free_port()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "almanac", "serve", "--roles", roles, "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        argv = [sys.executable, "-m", "almanac", "serve", "--roles", roles, "--port", str(port)]
+        process = _start(argv, env, port)
         started.append(process)
-        base = f"http://127.0.0.1:{port}"
-        asyncio.run(_wait_ready(base, process))
-        return process, base
+        return process, f"http://127.0.0.1:{port}"
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -550,18 +560,11 @@ async def _broadcast(
 def _bare_server() -> Iterator[tuple[str, int]]:
     """The bare app (benchmarks/bare_app.py) in a process of its own: (HTTP base, pid)."""
     port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bare_app", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    process = _start([sys.executable, "-m", "benchmarks.bare_app", "--port", str(port)], None, port)
     try:
-        asyncio.run(_wait_ready(base, process))
-        yield base, process.pid
+        yield f"http://127.0.0.1:{port}", process.pid
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        _stop(process)
 
 
 def _bare_frame(size: int) -> bytes:

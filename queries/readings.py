@@ -13,7 +13,7 @@ import msgspec
 
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
-from almanac.cache import ReadCache, decode_reading, encode_entry, reading_key
+from almanac.cache import ReadCache, decode_reading, encode_entry, position_of, reading_key
 from almanac.errors import FieldError, NotFound, NotYetVisible, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.views import SELECT_READINGS, ReadingView, reading_from_row
@@ -87,8 +87,8 @@ async def wait_for_position(
 
 
 def _older_than(held: bytes, position: int) -> bool:
-    reading = decode_reading(held)
-    return reading is None or reading.view.position < position
+    held_at = position_of(held)
+    return held_at is None or held_at < position
 
 
 async def get_reading(

@@ -139,6 +139,10 @@ class Topic:
 # -- listeners and the hub ----------------------------------------------------------------
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass(eq=False)
 class Listener:
     """One connection's subscriptions and its bounded queue of frames to send."""
@@ -153,12 +157,12 @@ class Listener:
     # When the connection was last sent a frame (time.monotonic()); heartbeats follow quiet.
     last_sent: float = field(default_factory=time.monotonic)
     # Ends the connection's session (it is then closed with the reason the session finds).
-    interrupt: Callable[[], None] = lambda: None
+    interrupt: Callable[[], None] = _nothing
     # Whether frames must wait in the queue, in order: a task is sending them, or the
     # session has not yet begun to (its welcome frame goes first).
     sending: bool = True
     # Starts a task that sends what is queued (when none is ``sending``).
-    wake: Callable[[], None] = lambda: None
+    wake: Callable[[], None] = _nothing
     # Writes an encoded frame at once, past the queue (the server's ``DIRECT_SEND``), when
     # nothing waits in it; None where the server offers no such path.
     direct: DirectSend | None = None
@@ -181,18 +185,26 @@ class Listener:
                 return self.may_see(event)
         return False
 
+    def already_sent(self, event: LiveEvent) -> bool:
+        return positioned(event) and event.position <= self.sent_through
+
+    def sent(self, event: LiveEvent) -> None:
+        """``event``'s frame went out: the connection is not quiet, and is past its position."""
+        self.last_sent = time.monotonic()
+        if positioned(event):
+            self.sent_through = event.position
+
     def offer(self, event: LiveEvent, wire: bytes | None = None) -> None:
         """Queue ``event`` for the sending task or, given its encoded frame ``wire`` while
-        that task is idle, write it now; a full queue ends the connection (slow consumer)."""
+        nothing waits in the queue, write it now; a full queue ends the connection (slow
+        consumer)."""
         if self.overflowed:
             return
         if wire is not None and self.direct is not None and not self.sending:
-            if positioned(event) and event.position <= self.sent_through:
+            if self.already_sent(event):
                 return
             if self.direct(wire):
-                self.last_sent = time.monotonic()
-                if positioned(event):
-                    self.sent_through = event.position
+                self.sent(event)
                 return
         if self.queue.qsize() >= self.queue_size:
             self.overflowed = True
@@ -635,12 +647,10 @@ class Session:
         queue = listener.queue
         while queue.qsize():
             event = queue.get_nowait()
-            if positioned(event) and event.position <= listener.sent_through:
+            if listener.already_sent(event):
                 continue
             await self.socket.send_text(event.frame)
-            listener.last_sent = time.monotonic()
-            if positioned(event):
-                listener.sent_through = event.position
+            listener.sent(event)
         listener.sending = False
 
     async def _report(self, listener: Listener, progress: Progress) -> None:
@@ -683,8 +693,7 @@ class Session:
             raise Closed(CLOSE_TOO_OLD, "position too old")
         async for event in self.hub.missed(listener, after, until):
             await self.socket.send_text(event.frame)
-            listener.sent_through = event.position
-            listener.last_sent = time.monotonic()
+            listener.sent(event)
         listener.sent_through = max(listener.sent_through, until)
 
     async def _receive(self, listener: Listener) -> None:
@@ -734,7 +743,3 @@ class Session:
 
 
 _background: set[asyncio.Task[Any]] = set()
-
-
-def _nothing() -> None:
-    pass
