@@ -61,7 +61,7 @@ class ReplicaReadDatabase(PostgresReadDatabase):
             open=False,
             configure=_configure,
             # libpq rounds connect timeouts below 2 s up to 2 s.
-            kwargs={"row_factory": dict_row, "connect_timeout": 2},
+            kwargs={"row_factory": dict_row, "connect_timeout": 2, "autocommit": True},
             timeout=timeout,
             # Give up reconnecting soon: the router decides when to try a lost standby again,
             # and a fresh attempt then connects at once instead of after a long pool backoff.
