@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import ClassVar
 
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import (
     FORGET_POSITION,
     POSITIONS_SCHEMA,
     SAVE_POSITION,
+    Dialect,
     PositionWatch,
     ReadDatabase,
     Write,
@@ -21,7 +23,7 @@ from almanac.readmodels import (
 )
 from almanac.settings import Settings
 from projections.readings import ReadingsProjection
-from projections.runner import ProjectionRunner, coalesce
+from projections.runner import QUIET_SAVE_INTERVAL, ProjectionRunner, coalesce
 from streams.logfeed import LogFeed
 from tests.integration.support_containers import running, settled
 from tests.integration.support_databases import fresh_read_database
@@ -280,3 +282,74 @@ async def test_wait_for_times_out_with_the_current_position(
         assert await watch.wait_for(NAME, 10, timeout=0.3) == 3
         assert time.monotonic() - started >= 0.3
         assert await watch.wait_for("never-ran", 1, timeout=0.05) == 0
+
+
+class Indifferent:
+    """A projection that ignores every event: all its batches write nothing."""
+
+    name = "indifferent"
+    schema: ClassVar[Mapping[Dialect, Sequence[str]]] = {"sqlite": (), "postgres": ()}
+
+    def handle(self, event: RecordedEvent) -> list[Write]:
+        return []
+
+
+async def test_a_batch_that_writes_nothing_saves_its_position_with_a_later_save(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+        async with fresh_read_database(settings, tmp_path) as db:
+            watch = watch_of(db)
+            feed = LogFeed(store, poll_interval=0.05)
+            runner = ProjectionRunner(Indifferent(), feed, db, watch, batch_size=5)
+            await runner.prepare()
+            await runner._commit(events[:5])
+            assert await projection_position(db, "indifferent") == events[4].position
+            # At once after a save: nothing changed in the read model, so no transaction.
+            await runner._commit(events[5:9])
+            assert await projection_position(db, "indifferent") == events[4].position
+            # This process may rely on it all the same: the read model is as of there.
+            assert await watch.wait_for("indifferent", events[8].position, timeout=0) == (
+                events[8].position
+            )
+            assert runner._idle_timeout() <= QUIET_SAVE_INTERVAL
+            await runner._apply([])  # the log went quiet meanwhile
+            assert await projection_position(db, "indifferent") == events[8].position
+    finally:
+        store.close()
+
+
+async def test_a_projection_that_writes_nothing_has_its_position_saved_when_the_log_is_quiet(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = EventStore(settings)
+    try:
+        async with (
+            fresh_read_database(settings, tmp_path) as db,
+            log_feed(store) as feed,
+        ):
+            runner = ProjectionRunner(Indifferent(), feed, db, watch_of(db), batch_size=5)
+            await runner.prepare()
+            task = asyncio.create_task(runner.run())
+            try:
+                for _ in range(2):
+                    await write_history(store)
+                end = await store.max_position()
+
+                async def saved() -> bool:
+                    return await projection_position(db, "indifferent") == end
+
+                await eventually(saved, what="the quiet position saved")
+                await write_history(store)
+                end = await store.max_position()
+                await runner.watch.wait_for("indifferent", end, timeout=20)
+            finally:
+                runner.stop()
+                await asyncio.wait_for(task, timeout=10)
+            # A runner that stops leaves its position saved.
+            assert await projection_position(db, "indifferent") == end
+    finally:
+        store.close()
