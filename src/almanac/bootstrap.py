@@ -85,7 +85,12 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         manager_lease = FileLease(locks / f"{settings.batch.consumer}.lock")
         endpoints_lease = FileLease(locks / "projection-webhook-endpoints.lock")
         dead_letters_lease = FileLease(locks / "projection-dead-letters.lock")
-    feed = LogFeed(store, poll_interval=settings.feed.poll_interval, listen_dsn=listen_dsn)
+    feed = LogFeed(
+        store,
+        poll_interval=settings.feed.poll_interval,
+        listen_dsn=listen_dsn,
+        read_size=settings.feed.batch_size,
+    )
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
         settings.cache, redis, prefix=overrides.get("cache_prefix", "")

@@ -22,7 +22,9 @@ class Follower(Protocol):
     def prepared(self, events: list[RecordedEvent]) -> object | None:
         """What the follower's ``prepare`` made of ``events``, the batch it returned last,
         handed out once (a consumer trying the batch again works it out anew); None if
-        there is nothing for these events."""
+        there is nothing for these events. A follower may prepare only some batches (the
+        log feed prepares those it reads for one follower, not the few newest events it
+        shares among all of them): the consumer works out the others itself."""
         ...
 
     def close(self) -> None: ...
