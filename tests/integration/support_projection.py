@@ -20,11 +20,12 @@ from almanac.readmodels import (
     Write,
     projection_position,
 )
-from almanac.settings import ProjectionSettings
+from almanac.settings import ProjectionSettings, Settings
 from projections.readings import ReadingsProjection
 from projections.runner import Projection, ProjectionRunner
 from streams.logfeed import LogFeed
 from tests.factories import birth, meta
+from tests.integration.support_eventlog import whole_log
 
 NAME = ReadingsProjection.name
 CHART = calculate_chart(birth())
@@ -75,6 +76,19 @@ async def write_history(store: EventStore) -> None:
             reading.fail(f"reason {i}", caused)
         if reading.pending_events:
             await store.append(reading)
+
+
+@asynccontextmanager
+async def store_with_history(
+    settings: Settings,
+) -> AsyncIterator[tuple[EventStore, list[RecordedEvent]]]:
+    """An event store holding ``write_history``, and its whole log."""
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        yield store, await whole_log(store)
+    finally:
+        store.close()
 
 
 def normalised(rows: Sequence[Row]) -> list[dict[str, object]]:

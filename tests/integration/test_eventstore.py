@@ -115,3 +115,43 @@ def test_stores_opened_at_once_on_one_database_all_open(settings: Settings) -> N
     for opened in stores:
         assert opened.max_position_sync() == 0
         opened.close()
+
+
+def test_a_reader_following_the_log_skips_nothing_while_several_writers_append(
+    settings: Settings,
+) -> None:
+    """Positions become visible in order: a reader that asks for what follows the last
+    position it saw never steps over one committed late (the table lock's promise)."""
+    stores = [EventStore(settings) for _ in range(3)]
+    per_writer, batches = 200, 4
+    try:
+
+        def write(store: EventStore) -> None:
+            # Several small batches in flight at once, from each of three writers.
+            for _ in range(per_writer // batches):
+                futures = [store.writer.submit([new_reading()]) for _ in range(batches)]
+                for future in futures:
+                    future.result(timeout=30)
+
+        reader = stores[0]
+        seen: list[int] = []
+
+        def read_on() -> int:
+            events = reader.read_sync(seen[-1] if seen else 0, 50)
+            seen.extend(e.position for e in events)
+            return len(events)
+
+        with ThreadPoolExecutor(max_workers=len(stores)) as pool:
+            writing = [pool.submit(write, store) for store in stores]
+            while not all(w.done() for w in writing):
+                read_on()
+            for w in writing:
+                w.result()
+        while read_on():
+            pass
+        logged = [e.position for e in reader.read_sync(0, 10_000)]
+    finally:
+        for store in stores:
+            store.close()
+    assert len(logged) == len(stores) * per_writer
+    assert seen == logged

@@ -37,6 +37,7 @@ from tests.integration.support_projection import (
     project_everything,
     request,
     secondary_indexes,
+    store_with_history,
     watch_of,
     write_history,
 )
@@ -118,23 +119,20 @@ async def test_a_runner_restarted_from_zero_on_a_full_read_model_changes_no_row(
 async def test_the_position_after_a_batch_is_its_last_event(
     settings: Settings, tmp_path: Path
 ) -> None:
-    store = EventStore(settings)
-    try:
-        await write_history(store)
-        events = await whole_log(store)
-        async with fresh_read_database(settings, tmp_path) as db:
-            projection = ReadingsProjection()
-            runner = ProjectionRunner(
-                projection, LogFeed(store, poll_interval=0.05), db, watch_of(db), batch_size=5
-            )
-            await runner.prepare()
-            for batch in (events[:5], events[5:9], events[9:]):
-                # One batch at a time, without the run loop, to look between batches.
-                await runner._commit(batch)
-                assert await projection_position(db, NAME) == batch[-1].position
-                assert runner.position == batch[-1].position
-    finally:
-        store.close()
+    async with (
+        store_with_history(settings) as (store, events),
+        fresh_read_database(settings, tmp_path) as db,
+    ):
+        projection = ReadingsProjection()
+        runner = ProjectionRunner(
+            projection, LogFeed(store, poll_interval=0.05), db, watch_of(db), batch_size=5
+        )
+        await runner.prepare()
+        for batch in (events[:5], events[5:9], events[9:]):
+            # One batch at a time, without the run loop, to look between batches.
+            await runner._commit(batch)
+            assert await projection_position(db, NAME) == batch[-1].position
+            assert runner.position == batch[-1].position
 
 
 READINGS_INDEXES = {"readings_owner_order", "readings_order"}
@@ -297,29 +295,26 @@ class Indifferent:
 async def test_a_batch_that_writes_nothing_saves_its_position_with_a_later_save(
     settings: Settings, tmp_path: Path
 ) -> None:
-    store = EventStore(settings)
-    try:
-        await write_history(store)
-        events = await whole_log(store)
-        async with fresh_read_database(settings, tmp_path) as db:
-            watch = watch_of(db)
-            feed = LogFeed(store, poll_interval=0.05)
-            runner = ProjectionRunner(Indifferent(), feed, db, watch, batch_size=5)
-            await runner.prepare()
-            await runner._commit(events[:5])
-            assert await projection_position(db, "indifferent") == events[4].position
-            # At once after a save: nothing changed in the read model, so no transaction.
-            await runner._commit(events[5:9])
-            assert await projection_position(db, "indifferent") == events[4].position
-            # This process may rely on it all the same: the read model is as of there.
-            assert await watch.wait_for("indifferent", events[8].position, timeout=0) == (
-                events[8].position
-            )
-            assert runner._idle_timeout() <= QUIET_SAVE_INTERVAL
-            await runner._apply([])  # the log went quiet meanwhile
-            assert await projection_position(db, "indifferent") == events[8].position
-    finally:
-        store.close()
+    async with (
+        store_with_history(settings) as (store, events),
+        fresh_read_database(settings, tmp_path) as db,
+    ):
+        watch = watch_of(db)
+        feed = LogFeed(store, poll_interval=0.05)
+        runner = ProjectionRunner(Indifferent(), feed, db, watch, batch_size=5)
+        await runner.prepare()
+        await runner._commit(events[:5])
+        assert await projection_position(db, "indifferent") == events[4].position
+        # At once after a save: nothing changed in the read model, so no transaction.
+        await runner._commit(events[5:9])
+        assert await projection_position(db, "indifferent") == events[4].position
+        # This process may rely on it all the same: the read model is as of there.
+        assert await watch.wait_for("indifferent", events[8].position, timeout=0) == (
+            events[8].position
+        )
+        assert runner._idle_timeout() <= QUIET_SAVE_INTERVAL
+        await runner._apply([])  # the log went quiet meanwhile
+        assert await projection_position(db, "indifferent") == events[8].position
 
 
 async def test_a_projection_that_writes_nothing_has_its_position_saved_when_the_log_is_quiet(
