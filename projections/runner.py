@@ -282,6 +282,8 @@ class ProjectionRunner(Stoppable):
         elif await schema_version(self.db, name) is None:
             await self._record_version()
         self.position = await projection_position(self.db, name)
+        # A quiet position of an earlier lead that could not be saved is not this lead's.
+        self._unsaved, self._saved_at = None, 0.0
         # Where it really is: after a rebuild, back at 0 (queries wait for the new tables).
         self.watch.restart(name, self.position)
         self._rebuilding = self.position == 0

@@ -317,6 +317,28 @@ async def test_a_batch_that_writes_nothing_saves_its_position_with_a_later_save(
         assert await projection_position(db, "indifferent") == events[8].position
 
 
+async def test_a_quiet_position_left_unsaved_by_a_lead_is_not_saved_by_the_next(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The next lead starts from the tracked position (and may rebuild from 0): saving the
+    position an earlier lead reached would skip what lies between."""
+    async with (
+        store_with_history(settings) as (store, events),
+        fresh_read_database(settings, tmp_path) as db,
+    ):
+        runner = ProjectionRunner(
+            Indifferent(), LogFeed(store, poll_interval=0.05), db, watch_of(db), batch_size=5
+        )
+        await runner.prepare()
+        await runner._commit(events[:5])
+        await runner._commit(events[5:9])  # quiet, unsaved: say the database went away
+        await runner._take_over()  # here a rebuild: no schema version was recorded
+        started = runner.position
+        assert started < events[8].position
+        await runner._apply([])
+        assert await projection_position(db, "indifferent") == started
+
+
 async def test_a_projection_that_writes_nothing_has_its_position_saved_when_the_log_is_quiet(
     settings: Settings, tmp_path: Path
 ) -> None:
