@@ -54,6 +54,14 @@ class Tail:
     def begin(self, head: int) -> None:
         self.start = self.end = head
 
+    def forget(self) -> None:
+        """Hold nothing: no reader keeps the tail up to date (the next one begins at the
+        head; a follower meanwhile reads the log itself)."""
+        self.start = self.end = None
+        self._events.clear()
+        self._positions.clear()
+        self._wake()
+
     def covers(self, after: int) -> bool:
         return not self.failed and self.start is not None and self.start <= after
 
@@ -172,7 +180,7 @@ class LogFollower:
 
     def close(self) -> None:
         self._drop_ahead()
-        self._feed.followers.discard(self)
+        self._feed.unfollow(self)
 
 
 _Read = tuple[list[RecordedEvent], object | None]
@@ -196,6 +204,7 @@ class LogFeed:
         self._tail_wake = asyncio.Event()
         self._tail_reader: asyncio.Task[None] | None = None
         self._listen_dsn = listen_dsn
+        self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.Task[None] | None = None
         store.on_commit(self._committed)
@@ -207,6 +216,7 @@ class LogFeed:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._stopped = False
         self._listen_if_followed()
         self._read_tail_if_followed()
 
@@ -217,16 +227,31 @@ class LogFeed:
         self._read_tail_if_followed()
         return follower
 
+    def unfollow(self, follower: LogFollower) -> None:
+        self.followers.discard(follower)
+        if not self.followers:
+            self._tail_wake.set()  # the tail's reader ends, and lets the tail go
+
     def _read_tail_if_followed(self) -> None:
         reader = self._tail_reader
+        if self._stopped:
+            return
         if self.followers and self._loop and (reader is None or reader.done()):
             self._tail_reader = self._loop.create_task(self._read_tail(), name="almanac-feed-tail")
 
     async def _read_tail(self) -> None:
         """Read the log's newest events into the tail, on every wake-up, while anything here
-        follows the feed."""
+        follows the feed. Once it stops, the tail is let go: a follower that comes later (a
+        projection taken over again hours on) would otherwise wait while a new reader went
+        through everything committed meanwhile, batch by batch."""
+        try:
+            await self._keep_tail()
+        finally:
+            self.tail.forget()
+
+    async def _keep_tail(self) -> None:
         tail = self.tail
-        while self.followers:
+        while self.followers and not self._stopped:
             self._tail_wake.clear()
             try:
                 if tail.end is None:
@@ -251,10 +276,13 @@ class LogFeed:
         """LISTEN from the first follower on: a process that follows nothing here (an API
         process of the services profile, whose live events come through NATS) holds no
         connection for it and is not woken by every commit of every other process."""
+        if self._stopped:
+            return
         if self._listen_dsn and self._listener is None and self.followers and self._loop:
             self._listener = self._loop.create_task(self._listen(), name="almanac-feed-listen")
 
     async def stop(self) -> None:
+        self._stopped = True
         for task in (self._listener, self._tail_reader):
             if task is not None:
                 task.cancel()

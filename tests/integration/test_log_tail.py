@@ -98,7 +98,11 @@ async def test_a_follower_behind_the_tail_reads_the_log_itself_without_a_gap(
             await store.append(request(label=f"r{i}"))
         logged = [e.position for e in await whole_log(store) if e.position > start]
         late = feed.follow()
-        assert feed.tail.start is not None and feed.tail.start > start
+
+        async def passed_the_start() -> bool:
+            return feed.tail.start is not None and feed.tail.start > start
+
+        await eventually(passed_the_start, what="the tail moved past the late follower")
         caught_up = await collect(late, start, 20)
         assert await following == logged
         live.close()
@@ -123,3 +127,32 @@ async def test_a_log_that_cannot_be_read_fails_the_followers_reads(settings: Set
         read = await store.append(request(label="read"))
         assert await collect(follower, head, 2) == [unread, read]
         follower.close()
+
+
+async def test_a_tail_nobody_follows_is_let_go_and_the_next_follower_starts_at_the_head(
+    settings: Settings,
+) -> None:
+    async with feed_of(settings) as (store, feed):
+        first = feed.follow()
+        await tail_ready(feed)
+        head = await store.max_position()
+        following = asyncio.create_task(collect(first, head, 1))
+        seen = await store.append(request(label="seen"))
+        assert await following == [seen]
+        first.close()
+
+        async def let_go() -> bool:
+            return feed.tail.end is None
+
+        await eventually(let_go, what="the tail let go once nobody follows")
+        for i in range(5):
+            await store.append(request(label=f"unfollowed {i}"))
+        head = await store.max_position()
+        later = feed.follow()
+        await tail_ready(feed)
+        # Begun at the head, not where the last reader stopped.
+        assert feed.tail.start == head
+        following = asyncio.create_task(collect(later, head, 1))
+        new = await store.append(request(label="new"))
+        assert await following == [new]
+        later.close()
