@@ -238,6 +238,9 @@ class ProjectionRunner(Stoppable):
             while not self._stopping.is_set():
                 if not await self._still_leading():
                     log.warning("projection.lease_lost", projection=name, position=self.position)
+                    # Not saved on the way out: another process leads now, and may have
+                    # started the projection again from 0.
+                    self._unsaved = None
                     return
                 if self.state == "parked":
                     await self._wait_while_parked()
@@ -433,6 +436,8 @@ class ProjectionRunner(Stoppable):
     # -- parking ------------------------------------------------------------------------
 
     async def _park(self, event: RecordedEvent, exc: BaseException) -> None:
+        # Other processes may wait for the positions before the event: it may take a while.
+        await self._save_quiet_position()
         error = f"{type(exc).__name__}: {exc}"[:2000]
         row = {
             "name": self.projection.name,

@@ -10,6 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
+
+import projections.runner as runner_module
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import (
     FORGET_POSITION,
@@ -21,7 +24,7 @@ from almanac.readmodels import (
     Write,
     projection_position,
 )
-from almanac.settings import Settings
+from almanac.settings import ProjectionSettings, Settings
 from projections.readings import ReadingsProjection
 from projections.runner import QUIET_SAVE_INTERVAL, ProjectionRunner, coalesce
 from streams.logfeed import LogFeed
@@ -306,6 +309,7 @@ async def test_a_batch_that_writes_nothing_saves_its_position_with_a_later_save(
         await runner._commit(events[:5])
         assert await projection_position(db, "indifferent") == events[4].position
         # At once after a save: nothing changed in the read model, so no transaction.
+        runner._saved_at = time.monotonic()  # "at once", however slow this machine is
         await runner._commit(events[5:9])
         assert await projection_position(db, "indifferent") == events[4].position
         # This process may rely on it all the same: the read model is as of there.
@@ -331,12 +335,102 @@ async def test_a_quiet_position_left_unsaved_by_a_lead_is_not_saved_by_the_next(
         )
         await runner.prepare()
         await runner._commit(events[:5])
+        runner._saved_at = time.monotonic()
         await runner._commit(events[5:9])  # quiet, unsaved: say the database went away
         await runner._take_over()  # here a rebuild: no schema version was recorded
         started = runner.position
         assert started < events[8].position
         await runner._apply([])
         assert await projection_position(db, "indifferent") == started
+
+
+class LostAfter:
+    """A lease that is held for the first ``checks`` checks, then lost."""
+
+    def __init__(self, checks: int) -> None:
+        self.checks = checks
+
+    async def acquire(self) -> bool:
+        return True
+
+    async def held(self) -> bool:
+        self.checks -= 1
+        return self.checks >= 0
+
+    async def release(self) -> None:
+        return None
+
+
+async def test_a_runner_that_lost_its_lease_does_not_save_its_quiet_position(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process leads by then, and may have started the projection again from 0."""
+    monkeypatch.setattr(runner_module, "QUIET_SAVE_INTERVAL", 60.0)
+    async with (
+        store_with_history(settings) as (store, events),
+        fresh_read_database(settings, tmp_path) as db,
+        log_feed(store) as feed,
+    ):
+        runner = ProjectionRunner(
+            Indifferent(),
+            feed,
+            db,
+            watch_of(db),
+            batch_size=5,
+            lease=LostAfter(checks=3),
+            settings=ProjectionSettings(standby_interval=0.0),
+        )
+        await runner.prepare()
+        await asyncio.wait_for(runner._lead(), timeout=20)
+        # The first batch was saved; the next ones were quiet, then the lease was gone.
+        assert runner.position > events[4].position
+        assert await projection_position(db, "indifferent") == events[4].position
+
+
+class IndifferentUntil(Indifferent):
+    """Ignores every event but one, on which it fails."""
+
+    def __init__(self, poisoned: int) -> None:
+        self.poisoned = poisoned
+
+    def handle(self, event: RecordedEvent) -> list[Write]:
+        if event.position == self.poisoned:
+            raise ValueError("poisoned")
+        return []
+
+
+async def test_a_runner_parking_an_event_saves_the_quiet_position_before_it(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other processes may be waiting for the positions before it, for as long as it stays."""
+    monkeypatch.setattr(runner_module, "QUIET_SAVE_INTERVAL", 60.0)
+    async with (
+        store_with_history(settings) as (store, events),
+        fresh_read_database(settings, tmp_path) as db,
+        log_feed(store) as feed,
+    ):
+        poisoned = events[12]
+        runner = ProjectionRunner(
+            IndifferentUntil(poisoned.position),
+            feed,
+            db,
+            watch_of(db),
+            batch_size=5,
+            settings=ProjectionSettings(attempts=1),
+        )
+        await runner.prepare()
+        task = asyncio.create_task(runner.run())
+        try:
+
+            async def parked() -> bool:
+                return runner.state == "parked"
+
+            await eventually(parked, what="the poisoned event parked")
+            saved = await projection_position(db, "indifferent")
+        finally:
+            runner.stop()
+            await asyncio.wait_for(task, timeout=10)
+    assert saved == events[11].position
 
 
 async def test_a_projection_that_writes_nothing_has_its_position_saved_when_the_log_is_quiet(
