@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import queue
 import threading
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -29,6 +30,7 @@ import structlog
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
+    IntegrityError,
     InterfaceError,
     InternalError,
     Mapper,
@@ -184,24 +186,29 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
             [e.topic for e in stored_events],
             [e.state for e in stored_events],
         )
+        sent = False
+
+        def retryable(exc: Exception) -> bool:
+            """Whether the batch surely did not land: it was never sent (no connection to
+            be had: the server restarting, say), or the server answered with an error (a
+            lock timeout, a shutdown), so the statement's transaction did not commit. A
+            connection lost without an answer may have committed it, and a second insert
+            would report the batch's own events as a version conflict: that failure goes
+            to the callers."""
+            if not isinstance(exc, (OperationalError, InterfaceError)):
+                return False
+            cause = exc.__cause__
+            return not sent or (isinstance(cause, psycopg.Error) and cause.sqlstate is not None)
+
         for attempt in stamina.retry_context(
-            on=_rolled_back, attempts=10, wait_initial=0.1, wait_max=1.0, timeout=30.0
+            on=retryable, attempts=10, wait_initial=0.1, wait_max=1.0, timeout=30.0
         ):
+            sent = False
             with attempt, self.datastore.get_connection() as conn, conn.cursor() as curs:
+                sent = True
                 curs.execute(self._append, columns)
                 ids = [row["notification_id"] for row in curs.fetchall()]
         return ids
-
-
-def _rolled_back(exc: Exception) -> bool:
-    """Whether a failed append is safe to try again: the server answered with an error (a
-    lock timeout, a shutdown), so the statement's transaction did not commit. A connection
-    lost without an answer may have committed it, and a second insert would report the
-    batch's own events as a version conflict: that failure goes to the callers."""
-    if not isinstance(exc, (OperationalError, InterfaceError)):
-        return False
-    cause = exc.__cause__
-    return isinstance(cause, psycopg.Error) and cause.sqlstate is not None
 
 
 class AlmanacApplication(Application[UUID]):
@@ -258,10 +265,45 @@ def application_env(settings: Settings) -> dict[str, str]:
 
 
 def _schema_race(exc: Exception) -> bool:
-    """eventsourcing runs CREATE OR REPLACE FUNCTION whenever it opens a Postgres store, so of
-    processes starting together all but one may fail with "tuple concurrently updated"; the
-    function is in place by then, and a second try succeeds."""
-    return isinstance(exc, InternalError) and "concurrently updated" in str(exc)
+    """eventsourcing runs CREATE OR REPLACE FUNCTION (and CREATE TABLE IF NOT EXISTS)
+    whenever it opens a Postgres store, so of processes starting together all but one may
+    fail: with "tuple concurrently updated" where a function exists, with a duplicate key
+    in the catalog where the first of them creates it (a new database, or Almanac's own
+    function on a database from before it). The object is in place by then, and a second
+    try succeeds."""
+    message = str(exc)
+    return (isinstance(exc, InternalError) and "concurrently updated" in message) or (
+        isinstance(exc, IntegrityError) and "duplicate key value" in message
+    )
+
+
+# The event store database's advisory lock held while a process creates or checks its schema.
+_SCHEMA_LOCK = 7245002
+
+
+@contextlib.contextmanager
+def schema_lock(settings: Settings) -> Iterator[None]:
+    """Held while a store opens: eventsourcing creates its tables, types and functions
+    whenever it opens a store, and of processes opening one at once on a new database all
+    but one failed ("already exists", a duplicate key in the catalog, or on SQLite the
+    migration's tracking record). An advisory lock on Postgres, a file lock on SQLite."""
+    url = settings.store.postgres_url
+    if url is None:
+        locks = settings.store.data_dir / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with (locks / "event-store-schema.lock").open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            yield
+        return
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError:
+        # Opening the store reports the database's absence in its own words.
+        yield
+        return
+    with conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+        yield
 
 
 def open_application(env: dict[str, str]) -> AlmanacApplication:
@@ -570,15 +612,16 @@ class EventStore:
     """The write side's only door to persistence, and the log that consumers follow."""
 
     def __init__(self, settings: Settings) -> None:
-        self.app = open_application(application_env(settings))
+        with schema_lock(settings):
+            self.app = open_application(application_env(settings))
+            # Consumers that write back to this store (the worker) keep their positions here.
+            self._tracking: Any = self.app.factory.tracking_recorder()
         self._executor = ThreadPoolExecutor(
             max_workers=settings.store.pool_size, thread_name_prefix="almanac-store"
         )
         self._listeners: list[Callable[[int], None]] = []
         self.writer = GroupCommitWriter(self.app, settings.store.writer_max_batch, self._committed)
         self._is_postgres = settings.store.postgres_url is not None
-        # Consumers that write back to this store (the worker) keep their positions here.
-        self._tracking: Any = self.app.factory.tracking_recorder()
         self.writer.start()
 
     # -- writing ---------------------------------------------------------------------------

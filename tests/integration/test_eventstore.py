@@ -107,6 +107,16 @@ async def test_consumer_positions_only_move_forward(store: EventStore) -> None:
     assert await store.consumer_position("c") == 5
 
 
+def test_stores_opened_at_once_on_a_new_database_all_open(settings: Settings) -> None:
+    """As processes starting together on a new (or older) database do: all but one find
+    the tables and functions being created by another."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stores = list(pool.map(lambda _: EventStore(settings), range(4)))
+    for opened in stores:
+        assert opened.max_position_sync() == 0
+        opened.close()
+
+
 def test_stores_opened_at_once_on_one_database_all_open(settings: Settings) -> None:
     """As processes starting together do: each (re)creates the schema as it opens."""
     EventStore(settings).close()
