@@ -148,7 +148,6 @@ class Relay(Stoppable):
         super().__init__()
 
     async def run(self) -> None:
-        follower = self.feed.follow()
         waiting = False
         try:
             while not self._stopping.is_set():
@@ -161,14 +160,16 @@ class Relay(Stoppable):
                 waiting = False
                 self.leading = True
                 log.info("relay.leading", stream=self.settings.stream)
+                # Only the leader follows the log: a standby is woken by no commit.
+                follower = self.feed.follow()
                 try:
                     await self._lead(follower)
                 finally:
+                    follower.close()
                     self.leading = False
                     await self._checkpoint(force=True)
                     await self.lease.release()
         finally:
-            follower.close()
             log.info(
                 "relay.stopped",
                 stream=self.settings.stream,
