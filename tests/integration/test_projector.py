@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -26,7 +26,7 @@ from almanac.readmodels import (
 )
 from almanac.settings import ProjectionSettings, Settings
 from projections.readings import ReadingsProjection
-from projections.runner import QUIET_SAVE_INTERVAL, ProjectionRunner, coalesce
+from projections.runner import QUIET_SAVE_INTERVAL, Projection, ProjectionRunner, coalesce
 from streams.logfeed import LogFeed
 from tests.integration.support_containers import running, settled
 from tests.integration.support_databases import fresh_read_database
@@ -361,26 +361,40 @@ class LostAfter:
         return None
 
 
+@asynccontextmanager
+async def quiet_runner(
+    conf: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    projection: Callable[[list[RecordedEvent]], Projection],
+    **options: Any,
+) -> AsyncIterator[tuple[ProjectionRunner, ReadDatabase, list[RecordedEvent]]]:
+    """A runner over ``write_history`` that saves a quiet position only when it must."""
+    monkeypatch.setattr(runner_module, "QUIET_SAVE_INTERVAL", 60.0)
+    async with (
+        store_with_history(conf) as (store, events),
+        fresh_read_database(conf, tmp_path) as db,
+        log_feed(store) as feed,
+    ):
+        runner = ProjectionRunner(
+            projection(events), feed, db, watch_of(db), batch_size=5, **options
+        )
+        await runner.prepare()
+        yield runner, db, events
+
+
 async def test_a_runner_that_lost_its_lease_does_not_save_its_quiet_position(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process leads by then, and may have started the projection again from 0."""
-    monkeypatch.setattr(runner_module, "QUIET_SAVE_INTERVAL", 60.0)
-    async with (
-        store_with_history(settings) as (store, events),
-        fresh_read_database(settings, tmp_path) as db,
-        log_feed(store) as feed,
-    ):
-        runner = ProjectionRunner(
-            Indifferent(),
-            feed,
-            db,
-            watch_of(db),
-            batch_size=5,
-            lease=LostAfter(checks=3),
-            settings=ProjectionSettings(standby_interval=0.0),
-        )
-        await runner.prepare()
+    async with quiet_runner(
+        settings,
+        tmp_path,
+        monkeypatch,
+        lambda _: Indifferent(),
+        lease=LostAfter(checks=3),
+        settings=ProjectionSettings(standby_interval=0.0),
+    ) as (runner, db, events):
         await asyncio.wait_for(runner._lead(), timeout=20)
         # The first batch was saved; the next ones were quiet, then the lease was gone.
         assert runner.position > events[4].position
@@ -403,22 +417,13 @@ async def test_a_runner_parking_an_event_saves_the_quiet_position_before_it(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Other processes may be waiting for the positions before it, for as long as it stays."""
-    monkeypatch.setattr(runner_module, "QUIET_SAVE_INTERVAL", 60.0)
-    async with (
-        store_with_history(settings) as (store, events),
-        fresh_read_database(settings, tmp_path) as db,
-        log_feed(store) as feed,
-    ):
-        poisoned = events[12]
-        runner = ProjectionRunner(
-            IndifferentUntil(poisoned.position),
-            feed,
-            db,
-            watch_of(db),
-            batch_size=5,
-            settings=ProjectionSettings(attempts=1),
-        )
-        await runner.prepare()
+    async with quiet_runner(
+        settings,
+        tmp_path,
+        monkeypatch,
+        lambda events: IndifferentUntil(events[12].position),
+        settings=ProjectionSettings(attempts=1),
+    ) as (runner, db, events):
         task = asyncio.create_task(runner.run())
         try:
 
