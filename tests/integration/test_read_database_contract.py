@@ -102,3 +102,30 @@ async def test_projection_positions_only_move_forward(db: ReadDatabase) -> None:
 
 async def test_ping_answers_when_the_database_is_up(db: ReadDatabase) -> None:
     await db.ping()
+
+
+def position(at: int) -> tuple[str, list[dict[str, object]]]:
+    return (
+        SAVE_POSITION,
+        [{"name": "p", "position": at, "updated_at": "2026-01-01T00:00:00+00:00"}],
+    )
+
+
+async def test_new_rows_and_the_position_are_written_together(db: ReadDatabase) -> None:
+    """A projector's batch of new rows: on Postgres, one statement."""
+    rows = [["a", None, 1], ["b", '{"x": 2}', 2]]
+    await db.write([BulkInsert("notes", ("id", "body", "n"), rows), position(5)])
+    found = await db.fetch_all("SELECT id, n FROM notes ORDER BY id", {})
+    assert [(r["id"], r["n"]) for r in found] == [("a", 1), ("b", 2)]
+    assert await projection_position(db, "p") == 5
+
+
+async def test_new_rows_that_fail_leave_neither_rows_nor_position(db: ReadDatabase) -> None:
+    await db.write([BulkInsert("notes", ("id", "body", "n"), [["a", None, 1]]), position(5)])
+    # A new row and one already there, with no ON CONFLICT.
+    rows = [["c", None, 3], ["a", None, 4]]
+    with pytest.raises(Exception):  # noqa: B017, PT011 - each engine raises its own error
+        await db.write([BulkInsert("notes", ("id", "body", "n"), rows), position(9)])
+    found = await db.fetch_all("SELECT id FROM notes ORDER BY id", {})
+    assert [r["id"] for r in found] == ["a"]
+    assert await projection_position(db, "p") == 5
