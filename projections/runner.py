@@ -358,8 +358,7 @@ class ProjectionRunner(Stoppable):
         writes = self._writes(events) if prepared is None else cast("list[Write]", prepared)
         last = events[-1].position
         if writes or time.monotonic() - self._saved_at >= QUIET_SAVE_INTERVAL:
-            save = {"name": self.projection.name, "position": last, "updated_at": now()}
-            await self.db.write([*writes, (SAVE_POSITION, [save])])
+            await self.db.write([*writes, self._save(last)])
             self._saved(last)
         else:
             # Nothing of the read model changed: queries here may rely on the position at
@@ -373,6 +372,11 @@ class ProjectionRunner(Stoppable):
             position=last,
             events=len(events),
         )
+
+    def _save(self, position: int) -> Write:
+        """The write that records ``position`` as this projection's."""
+        row = {"name": self.projection.name, "position": position, "updated_at": now()}
+        return (SAVE_POSITION, [row])
 
     def _saved(self, position: int) -> None:
         self._saved_at = time.monotonic()
@@ -388,8 +392,7 @@ class ProjectionRunner(Stoppable):
     async def _save_quiet_position(self) -> None:
         position = self._unsaved
         if position is not None:
-            save = {"name": self.projection.name, "position": position, "updated_at": now()}
-            await self.db.write([(SAVE_POSITION, [save])])
+            await self.db.write([self._save(position)])
             self._saved(position)
 
     def _committed(self, position: int) -> None:
@@ -470,8 +473,7 @@ class ProjectionRunner(Stoppable):
         position = int(parked["position"])
         if request == "skip":
             resolve = {"name": name, "position": position, "resolution": "skipped", "at": now()}
-            saved = {"name": name, "position": position, "updated_at": now()}
-            await self.db.write([(RESOLVE, [resolve]), (SAVE_POSITION, [saved])])
+            await self.db.write([(RESOLVE, [resolve]), self._save(position)])
             self._saved(position)
             self._committed(max(self.position, position))
             log.warning("projection.event_skipped", projection=name, position=position)

@@ -25,7 +25,7 @@ import structlog
 
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import Prepare
-from almanac.timeouts import wait_event
+from almanac.timeouts import Pulse, wait_event
 
 log = structlog.get_logger("almanac.feed")
 
@@ -49,7 +49,7 @@ class Tail:
         self.failed = False
         self._events: list[RecordedEvent] = []
         self._positions: list[int] = []
-        self._grown = asyncio.Event()
+        self._grown = Pulse()
 
     def begin(self, head: int) -> None:
         self.start = self.end = head
@@ -60,7 +60,7 @@ class Tail:
         self.start = self.end = None
         self._events.clear()
         self._positions.clear()
-        self._wake()
+        self._grown.fire()
 
     def covers(self, after: int) -> bool:
         return not self.failed and self.start is not None and self.start <= after
@@ -79,19 +79,15 @@ class Tail:
         if excess > 0:
             self.start = self._positions[excess - 1]
             del self._events[:excess], self._positions[:excess]
-        self._wake()
+        self._grown.fire()
 
     def fail(self) -> None:
         self.failed = True
-        self._wake()
+        self._grown.fire()
 
     async def grown(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the tail to change."""
-        await wait_event(self._grown, seconds)
-
-    def _wake(self) -> None:
-        self._grown.set()
-        self._grown = asyncio.Event()
+        await self._grown.wait(seconds)
 
 
 class LogFollower:

@@ -7,12 +7,11 @@ Schema statements differ per dialect and are supplied by each projection.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
-from almanac.timeouts import wait_event
+from almanac.timeouts import Pulse
 
 Dialect = Literal["sqlite", "postgres"]
 Row = Mapping[str, Any]
@@ -110,7 +109,7 @@ class PositionWatch:
         # name -> (position, when it was learned, whether this process's projector said so)
         self._known: dict[str, tuple[int, float, bool]] = {}
         self._restarts: dict[str, int] = {}
-        self._changed = asyncio.Event()
+        self._changed = Pulse()
 
     def announce(self, name: str, position: int) -> None:
         """A commit of this process's projector: it moves forward from what it said before,
@@ -128,8 +127,7 @@ class PositionWatch:
         before = self._known.get(name)
         self._known[name] = (position, self._clock(), announced)
         if before is None or position > before[0]:
-            self._changed.set()
-            self._changed = asyncio.Event()
+            self._changed.fire()
 
     def _trusted(self, name: str) -> tuple[int, bool] | None:
         """What is known of ``name`` and whether it was announced, while still fresh."""
@@ -166,5 +164,5 @@ class PositionWatch:
             remaining = deadline - time.monotonic()
             if current >= position or remaining <= 0:
                 return current
-            await wait_event(self._changed, min(pause, remaining))
+            await self._changed.wait(min(pause, remaining))
             pause = min(pause * 2, 0.1)

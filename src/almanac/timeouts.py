@@ -31,6 +31,23 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+class Pulse:
+    """Wakes every task waiting on it when it fires, and none that comes after."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the next pulse; whether it came."""
+        return await wait_event(self._event, seconds)
+
+
 async def cancel_and_wait(task: asyncio.Task[Any], *, every: float = 0.2) -> None:
     """Cancel ``task`` and wait until it has ended, cancelling again while it runs on.
 

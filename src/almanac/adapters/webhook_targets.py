@@ -2,10 +2,10 @@
 
 A URL is refused unless it is ``https`` (or ``http`` when allowed) and every address its
 host resolves to is public, or inside a network the operator allowed. It is checked when
-an endpoint is registered or changed and again before every delivery, since what a name
-resolves to can change -- and the delivery's connection goes to an address of the lookup
-that was checked (``guarded_transport``), never to a second lookup's: a name that answers
-with a public address to the check and a private one to the connection (DNS rebinding)
+an endpoint is registered or changed, and again by every new connection a delivery makes,
+since what a name resolves to can change: the connection goes to an address of the lookup
+that was checked (``guarded_transport``), never to a second lookup's, so a name that
+answered with a public address at registration and a private one later (DNS rebinding)
 cannot carry a delivery inside.
 """
 
