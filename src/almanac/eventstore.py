@@ -172,10 +172,15 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
                 " END $BODY$"
             ).format(lock_timeout=datastore.lock_timeout, **names)
         )
-        self._append = SQL(
-            "SELECT notification_id FROM {schema}.{function}("
-            "%b::{id_type}[], %b::bigint[], %b::text[], %b::bytea[]) AS notification_id"
-        ).format(**names)
+        # As text, composed once: psycopg converts a composed query again on every execute.
+        self._append = (
+            SQL(
+                "SELECT notification_id FROM {schema}.{function}("
+                "%b::{id_type}[], %b::bigint[], %b::text[], %b::bytea[]) AS notification_id"
+            )
+            .format(**names)
+            .as_string(None)
+        )
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> Sequence[int]:
         if not stored_events:
