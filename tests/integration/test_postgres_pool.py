@@ -1,11 +1,14 @@
-"""The read database's pool checks a connection it lends only after the connection rested."""
+"""The Postgres pools check a connection they lend only after it rested, or when the server
+has said something on it since (ended its session)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import psycopg
 import pytest
 
-from almanac.adapters.postgres import IdleCheck, PostgresReadDatabase
+from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck, PostgresReadDatabase
 from tests.integration.support_waiting import eventually
 
 
@@ -26,26 +29,49 @@ async def _end_session(pid: int, url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("returned", "after", "checked"),
+    ("returned", "after", "due"),
     [(True, 60, False), (True, 0, True), (False, 60, True)],
     ids=["back-a-moment-ago-lent-without-a-round-trip", "rested-checked", "never-returned"],
 )
 async def test_a_lent_connection_is_checked_only_after_a_rest(
-    postgres_url: str, returned: bool, after: float, checked: bool
+    postgres_url: str, returned: bool, after: float, due: bool
 ) -> None:
     idle = IdleCheck(after=after)
-    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        await conn.execute("SELECT 1")
         if returned:
             await idle.returned(conn)
+        assert idle.due(conn) is due
         await idle.check(conn)  # alive: passes either way
+
+
+async def test_a_connection_the_server_ended_is_checked_even_straight_after_use(
+    postgres_url: str,
+) -> None:
+    """A restart or a terminated session leaves its notice on the socket: the connection
+    is checked (and the check fails) without waiting for it to rest."""
+    idle = IdleCheck(after=60)
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        await idle.returned(conn)
         await _cut(conn, postgres_url)
-        if checked:
-            with pytest.raises(psycopg.OperationalError):
-                await idle.check(conn)
-        else:
-            # Not checked, so the cut goes unnoticed here (the query that follows fails, and
-            # is repeated on a fresh connection: see the next test).
+        assert idle.due(conn)
+        with pytest.raises(psycopg.OperationalError):
             await idle.check(conn)
+
+
+def test_the_blocking_check_also_skips_the_round_trip_only_for_a_quiet_connection(
+    postgres_url: str,
+) -> None:
+    idle = BlockingIdleCheck(after=60)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        idle.returned(conn)
+        assert not idle.due(conn)
+        idle.check(conn)
+        asyncio.run(_end_session(conn.info.backend_pid, postgres_url))
+        assert idle.due(conn)
+        with pytest.raises(psycopg.OperationalError):
+            idle.check(conn)
 
 
 async def test_a_read_on_a_connection_cut_since_its_last_use_is_repeated_on_a_fresh_one(
