@@ -502,13 +502,15 @@ class ProjectionRunner(Stoppable):
         log.warning("projection.rebuilding", projection=name, old=stored, new=self.version)
         await self._enter("rebuilding", detail=f"schema {stored} -> {self.version}")
         tables = getattr(self.projection, "tables", ())
+        # Queries here wait for the new tables from now on: before the old ones go, so that
+        # this process never vouches for a position the tables do not hold.
+        self.watch.restart(name, 0)
         await self.db.write(
             [
                 *[(f"DROP TABLE IF EXISTS {table}", [{}]) for table in tables],
                 (FORGET_POSITION, [{"name": name}]),
             ]
         )
-        self.watch.restart(name, 0)  # queries here wait for the new tables from now on
         await self.db.migrate(self._schema()[0])
         await self._record_version()
 

@@ -257,7 +257,6 @@ class StoreFactory(PostgresFactory):
     def __init__(self, env: Environment) -> None:
         super().__init__(env)
         stock = self.datastore.pool  # made, not opened: nothing has connected yet
-        idle = BlockingIdleCheck()
         self.datastore.pool = ConnectionPool(
             stock.conninfo,
             connection_class=stock.connection_class,
@@ -266,8 +265,7 @@ class StoreFactory(PostgresFactory):
             max_size=stock.max_size,
             open=False,
             configure=self.datastore.after_connect_func(),
-            check=idle.check,
-            reset=idle.returned,
+            check=BlockingIdleCheck().check,
             timeout=stock.timeout,
             max_waiting=stock.max_waiting,
             max_lifetime=stock.max_lifetime,

@@ -4,6 +4,8 @@ has said something on it since (ended its session)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 
 import psycopg
 import pytest
@@ -29,20 +31,18 @@ async def _end_session(pid: int, url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("returned", "after", "due"),
+    ("lent", "after", "due"),
     [(True, 60, False), (True, 0, True), (False, 60, True)],
-    ids=["back-a-moment-ago-lent-without-a-round-trip", "rested-checked", "never-returned"],
+    ids=["lent-a-moment-ago-lent-without-a-round-trip", "rested-checked", "never-lent"],
 )
 async def test_a_lent_connection_is_checked_only_after_a_rest(
-    postgres_url: str, returned: bool, after: float, due: bool
+    postgres_url: str, lent: bool, after: float, due: bool
 ) -> None:
     idle = IdleCheck(after=after)
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
-        await conn.execute("SELECT 1")
-        if returned:
-            await idle.returned(conn)
+        if lent:
+            await idle.check(conn)  # alive: passes
         assert idle.due(conn) is due
-        await idle.check(conn)  # alive: passes either way
 
 
 async def test_a_connection_the_server_ended_is_checked_even_straight_after_use(
@@ -52,9 +52,8 @@ async def test_a_connection_the_server_ended_is_checked_even_straight_after_use(
     is checked (and the check fails) without waiting for it to rest."""
     idle = IdleCheck(after=60)
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
-        await idle.returned(conn)
+        await idle.check(conn)
         await _cut(conn, postgres_url)
-        assert idle.due(conn)
         with pytest.raises(psycopg.OperationalError):
             await idle.check(conn)
 
@@ -64,12 +63,9 @@ def test_the_blocking_check_also_skips_the_round_trip_only_for_a_quiet_connectio
 ) -> None:
     idle = BlockingIdleCheck(after=60)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("SELECT 1")
-        idle.returned(conn)
-        assert not idle.due(conn)
         idle.check(conn)
+        assert not idle.due(conn)
         asyncio.run(_end_session(conn.info.backend_pid, postgres_url))
-        assert idle.due(conn)
         with pytest.raises(psycopg.OperationalError):
             idle.check(conn)
 
@@ -88,3 +84,27 @@ async def test_a_read_on_a_connection_cut_since_its_last_use_is_repeated_on_a_fr
         assert again is not None and again["pid"] != first["pid"]
     finally:
         await db.close()
+
+
+async def test_a_connection_on_a_descriptor_above_1023_is_lent_without_a_round_trip(
+    postgres_url: str,
+) -> None:
+    """As in an API process holding thousands of WebSockets (``select`` refuses such
+    descriptors, and every lend would have paid the round trip again)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        idle = IdleCheck(after=60)
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+            assert conn.fileno() > 1023
+            await idle.check(conn)
+            assert not idle.due(conn)
+            await _cut(conn, postgres_url)
+            assert idle.due(conn)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

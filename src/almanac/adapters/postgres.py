@@ -64,44 +64,50 @@ async def ensure_database(url: str) -> bool:
 def _has_news(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """Whether the server has said something on an idle connection (no query under way): a
     session it ends, by a restart or a terminated backend, sends its notice and closes, so
-    the socket reads at once. A zero-timeout ``select``, no round trip."""
+    the socket reads at once. A zero-timeout ``poll`` (not ``select``, which refuses the
+    descriptors above 1023 of a process holding thousands of WebSockets), no round trip."""
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):  # closed already
         return True
-    return bool(readable)
 
 
 class _Rest:
     """Which of the connections a pool lends are due a round trip to check them.
 
-    A connection back within ``after`` seconds of its last use, on which the server has said
-    nothing since, was working a moment ago: checking it as well cost a round trip before
-    every query, projector commit and append (under load, a round trip in every group
-    commit of the event store's writer: 64 concurrent appenders, 12.6-13.8k appends/s with
-    it, 14.4-17.5k without). One that rested longer (a network may have dropped it without
-    a word) is checked, and replaced if it is dead; so is one the server has ended (its
-    notice is there to read). Should a connection be cut without a word within that second,
-    its first use fails: reads are then repeated once on a fresh connection, projector
-    writes are retried as after any lost connection, and an append that may have been sent
-    fails to its callers (503), as when a server dies between a check and the statement.
+    A connection lent again within ``after`` seconds of its last lending, on which the
+    server has said nothing since, was working a moment ago: checking it as well cost a
+    round trip before every query, projector commit and append (under load, one in every
+    group commit of the event store's writer: 64 concurrent appenders, 12.6-13.8k
+    appends/s with it, 14.4-17.5k without). One that rested longer (a network may have
+    dropped it without a word) is checked, and replaced if it is dead; so is one the server
+    has ended (its notice is there to read). Should a connection be cut without a word
+    within that second, its first use fails, as when a server dies between a check and the
+    statement: the read database repeats a read once on a fresh connection and projectors
+    retry their writes; the event store's reads and appends fail to their callers
+    (``Unavailable``, a 503), and are retried there.
+
+    The time is noted as the connection is lent, not as it comes back: a pool's ``reset``
+    callback would move every return onto one of the pool's workers.
     """
 
     def __init__(self, after: float) -> None:
         self._after = after
-        self._returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._lent: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def due(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-        returned = self._returned.get(conn)
-        return returned is None or time.monotonic() - returned > self._after or _has_news(conn)
-
-    def note(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
-        self._returned[conn] = time.monotonic()
+        """Whether ``conn``, being lent now, needs the round trip (and note that it is)."""
+        now = time.monotonic()
+        lent = self._lent.get(conn)
+        self._lent[conn] = now
+        return lent is None or now - lent > self._after or _has_news(conn)
 
 
 class IdleCheck(_Rest):
-    """An async pool's check of a connection it lends (see ``_Rest``). Pass ``check`` and
-    ``returned`` as the pool's ``check`` and ``reset``."""
+    """An async pool's check of a connection it lends (see ``_Rest``): the pool's
+    ``check``."""
 
     def __init__(self, after: float = 1.0) -> None:
         super().__init__(after)
@@ -109,9 +115,6 @@ class IdleCheck(_Rest):
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if self.due(conn):
             await AsyncConnectionPool.check_connection(conn)
-
-    async def returned(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        self.note(conn)
 
 
 class BlockingIdleCheck(_Rest):
@@ -123,9 +126,6 @@ class BlockingIdleCheck(_Rest):
     def check(self, conn: psycopg.Connection[Any]) -> None:
         if self.due(conn):
             ConnectionPool.check_connection(conn)
-
-    def returned(self, conn: psycopg.Connection[Any]) -> None:
-        self.note(conn)
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -185,8 +185,7 @@ class PostgresReadDatabase:
                 "options": "-c synchronous_commit=off",
             },
             timeout=5,
-            check=(idle := IdleCheck()).check,
-            reset=idle.returned,
+            check=IdleCheck().check,
         )
 
     async def open(self) -> None:

@@ -66,8 +66,7 @@ class ReplicaReadDatabase(PostgresReadDatabase):
             # Give up reconnecting soon: the router decides when to try a lost standby again,
             # and a fresh attempt then connects at once instead of after a long pool backoff.
             reconnect_timeout=reconnect_timeout,
-            check=(idle := IdleCheck()).check,
-            reset=idle.returned,
+            check=IdleCheck().check,
         )
 
     async def open(self) -> None:
