@@ -265,12 +265,13 @@ class StoreFactory(PostgresFactory):
             max_size=stock.max_size,
             open=False,
             configure=self.datastore.after_connect_func(),
-            check=BlockingIdleCheck().check,
+            check=(idle := BlockingIdleCheck()).check,
             timeout=stock.timeout,
             max_waiting=stock.max_waiting,
             max_lifetime=stock.max_lifetime,
             get_password_func=stock.get_password_func,
         )
+        idle.sweeps(self.datastore.pool)
 
 
 def application_env(settings: Settings) -> dict[str, str]:

@@ -174,8 +174,8 @@ def test_an_append_straight_after_the_server_ended_the_store_sessions_succeeds(
     postgres_url: str,
 ) -> None:
     """As after a database restart: the store lends no connection whose session the server
-    has ended, not even one used a moment ago, so the next append lands (once the pool has
-    replaced them: psycopg's pool waits a little after each connection that fails its check)."""
+    has ended, not even one used a moment ago, and the first one it meets has the pool let
+    the others go at once, so the next append lands."""
     store = EventStore(services_settings(postgres_url))
     try:
         first = store.append_sync(new_reading())

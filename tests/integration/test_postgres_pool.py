@@ -9,6 +9,7 @@ import resource
 
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
 from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck, PostgresReadDatabase
 from tests.integration.support_waiting import eventually
@@ -108,3 +109,48 @@ async def test_a_connection_on_a_descriptor_above_1023_is_lent_without_a_round_t
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_failed_check_lets_every_dead_idle_connection_go_at_once(postgres_url: str) -> None:
+    """After a restart every session is gone: the first lend that meets a dead connection
+    has the pool check the rest too, instead of meeting them one lend (and one backoff)
+    at a time."""
+    idle = _CountingCheck(after=60)
+    pool = ConnectionPool(
+        postgres_url, min_size=4, max_size=4, kwargs={"autocommit": True}, check=idle.check
+    )
+    idle.sweeps(pool)
+    with pool:
+        pool.wait(timeout=10)
+        sessions = _sessions(postgres_url)
+        assert len(sessions) == 4
+        for pid in sessions:
+            asyncio.run(_end_session(pid, postgres_url))
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        assert idle.failed == 1, "only the first dead connection was met lending it"
+        assert pool.get_stats().get("connections_lost", 0) == 4
+
+
+class _CountingCheck(BlockingIdleCheck):
+    """Counts the lends whose check failed."""
+
+    def __init__(self, after: float) -> None:
+        super().__init__(after)
+        self.failed = 0
+
+    def check(self, conn: psycopg.Connection[object]) -> None:
+        try:
+            super().check(conn)
+        except psycopg.Error:
+            self.failed += 1
+            raise
+
+
+def _sessions(url: str) -> list[int]:
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [pid for (pid,) in rows]

@@ -96,6 +96,17 @@ class _Rest:
     def __init__(self, after: float) -> None:
         self._after = after
         self._lent: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._pool: weakref.ref[Any] | None = None
+
+    def sweeps(self, pool: Any) -> None:
+        """When a check fails, have ``pool`` check all its idle connections at once: a
+        restart ends every session, and the pool otherwise meets the dead ones a lend at a
+        time, backing off after each (1 s, then 2 s, ...: the first append after a restart
+        waited 5 s, the pool's timeout)."""
+        self._pool = weakref.ref(pool)
+
+    def _swept(self) -> Any:
+        return None if self._pool is None else self._pool()
 
     def due(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
         """Whether ``conn``, being lent now, needs the round trip (and note that it is)."""
@@ -113,8 +124,14 @@ class IdleCheck(_Rest):
         super().__init__(after)
 
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if self.due(conn):
+        if not self.due(conn):
+            return
+        try:
             await AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            if (pool := self._swept()) is not None:
+                await pool.check()
+            raise
 
 
 class BlockingIdleCheck(_Rest):
@@ -124,8 +141,14 @@ class BlockingIdleCheck(_Rest):
         super().__init__(after)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
-        if self.due(conn):
+        if not self.due(conn):
+            return
+        try:
             ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            if (pool := self._swept()) is not None:
+                pool.check()
+            raise
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -185,8 +208,9 @@ class PostgresReadDatabase:
                 "options": "-c synchronous_commit=off",
             },
             timeout=5,
-            check=IdleCheck().check,
+            check=(idle := IdleCheck()).check,
         )
+        idle.sweeps(self.pool)
 
     async def open(self) -> None:
         await ensure_database(self.url)

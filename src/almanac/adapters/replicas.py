@@ -66,8 +66,9 @@ class ReplicaReadDatabase(PostgresReadDatabase):
             # Give up reconnecting soon: the router decides when to try a lost standby again,
             # and a fresh attempt then connects at once instead of after a long pool backoff.
             reconnect_timeout=reconnect_timeout,
-            check=IdleCheck().check,
+            check=(idle := IdleCheck()).check,
         )
+        idle.sweeps(self.pool)
 
     async def open(self) -> None:
         # No ensure_database: a standby is read-only, and connects in the background so
