@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import time
@@ -130,7 +131,8 @@ class IdleCheck(_Rest):
             await AsyncConnectionPool.check_connection(conn)
         except psycopg.Error:
             if (pool := self._swept()) is not None:
-                await pool.check()
+                with contextlib.suppress(Exception):  # a closing pool: the lend fails anyway
+                    await pool.check()
             raise
 
 
@@ -147,7 +149,8 @@ class BlockingIdleCheck(_Rest):
             ConnectionPool.check_connection(conn)
         except psycopg.Error:
             if (pool := self._swept()) is not None:
-                pool.check()
+                with contextlib.suppress(Exception):  # a closing pool: the lend fails anyway
+                    pool.check()
             raise
 
 
