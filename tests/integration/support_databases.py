@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +15,7 @@ from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.sqlite import SqliteReadDatabase
 from almanac.readmodels import ReadDatabase
 from almanac.settings import Settings
+from tests.integration.support_waiting import eventually
 
 
 @asynccontextmanager
@@ -45,3 +46,26 @@ async def _drop(admin_url: str, name: str) -> None:
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
         )
         await conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+async def end_sessions(url: str, pids: Sequence[int] | None = None) -> int:
+    """End the sessions ``pids`` (by default every other one) on ``url``'s database, as a
+    server restart would, and wait until they are gone; how many were ended."""
+    others = (
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND (%(pids)s::int[] IS NULL OR pid = ANY(%(pids)s::int[]))"
+    )
+    params = {"pids": None if pids is None else list(pids)}
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        cur = await admin.execute(
+            f"SELECT count(pg_terminate_backend(pid)) FROM ({others}) AS o", params
+        )
+        row = await cur.fetchone()
+
+        async def gone() -> bool:
+            cur = await admin.execute(others, params)
+            return not await cur.fetchall()
+
+        await eventually(gone, within=10, what="the sessions to end")
+    return 0 if row is None else int(row[0])

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import psycopg
 import pytest
 
 from almanac.domain.chart import calculate_chart
@@ -15,7 +14,7 @@ from almanac.eventstore import ConcurrencyConflict, EventStore, GroupCommitWrite
 from almanac.settings import Settings
 from tests.conftest import services_settings
 from tests.factories import birth, meta, new_reading
-from tests.integration.support_waiting import eventually
+from tests.integration.support_databases import end_sessions
 
 
 @pytest.fixture
@@ -179,26 +178,9 @@ def test_an_append_straight_after_the_server_ended_the_store_sessions_succeeds(
     store = EventStore(services_settings(postgres_url))
     try:
         first = store.append_sync(new_reading())
-        asyncio.run(_end_sessions(postgres_url))
+        assert asyncio.run(end_sessions(postgres_url)), "the store had sessions to end"
         second = store.append_sync(new_reading())
         assert second > first
         assert [e.position for e in store.read_sync(0, 10)] == [first, second]
     finally:
         store.close()
-
-
-async def _end_sessions(url: str) -> None:
-    """End every other session on the database, as a restart would, and wait until gone."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-        others = (
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        cur = await admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) AS o")
-        assert await cur.fetchall(), "the store had sessions to end"
-
-        async def gone() -> bool:
-            cur = await admin.execute(others)
-            return not await cur.fetchall()
-
-        await eventually(gone, within=10, what="the store's sessions to end")

@@ -12,23 +12,12 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck, PostgresReadDatabase
-from tests.integration.support_waiting import eventually
+from tests.integration.support_databases import end_sessions
 
 
 async def _cut(conn: psycopg.AsyncConnection[object], url: str) -> None:
     """End ``conn``'s server session from another connection, as a server restart would."""
-    await _end_session(conn.info.backend_pid, url)
-
-
-async def _end_session(pid: int, url: str) -> None:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-        await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-
-        async def gone() -> bool:
-            cur = await admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
-            return await cur.fetchone() is None
-
-        await eventually(gone, within=10, what="the server session to end")
+    await end_sessions(url, [conn.info.backend_pid])
 
 
 @pytest.mark.parametrize(
@@ -66,7 +55,7 @@ def test_the_blocking_check_also_skips_the_round_trip_only_for_a_quiet_connectio
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         idle.check(conn)
         assert not idle.due(conn)
-        asyncio.run(_end_session(conn.info.backend_pid, postgres_url))
+        asyncio.run(end_sessions(postgres_url, [conn.info.backend_pid]))
         with pytest.raises(psycopg.OperationalError):
             idle.check(conn)
 
@@ -80,7 +69,7 @@ async def test_a_read_on_a_connection_cut_since_its_last_use_is_repeated_on_a_fr
     try:
         first = await db.fetch_one("SELECT pg_backend_pid() AS pid", {})
         assert first is not None
-        await _end_session(first["pid"], postgres_url)
+        await end_sessions(postgres_url, [first["pid"]])
         again = await db.fetch_one("SELECT pg_backend_pid() AS pid", {})
         assert again is not None and again["pid"] != first["pid"]
     finally:
@@ -122,10 +111,7 @@ def test_a_failed_check_lets_every_dead_idle_connection_go_at_once(postgres_url:
     idle.sweeps(pool)
     with pool:
         pool.wait(timeout=10)
-        sessions = _sessions(postgres_url)
-        assert len(sessions) == 4
-        for pid in sessions:
-            asyncio.run(_end_session(pid, postgres_url))
+        assert asyncio.run(end_sessions(postgres_url)) == 4
         with pool.connection() as conn:
             conn.execute("SELECT 1")
         assert idle.failed == 1, "only the first dead connection was met lending it"
@@ -145,12 +131,3 @@ class _CountingCheck(BlockingIdleCheck):
         except psycopg.Error:
             self.failed += 1
             raise
-
-
-def _sessions(url: str) -> list[int]:
-    with psycopg.connect(url, autocommit=True) as admin:
-        rows = admin.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchall()
-    return [pid for (pid,) in rows]

@@ -94,7 +94,7 @@ class _Rest:
     callback would move every return onto one of the pool's workers.
     """
 
-    def __init__(self, after: float) -> None:
+    def __init__(self, after: float = 1.0) -> None:
         self._after = after
         self._lent: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._pool: weakref.ref[Any] | None = None
@@ -121,9 +121,6 @@ class IdleCheck(_Rest):
     """An async pool's check of a connection it lends (see ``_Rest``): the pool's
     ``check``."""
 
-    def __init__(self, after: float = 1.0) -> None:
-        super().__init__(after)
-
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if not self.due(conn):
             return
@@ -138,9 +135,6 @@ class IdleCheck(_Rest):
 
 class BlockingIdleCheck(_Rest):
     """``IdleCheck`` for a blocking pool: the event store's."""
-
-    def __init__(self, after: float = 1.0) -> None:
-        super().__init__(after)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
         if not self.due(conn):
@@ -188,10 +182,10 @@ class PostgresReadDatabase:
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8) -> None:
         self.url = url
         self._column_types: dict[str, dict[str, str]] = {}
-        # The text of each bulk insert and each one-statement batch, composed once: composing
-        # them with ``psycopg.sql`` on every batch was most of a small batch's CPU (a live
-        # projector commits a few events at a time), and psycopg caches the conversion of
-        # a query given as text, not as a composed one.
+        # The text of each bulk insert, by table and shape, composed once: composing it with
+        # ``psycopg.sql`` on every batch was most of a small batch's CPU (a live projector
+        # commits a few events at a time), and psycopg caches the conversion of a query
+        # given as text, not as a composed one.
         self._statements: dict[tuple[Any, ...], str] = {}
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             url,
