@@ -112,6 +112,13 @@ class RoleProcess:
             os.kill(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=REAP_TIMEOUT)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process does nothing more, and its log stands still, until thawed."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
     def terminate(self, timeout: float) -> int:
         """SIGTERM, then wait up to ``timeout`` s for the process to end by itself."""
         if self.popen.poll() is None:

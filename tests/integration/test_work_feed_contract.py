@@ -66,8 +66,28 @@ async def take(
                 await delivery.ack()
         return len(got) >= count
 
-    await eventually(enough, within=within, what=f"{count} deliveries")
+    try:
+        await eventually(enough, within=within, what=f"{count} deliveries")
+    except pytest.fail.Exception as failed:
+        # What the server holds tells a stream that never got the events from a consumer
+        # that did not hand them out.
+        raise AssertionError(f"{failed}; {await state_of(feed)}") from None
     return got
+
+
+async def state_of(feed: WorkFeed) -> str:
+    """The stream and consumer as the server sees them (JetStream), for a failure message."""
+    if not isinstance(feed, JetStreamWorkFeed):
+        return "no server state to show"
+    js = (await feed.nats.connect()).jetstream()
+    stream = await js.stream_info(feed.relay.stream)
+    consumer = await js.consumer_info(feed.relay.stream, feed.worker.consumer)
+    return (
+        f"stream {stream.state.messages} messages, last sequence {stream.state.last_seq}; "
+        f"consumer pending {consumer.num_pending}, unacknowledged {consumer.num_ack_pending}, "
+        f"redelivered {consumer.num_redelivered}, pull requests waiting {consumer.num_waiting}, "
+        f"delivered up to stream sequence {consumer.delivered.stream_seq}"
+    )
 
 
 async def everything_within(feed: WorkFeed, seconds: float) -> list[Delivery]:
