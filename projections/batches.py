@@ -142,7 +142,11 @@ class BatchesProjection:
         return [
             (INSERT_BATCH, [batch]),
             BulkInsert(
-                "batch_items", _ITEM_COLUMNS, rows, "ON CONFLICT (batch_id, idx) DO NOTHING"
+                "batch_items",
+                _ITEM_COLUMNS,
+                rows,
+                "ON CONFLICT (batch_id, idx) DO NOTHING",
+                new_keys=True,
             ),
         ]
 

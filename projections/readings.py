@@ -250,7 +250,13 @@ class ReadingsProjection:
             )
         if fresh:
             result.append(
-                BulkInsert("readings", _READING_COLUMNS, list(fresh.values()), _READING_ON_CONFLICT)
+                BulkInsert(
+                    "readings",
+                    _READING_COLUMNS,
+                    list(fresh.values()),
+                    _READING_ON_CONFLICT,
+                    new_keys=True,
+                )
             )
         return result + updates
 

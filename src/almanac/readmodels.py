@@ -20,12 +20,19 @@ Statement = tuple[str, Sequence[Mapping[str, Any]]]
 
 
 class BulkInsert(NamedTuple):
-    """Many rows into one table; each engine inserts them its fastest way."""
+    """Many rows into one table; each engine inserts them its fastest way.
+
+    ``new_keys``: every row's key is new unless its event was applied before (a replay), as
+    a reading's row is new with its request; then an engine may load the rows without
+    checking each for a conflict, and apply ``on_conflict`` only when one turns up. Leave it
+    false where rows legitimately meet existing ones (charts shared by many readings).
+    """
 
     table: str
     columns: tuple[str, ...]
     rows: Sequence[Sequence[Any]]
     on_conflict: str = ""
+    new_keys: bool = False
 
 
 Write = Statement | BulkInsert

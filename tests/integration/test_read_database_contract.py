@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from almanac.adapters import postgres
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.sqlite import SqliteReadDatabase
 from almanac.readmodels import (
@@ -19,8 +21,20 @@ from almanac.readmodels import (
 from almanac.settings import Settings
 
 SCHEMA = {
-    "sqlite": ["CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, n INTEGER NOT NULL)"],
-    "postgres": ["CREATE TABLE notes (id TEXT PRIMARY KEY, body JSONB, n BIGINT NOT NULL)"],
+    "sqlite": [
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, n INTEGER NOT NULL)",
+        (
+            "CREATE TABLE loads (id TEXT PRIMARY KEY, body TEXT, at TEXT NOT NULL,"
+            " n INTEGER NOT NULL, flag INTEGER)"
+        ),
+    ],
+    "postgres": [
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body JSONB, n BIGINT NOT NULL)",
+        (
+            "CREATE TABLE loads (id UUID PRIMARY KEY, body TEXT, at TIMESTAMPTZ NOT NULL,"
+            " n BIGINT NOT NULL, flag INTEGER)"
+        ),
+    ],
 }
 ADD = "INSERT INTO notes (id, body, n) VALUES (:id, :body, :n)"
 
@@ -129,3 +143,69 @@ async def test_new_rows_that_fail_leave_neither_rows_nor_position(db: ReadDataba
     found = await db.fetch_all("SELECT id FROM notes ORDER BY id", {})
     assert [r["id"] for r in found] == ["a"]
     assert await projection_position(db, "p") == 5
+
+
+# Enough rows for Postgres to load them with COPY, as a rebuild's batch of new readings.
+LOADED = postgres.COPY_MIN_ROWS + 20
+LOAD_COLUMNS = ("id", "body", "at", "n", "flag")
+
+
+def load_rows(first: int, count: int, n: int = 0) -> list[list[object]]:
+    """Rows as projections give them: ids and times as text, awkward bodies, NULLs."""
+    bodies = ["plain", "tab\tnew\nline", 'back\\slash "quoted"', "☉ ☽ ♄", "", None]
+    return [
+        [
+            str(uuid.UUID(int=i + 1)),
+            bodies[i % len(bodies)],
+            f"2026-03-0{1 + i % 9}T12:34:56.{i + 1:06d}+00:00",
+            n + i,
+            None if i % 3 else i % 2,
+        ]
+        for i in range(first, first + count)
+    ]
+
+
+async def loaded(db: ReadDatabase) -> list[list[object]]:
+    rows = await db.fetch_all("SELECT id, body, at, n, flag FROM loads ORDER BY n", {})
+    return [
+        [
+            str(r["id"]),
+            r["body"],
+            r["at"] if isinstance(r["at"], str) else r["at"].isoformat(),
+            r["n"],
+            r["flag"],
+        ]
+        for r in rows
+    ]
+
+
+async def test_a_large_insert_of_new_keys_writes_every_row_as_given(db: ReadDatabase) -> None:
+    rows = load_rows(0, LOADED)
+    await db.write([BulkInsert("loads", LOAD_COLUMNS, rows, new_keys=True), position(5)])
+    assert await loaded(db) == rows
+    assert await projection_position(db, "p") == 5
+
+
+async def test_a_replayed_large_insert_of_new_keys_leaves_the_rows_there_to_on_conflict(
+    db: ReadDatabase,
+) -> None:
+    """A batch applied again (a replay) with rows beyond it: the rows already there stay as
+    they were, the others are added, and the position moves."""
+    first = load_rows(0, LOADED)
+    await db.write([BulkInsert("loads", LOAD_COLUMNS, first, new_keys=True), position(5)])
+    again = load_rows(LOADED // 2, LOADED, n=1000)
+    skip = "ON CONFLICT (id) DO NOTHING"
+    await db.write([BulkInsert("loads", LOAD_COLUMNS, again, skip, new_keys=True), position(9)])
+    assert await loaded(db) == first + again[LOADED - LOADED // 2 :]
+    assert await projection_position(db, "p") == 9
+
+
+async def test_a_large_insert_of_new_keys_meeting_a_row_without_on_conflict_writes_nothing(
+    db: ReadDatabase,
+) -> None:
+    await db.write([BulkInsert("loads", LOAD_COLUMNS, load_rows(0, 1), new_keys=True)])
+    rows = load_rows(0, LOADED, n=1000)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - each engine raises its own error
+        await db.write([BulkInsert("loads", LOAD_COLUMNS, rows, new_keys=True), position(9)])
+    assert len(await loaded(db)) == 1
+    assert await projection_position(db, "p") == 0
