@@ -178,14 +178,42 @@ def _inserts_then_position(writes: Sequence[Write]) -> bool:
 # Below it, a live batch keeps its single round trip (``_write_as_one``).
 COPY_MIN_ROWS = 100
 
-# What binary COPY needs of a value the projections give as text (a UUID, an RFC 3339 time).
-_FROM_TEXT: dict[str, Callable[[str], Any]] = {
-    "uuid": UUID,
-    "timestamp with time zone": datetime.fromisoformat,
+
+def _uuid(value: Any) -> Any:
+    return UUID(value) if isinstance(value, str) else value
+
+
+def _timestamptz(value: Any) -> Any:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _fits(bits: int) -> Callable[[Any], Any]:
+    """A check that an integer fits the column: binary COPY would wrap it around silently,
+    where INSERT fails with ``NumericValueOutOfRange``."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def check(value: Any) -> Any:
+        if not low <= value <= high:
+            raise ValueError(f"{value} does not fit a {bits}-bit integer column")
+        return value
+
+    return check
+
+
+# The column types a table may have for COPY, each with what binary COPY needs done to a
+# value first: text (a UUID, an RFC 3339 time) parsed as the INSERT's casts would, a
+# narrow integer checked. psycopg encodes the rest as they are or refuses them (a str for
+# a number, an int over 64 bits). Any other type (JSONB, which psycopg would encode anew)
+# keeps the table on INSERT.
+_COPY_AS: dict[str, Callable[[Any], Any] | None] = {
+    "text": None,
+    "bigint": None,
+    "double precision": None,
+    "integer": _fits(32),
+    "smallint": _fits(16),
+    "uuid": _uuid,
+    "timestamp with time zone": _timestamptz,
 }
-# Column types whose values COPY takes as the projections give them (or as _FROM_TEXT makes
-# them); a table with another (JSONB, which psycopg would encode anew) is inserted as before.
-_COPYABLE = {"text", "integer", "bigint", "smallint", "boolean", "double precision", *_FROM_TEXT}
 
 
 def _loads(writes: Sequence[Write]) -> bool:
@@ -333,9 +361,9 @@ class PostgresReadDatabase:
             return False
         types = await self._types_of(cur, write.table)
         column_types = [types[c] for c in write.columns]
-        if not _COPYABLE.issuperset(column_types):
+        if not _COPY_AS.keys() >= set(column_types):
             return False
-        convert = [(i, _FROM_TEXT[t]) for i, t in enumerate(column_types) if t in _FROM_TEXT]
+        convert = [(i, f) for i, t in enumerate(column_types) if (f := _COPY_AS[t]) is not None]
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             pgsql.Identifier(write.table),
             pgsql.SQL(", ").join(map(pgsql.Identifier, write.columns)),
@@ -344,9 +372,9 @@ class PostgresReadDatabase:
             copy.set_types(column_types)
             for row in write.rows:
                 values = list(row)
-                for index, parse in convert:
-                    if isinstance(value := values[index], str):
-                        values[index] = parse(value)
+                for index, prepare in convert:
+                    if (value := values[index]) is not None:
+                        values[index] = prepare(value)
                 await copy.write_row(values)
         return True
 
