@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from almanac.adapters import postgres
-from almanac.adapters.postgres import PostgresReadDatabase
+from almanac.adapters.postgres import COPY_MIN_ROWS, PostgresReadDatabase
 from almanac.adapters.sqlite import SqliteReadDatabase
 from almanac.readmodels import (
     POSITIONS_SCHEMA,
@@ -146,7 +145,7 @@ async def test_new_rows_that_fail_leave_neither_rows_nor_position(db: ReadDataba
 
 
 # Enough rows for Postgres to load them with COPY, as a rebuild's batch of new readings.
-LOADED = postgres.COPY_MIN_ROWS + 20
+LOADED = COPY_MIN_ROWS + 20
 LOAD_COLUMNS = ("id", "body", "at", "n", "flag")
 
 

@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
@@ -216,14 +216,13 @@ _COPY_AS: dict[str, Callable[[Any], Any] | None] = {
 }
 
 
-def _loads(writes: Sequence[Write]) -> bool:
-    return any(
-        isinstance(w, BulkInsert) and w.new_keys and len(w.rows) >= COPY_MIN_ROWS for w in writes
-    )
+def _to_load(write: Write) -> TypeGuard[BulkInsert]:
+    """Whether ``write`` is an insert to load with COPY, if its table's types allow."""
+    return isinstance(write, BulkInsert) and write.new_keys and len(write.rows) >= COPY_MIN_ROWS
 
 
 def _loaded_tables(writes: Sequence[Write]) -> list[str]:
-    return [w.table for w in writes if isinstance(w, BulkInsert) and w.new_keys]
+    return [w.table for w in writes if _to_load(w)]
 
 
 def _one_statement(writes: Sequence[Write]) -> bool:
@@ -291,7 +290,7 @@ class PostgresReadDatabase:
                     sql, params = writes[0]  # type: ignore[misc]
                     await cur.execute(to_pyformat(sql), params[0])
                     return
-                if _loads(writes) and await self._loaded(conn, cur, writes):
+                if any(map(_to_load, writes)) and await self._loaded(conn, cur, writes):
                     return
                 if _inserts_then_position(writes):
                     await self._write_as_one(cur, writes)
@@ -341,7 +340,7 @@ class PostgresReadDatabase:
     ) -> None:
         for write in writes:
             if isinstance(write, BulkInsert):
-                if load and write.new_keys and await self._copied(cur, write):
+                if load and _to_load(write) and await self._copied(cur, write):
                     continue
                 bulk, columns = await self._bulk_insert(cur, write)
                 await cur.execute(bulk, columns)
@@ -356,9 +355,7 @@ class PostgresReadDatabase:
     async def _copied(self, cur: psycopg.AsyncCursor[Any], write: BulkInsert) -> bool:
         """``COPY … FROM STDIN (FORMAT BINARY)``: the rows as they are, no conflict checked
         but the keys' own uniqueness (a duplicate fails the whole transaction); false, with
-        nothing done, for too few rows or a column type COPY is not given here."""
-        if len(write.rows) < COPY_MIN_ROWS:
-            return False
+        nothing done for a column type COPY is not given here."""
         types = await self._types_of(cur, write.table)
         column_types = [types[c] for c in write.columns]
         if not _COPY_AS.keys() >= set(column_types):
