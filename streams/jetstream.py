@@ -147,6 +147,10 @@ class JetStreamWorkFeed:
             raise Unavailable(
                 f"stream {self.relay.stream} does not exist yet (a relay creates it)"
             ) from exc
+        # A subscription bound before (on a replaced connection, or before a failed fetch)
+        # goes first: the server would deliver to a pull request it left waiting, into an
+        # inbox nobody reads, and that message would wait out the ack wait.
+        await self._unbind()
         self._subscription = await js.pull_subscribe_bind(
             durable=self.worker.consumer, stream=self.relay.stream
         )
@@ -171,8 +175,8 @@ class JetStreamWorkFeed:
             # Nothing came (nats-py raises its own subclass, or asyncio's, depending on when).
             return []
         except Exception:
-            # Rebind on the next fetch: the consumer may have been deleted, say.
-            self._subscription = None
+            # Bind anew on the next fetch: the consumer may have been deleted, say.
+            self._client = None
             raise
         deliveries: list[Delivery] = []
         for message in messages:
@@ -192,9 +196,14 @@ class JetStreamWorkFeed:
         return deliveries
 
     async def close(self) -> None:
+        await self._unbind()
+
+    async def _unbind(self) -> None:
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             try:
                 await subscription.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - closing must not fail the shutdown
+            except nats.errors.ConnectionClosedError:
+                pass  # its inbox went with the connection
+            except Exception as exc:  # noqa: BLE001 - unbinding must not fail a fetch or a shutdown
                 log.warning("workfeed.unsubscribe_failed", error=str(exc))

@@ -6,6 +6,8 @@ Each ``open_feed()`` is a consumer of its own, as in another worker process.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -86,7 +88,21 @@ async def state_of(feed: WorkFeed) -> str:
         f"stream {stream.state.messages} messages, last sequence {stream.state.last_seq}; "
         f"consumer pending {consumer.num_pending}, unacknowledged {consumer.num_ack_pending}, "
         f"redelivered {consumer.num_redelivered}, pull requests waiting {consumer.num_waiting}, "
-        f"delivered up to stream sequence {consumer.delivered.stream_seq}"
+        f"delivered up to stream sequence {consumer.delivered.stream_seq}; "
+        f"{client_side(feed)}"
+    )
+
+
+def client_side(feed: JetStreamWorkFeed) -> str:
+    """What reached this consumer's client: tells a message lost on the way from one the
+    client holds but did not hand out."""
+    client, subscription = feed.nats.client, feed._subscription
+    if subscription is None:
+        return "client: no subscription bound"
+    return (
+        f"client: {subscription.delivered} messages received on the subscription, "
+        f"{subscription.pending_msgs} waiting in its queue; connected {client.is_connected}, "
+        f"reconnects {client.stats['reconnects']}, errors {client.stats.get('errors_received')}"
     )
 
 
@@ -295,6 +311,30 @@ class TestJetStreamWorkFeed(WorkFeedContract):
         assert not firsts & seconds
         assert sorted(firsts | seconds) == requested
         assert await everything_within(first, ACK_WAIT * 2) == []
+
+    async def test_binding_anew_leaves_no_inbox_behind_to_take_the_next_event(
+        self, source: Source
+    ) -> None:
+        """A pull request that the replaced subscription left waiting at the server must not
+        take the next event into an inbox nobody reads (it would wait out the ack wait)."""
+        worker = msgspec.structs.replace(WORKER, ack_wait=60.0)
+        feed: Any = await source.open_feed(worker)
+        js = (await feed.nats.connect()).jetstream()
+        left_waiting = asyncio.create_task(feed.fetch(1, timeout=30))
+
+        async def pull_request_waiting() -> bool:
+            info = await js.consumer_info(feed.relay.stream, worker.consumer)
+            return bool(info.num_waiting)
+
+        await eventually(pull_request_waiting, what="the first pull request waits at the server")
+        left_waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await left_waiting
+        await feed.open()
+        [position] = await request(source.store, 1)
+        [delivery] = await take(feed, 1, within=20)
+        assert (delivery.event.position, delivery.attempt) == (position, 1)
+        await feed.close()
 
     async def test_opening_updates_the_consumer_to_the_configured_settings(
         self, source: Source
