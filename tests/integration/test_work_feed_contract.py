@@ -102,7 +102,7 @@ def client_side(feed: JetStreamWorkFeed) -> str:
     return (
         f"client: {subscription.delivered} messages received on the subscription, "
         f"{subscription.pending_msgs} waiting in its queue; connected {client.is_connected}, "
-        f"reconnects {client.stats['reconnects']}, errors {client.stats.get('errors_received')}"
+        f"reconnects {client.stats['reconnects']}, errors {client.stats['errors_received']}"
     )
 
 

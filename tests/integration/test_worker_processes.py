@@ -101,14 +101,22 @@ def test_two_workers_share_the_readings_and_generate_each_once(
         store.close()
 
 
+# What the worker logs once a reading it charted is settled, before it acknowledges it.
+SETTLED_AFTER_CHART = {
+    "worker.reading_generated",
+    "worker.reading_failed",
+    "worker.generator_crashed",
+}
+
+
 def readings_in_hand(worker: RoleProcess) -> set[str]:
-    """The readings whose chart this worker calculated but whose text it has not generated:
-    taken and not yet acknowledged (the ack follows the generated text)."""
+    """The readings whose chart this worker calculated but which it has not yet settled:
+    taken and not yet acknowledged (the ack follows the settling)."""
     charted: set[str] = set()
     for record in worker.log_records():
         if record["event"] == "worker.chart_calculated":
             charted.add(str(record["aggregate_id"]))
-        elif record["event"] == "worker.reading_generated":
+        elif record["event"] in SETTLED_AFTER_CHART:
             charted.discard(str(record["aggregate_id"]))
     return charted
 
