@@ -10,6 +10,7 @@ members one by one, so one stale command never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import fcntl
@@ -360,43 +361,28 @@ APPEND_TIMEOUT = 60.0
 _view_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
-class RecordedEvent:
+class RecordedEvent(msgspec.Struct, gc=False, eq=False):
     """A stored event with its place in the global order.
 
     The stored state is decoded only when asked for, and only as far as asked: ``event``
     (with ``occurred_at`` and ``meta``) builds the whole domain event, while ``view`` decodes
     just the fields of a consumer's own Struct, skipping the rest (a projection catching up on
     a million events never builds a chart it only copies).
+
+    A Struct outside the cyclic garbage collector's sight (it holds no cycle), built per row
+    from a positional SELECT: a rebuild makes a million of them, and a tracked class cost
+    ~0.24 us more each to build and a young collection every ~700. Compared by identity.
     """
 
-    __slots__ = (
-        "_event",
-        "_mapper",
-        "aggregate_key",
-        "aggregate_version",
-        "position",
-        "state",
-        "type",
-    )
-
-    def __init__(  # noqa: PLR0917 - built per row from a positional SELECT
-        self,
-        position: int,
-        type: str,
-        aggregate_key: str,
-        aggregate_version: int,
-        state: bytes,
-        mapper: Mapper[UUID],
-    ) -> None:
-        self.position = position
-        self.type = type
-        # ``str(aggregate_id)``, as stored: most consumers key rows by it, and building a
-        # UUID per event only to print it again costs more than the rest of a small event.
-        self.aggregate_key = aggregate_key
-        self.aggregate_version = aggregate_version
-        self.state = state
-        self._mapper = mapper
-        self._event: Any = None
+    position: int
+    type: str
+    # ``str(aggregate_id)``, as stored: most consumers key rows by it, and building a UUID
+    # per event only to print it again costs more than the rest of a small event.
+    aggregate_key: str
+    aggregate_version: int
+    state: bytes
+    _mapper: Mapper[UUID]
+    _event: Any = None
 
     @classmethod
     def of(cls, domain_event: Any, position: int) -> RecordedEvent:
@@ -443,7 +429,7 @@ class RecordedEvent:
         meta: EventMeta = self.event.meta
         return meta
 
-    def view(self, cls: type[S]) -> S:
+    def view(self, cls: builtins.type[S]) -> S:  # ``type`` is a field here
         """The event's fields named by ``cls`` (a msgspec Struct; ``msgspec.Raw`` fields keep
         their JSON undecoded, unknown fields are skipped)."""
         decoder = _view_decoders.get(cls)

@@ -486,14 +486,8 @@ class _ChartCalculated:
 
 def recorded(event_type: str, event: Any = None, aggregate_id: Any = None) -> RecordedEvent:
     """An event as the log returns it, with ``event`` (what the refresher reads) as its state."""
-    return RecordedEvent(
-        position=1,
-        type=event_type,
-        aggregate_key=str(aggregate_id or uuid4()),
-        aggregate_version=1,
-        state=msgspec.json.encode(event or {}),
-        mapper=MsgspecMapper(),
-    )
+    state = msgspec.json.encode(event or {})
+    return RecordedEvent(1, event_type, str(aggregate_id or uuid4()), 1, state, MsgspecMapper())
 
 
 def refresher_with(db: RowsDatabase, cache: RecordingCache) -> CacheRefresher:
