@@ -371,7 +371,8 @@ class RecordedEvent(msgspec.Struct, gc=False, eq=False):
 
     A Struct outside the cyclic garbage collector's sight (it holds no cycle), built per row
     from a positional SELECT: a rebuild makes a million of them, and a tracked class cost
-    ~0.24 us more each to build and a young collection every ~700. Compared by identity.
+    0.24 us each to build where this takes 0.13, and a young collection every ~700.
+    Compared by identity.
     """
 
     position: int

@@ -37,6 +37,9 @@ def test_text_that_is_no_uuid_fails_to_copy_as_uuid_refuses_it(text: str) -> Non
         "0123 4567-89ab-cdef-0123-456789abcdef",  # 36 characters, a digit short
         "01 23456789abcdef0123456789abcdef01",  # 32 digits with a space: not a UUID
         "0123456789abcdef0123456789abcdef0",
+        "01234567 89ab cdef 0123 456789abcdef",  # whitespace for hyphens
+        "  0123456789abcdef0123456789abcdef  ",
+        "0123456789abcdef0123456789abcdef\t\n\r\x0b",
     ],
 )
 def test_near_misses_are_refused_as_uuid_refuses_them(text: str) -> None:

@@ -184,15 +184,18 @@ def _uuid(value: Any) -> Any:
     ~1 us of the ~5 a rebuild's row cost to dump; this ~0.2)."""
     if isinstance(value, UUID):
         return value.bytes
-    if len(value) == _UUID_TEXT:  # the canonical spelling; whitespace leaves too few digits
+    digits = value.replace("-", "")
+    # 32 characters that are 16 bytes are 32 hex digits: ``fromhex`` skips whitespace, which
+    # ``uuid.UUID`` refuses, so any whitespace leaves too few bytes and goes to the check below.
+    if len(digits) == _UUID_DIGITS:
         with contextlib.suppress(ValueError):
-            packed = bytes.fromhex(value.replace("-", ""))
+            packed = bytes.fromhex(digits)
             if len(packed) == _UUID_BYTES:
                 return packed
     return UUID(value).bytes  # the other spellings a ``::uuid`` cast accepts, or its error
 
 
-_UUID_TEXT, _UUID_BYTES = 36, 16
+_UUID_DIGITS, _UUID_BYTES = 32, 16
 
 
 def _timestamptz(value: Any) -> Any:
