@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal, NamedTuple, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
@@ -215,24 +215,29 @@ def _fits(bits: int) -> Callable[[Any], Any]:
     return check
 
 
-# The column types a table may have for COPY, each with what binary COPY needs done to a
-# value first: text (a UUID, an RFC 3339 time) parsed as the INSERT's casts would, a
-# narrow integer checked. psycopg encodes the rest as they are or refuses them (a str for
-# a number, an int over 64 bits). Any other type (JSONB, which psycopg would encode anew)
-# keeps the table on INSERT.
-_COPY_AS: dict[str, Callable[[Any], Any] | None] = {
-    "text": None,
-    "bigint": None,
-    "double precision": None,
-    "integer": _fits(32),
-    "smallint": _fits(16),
-    "uuid": _uuid,
-    "timestamp with time zone": _timestamptz,
+class _Copied(NamedTuple):
+    """What binary COPY needs done to a value of a column type first, and the type COPY is
+    told, where it is not the column's own."""
+
+    prepare: Callable[[Any], Any] | None = None
+    sent_as: str | None = None
+
+
+# The column types a table may have for COPY: text (a UUID, an RFC 3339 time) parsed as the
+# INSERT's casts would, a narrow integer checked. psycopg encodes the rest as they are or
+# refuses them (a str for a number, an int over 64 bits). Any other type (JSONB, which
+# psycopg would encode anew) keeps the table on INSERT. A UUID goes as its 16 bytes, which
+# is what a binary ``uuid`` field holds, and the ``bytea`` dumper writes them as they are
+# (psycopg's ``uuid`` dumper would want a ``UUID`` object built first).
+_COPY_AS: dict[str, _Copied] = {
+    "text": _Copied(),
+    "bigint": _Copied(),
+    "double precision": _Copied(),
+    "integer": _Copied(_fits(32)),
+    "smallint": _Copied(_fits(16)),
+    "uuid": _Copied(_uuid, sent_as="bytea"),
+    "timestamp with time zone": _Copied(_timestamptz),
 }
-# How COPY is told to send a column, where not as its type: a UUID goes as its 16 bytes,
-# which is what a binary ``uuid`` field holds, and the ``bytea`` dumper writes them as they
-# are (psycopg's ``uuid`` dumper would want a ``UUID`` object built first).
-_COPY_TYPE = {"uuid": "bytea"}
 
 
 def _to_load(write: Write) -> TypeGuard[BulkInsert]:
@@ -379,13 +384,14 @@ class PostgresReadDatabase:
         column_types = [types[c] for c in write.columns]
         if not _COPY_AS.keys() >= set(column_types):
             return False
-        convert = [(i, f) for i, t in enumerate(column_types) if (f := _COPY_AS[t]) is not None]
+        copied = [_COPY_AS[t] for t in column_types]
+        convert = [(i, c.prepare) for i, c in enumerate(copied) if c.prepare is not None]
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             pgsql.Identifier(write.table),
             pgsql.SQL(", ").join(map(pgsql.Identifier, write.columns)),
         )
         async with cur.copy(statement) as copy:
-            copy.set_types([_COPY_TYPE.get(t, t) for t in column_types])
+            copy.set_types([c.sent_as or t for c, t in zip(copied, column_types, strict=True)])
             for row in write.rows:
                 values = list(row)
                 for index, prepare in convert:
