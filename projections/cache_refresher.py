@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 import structlog
 
-from almanac.cache import ReadCache, chart_key, encode_entry, reading_key
+from almanac.cache import Backoff, ReadCache, chart_key, encode_entry, reading_key
 from almanac.domain.reading import Reading
 from almanac.eventstore import RecordedEvent
 from almanac.readmodels import ReadDatabase, Row
@@ -47,15 +48,32 @@ class CacheRefresher:
     from the primary read database, so the cached value is exactly what a query reads, and
     ``refresh`` puts it into L2 and makes every process's L1 drop its old copy. Refreshing is
     idempotent and never fails the projector: what could not be refreshed is retried with the
-    next batch, and L1 copies expire by themselves meanwhile.
+    next batch and, should no batch come, on a timer of its own (backing off up to
+    ``retry_max`` seconds), so that an entry left behind while Redis was unreachable does not
+    serve its old state until it expires; L1 copies expire by themselves meanwhile.
     """
 
-    def __init__(self, cache: ReadCache, db: ReadDatabase, *, max_pending: int = 10_000) -> None:
+    def __init__(
+        self,
+        cache: ReadCache,
+        db: ReadDatabase,
+        *,
+        max_pending: int = 100_000,
+        retry_initial: float = 0.5,
+        retry_max: float = 10.0,
+    ) -> None:
         self._cache = cache
         self._db = db
         self._max_pending = max_pending
         self._pending_readings: set[str] = set()
         self._pending_charts: set[str] = set()
+        self._backoff = Backoff(retry_initial, retry_max)
+        self._retrying: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Keys waiting for a refresh that failed."""
+        return len(self._pending_readings) + len(self._pending_charts)
 
     async def __call__(self, events: list[RecordedEvent]) -> None:
         readings, charts = set(self._pending_readings), set(self._pending_charts)
@@ -78,10 +96,17 @@ class CacheRefresher:
             )
             refreshed = False
         if refreshed:
-            self._pending_readings.clear()
-            self._pending_charts.clear()
+            # Only what this call refreshed: a failed call meanwhile may have added keys.
+            self._pending_readings -= readings
+            self._pending_charts -= charts
+            self._backoff.reset()
         else:
             self._retry_later(readings, charts)
+
+    async def _retry_until_refreshed(self) -> None:
+        while self.pending:
+            await asyncio.sleep(self._backoff.next())
+            await self([])
 
     async def _entries(self, reading_ids: list[str], hashes: list[str]) -> dict[str, bytes]:
         items: dict[str, bytes] = {}
@@ -103,9 +128,14 @@ class CacheRefresher:
     def _retry_later(self, readings: Iterable[str], charts: Iterable[str]) -> None:
         self._pending_readings.update(readings)
         self._pending_charts.update(charts)
-        pending = len(self._pending_readings) + len(self._pending_charts)
+        pending = self.pending
         if pending > self._max_pending:
             # Beyond this the entries are left to expire (l2_ttl) rather than held forever.
             log.warning("cache.refresh_dropped", keys=pending)
             self._pending_readings.clear()
             self._pending_charts.clear()
+            return
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.create_task(
+                self._retry_until_refreshed(), name="almanac-cache-refresh-retry"
+            )

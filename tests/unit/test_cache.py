@@ -3,6 +3,7 @@ marks, the behaviour while Redis fails (against an in-memory stand-in), and the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -432,9 +433,12 @@ class RecordingCache:
     def __init__(self, refreshes: bool = True) -> None:
         self.refreshed: list[dict[str, bytes]] = []
         self.refreshes = refreshes
+        self.stored = asyncio.Event()
 
     async def refresh(self, items: Mapping[str, bytes]) -> bool:
         self.refreshed.append(dict(items))
+        if self.refreshes:
+            self.stored.set()
         return self.refreshes
 
 
@@ -575,3 +579,17 @@ async def test_a_refresh_does_not_put_back_an_earlier_state_than_a_fill_just_cac
     assert decode_reading(await cache.get(key)) == later
     assert await cache.refresh({key: encode_entry(later)})  # the same state again: fine
     assert decode_reading(await cache.get(key)) == later
+
+
+async def test_the_refresher_retries_by_itself_when_no_batch_follows() -> None:
+    """An entry Redis missed must not keep its old state until it expires because the log
+    went quiet: the refresher tries again on a timer of its own."""
+    db, cache = RowsDatabase(), RecordingCache(refreshes=False)
+    refresher = CacheRefresher(cast("Any", cache), cast("Any", db), retry_initial=0.01)
+    missed = uuid4()
+    await refresher([recorded(Reading.Requested.TOPIC, aggregate_id=missed)])
+    assert refresher.pending == 1
+    cache.refreshes = True
+    await asyncio.wait_for(cache.stored.wait(), timeout=5)
+    assert set(cache.refreshed[-1]) == {reading_key(missed)}
+    assert refresher.pending == 0
