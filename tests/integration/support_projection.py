@@ -31,6 +31,7 @@ NAME = ReadingsProjection.name
 CHART = calculate_chart(birth())
 TEXT: ReadingText = asyncio.run(BuiltinGenerator().generate(CHART, "natal", None))
 ALL_ROWS = "SELECT * FROM readings ORDER BY id"
+ALL_CHARTS = "SELECT * FROM charts ORDER BY chart_hash"
 
 
 def request(

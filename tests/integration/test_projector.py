@@ -32,6 +32,7 @@ from tests.integration.support_containers import running, settled
 from tests.integration.support_databases import fresh_read_database
 from tests.integration.support_eventlog import CHART_CALCULATED, whole_log
 from tests.integration.support_projection import (
+    ALL_CHARTS,
     ALL_ROWS,
     NAME,
     RefusingGenerator,
@@ -60,16 +61,20 @@ async def test_a_rebuild_from_position_zero_equals_the_live_read_model(
         end = await container.store.max_position()
         assert await container.watch.wait_for(NAME, end, timeout=20) >= end
         live = normalised(await container.read_db.fetch_all(ALL_ROWS, {}))
+        live_charts = normalised(await container.read_db.fetch_all(ALL_CHARTS, {}))
 
         async with fresh_read_database(settings, tmp_path) as fresh:
             await project_everything(container.store, fresh, batch_size=7)
             rebuilt = normalised(await fresh.fetch_all(ALL_ROWS, {}))
+            rebuilt_charts = normalised(await fresh.fetch_all(ALL_CHARTS, {}))
             assert await projection_position(fresh, NAME) == end
 
     assert {r.status for r in done} == {"generated", "failed"}
     assert [str(row["id"]) for row in live] == sorted(str(r.id) for r in readings)
     assert {row["status"] for row in live} == {"generated", "failed"}
     assert rebuilt == live
+    assert live_charts, "the readings that were generated calculated a chart"
+    assert rebuilt_charts == live_charts
 
 
 async def test_reapplying_applied_events_changes_nothing(
