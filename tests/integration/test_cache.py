@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
@@ -37,7 +38,7 @@ from almanac.settings import CacheSettings, Settings
 from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
 from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, services_settings
 from tests.factories import birth, birth_json, meta
 from tests.integration.support_databases import fresh_read_database
 from tests.integration.support_redis import PrivateRedis
@@ -469,3 +470,50 @@ async def test_the_cache_answers_misses_while_redis_is_down_and_recovers_by_itse
                 return await other.get("reading:d") == b"D2"
 
             await eventually(invalidation_arrived, within=10, what="an invalidation after recovery")
+
+
+async def test_queries_answer_from_postgres_while_redis_is_down_and_use_it_again_after(
+    tmp_path: Path, postgres_url: str, prefix: str
+) -> None:
+    """Through the wired application: with Redis gone, a cached reading and one generated
+    during the outage are both served (from Postgres), and the cache recovers by itself."""
+    with PrivateRedis(tmp_path) as server:
+        base = services_settings(postgres_url)
+        # A short L1 life, so that the reads below reach past this process's own copies.
+        cache = msgspec.structs.replace(base.cache, redis_url=server.url, l1_ttl=0.2)
+        settings = msgspec.structs.replace(base, cache=cache)
+        container = bootstrap(settings, cache_prefix=prefix)
+        async with AsyncTestClient(create_app(settings, container)) as client:
+            issued = await asyncio.to_thread(
+                container.keyring.issue, name="alice", role="client", owner="alice"
+            )
+            alice = issued.secret
+
+            async def generated_reading(label: str) -> tuple[str, dict[str, Any]]:
+                accepted = await client.post(
+                    "/api/v1/readings",
+                    json={"birth": birth_json(), "label": label},
+                    headers=auth(alice),
+                )
+                assert accepted.status_code == 202, accepted.text
+                location = accepted.headers["location"]
+                return location, await until_generated(client, location, alice)
+
+            before, cached = await generated_reading("before the outage")
+            server.kill()
+            during, generated = await generated_reading("during the outage")
+            for location, body in ((before, cached), (during, generated)):
+                response = await client.get(location, headers=auth(alice))
+                assert response.status_code == 200, response.text
+                assert response.json() == body
+            assert container.cache.stats().degraded
+
+            server.start()  # empty, on the same port
+
+            async def recovered() -> bool:
+                response = await client.get(during, headers=auth(alice))
+                assert response.status_code == 200, response.text
+                return not container.cache.stats().degraded
+
+            await eventually(recovered, within=15, what="the cache using Redis again")
+            assert (await client.get(during, headers=auth(alice))).json() == generated
