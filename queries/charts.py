@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
+from almanac.cache import ReadCache, chart_key, decode_chart, encode_entry
 from almanac.errors import NotFound
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.views import SELECT_CHART, ChartView, chart_from_row
@@ -22,16 +23,26 @@ async def get_chart(
     min_position: int | None,
     timeout: float,
     router: ReadRouter | None = None,
+    cache: ReadCache | None = None,
 ) -> ChartView:
     await wait_for_position(watch, min_position, timeout)
     if len(chart_hash) != 64 or not all(c in "0123456789abcdef" for c in chart_hash):
         raise NotFound(f"no chart {chart_hash[:80]}")
     source = db if router is None else await router.source(min_position)
-    row = await source.fetch_one(SELECT_CHART, {"chart_hash": chart_hash})
-    if row is None:
-        raise NotFound(f"no chart {chart_hash}")
+    # A chart never changes once calculated (its hash is its content), so a cached one
+    # answers any min_position the wait above has let through; the projector puts it there.
+    key = chart_key(chart_hash)
+    view = None if cache is None else decode_chart(await cache.get(key))
+    if view is None:
+        mark = None if cache is None else cache.mark()
+        row = await source.fetch_one(SELECT_CHART, {"chart_hash": chart_hash})
+        if row is None:
+            raise NotFound(f"no chart {chart_hash}")
+        view = chart_from_row(row)
+        if cache is not None and mark is not None:
+            await cache.fill(key, encode_entry(view), mark=mark)
     if not principal.is_admin:
         owns = await source.fetch_one(_OWNS, {"chart_hash": chart_hash, "owner": principal.owner})
         if owns is None:
             raise NotFound(f"no chart {chart_hash}")
-    return chart_from_row(row)
+    return view

@@ -197,6 +197,7 @@ async def get_chart_route(
     view = await get_chart(
         chart_hash,
         db=container.read_db,
+        cache=container.cache,
         router=container.read_router,
         watch=container.watch,
         principal=principal,

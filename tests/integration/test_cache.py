@@ -386,6 +386,16 @@ async def test_a_generated_reading_is_served_from_the_cache_and_admins_can_see_t
         # A hit is still checked against the reading's owner.
         assert (await client.get(location, headers=auth(bob))).status_code == 404
 
+        # The reading's chart is served from the cache the projector filled, to its owner only.
+        chart = f"/api/v1/charts/{body['chart_hash']}"
+        before = cache.stats()
+        shown = await client.get(chart, headers=auth(alice))
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["chart"] == body["chart"]
+        after = cache.stats()
+        assert after.l1_hits + after.l2_hits == before.l1_hits + before.l2_hits + 1
+        assert (await client.get(chart, headers=auth(bob))).status_code == 404
+
         forbidden = await client.get("/api/v1/monitoring/cache", headers=auth(alice))
         assert forbidden.status_code == 403
         monitoring = await client.get("/api/v1/monitoring/cache", headers=auth(admin))
