@@ -443,10 +443,20 @@ async def list_deliveries_route(
     cursor: Annotated[
         str | None, QueryParameter(description="`next_cursor` of the previous page.")
     ] = None,
-) -> DeliveryPage:
-    return await list_deliveries(
-        container.read_db, principal, endpoint_id, status=status, limit=limit, cursor=cursor
+    min_position: MinPosition = None,
+) -> Response[DeliveryPage]:
+    page, position = await list_deliveries(
+        container.read_db,
+        container.watch,
+        principal,
+        endpoint_id,
+        status=status,
+        limit=limit,
+        cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
     )
+    return Response(page, headers={"Almanac-Position": str(position)})
 
 
 @get(
@@ -459,8 +469,18 @@ async def get_delivery_route(
     delivery_id: FromPath[str],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
-) -> DeliveryDetail:
-    return await get_delivery(container.read_db, principal, endpoint_id, delivery_id)
+    min_position: MinPosition = None,
+) -> Response[DeliveryDetail]:
+    detail, position = await get_delivery(
+        container.read_db,
+        container.watch,
+        principal,
+        endpoint_id,
+        delivery_id,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(detail, headers={"Almanac-Position": str(position)})
 
 
 # Mounted under /api/v1 by almanac.app together with the command side's handlers.

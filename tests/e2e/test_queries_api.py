@@ -217,6 +217,8 @@ async def test_large_responses_are_compressed_for_clients_that_accept_it(api: Ap
 async def test_every_query_endpoint_honours_min_position(impatient_api: Api) -> None:
     [response] = await post_many(impatient_api, impatient_api.alice, 1)
     far = 10**9
+    # The wait comes before anything is looked up, so an id nobody has is a 503, not a 404.
+    unknown = "00000000-0000-4000-8000-000000000000"
     for url in (
         f"{response.headers['location']}?min_position={far}",
         f"/api/v1/readings?min_position={far}",
@@ -225,10 +227,21 @@ async def test_every_query_endpoint_honours_min_position(impatient_api: Api) -> 
         f"/api/v1/jobs?min_position={far}",
         f"/api/v1/batches?min_position={far}",
         f"/api/v1/webhooks?min_position={far}",
+        f"/api/v1/webhooks/{unknown}/deliveries?min_position={far}",
+        f"/api/v1/webhooks/{unknown}/deliveries/d-1?min_position={far}",
+        f"/api/v1/batches/{unknown}?min_position={far}",
+        f"/api/v1/batches/{unknown}/results?min_position={far}",
+        f"/api/v1/batches/{unknown}/results?format=csv&min_position={far}",
     ):
         got = await impatient_api.client.get(url, headers=impatient_api.auth(impatient_api.alice))
         assert got.status_code == 503, url
         assert got.json()["min_position"] == far
+    # Dead letters are the admin's to read.
+    got = await impatient_api.client.get(
+        f"/api/v1/dead-letters?min_position={far}",
+        headers=impatient_api.auth(impatient_api.admin),
+    )
+    assert got.status_code == 503 and got.json()["min_position"] == far
 
 
 async def test_concurrent_listing_and_posting_never_errors(api: Api) -> None:
