@@ -198,6 +198,42 @@ async def test_etag_answers_304_until_the_reading_changes(api: Api) -> None:
     assert stale.status_code == 200
 
 
+async def test_etag_is_weak_and_matches_in_either_form(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    await api.wait_for_status(api.alice, response, {"generated"})
+    url, alice = response.headers["location"], api.auth(api.alice)
+    etag = (await api.client.get(url, headers=alice)).headers["etag"]
+    # Compression changes the bytes of one representation, so the tag cannot be strong.
+    assert etag.startswith('W/"')
+    for form in (etag, etag.removeprefix("W/"), f'"other", {etag}'):
+        again = await api.client.get(url, headers={**alice, "If-None-Match": form})
+        assert again.status_code == 304, form
+    for encoding in ("br", "gzip", "identity"):
+        got = await api.client.get(url, headers={**alice, "Accept-Encoding": encoding})
+        assert got.headers["etag"] == etag, encoding
+
+
+async def test_each_field_selection_has_an_etag_of_its_own(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    reading = await api.wait_for_status(api.alice, response, {"generated"})
+    alice = api.auth(api.alice)
+    for url in (response.headers["location"], f"/api/v1/charts/{reading['chart_hash']}"):
+        full = (await api.client.get(url, headers=alice)).headers["etag"]
+        selection = (await api.client.get(f"{url}?fields=position", headers=alice)).headers["etag"]
+        assert selection != full, url
+        # The tag of the whole body does not revalidate a selection, nor the other way round.
+        selected = await api.client.get(
+            f"{url}?fields=position", headers={**alice, "If-None-Match": full}
+        )
+        assert selected.status_code == 200 and set(selected.json()) == {"position"}
+        whole = await api.client.get(url, headers={**alice, "If-None-Match": selection})
+        assert whole.status_code == 200 and len(whole.json()) > 1
+        # The order of the paths only orders the keys: the same selection, the same tag.
+        one = await api.client.get(f"{url}?fields=position,chart_hash", headers=alice)
+        other = await api.client.get(f"{url}?fields=chart_hash, position", headers=alice)
+        assert one.headers["etag"] == other.headers["etag"] != full
+
+
 async def test_large_responses_are_compressed_for_clients_that_accept_it(api: Api) -> None:
     [response] = await post_many(api, api.alice, 1)
     generated = await api.wait_for_status(api.alice, response, {"generated"})
