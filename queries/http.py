@@ -69,10 +69,12 @@ MinPosition = Annotated[
         "use the `Almanac-Position` of your command to read your own write.",
     ),
 ]
+# A list, so that a repeated ``fields`` is merged rather than all but its last value lost.
 Fields = Annotated[
-    str | None,
+    list[str] | None,
     QueryParameter(
-        description="Comma-separated dotted paths to return, e.g. `id,status,chart.sun`.",
+        description="Comma-separated dotted paths to return, e.g. `id,status,chart.sun`; "
+        "repeated, the values are merged.",
     ),
 ]
 

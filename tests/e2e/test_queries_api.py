@@ -116,6 +116,25 @@ async def test_sparse_fields_return_just_those_parts(api: Api) -> None:
     assert one.json() == {"text": {"title": "A natal reading for n0"}, "label": "n0"}
 
 
+async def test_a_repeated_fields_parameter_merges_its_values(api: Api) -> None:
+    [response] = await post_many(api, api.alice, 1)
+    [reading] = await settled(api, api.alice, [response])
+    alice = api.auth(api.alice)
+    listed = await api.client.get(
+        "/api/v1/readings?fields=id&fields=status,label&fields=id", headers=alice
+    )
+    assert listed.status_code == 200, listed.text
+    [item] = listed.json()["data"]
+    assert item == {"id": reading["id"], "status": reading["status"], "label": "n0"}
+    url = response.headers["location"]
+    repeated = await api.client.get(f"{url}?fields=id&fields=status", headers=alice)
+    joined = await api.client.get(f"{url}?fields=id,status", headers=alice)
+    assert repeated.json() == joined.json() == {"id": reading["id"], "status": "generated"}
+    assert repeated.headers["etag"] == joined.headers["etag"]
+    unknown = await api.client.get(f"{url}?fields=id&fields=horoscope", headers=alice)
+    assert unknown.status_code == 422 and "horoscope" in unknown.text
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [
