@@ -320,7 +320,7 @@ async def resend_route(
     principal: NamedDependency[Principal],
 ) -> Response[Accepted]:
     # The message must exist (a look at the delivery log, which the deliverer keeps).
-    await get_delivery(container.read_db, principal, endpoint_id, delivery_id)
+    await get_delivery(container.read_db, container.watch, principal, endpoint_id, delivery_id)
     accepted = await resend_delivery(
         endpoint_id,
         delivery_id,

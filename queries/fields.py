@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -33,11 +34,20 @@ def known_paths(view: type[msgspec.Struct]) -> frozenset[str]:
     return frozenset(paths)
 
 
-def parse_fields(raw: str | None, view: type[msgspec.Struct]) -> tuple[str, ...] | None:
-    """The requested paths, or None for the whole view; unknown paths are a 422 on ``fields``."""
+def parse_fields(
+    raw: str | Sequence[str] | None, view: type[msgspec.Struct]
+) -> tuple[str, ...] | None:
+    """The requested paths, or None for the whole view; unknown paths are a 422 on ``fields``.
+
+    A repeated ``fields`` parameter comes as a sequence; its values are merged, as though
+    they had been given comma-separated in one.
+    """
     if raw is None:
         return None
-    requested = tuple(dict.fromkeys(p.strip() for p in raw.split(",") if p.strip()))
+    values = [raw] if isinstance(raw, str) else raw
+    requested = tuple(
+        dict.fromkeys(p.strip() for value in values for p in value.split(",") if p.strip())
+    )
     if not requested:
         raise ValidationFailed([FieldError("fields", "name at least one field")])
     if len(requested) > MAX_FIELDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -68,20 +69,36 @@ MinPosition = Annotated[
         "use the `Almanac-Position` of your command to read your own write.",
     ),
 ]
+# A list, so that a repeated ``fields`` is merged rather than all but its last value lost.
 Fields = Annotated[
-    str | None,
+    list[str] | None,
     QueryParameter(
-        description="Comma-separated dotted paths to return, e.g. `id,status,chart.sun`.",
+        description="Comma-separated dotted paths to return, e.g. `id,status,chart.sun`; "
+        "repeated, the values are merged.",
     ),
 ]
+
+
+def _etag(tag: str, paths: tuple[str, ...] | None) -> str:
+    """A weak validator for ``tag`` as served with ``paths`` selected.
+
+    Each selection is a representation of its own, so it gets a tag of its own (the sorted
+    paths: their order only orders the keys). Weak, because the compression middleware
+    changes the bytes of the same representation after the tag is set.
+    """
+    if paths is None:
+        return f'W/"{tag}"'
+    digest = hashlib.blake2b(",".join(sorted(paths)).encode(), digest_size=6).hexdigest()
+    return f'W/"{tag}-f{digest}"'
 
 
 def _not_modified(request: Request[Any, Any, Any], etag: str) -> bool:
     header = request.headers.get("if-none-match")
     if not header:
         return False
+    # If-None-Match compares weakly: a tag matches in its weak or its strong form.
     tags = {t.strip().removeprefix("W/") for t in header.split(",")}
-    return "*" in tags or etag in tags
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 class _Encoded:
@@ -112,12 +129,16 @@ _encoded = _Encoded(256)
 
 
 def _single(
-    request: Request[Any, Any, Any], body: Any, etag: str, position: int, fields: str | None
+    request: Request[Any, Any, Any],
+    body: Any,
+    tag: str,
+    position: int,
+    paths: tuple[str, ...] | None,
 ) -> Response[Any]:
+    etag = _etag(tag, paths)
     headers = {"ETag": etag, "Almanac-Position": str(position), "Cache-Control": "private"}
     if _not_modified(request, etag):
         return Response(None, status_code=304, headers=headers)
-    paths = parse_fields(fields, type(body))
     if paths is not None:
         return Response(select(body, paths), headers=headers)
     return Response(_encoded(body), media_type=MediaType.JSON, headers=headers)
@@ -132,7 +153,7 @@ async def get_reading_route(
     min_position: MinPosition = None,
     fields: Fields = None,
 ) -> Response[ReadingView]:
-    parse_fields(fields, ReadingView)
+    paths = parse_fields(fields, ReadingView)
     view = await get_reading(
         reading_id,
         db=container.read_db,
@@ -143,7 +164,7 @@ async def get_reading_route(
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
     )
-    return _single(request, view, f'"r-{view.id}-{view.position}"', view.position, fields)
+    return _single(request, view, f"r-{view.id}-{view.position}", view.position, paths)
 
 
 @get("/readings", summary="List readings, newest first", tags=["readings"])
@@ -193,7 +214,7 @@ async def get_chart_route(
     min_position: MinPosition = None,
     fields: Fields = None,
 ) -> Response[ChartView]:
-    parse_fields(fields, ChartView)
+    paths = parse_fields(fields, ChartView)
     view = await get_chart(
         chart_hash,
         db=container.read_db,
@@ -204,9 +225,7 @@ async def get_chart_route(
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
     )
-    return _single(
-        request, view, f'"c-{view.chart_hash[:16]}-{view.position}"', view.position, fields
-    )
+    return _single(request, view, f"c-{view.chart_hash[:16]}-{view.position}", view.position, paths)
 
 
 @get("/batches/{batch_id:uuid}", summary="Get a batch and its progress", tags=["batches"])
@@ -444,10 +463,20 @@ async def list_deliveries_route(
     cursor: Annotated[
         str | None, QueryParameter(description="`next_cursor` of the previous page.")
     ] = None,
-) -> DeliveryPage:
-    return await list_deliveries(
-        container.read_db, principal, endpoint_id, status=status, limit=limit, cursor=cursor
+    min_position: MinPosition = None,
+) -> Response[DeliveryPage]:
+    page, position = await list_deliveries(
+        container.read_db,
+        container.watch,
+        principal,
+        endpoint_id,
+        status=status,
+        limit=limit,
+        cursor=cursor,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
     )
+    return Response(page, headers={"Almanac-Position": str(position)})
 
 
 @get(
@@ -460,8 +489,18 @@ async def get_delivery_route(
     delivery_id: FromPath[str],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
-) -> DeliveryDetail:
-    return await get_delivery(container.read_db, principal, endpoint_id, delivery_id)
+    min_position: MinPosition = None,
+) -> Response[DeliveryDetail]:
+    detail, position = await get_delivery(
+        container.read_db,
+        container.watch,
+        principal,
+        endpoint_id,
+        delivery_id,
+        min_position=min_position,
+        timeout=container.settings.http.min_position_timeout,
+    )
+    return Response(detail, headers={"Almanac-Position": str(position)})
 
 
 # Mounted under /api/v1 by almanac.app together with the command side's handlers.

@@ -11,6 +11,7 @@ import msgspec
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
+from queries.readings import wait_for_position
 
 ENDPOINTS = "webhook_endpoints"
 MAX_PAGE = 200
@@ -97,18 +98,9 @@ _ENDPOINT_COLUMNS = (
 
 
 async def _reach(watch: PositionWatch, min_position: int | None, timeout: float) -> int:
-    from almanac.errors import NotYetVisible
-
-    if min_position is None:
-        return await watch.current(ENDPOINTS)
-    reached = await watch.wait_for(ENDPOINTS, min_position, timeout)
-    if reached < min_position:
-        raise NotYetVisible(
-            f"webhook endpoints have reached position {reached}, not {min_position} yet",
-            wanted=min_position,
-            current=reached,
-        )
-    return reached
+    """The endpoints' position, once it is at least ``min_position`` (else NotYetVisible)."""
+    await wait_for_position(watch, min_position, timeout, ENDPOINTS)
+    return await watch.current(ENDPOINTS)
 
 
 async def list_webhooks(
@@ -175,14 +167,21 @@ _DELIVERY_COLUMNS = (
 
 async def list_deliveries(
     db: ReadDatabase,
+    watch: PositionWatch,
     principal: Principal,
     endpoint_id: UUID,
     *,
     status: DeliveryStatus | None = None,
     limit: int = 50,
     cursor: str | None = None,
-) -> DeliveryPage:
-    """Newest first; ``cursor`` is the ``next_cursor`` of the page before."""
+    min_position: int | None = None,
+    timeout: float = 2.0,
+) -> tuple[DeliveryPage, int]:
+    """Newest first, with the endpoints' position; ``cursor`` is the ``next_cursor`` of the
+    page before."""
+    # The deliveries are a log, not a projection; what a position makes visible is the
+    # endpoint they belong to, so that one just created is found rather than a 404.
+    position = await _reach(watch, min_position, timeout)
     await _endpoint_row(db, principal, endpoint_id)
     params: dict[str, Any] = {"endpoint_id": str(endpoint_id), "limit": limit + 1}
     where = "endpoint_id = :endpoint_id"
@@ -205,12 +204,22 @@ async def list_deliveries(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = f"{float(rows[-1]['created_at'])!r}~{rows[-1]['id']}" if more else None
-    return DeliveryPage(data=[_delivery(r) for r in rows], has_more=more, next_cursor=next_cursor)
+    page = DeliveryPage(data=[_delivery(r) for r in rows], has_more=more, next_cursor=next_cursor)
+    return page, position
 
 
 async def get_delivery(
-    db: ReadDatabase, principal: Principal, endpoint_id: UUID, delivery_id: str
-) -> DeliveryDetail:
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    endpoint_id: UUID,
+    delivery_id: str,
+    *,
+    min_position: int | None = None,
+    timeout: float = 2.0,
+) -> tuple[DeliveryDetail, int]:
+    """The delivery with every attempt, and the endpoints' position."""
+    position = await _reach(watch, min_position, timeout)
     await _endpoint_row(db, principal, endpoint_id)
     row = await db.fetch_one(
         f"SELECT {_DELIVERY_COLUMNS}, payload FROM webhook_messages"
@@ -226,7 +235,7 @@ async def get_delivery(
         {"id": delivery_id, "endpoint_id": str(endpoint_id)},
     )
     view = _delivery(row)
-    return DeliveryDetail(
+    detail = DeliveryDetail(
         **msgspec.structs.asdict(view),
         payload=msgspec.Raw(str(row["payload"]).encode()),
         attempt_log=[
@@ -243,3 +252,4 @@ async def get_delivery(
             for a in attempts
         ],
     )
+    return detail, position
