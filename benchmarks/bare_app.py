@@ -60,7 +60,7 @@ def create_bare_app(reading: bytes | None = None) -> Litestar:
         if view is None:
             return Response({"detail": "no reading given"}, status_code=404)
         headers = {
-            "ETag": f'"r-{view.id}-{view.position}"',
+            "ETag": f'W/"r-{view.id}-{view.position}"',
             "Almanac-Position": str(view.position),
             "Cache-Control": "private",
         }
