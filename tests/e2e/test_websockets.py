@@ -142,6 +142,63 @@ async def test_a_bad_message_gets_an_error_frame_and_the_connection_stays(
         assert (await next_frame(socket))["type"] == "pong"
 
 
+async def test_a_bad_first_message_closes_with_4401_and_nothing_after_the_close(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send("{not json")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4401
+    # No error frame raced the close ("Unexpected ASGI message ... after sending close").
+    assert not [r for r in caplog.records if "Unexpected ASGI message" in r.getMessage()]
+
+
+async def test_rejects_a_flood_of_bad_frames_from_a_client_that_does_not_read_with_4429(
+    settings: Settings,
+) -> None:
+    # Each bad frame's error reply waits in the connection's bounded queue like any frame,
+    # so a client that sends them and reads nothing is closed as too slow instead of
+    # growing the server's memory. The replies quote the bad type, so they are large and
+    # the server's buffers fill fast.
+    small = msgspec.structs.replace(
+        settings, websocket=msgspec.structs.replace(settings.websocket, queue_size=8)
+    )
+    async with live_server(small) as server:
+        hub = hub_of(server.container)
+        async with slow_reader(server) as client:
+            await next_frame(client)
+            bad = json.dumps({"type": "x" * 20_000})
+            for _ in range(5000):  # bounded: the server gives up on this client long before
+                if hub.connections == 0:
+                    break
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await client.send(bad)
+                await asyncio.sleep(0)
+            assert hub.connections == 0, "the client was never found too slow"
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for _ in range(10_000):
+                    await asyncio.wait_for(client.recv(), 10)
+            assert client.close_code == 4429
+
+
+async def test_error_replies_come_in_the_order_of_the_messages(server: LiveServer) -> None:
+    async with server.connect("/ws", server.alice) as socket:
+        await next_frame(socket)
+        for message in ("{not json", '{"type": "ping"}', '{"type": "nope"}', '{"type": "ping"}'):
+            await socket.send(message)
+        replies = [await next_frame(socket) for _ in range(4)]
+        assert [r.get("code", r["type"]) for r in replies] == [
+            "bad_message",
+            "pong",
+            "bad_message",
+            "pong",
+        ]
+        await socket.send(json.dumps({"type": "subscribe", "topics": ["*"]}))
+        assert (await next_frame(socket))["topics"] == ["*"]
+
+
 async def test_unsubscribing_stops_the_frames_of_that_topic(server: LiveServer) -> None:
     async with server.connect("/ws", server.alice) as socket:
         await next_frame(socket)
