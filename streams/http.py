@@ -13,7 +13,15 @@ from almanac.auth import Principal, bearer_token
 from almanac.container import Container
 from almanac.errors import NotFound
 from queries.batches import get_batch
-from streams.websocket import CLOSE_BAD_REQUEST, BadTopic, Hub, Progress, Session, Topic
+from streams.websocket import (
+    CLOSE_BAD_REQUEST,
+    BadTopic,
+    Hub,
+    Progress,
+    Session,
+    Topic,
+    close_reason,
+)
 
 
 def hub_of(container: Container) -> Hub:
@@ -44,7 +52,7 @@ async def _serve(
     try:
         topics |= {Topic.parse(t) for t in raw_topics}
     except BadTopic as exc:
-        await socket.close(CLOSE_BAD_REQUEST, str(exc)[:120])
+        await socket.close(CLOSE_BAD_REQUEST, close_reason(str(exc)))
         return
     session = Session(
         socket=socket,

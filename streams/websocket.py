@@ -507,6 +507,11 @@ class Socket(Protocol):
 Authenticate = Callable[[str | None], Awaitable[Principal]]
 
 
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame carries (123 bytes of UTF-8)."""
+    return text.encode()[:120].decode(errors="ignore")
+
+
 class Closed(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -555,6 +560,7 @@ class Session:
 
     async def _principal(self) -> Principal:
         key = self.key
+        message = None
         if key is None:
             try:
                 raw = await within(self.socket.receive_text(), self.settings.auth_timeout)
@@ -565,11 +571,17 @@ class Session:
             if isinstance(message, str) or message.type != "auth" or not message.key:
                 raise Closed(CLOSE_UNAUTHORIZED, "the first message must be {type: auth, key}")
             key = message.key
-            self._apply(message)
         try:
-            return await self.authenticate(key)
+            principal = await self.authenticate(key)
         except AlmanacError as exc:
-            raise Closed(CLOSE_UNAUTHORIZED, exc.detail[:120]) from None
+            raise Closed(CLOSE_UNAUTHORIZED, close_reason(exc.detail)) from None
+        # After the key: a client without a valid one learns nothing but 4401.
+        if message is not None:
+            try:
+                self._apply(message)
+            except BadTopic as exc:  # as a malformed topic in the URL is
+                raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
+        return principal
 
     async def _serve(self, listener: Listener) -> None:
         await self.socket.send_text(

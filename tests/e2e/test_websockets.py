@@ -142,6 +142,36 @@ async def test_a_bad_message_gets_an_error_frame_and_the_connection_stays(
         assert (await next_frame(socket))["type"] == "pong"
 
 
+@pytest.mark.parametrize("how", ["query", "first message"])
+async def test_rejects_a_malformed_topic_given_from_the_start_with_4400(
+    server: LiveServer, how: str
+) -> None:
+    if how == "query":
+        connection = server.connect("/ws?topics=galaxy:1", server.alice)
+    else:
+        connection = server.connect("/ws")
+    async with connection as socket:
+        if how == "first message":
+            auth = {"type": "auth", "key": server.alice, "topics": ["galaxy:1"]}
+            await socket.send(json.dumps(auth))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+    assert "galaxy:1" in closed.value.rcvd.reason
+
+
+async def test_an_unknown_key_with_a_malformed_topic_is_refused_as_unauthorized(
+    server: LiveServer,
+) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": "alm_wrong", "topics": ["galaxy:1"]}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4401
+
+
 async def test_a_bad_first_message_closes_with_4401_and_nothing_after_the_close(
     server: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
