@@ -15,6 +15,7 @@ from almanac.errors import NotFound
 from queries.batches import get_batch
 from streams.websocket import (
     CLOSE_BAD_REQUEST,
+    BadAfter,
     BadTopic,
     Hub,
     Progress,
@@ -37,8 +38,15 @@ def _key(socket: WebSocket[Any, Any, Any]) -> str | None:
 
 
 def _after(socket: WebSocket[Any, Any, Any]) -> int | None:
+    """``?after=<position>``, or None without one; anything else raises ``BadAfter`` (a
+    client must not believe it resumed when it did not)."""
     raw = socket.query_params.get("after")
-    return int(raw) if raw is not None and raw.isdigit() else None
+    if raw is None:
+        return None
+    # ASCII digits only: ``str.isdigit`` also passes "²", which ``int`` refuses.
+    if not (raw.isascii() and raw.isdigit()):
+        raise BadAfter(f"after must be a position (a whole number, 0 or more), got {raw!r}")
+    return int(raw)
 
 
 async def _serve(
@@ -51,7 +59,8 @@ async def _serve(
     raw_topics = [t for t in socket.query_params.get("topics", "").split(",") if t]
     try:
         topics |= {Topic.parse(t) for t in raw_topics}
-    except BadTopic as exc:
+        after = _after(socket)
+    except (BadTopic, BadAfter) as exc:
         await socket.close(CLOSE_BAD_REQUEST, close_reason(str(exc)))
         return
     session = Session(
@@ -60,7 +69,7 @@ async def _serve(
         settings=container.settings.websocket,
         authenticate=container.keyring.authenticate,
         topics=topics,
-        after=_after(socket),
+        after=after,
         key=_key(socket),
         progress=progress,
     )

@@ -97,6 +97,11 @@ class BadTopic(ValueError):
     pass
 
 
+class BadAfter(ValueError):
+    """A resume position that is not one: refused rather than ignored, or the client would
+    believe it resumed when it did not."""
+
+
 @dataclass(frozen=True)
 class Topic:
     """``*`` (all the key may see), ``reading:<id>``, ``batch:<id>``, ``event:<type glob>``."""
@@ -579,7 +584,7 @@ class Session:
         if message is not None:
             try:
                 self._apply(message)
-            except BadTopic as exc:  # as a malformed topic in the URL is
+            except (BadTopic, BadAfter) as exc:  # as a malformed one in the URL is
                 raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
         return principal
 
@@ -745,6 +750,8 @@ class Session:
         """Topics and resume point given with the first (auth) message."""
         self.topics |= {Topic.parse(t) for t in message.topics}
         if message.after is not None:
+            if message.after < 0:
+                raise BadAfter(f"after must be a position (0 or more), got {message.after}")
             self.after = message.after
 
     @staticmethod

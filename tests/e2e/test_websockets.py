@@ -269,6 +269,30 @@ async def test_a_reconnecting_client_gets_what_it_missed_once_then_live(
     assert int(missed[0].headers["almanac-position"]) == positions[0]
 
 
+@pytest.mark.parametrize(
+    "path", ["/ws?after=abc", "/ws?after=-1", "/ws?after=", "/ws?after=%C2%B2"]
+)
+async def test_rejects_a_malformed_after_in_the_url_with_4400(
+    server: LiveServer, path: str
+) -> None:
+    async with server.connect(path, server.alice) as socket:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+    assert "after" in closed.value.rcvd.reason
+
+
+async def test_rejects_a_negative_after_in_the_auth_message_with_4400(server: LiveServer) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": server.alice, "after": -1}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+    assert "after" in closed.value.rcvd.reason
+
+
 async def test_resuming_from_too_far_back_is_refused_with_4410(settings: Settings) -> None:
     tight = msgspec.structs.replace(
         settings, websocket=msgspec.structs.replace(settings.websocket, max_replay=3)
