@@ -565,17 +565,17 @@ class Session:
 
     async def _principal(self) -> Principal:
         key = self.key
-        message = None
+        message: ClientMessage | None = None
         if key is None:
             try:
                 raw = await within(self.socket.receive_text(), self.settings.auth_timeout)
             except TimeoutError:
                 raise Closed(CLOSE_UNAUTHORIZED, "no API key: send {type: auth, key}") from None
-            message = self._decode(raw)
+            decoded = self._decode(raw)
             # No error frame here: the close's reason says it, and nothing may be sent after it.
-            if isinstance(message, str) or message.type != "auth" or not message.key:
+            if isinstance(decoded, str) or decoded.type != "auth" or not decoded.key:
                 raise Closed(CLOSE_UNAUTHORIZED, "the first message must be {type: auth, key}")
-            key = message.key
+            message, key = decoded, decoded.key
         try:
             principal = await self.authenticate(key)
         except AlmanacError as exc:
