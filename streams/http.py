@@ -13,7 +13,16 @@ from almanac.auth import Principal, bearer_token
 from almanac.container import Container
 from almanac.errors import NotFound
 from queries.batches import get_batch
-from streams.websocket import CLOSE_BAD_REQUEST, BadTopic, Hub, Progress, Session, Topic
+from streams.websocket import (
+    CLOSE_BAD_REQUEST,
+    BadAfter,
+    BadTopic,
+    Hub,
+    Progress,
+    Session,
+    Topic,
+    close_reason,
+)
 
 
 def hub_of(container: Container) -> Hub:
@@ -29,8 +38,15 @@ def _key(socket: WebSocket[Any, Any, Any]) -> str | None:
 
 
 def _after(socket: WebSocket[Any, Any, Any]) -> int | None:
+    """``?after=<position>``, or None without one; anything else raises ``BadAfter`` (a
+    client must not believe it resumed when it did not)."""
     raw = socket.query_params.get("after")
-    return int(raw) if raw is not None and raw.isdigit() else None
+    if raw is None:
+        return None
+    # ASCII digits only: ``str.isdigit`` also passes "²", which ``int`` refuses.
+    if not (raw.isascii() and raw.isdigit()):
+        raise BadAfter(f"after must be a position (a whole number, 0 or more), got {raw!r}")
+    return int(raw)
 
 
 async def _serve(
@@ -43,8 +59,9 @@ async def _serve(
     raw_topics = [t for t in socket.query_params.get("topics", "").split(",") if t]
     try:
         topics |= {Topic.parse(t) for t in raw_topics}
-    except BadTopic as exc:
-        await socket.close(CLOSE_BAD_REQUEST, str(exc)[:120])
+        after = _after(socket)
+    except (BadTopic, BadAfter) as exc:
+        await socket.close(CLOSE_BAD_REQUEST, close_reason(str(exc)))
         return
     session = Session(
         socket=socket,
@@ -52,7 +69,7 @@ async def _serve(
         settings=container.settings.websocket,
         authenticate=container.keyring.authenticate,
         topics=topics,
-        after=_after(socket),
+        after=after,
         key=_key(socket),
         progress=progress,
     )

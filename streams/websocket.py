@@ -97,6 +97,11 @@ class BadTopic(ValueError):
     pass
 
 
+class BadAfter(ValueError):
+    """A resume position that is not one: refused rather than ignored, or the client would
+    believe it resumed when it did not."""
+
+
 @dataclass(frozen=True)
 class Topic:
     """``*`` (all the key may see), ``reading:<id>``, ``batch:<id>``, ``event:<type glob>``."""
@@ -481,11 +486,13 @@ def frame(**fields: object) -> str:
 
 PROGRESS = "progress"
 HEARTBEAT = "heartbeat"
+# Answers to the client's own messages (pong, subscribed, error).
+REPLY = "reply"
 
 
 def positioned(event: LiveEvent) -> bool:
-    """Heartbeats and progress reports are not events: no position of their own."""
-    return event.type not in (HEARTBEAT, PROGRESS)
+    """Heartbeats, progress reports and replies are not events: no position of their own."""
+    return event.type not in (HEARTBEAT, PROGRESS, REPLY)
 
 
 # Reports on something running (a batch): its fields as a frame, or None once it has ended.
@@ -503,6 +510,11 @@ class Socket(Protocol):
 
 
 Authenticate = Callable[[str | None], Awaitable[Principal]]
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame carries (123 bytes of UTF-8)."""
+    return text.encode()[:120].decode(errors="ignore")
 
 
 class Closed(Exception):
@@ -553,20 +565,28 @@ class Session:
 
     async def _principal(self) -> Principal:
         key = self.key
+        message: ClientMessage | None = None
         if key is None:
             try:
                 raw = await within(self.socket.receive_text(), self.settings.auth_timeout)
             except TimeoutError:
                 raise Closed(CLOSE_UNAUTHORIZED, "no API key: send {type: auth, key}") from None
-            message = self._decode(raw)
-            if message is None or message.type != "auth" or not message.key:
+            decoded = self._decode(raw)
+            # No error frame here: the close's reason says it, and nothing may be sent after it.
+            if isinstance(decoded, str) or decoded.type != "auth" or not decoded.key:
                 raise Closed(CLOSE_UNAUTHORIZED, "the first message must be {type: auth, key}")
-            key = message.key
-            self._apply(message)
+            message, key = decoded, decoded.key
         try:
-            return await self.authenticate(key)
+            principal = await self.authenticate(key)
         except AlmanacError as exc:
-            raise Closed(CLOSE_UNAUTHORIZED, exc.detail[:120]) from None
+            raise Closed(CLOSE_UNAUTHORIZED, close_reason(exc.detail)) from None
+        # After the key: a client without a valid one learns nothing but 4401.
+        if message is not None:
+            try:
+                self._apply(message)
+            except (BadTopic, BadAfter) as exc:  # as a malformed one in the URL is
+                raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
+        return principal
 
     async def _serve(self, listener: Listener) -> None:
         await self.socket.send_text(
@@ -700,46 +720,46 @@ class Session:
         while True:
             raw = await self.socket.receive_text()
             message = self._decode(raw)
-            if message is None:
-                continue
-            if message.type == "ping":
-                await self.socket.send_text(frame(type="pong", position=self.hub.position))
-                continue
-            if message.type == "auth":
-                await self.socket.send_text(frame(type="error", code="already_authenticated"))
-                continue
-            try:
-                topics = {Topic.parse(t) for t in message.topics}
-            except BadTopic as exc:
-                await self.socket.send_text(frame(type="error", code="bad_topic", detail=str(exc)))
-                continue
-            if message.type == "subscribe":
-                listener.topics |= topics
+            if isinstance(message, str):
+                self._reply(listener, type="error", code="bad_message", detail=message)
+            elif message.type == "ping":
+                self._reply(listener, type="pong", position=self.hub.position)
+            elif message.type == "auth":
+                self._reply(listener, type="error", code="already_authenticated")
             else:
-                listener.topics -= topics
-            await self.socket.send_text(
-                frame(type="subscribed", topics=sorted(map(str, listener.topics)))
-            )
+                try:
+                    topics = {Topic.parse(t) for t in message.topics}
+                except BadTopic as exc:
+                    self._reply(listener, type="error", code="bad_topic", detail=str(exc))
+                    continue
+                if message.type == "subscribe":
+                    listener.topics |= topics
+                else:
+                    listener.topics -= topics
+                self._reply(listener, type="subscribed", topics=sorted(map(str, listener.topics)))
+
+    @staticmethod
+    def _reply(listener: Listener, **fields: object) -> None:
+        """Queue an answer to the client's message behind the frames already waiting, in
+        the order of the messages. Through the bounded queue, not a task or a wait of its
+        own: a client that sends and never reads overflows it and is closed (4429) rather
+        than grow the server's memory."""
+        listener.offer(LiveEvent(0, REPLY, "", listener.principal.owner, frame(**fields)))
 
     def _apply(self, message: ClientMessage) -> None:
         """Topics and resume point given with the first (auth) message."""
         self.topics |= {Topic.parse(t) for t in message.topics}
         if message.after is not None:
+            if message.after < 0:
+                raise BadAfter(f"after must be a position (0 or more), got {message.after}")
             self.after = message.after
 
-    def _decode(self, raw: str) -> ClientMessage | None:
+    @staticmethod
+    def _decode(raw: str) -> ClientMessage | str:
+        """The client's message, or why it is not one."""
         try:
             return _decode_message(raw)
         except msgspec.ValidationError as exc:
-            detail = str(exc)
+            return str(exc)
         except msgspec.DecodeError:
-            detail = "not JSON"
-        task = asyncio.ensure_future(
-            self.socket.send_text(frame(type="error", code="bad_message", detail=detail))
-        )
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-        return None
-
-
-_background: set[asyncio.Task[Any]] = set()
+            return "not JSON"

@@ -142,6 +142,93 @@ async def test_a_bad_message_gets_an_error_frame_and_the_connection_stays(
         assert (await next_frame(socket))["type"] == "pong"
 
 
+@pytest.mark.parametrize("how", ["query", "first message"])
+async def test_rejects_a_malformed_topic_given_from_the_start_with_4400(
+    server: LiveServer, how: str
+) -> None:
+    if how == "query":
+        connection = server.connect("/ws?topics=galaxy:1", server.alice)
+    else:
+        connection = server.connect("/ws")
+    async with connection as socket:
+        if how == "first message":
+            auth = {"type": "auth", "key": server.alice, "topics": ["galaxy:1"]}
+            await socket.send(json.dumps(auth))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+    assert "galaxy:1" in closed.value.rcvd.reason
+
+
+async def test_an_unknown_key_with_a_malformed_topic_is_refused_as_unauthorized(
+    server: LiveServer,
+) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": "alm_wrong", "topics": ["galaxy:1"]}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4401
+
+
+async def test_a_bad_first_message_closes_with_4401_and_nothing_after_the_close(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send("{not json")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4401
+    # No error frame raced the close ("Unexpected ASGI message ... after sending close").
+    assert not [r for r in caplog.records if "Unexpected ASGI message" in r.getMessage()]
+
+
+async def test_rejects_a_flood_of_bad_frames_from_a_client_that_does_not_read_with_4429(
+    settings: Settings,
+) -> None:
+    # Each bad frame's error reply waits in the connection's bounded queue like any frame,
+    # so a client that sends them and reads nothing is closed as too slow instead of
+    # growing the server's memory. The replies quote the bad type, so they are large and
+    # the server's buffers fill fast.
+    small = msgspec.structs.replace(
+        settings, websocket=msgspec.structs.replace(settings.websocket, queue_size=8)
+    )
+    async with live_server(small) as server:
+        hub = hub_of(server.container)
+        async with slow_reader(server) as client:
+            await next_frame(client)
+            bad = json.dumps({"type": "x" * 20_000})
+            for _ in range(5000):  # bounded: the server gives up on this client long before
+                if hub.connections == 0:
+                    break
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await client.send(bad)
+                await asyncio.sleep(0)
+            assert hub.connections == 0, "the client was never found too slow"
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for _ in range(10_000):
+                    await asyncio.wait_for(client.recv(), 10)
+            assert client.close_code == 4429
+
+
+async def test_error_replies_come_in_the_order_of_the_messages(server: LiveServer) -> None:
+    async with server.connect("/ws", server.alice) as socket:
+        await next_frame(socket)
+        for message in ("{not json", '{"type": "ping"}', '{"type": "nope"}', '{"type": "ping"}'):
+            await socket.send(message)
+        replies = [await next_frame(socket) for _ in range(4)]
+        assert [r.get("code", r["type"]) for r in replies] == [
+            "bad_message",
+            "pong",
+            "bad_message",
+            "pong",
+        ]
+        await socket.send(json.dumps({"type": "subscribe", "topics": ["*"]}))
+        assert (await next_frame(socket))["topics"] == ["*"]
+
+
 async def test_unsubscribing_stops_the_frames_of_that_topic(server: LiveServer) -> None:
     async with server.connect("/ws", server.alice) as socket:
         await next_frame(socket)
@@ -180,6 +267,30 @@ async def test_a_reconnecting_client_gets_what_it_missed_once_then_live(
     labels = [f["payload"]["data"]["label"] for f in resumed if f["event_type"] == PROGRESS[0]]
     assert labels == ["missed 0", "missed 1", "after"]
     assert int(missed[0].headers["almanac-position"]) == positions[0]
+
+
+@pytest.mark.parametrize(
+    "path", ["/ws?after=abc", "/ws?after=-1", "/ws?after=", "/ws?after=%C2%B2"]
+)
+async def test_rejects_a_malformed_after_in_the_url_with_4400(
+    server: LiveServer, path: str
+) -> None:
+    async with server.connect(path, server.alice) as socket:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+    assert "after" in closed.value.rcvd.reason
+
+
+async def test_rejects_a_negative_after_in_the_auth_message_with_4400(server: LiveServer) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": server.alice, "after": -1}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+    assert "after" in closed.value.rcvd.reason
 
 
 async def test_resuming_from_too_far_back_is_refused_with_4410(settings: Settings) -> None:
