@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from uuid import UUID
 
@@ -15,14 +16,20 @@ from almanac.errors import NotFound
 from queries.batches import get_batch
 from streams.websocket import (
     CLOSE_BAD_REQUEST,
+    CLOSE_NOT_FOUND,
     BadAfter,
     BadTopic,
+    Closed,
     Hub,
     Progress,
     Session,
     Topic,
     close_reason,
 )
+
+# How long ``/ws/batches/{id}`` reports a batch it cannot see (not projected yet, or not
+# the client's) before closing with 4404.
+BATCH_NOT_FOUND_GRACE = 10.0
 
 
 def hub_of(container: Container) -> Hub:
@@ -98,7 +105,10 @@ async def batch_socket(
     container: NamedDependency[Container],
     batch_id: FromPath[UUID],
 ) -> None:
+    missing_since: float | None = None
+
     async def progress(principal: Principal) -> dict[str, object] | None:
+        nonlocal missing_since
         try:
             view = await get_batch(
                 batch_id,
@@ -109,6 +119,11 @@ async def batch_socket(
                 timeout=0,
             )
         except NotFound:  # not projected yet (or not the client's): it may yet appear
+            now = time.monotonic()
+            missing_since = now if missing_since is None else missing_since
+            if now - missing_since >= BATCH_NOT_FOUND_GRACE:
+                # Not a read-model query twice a second for as long as the socket stays.
+                raise Closed(CLOSE_NOT_FOUND, close_reason(f"no batch {batch_id}")) from None
             return {"batch_id": str(batch_id), "status": "not_found"}
         return {
             "batch_id": str(view.id),

@@ -47,6 +47,7 @@ log = structlog.get_logger("almanac.websocket")
 CLOSE_GOING_AWAY = 1001
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_NOT_FOUND = 4404
 CLOSE_TOO_OLD = 4410
 CLOSE_SLOW_CONSUMER = 4429
 
@@ -682,6 +683,10 @@ class Session:
         while True:
             try:
                 fields = await progress(listener.principal)
+            except Closed as exc:  # the report says the socket has nothing to follow
+                self._failure = exc
+                self._interrupt()
+                return
             except Exception as exc:  # noqa: BLE001 - a failed report skips a beat, not the socket
                 log.warning("websocket.progress_failed", error=repr(exc))
                 fields = {}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from typing import Any
 
 import msgspec
+import pytest
+import websockets
 
+import streams.http
 from almanac.settings import BatchSettings, Settings
 from tests.e2e.support_server import live_server, next_frame
 from tests.e2e.test_batches_api import SlowGenerator, items
@@ -45,3 +49,31 @@ async def test_batch_socket_sends_each_outcome_and_progress_every_second(
     # Sent twice a second; the bound leaves room for a loaded test machine.
     gaps = [b - a for a, b in itertools.pairwise(running)]
     assert all(gap < 1.5 for gap in gaps), gaps
+
+
+async def frames_until_closed(socket: Any) -> None:
+    for _ in range(100):
+        await next_frame(socket, timeout=10)
+
+
+async def test_batch_socket_for_a_batch_the_client_cannot_see_closes_with_4404(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reported as not found for a grace period (it may not be projected yet), then closed,
+    instead of a read-model query twice a second for as long as the socket stays open."""
+    monkeypatch.setattr(streams.http, "BATCH_NOT_FOUND_GRACE", 1.0)
+    async with live_server(settings) as server:
+        response = await server.http.post(
+            "/api/v1/batches", json={"items": items(1)}, headers=server.auth(server.alice)
+        )
+        assert response.status_code == 202, response.text
+        for path in (f"/ws/batches/{uuid.uuid4()}", f"/ws/batches/{response.json()['id']}"):
+            # Someone else's batch is as invisible to bob as one that does not exist.
+            async with server.connect(path, server.bob) as socket:
+                assert (await next_frame(socket))["type"] == "welcome"
+                assert (await next_frame(socket))["status"] == "not_found"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await frames_until_closed(socket)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 4404
+            assert "no batch" in closed.value.rcvd.reason
