@@ -96,6 +96,23 @@ async def test_clients_see_only_their_own_owners_events_and_admins_see_all(
     assert {f["aggregate_id"] for f in bob_frames} == {bob_id}, "nothing of alice's"
 
 
+async def test_a_resume_replays_only_the_clients_own_owners_events(server: LiveServer) -> None:
+    """The replay from the log is filtered by owner as the live stream is."""
+    async with server.connect("/ws?topics=*", server.alice) as alice:
+        assert (await next_frame(alice))["type"] == "welcome"
+        alices = await server.post_reading(server.alice)
+        await events_until(alice, generated)
+    async with server.connect("/ws?topics=*&after=0", server.bob) as bob:
+        assert (await next_frame(bob))["type"] == "welcome"
+        bobs = await server.post_reading(server.bob)
+        bob_frames = await events_until(bob, generated)
+    alice_id = alices.headers["location"].rsplit("/", 1)[1]
+    bob_id = bobs.headers["location"].rsplit("/", 1)[1]
+    assert alice_id not in {f["aggregate_id"] for f in bob_frames}
+    assert {f["aggregate_id"] for f in bob_frames} == {bob_id}
+    assert {f["payload"]["metadata"]["owner"] for f in bob_frames} == {"bob"}
+
+
 @pytest.mark.parametrize("how", ["header", "query", "first message"])
 async def test_a_key_is_accepted_by_header_query_or_first_message(
     server: LiveServer, how: str
