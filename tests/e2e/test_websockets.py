@@ -35,6 +35,12 @@ def generated(frames: list[dict[str, Any]]) -> bool:
     return any(f["event_type"] == "reading.generated" for f in frames)
 
 
+def with_small_queues(settings: Settings) -> Settings:
+    """Eight unsent frames per connection at most: a slow client overflows quickly."""
+    websocket = msgspec.structs.replace(settings.websocket, queue_size=8)
+    return msgspec.structs.replace(settings, websocket=websocket)
+
+
 async def subscribe(socket: Any, *topics: str) -> dict[str, Any]:
     await socket.send(json.dumps({"type": "subscribe", "topics": list(topics)}))
     return await next_frame(socket)
@@ -209,10 +215,7 @@ async def test_rejects_a_flood_of_bad_frames_from_a_client_that_does_not_read_wi
     # so a client that sends them and reads nothing is closed as too slow instead of
     # growing the server's memory. The replies quote the bad type, so they are large and
     # the server's buffers fill fast.
-    small = msgspec.structs.replace(
-        settings, websocket=msgspec.structs.replace(settings.websocket, queue_size=8)
-    )
-    async with live_server(small) as server:
+    async with live_server(with_small_queues(settings)) as server:
         hub = hub_of(server.container)
         async with slow_reader(server) as client:
             await next_frame(client)
@@ -355,10 +358,7 @@ async def test_a_client_that_stops_reading_gets_what_was_sent_in_order_then_4429
     # then stops reading: the server's socket buffer fills, frames then wait in the queue,
     # and the queue overflows. Until then, every frame (sent at once or after waiting) goes
     # out once, in order. The events are the hub's own, large, so that buffers fill fast.
-    small = msgspec.structs.replace(
-        settings, websocket=msgspec.structs.replace(settings.websocket, queue_size=8)
-    )
-    async with live_server(small) as server:
+    async with live_server(with_small_queues(settings)) as server:
         hub = hub_of(server.container)
         published: list[int] = []
         async with slow_reader(server) as client:
