@@ -144,6 +144,17 @@ def _single(
     return Response(_encoded(body), media_type=MediaType.JSON, headers=headers)
 
 
+def _tagged(request: Request[Any, Any, Any], view: Any, tag: str, position: int) -> Response[Any]:
+    """A single resource whose content follows from its position alone, with its ETag
+    (``If-None-Match`` answered 304), without ``fields`` and not kept in the encoded-view
+    cache that the hot reads share."""
+    etag = _etag(tag, None)
+    headers = {"ETag": etag, "Almanac-Position": str(position), "Cache-Control": "private"}
+    if _not_modified(request, etag):
+        return Response(None, status_code=304, headers=headers)
+    return Response(view, headers=headers)
+
+
 @get("/readings/{reading_id:uuid}", summary="Get a reading", tags=["readings"])
 async def get_reading_route(
     request: Request[Any, Any, Any],
@@ -337,6 +348,7 @@ async def batch_results_route(
 
 @get("/jobs/{job_id:uuid}", summary="Get a background job", tags=["jobs"])
 async def get_job_route(
+    request: Request[Any, Any, Any],
     job_id: FromPath[UUID],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
@@ -350,7 +362,7 @@ async def get_job_route(
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
     )
-    return Response(view, headers={"Almanac-Position": str(view.position)})
+    return _tagged(request, view, f"j-{view.id}-{view.position}", view.position)
 
 
 @get(
@@ -433,6 +445,7 @@ async def list_webhooks_route(
 
 @get("/webhooks/{endpoint_id:uuid}", summary="Get a webhook endpoint", tags=["webhooks"])
 async def get_webhook_route(
+    request: Request[Any, Any, Any],
     endpoint_id: FromPath[UUID],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
@@ -446,7 +459,7 @@ async def get_webhook_route(
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
     )
-    return Response(view, headers={"Almanac-Position": str(view.position)})
+    return _tagged(request, view, f"w-{view.id}-{view.position}", view.position)
 
 
 @get(

@@ -322,8 +322,15 @@ async def test_jobs_view_covers_readings_and_batches(api: Api) -> None:
     ]
     # The batch's items are readings too, and jobs of their own.
     assert len(mine) == 5
-    job = (await api.client.get(f"/api/v1/jobs/{batch_id}", headers=api.auth(api.alice))).json()
+    shown = await api.client.get(f"/api/v1/jobs/{batch_id}", headers=api.auth(api.alice))
+    job = shown.json()
     assert (job["kind"], job["state"], job["progress"]) == ("batch", "succeeded", 100.0)
+    etag = shown.headers["etag"]
+    assert etag == f'W/"j-{batch_id}-{job["position"]}"'
+    unchanged = await api.client.get(
+        f"/api/v1/jobs/{batch_id}", headers={**api.auth(api.alice), "If-None-Match": etag}
+    )
+    assert unchanged.status_code == 304
     assert job["location"] == f"/api/v1/batches/{batch_id}"
     hidden = await api.client.get(f"/api/v1/jobs/{batch_id}", headers=api.auth(api.bob))
     assert hidden.status_code == 404

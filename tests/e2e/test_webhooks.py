@@ -143,6 +143,28 @@ async def test_changes_and_deletes_an_endpoint(hooks: Hooks) -> None:
     assert gone.status_code == 404
 
 
+async def test_an_endpoint_has_an_etag_that_changes_with_it(hooks: Hooks) -> None:
+    api = hooks.api
+    created = await hooks.register(api.alice, "/a")
+    url = f"/api/v1/webhooks/{created['id']}"
+    alice = api.auth(api.alice)
+    position = created["position"]
+    first = await api.client.get(f"{url}?min_position={position}", headers=alice)
+    etag = first.headers["etag"]
+    assert etag.startswith('W/"w-')
+    unchanged = await api.client.get(url, headers={**alice, "If-None-Match": etag})
+    assert unchanged.status_code == 304
+    changed = await api.client.patch(url, json={"description": "renamed"}, headers=alice)
+    assert changed.status_code == 200, changed.text
+    after = changed.headers["almanac-position"]
+    again = await api.client.get(
+        f"{url}?min_position={after}", headers={**alice, "If-None-Match": etag}
+    )
+    assert again.status_code == 200
+    assert again.json()["description"] == "renamed"
+    assert again.headers["etag"] != etag
+
+
 @pytest.mark.parametrize(
     ("url", "why"),
     [
