@@ -241,6 +241,7 @@ async def get_chart_route(
 
 @get("/batches/{batch_id:uuid}", summary="Get a batch and its progress", tags=["batches"])
 async def get_batch_route(
+    request: Request[Any, Any, Any],
     batch_id: FromPath[UUID],
     container: NamedDependency[Container],
     principal: NamedDependency[Principal],
@@ -254,7 +255,7 @@ async def get_batch_route(
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
     )
-    return Response(view, headers={"Almanac-Position": str(view.position)})
+    return _tagged(request, view, f"b-{view.id}-{view.position}", view.position)
 
 
 @get("/batches", summary="List the owner's batches, newest first", tags=["batches"])

@@ -331,6 +331,14 @@ async def test_jobs_view_covers_readings_and_batches(api: Api) -> None:
         f"/api/v1/jobs/{batch_id}", headers={**api.auth(api.alice), "If-None-Match": etag}
     )
     assert unchanged.status_code == 304
+    batch_etag = (
+        await api.client.get(f"/api/v1/batches/{batch_id}", headers=api.auth(api.alice))
+    ).headers["etag"]
+    assert batch_etag.startswith(f'W/"b-{batch_id}-')
+    revalidated = await api.client.get(
+        f"/api/v1/batches/{batch_id}", headers={**api.auth(api.alice), "If-None-Match": batch_etag}
+    )
+    assert revalidated.status_code == 304
     assert job["location"] == f"/api/v1/batches/{batch_id}"
     hidden = await api.client.get(f"/api/v1/jobs/{batch_id}", headers=api.auth(api.bob))
     assert hidden.status_code == 404
