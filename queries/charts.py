@@ -34,12 +34,12 @@ async def get_chart(
     key = chart_key(chart_hash)
     view = None if cache is None else decode_chart(await cache.get(key))
     if view is None:
-        mark = None if cache is None else cache.mark()
+        mark = 0 if cache is None else cache.mark()
         row = await source.fetch_one(SELECT_CHART, {"chart_hash": chart_hash})
         if row is None:
             raise NotFound(f"no chart {chart_hash}")
         view = chart_from_row(row)
-        if cache is not None and mark is not None:
+        if cache is not None:
             await cache.fill(key, encode_entry(view), mark=mark)
     if not principal.is_admin:
         owns = await source.fetch_one(_OWNS, {"chart_hash": chart_hash, "owner": principal.owner})

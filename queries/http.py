@@ -135,24 +135,30 @@ def _single(
     position: int,
     paths: tuple[str, ...] | None,
 ) -> Response[Any]:
-    etag = _etag(tag, paths)
-    headers = {"ETag": etag, "Almanac-Position": str(position), "Cache-Control": "private"}
-    if _not_modified(request, etag):
-        return Response(None, status_code=304, headers=headers)
+    headers, not_modified = _conditional(request, _etag(tag, paths), position)
+    if not_modified is not None:
+        return not_modified
     if paths is not None:
         return Response(select(body, paths), headers=headers)
     return Response(_encoded(body), media_type=MediaType.JSON, headers=headers)
 
 
 def _tagged(request: Request[Any, Any, Any], view: Any, tag: str, position: int) -> Response[Any]:
-    """A single resource whose content follows from its position alone, with its ETag
-    (``If-None-Match`` answered 304), without ``fields`` and not kept in the encoded-view
-    cache that the hot reads share."""
-    etag = _etag(tag, None)
+    """A single resource whose content follows from its position alone, with its ETag,
+    without ``fields`` and not kept in the encoded-view cache that the hot reads share."""
+    headers, not_modified = _conditional(request, _etag(tag, None), position)
+    return not_modified or Response(view, headers=headers)
+
+
+def _conditional(
+    request: Request[Any, Any, Any], etag: str, position: int
+) -> tuple[dict[str, str], Response[Any] | None]:
+    """A single resource's headers, and the 304 to answer with if ``If-None-Match`` has
+    ``etag`` (else None)."""
     headers = {"ETag": etag, "Almanac-Position": str(position), "Cache-Control": "private"}
     if _not_modified(request, etag):
-        return Response(None, status_code=304, headers=headers)
-    return Response(view, headers=headers)
+        return headers, Response(None, status_code=304, headers=headers)
+    return headers, None
 
 
 @get("/readings/{reading_id:uuid}", summary="Get a reading", tags=["readings"])

@@ -99,8 +99,9 @@ _ENDPOINT_COLUMNS = (
 
 async def _reach(watch: PositionWatch, min_position: int | None, timeout: float) -> int:
     """The endpoints' position, once it is at least ``min_position`` (else NotYetVisible)."""
-    await wait_for_position(watch, min_position, timeout, ENDPOINTS)
-    return await watch.current(ENDPOINTS)
+    reached = await wait_for_position(watch, min_position, timeout, ENDPOINTS)
+    # One read of the position: the wait, when there was one, has read it already.
+    return reached or await watch.current(ENDPOINTS)
 
 
 async def list_webhooks(

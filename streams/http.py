@@ -25,6 +25,7 @@ from streams.websocket import (
     Session,
     Topic,
     close_reason,
+    resume_position,
 )
 
 # How long ``/ws/batches/{id}`` reports a batch it cannot see (not projected yet, or not
@@ -48,12 +49,7 @@ def _after(socket: WebSocket[Any, Any, Any]) -> int | None:
     """``?after=<position>``, or None without one; anything else raises ``BadAfter`` (a
     client must not believe it resumed when it did not)."""
     raw = socket.query_params.get("after")
-    if raw is None:
-        return None
-    # ASCII digits only: ``str.isdigit`` also passes "²", which ``int`` refuses.
-    if not (raw.isascii() and raw.isdigit()):
-        raise BadAfter(f"after must be a position (a whole number, 0 or more), got {raw!r}")
-    return int(raw)
+    return None if raw is None else resume_position(raw)
 
 
 async def _serve(

@@ -103,6 +103,19 @@ class BadAfter(ValueError):
     believe it resumed when it did not."""
 
 
+def resume_position(value: str | int) -> int:
+    """``after`` as given in the URL (text) or the auth message (a number): a position, 0
+    or more, else ``BadAfter``."""
+    # ASCII digits only: ``str.isdigit`` also passes "²", which ``int`` refuses.
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise BadAfter(f"after must be a position (a whole number, 0 or more), got {value!r}")
+        return int(value)
+    if value < 0:
+        raise BadAfter(f"after must be a position (0 or more), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Topic:
     """``*`` (all the key may see), ``reading:<id>``, ``batch:<id>``, ``event:<type glob>``."""
@@ -755,9 +768,7 @@ class Session:
         """Topics and resume point given with the first (auth) message."""
         self.topics |= {Topic.parse(t) for t in message.topics}
         if message.after is not None:
-            if message.after < 0:
-                raise BadAfter(f"after must be a position (0 or more), got {message.after}")
-            self.after = message.after
+            self.after = resume_position(message.after)
 
     @staticmethod
     def _decode(raw: str) -> ClientMessage | str:

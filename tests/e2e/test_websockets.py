@@ -35,6 +35,14 @@ def generated(frames: list[dict[str, Any]]) -> bool:
     return any(f["event_type"] == "reading.generated" for f in frames)
 
 
+async def close_of(socket: Any) -> Any:
+    """The close frame the server ends ``socket`` with (no frame but heartbeats before it)."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await next_frame(socket, timeout=15)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    return closed.value.rcvd
+
+
 def with_small_queues(settings: Settings) -> Settings:
     """Eight unsent frames per connection at most: a slow client overflows quickly."""
     websocket = msgspec.structs.replace(settings.websocket, queue_size=8)
@@ -144,10 +152,8 @@ async def test_no_valid_key_closes_with_4401(server: LiveServer, first: Any) -> 
     async with server.connect("/ws") as socket:
         if first is not None:
             await socket.send(json.dumps(first))
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await next_frame(socket, timeout=15)
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4401
+        close = await close_of(socket)
+    assert close.code == 4401
 
 
 async def test_a_bad_message_gets_an_error_frame_and_the_connection_stays(
@@ -177,11 +183,9 @@ async def test_rejects_a_malformed_topic_given_from_the_start_with_4400(
         if how == "first message":
             auth = {"type": "auth", "key": server.alice, "topics": ["galaxy:1"]}
             await socket.send(json.dumps(auth))
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await next_frame(socket, timeout=15)
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4400
-    assert "galaxy:1" in closed.value.rcvd.reason
+        close = await close_of(socket)
+    assert close.code == 4400
+    assert "galaxy:1" in close.reason
 
 
 async def test_an_unknown_key_with_a_malformed_topic_is_refused_as_unauthorized(
@@ -189,10 +193,8 @@ async def test_an_unknown_key_with_a_malformed_topic_is_refused_as_unauthorized(
 ) -> None:
     async with server.connect("/ws") as socket:
         await socket.send(json.dumps({"type": "auth", "key": "alm_wrong", "topics": ["galaxy:1"]}))
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await next_frame(socket, timeout=15)
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4401
+        close = await close_of(socket)
+    assert close.code == 4401
 
 
 async def test_a_bad_first_message_closes_with_4401_and_nothing_after_the_close(
@@ -200,10 +202,8 @@ async def test_a_bad_first_message_closes_with_4401_and_nothing_after_the_close(
 ) -> None:
     async with server.connect("/ws") as socket:
         await socket.send("{not json")
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await next_frame(socket, timeout=15)
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4401
+        close = await close_of(socket)
+    assert close.code == 4401
     # No error frame raced the close ("Unexpected ASGI message ... after sending close").
     assert not [r for r in caplog.records if "Unexpected ASGI message" in r.getMessage()]
 
@@ -296,21 +296,17 @@ async def test_rejects_a_malformed_after_in_the_url_with_4400(
     server: LiveServer, path: str
 ) -> None:
     async with server.connect(path, server.alice) as socket:
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await next_frame(socket, timeout=15)
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4400
-    assert "after" in closed.value.rcvd.reason
+        close = await close_of(socket)
+    assert close.code == 4400
+    assert "after" in close.reason
 
 
 async def test_rejects_a_negative_after_in_the_auth_message_with_4400(server: LiveServer) -> None:
     async with server.connect("/ws") as socket:
         await socket.send(json.dumps({"type": "auth", "key": server.alice, "after": -1}))
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await next_frame(socket, timeout=15)
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4400
-    assert "after" in closed.value.rcvd.reason
+        close = await close_of(socket)
+    assert close.code == 4400
+    assert "after" in close.reason
 
 
 async def test_resuming_from_too_far_back_is_refused_with_4410(settings: Settings) -> None:
@@ -322,11 +318,9 @@ async def test_resuming_from_too_far_back_is_refused_with_4410(settings: Setting
         async with server.connect("/ws?topics=*&after=0", server.alice) as socket:
             await next_frame(socket)
             error = await next_frame(socket)
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await next_frame(socket)
+            close = await close_of(socket)
     assert error["code"] == "position_too_old"
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 4410
+    assert close.code == 4410
 
 
 async def test_an_idle_connection_gets_heartbeats(settings: Settings) -> None:
