@@ -12,10 +12,11 @@ from uuid import UUID
 
 import msgspec
 
+from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.readings import wait_for_position
+from queries.routing import read_source
 
 PROJECTION = "batches"
 MAX_PAGE = 1000
@@ -127,16 +128,25 @@ async def _visible_row(
     batch_id: UUID,
     *,
     db: ReadDatabase,
+    router: ReadRouter | None,
     watch: PositionWatch,
     principal: Principal,
     min_position: int | None,
     timeout: float,
-) -> Row:
-    await wait_for_position(watch, min_position, timeout, PROJECTION)
-    row = await db.fetch_one(_SELECT_BATCH + " WHERE id = :id", {"id": str(batch_id)})
+) -> tuple[Row, ReadDatabase, int]:
+    """The batch's row, the database it came from and the position that reflects."""
+    source, position = await read_source(
+        (PROJECTION,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
+    row = await source.fetch_one(_SELECT_BATCH + " WHERE id = :id", {"id": str(batch_id)})
     if row is None or not principal.may_see(str(row["owner"])):
         raise NotFound(f"no batch {batch_id}")
-    return row
+    return row, source, position
 
 
 async def get_batch(
@@ -147,10 +157,12 @@ async def get_batch(
     principal: Principal,
     min_position: int | None,
     timeout: float,
+    router: ReadRouter | None = None,
 ) -> BatchView:
-    row = await _visible_row(
+    row, _, _ = await _visible_row(
         batch_id,
         db=db,
+        router=router,
         watch=watch,
         principal=principal,
         min_position=min_position,
@@ -180,10 +192,17 @@ async def list_batches(
     cursor: str | None,
     min_position: int | None,
     timeout: float,
+    router: ReadRouter | None = None,
 ) -> BatchPage:
     """The owner's batches (an admin's: everyone's), newest first."""
-    await wait_for_position(watch, min_position, timeout, PROJECTION)
-    position = await watch.current(PROJECTION)
+    source, position = await read_source(
+        (PROJECTION,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
@@ -196,7 +215,7 @@ async def list_batches(
         where.append("status = :status")
         params["status"] = status
     sql = _SELECT_BATCH + (" WHERE " + " AND ".join(where) if where else "")
-    rows = await db.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
+    rows = await source.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = str(rows[-1]["started_position"]) if more else None
@@ -213,31 +232,39 @@ async def batch_results(
     cursor: str | None,
     min_position: int | None,
     timeout: float,
+    router: ReadRouter | None = None,
 ) -> ResultPage:
     """A page of the batch's items in index order, each with its outcome so far."""
-    await _visible_row(
+    _, source, position = await _visible_row(
         batch_id,
         db=db,
+        router=router,
         watch=watch,
         principal=principal,
         min_position=min_position,
         timeout=timeout,
     )
-    position = await watch.current(PROJECTION)
     params = {"batch_id": str(batch_id), "after": cursor_number(cursor), "limit": limit + 1}
-    rows = await db.fetch_all(_SELECT_ITEMS, params)
+    rows = await source.fetch_all(_SELECT_ITEMS, params)
     more = len(rows) > limit
     items = [_item(r) for r in rows[:limit]]
     next_cursor = str(items[-1].index) if more else None
     return ResultPage(items, more, next_cursor, position)
 
 
-async def stream_results(batch_id: UUID, *, db: ReadDatabase) -> AsyncIterator[list[ItemResult]]:
+async def stream_results(
+    batch_id: UUID,
+    *,
+    db: ReadDatabase,
+    router: ReadRouter | None = None,
+    min_position: int | None = None,
+) -> AsyncIterator[list[ItemResult]]:
     """Every item, a chunk at a time: never the whole result set in memory."""
+    source = db if router is None else await router.source(min_position, (PROJECTION,))
     after = -1
     while True:
         params = {"batch_id": str(batch_id), "after": after, "limit": STREAM_CHUNK}
-        rows = await db.fetch_all(_SELECT_ITEMS, params)
+        rows = await source.fetch_all(_SELECT_ITEMS, params)
         if not rows:
             return
         items = [_item(r) for r in rows]

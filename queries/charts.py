@@ -8,7 +8,7 @@ from almanac.cache import ReadCache, chart_key, decode_chart, encode_entry
 from almanac.errors import NotFound
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.views import SELECT_CHART, ChartView, chart_from_row
-from queries.readings import wait_for_position
+from queries.routing import wait_for_position
 
 # A client sees a chart only through a reading of its own: birth data is personal.
 _OWNS = "SELECT 1 AS ok FROM readings WHERE chart_hash = :chart_hash AND owner = :owner LIMIT 1"

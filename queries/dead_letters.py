@@ -9,9 +9,10 @@ from uuid import UUID
 
 import msgspec
 
+from almanac.adapters.replicas import ReadRouter
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 from queries.batches import cursor_number, parse_time
-from queries.readings import wait_for_position
+from queries.routing import read_source
 
 PROJECTION = "dead_letters"
 MAX_PAGE = 200
@@ -69,18 +70,25 @@ async def list_dead_letters(
     cursor: str | None,
     min_position: int | None,
     timeout: float,
+    router: ReadRouter | None = None,
 ) -> DeadLetterPage:
     """A page of dead letters, the most recently recorded first (admins only: the caller
     checks)."""
     before = cursor_number(cursor)
-    await wait_for_position(watch, min_position, timeout, PROJECTION)
-    position = await watch.current(PROJECTION)
+    source, position = await read_source(
+        (PROJECTION,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
     params: dict[str, Any] = {"limit": limit + 1}
     where = ""
     if cursor is not None:
         where = " WHERE failed_position < :before"
         params["before"] = before
-    rows = await db.fetch_all(
+    rows = await source.fetch_all(
         _SELECT + where + " ORDER BY failed_position DESC LIMIT :limit", params
     )
     more = len(rows) > limit

@@ -256,6 +256,7 @@ async def get_batch_route(
     view = await get_batch(
         batch_id,
         db=container.read_db,
+        router=container.read_router,
         watch=container.watch,
         principal=principal,
         min_position=min_position,
@@ -277,6 +278,7 @@ async def list_batches_route(
 ) -> Response[BatchPage]:
     page = await list_batches(
         db=container.read_db,
+        router=container.read_router,
         watch=container.watch,
         principal=principal,
         status=status,
@@ -321,6 +323,7 @@ async def batch_results_route(
         page = await batch_results(
             batch_id,
             db=container.read_db,
+            router=container.read_router,
             watch=container.watch,
             principal=principal,
             limit=limit,
@@ -332,12 +335,15 @@ async def batch_results_route(
     view = await get_batch(
         batch_id,
         db=container.read_db,
+        router=container.read_router,
         watch=container.watch,
         principal=principal,
         min_position=min_position,
         timeout=timeout,
     )
-    chunks = stream_results(batch_id, db=container.read_db)
+    chunks = stream_results(
+        batch_id, db=container.read_db, router=container.read_router, min_position=min_position
+    )
     body, media_type = (
         (ndjson_lines(chunks), "application/x-ndjson")
         if chosen == "ndjson"
@@ -364,6 +370,7 @@ async def get_job_route(
     view = await get_job(
         job_id,
         db=container.read_db,
+        router=container.read_router,
         watch=container.watch,
         principal=principal,
         min_position=min_position,
@@ -392,6 +399,7 @@ async def list_jobs_route(
 ) -> Response[JobPage]:
     page = await list_jobs(
         db=container.read_db,
+        router=container.read_router,
         watch=container.watch,
         principal=principal,
         kind=kind,
@@ -425,6 +433,7 @@ async def list_dead_letters_route(
     principal.require_admin()
     page = await list_dead_letters(
         db=container.read_db,
+        router=container.read_router,
         watch=container.watch,
         limit=limit,
         cursor=cursor,
@@ -446,6 +455,7 @@ async def list_webhooks_route(
         principal,
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
+        router=container.read_router,
     )
     return Response(found, headers={"Almanac-Position": str(found.position)})
 
@@ -465,6 +475,7 @@ async def get_webhook_route(
         endpoint_id,
         min_position=min_position,
         timeout=container.settings.http.min_position_timeout,
+        router=container.read_router,
     )
     return _tagged(request, view, f"w-{view.id}-{view.position}", view.position)
 

@@ -10,11 +10,12 @@ from uuid import UUID
 
 import msgspec
 
+from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import NotFound
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 from queries.batches import cursor_number, parse_time
-from queries.readings import wait_for_position
+from queries.routing import read_source
 
 JobKind = Literal["reading", "batch"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -96,11 +97,6 @@ def _batch_job(row: Row) -> JobView:
     )
 
 
-async def _wait(watch: PositionWatch, min_position: int | None, timeout: float) -> None:
-    for projection in PROJECTIONS:
-        await wait_for_position(watch, min_position, timeout, projection)
-
-
 async def get_job(
     job_id: UUID,
     *,
@@ -109,10 +105,18 @@ async def get_job(
     principal: Principal,
     min_position: int | None,
     timeout: float,
+    router: ReadRouter | None = None,
 ) -> JobView:
-    await _wait(watch, min_position, timeout)
+    source, _ = await read_source(
+        PROJECTIONS,
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
     for sql, build in ((_READINGS, _reading_job), (_BATCHES, _batch_job)):
-        row = await db.fetch_one(sql + " WHERE id = :id", {"id": str(job_id)})
+        row = await source.fetch_one(sql + " WHERE id = :id", {"id": str(job_id)})
         if row is not None and principal.may_see(str(row["owner"])):
             return build(row)
     raise NotFound(f"no job {job_id}")
@@ -140,10 +144,17 @@ async def list_jobs(
     cursor: str | None,
     min_position: int | None,
     timeout: float,
+    router: ReadRouter | None = None,
 ) -> JobPage:
     before = cursor_number(cursor)
-    await _wait(watch, min_position, timeout)
-    position = min([await watch.current(p) for p in PROJECTIONS])
+    source, position = await read_source(
+        PROJECTIONS,
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
@@ -160,7 +171,9 @@ async def list_jobs(
             statuses = [s for s, st in _READING_STATES.items() if st == state]
             clauses.append("status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")")
         sql = _READINGS + (" WHERE " + " AND ".join(clauses) if clauses else "")
-        rows = await db.fetch_all(sql + " ORDER BY requested_position DESC LIMIT :limit", params)
+        rows = await source.fetch_all(
+            sql + " ORDER BY requested_position DESC LIMIT :limit", params
+        )
         found.extend((int(r["pos"]), _reading_job(r)) for r in rows)
     if kind in {None, "batch"}:
         clauses = [w.format(pos="started_position") for w in where]
@@ -168,7 +181,7 @@ async def list_jobs(
             status, extra = _batch_statuses(state)
             clauses.append(status + extra)
         sql = _BATCHES + (" WHERE " + " AND ".join(clauses) if clauses else "")
-        rows = await db.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
+        rows = await source.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
         found.extend((int(r["pos"]), _batch_job(r)) for r in rows)
     found.sort(key=lambda pair: pair[0], reverse=True)
     more = len(found) > limit

@@ -10,6 +10,7 @@ from litestar import Router, get
 from litestar.di import NamedDependency
 
 from almanac.adapters.redis import RedisConnection
+from almanac.adapters.replicas import SourceStats
 from almanac.auth import Principal
 from almanac.cache import CacheStats, ReadCache
 from almanac.container import Container
@@ -62,4 +63,31 @@ async def get_cache_monitoring_route(
     return await get_cache_monitoring(container.cache, container.redis)
 
 
-router = Router(path="/api/v1", route_handlers=[get_cache_monitoring_route])
+class ReadSources(msgspec.Struct, frozen=True):
+    # False without ALMANAC_READ_REPLICA_URLS: every query reads the primary.
+    routing: bool
+    # The primary first, then each replica: its projection positions as last probed, its
+    # lag behind the primary per projection, its health and how many reads went to it.
+    sources: list[SourceStats]
+
+
+@get(
+    "/monitoring/replicas",
+    summary="The read databases queries are routed to, with each one's positions and lag (admin)",
+    tags=["monitoring"],
+)
+async def get_replica_monitoring_route(
+    container: NamedDependency[Container],
+    principal: NamedDependency[Principal],
+) -> ReadSources:
+    principal.require_admin()
+    router = container.read_router
+    if router is None:
+        return ReadSources(routing=False, sources=[])
+    await router.refresh()
+    return ReadSources(routing=True, sources=router.stats())
+
+
+router = Router(
+    path="/api/v1", route_handlers=[get_cache_monitoring_route, get_replica_monitoring_route]
+)

@@ -14,9 +14,10 @@ import msgspec
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.cache import ReadCache, decode_reading, encode_entry, position_of, reading_key
-from almanac.errors import FieldError, NotFound, NotYetVisible, ValidationFailed
+from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.views import SELECT_READINGS, ReadingView, reading_from_row
+from queries.routing import read_source, wait_for_position
 
 PROJECTION = "readings"
 MAX_PAGE = 200
@@ -65,25 +66,6 @@ def decode_cursor(raw: str, filters: ReadingFilters, owner: str) -> _Cursor:
     if cursor.filters != filters.fingerprint() or cursor.owner != owner:
         raise bad("belongs to a listing with other filters; repeat the filters it was made with")
     return cursor
-
-
-async def wait_for_position(
-    watch: PositionWatch,
-    min_position: int | None,
-    timeout: float,
-    projection: str = PROJECTION,
-) -> int:
-    """Return once the read model has reached ``min_position``, or raise NotYetVisible."""
-    if min_position is None or min_position <= 0:
-        return 0
-    current = await watch.wait_for(projection, min_position, timeout)
-    if current < min_position:
-        raise NotYetVisible(
-            f"the read model is at position {current}, not yet at {min_position}; retry shortly",
-            wanted=min_position,
-            current=current,
-        )
-    return current
 
 
 def _older_than(held: bytes, position: int) -> bool:
@@ -152,8 +134,6 @@ async def list_readings(
         and filters.created_after >= filters.created_before
     ):
         raise ValidationFailed([FieldError("created_before", "must be after created_after")])
-    await wait_for_position(watch, min_position, timeout)
-    position = await watch.current(PROJECTION)
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
@@ -180,9 +160,14 @@ async def list_readings(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY r.requested_position DESC LIMIT :limit"
-    source = db if router is None else await router.source(min_position)
-    if router is not None and (applied := router.applied_position(source)) is not None:
-        position = applied  # a replica's page reflects its own position (>= min_position)
+    source, position = await read_source(
+        (PROJECTION,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
     rows = await source.fetch_all(sql, params)
     more = len(rows) > limit
     rows = rows[:limit]

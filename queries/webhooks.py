@@ -8,10 +8,11 @@ from uuid import UUID
 
 import msgspec
 
+from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.readings import wait_for_position
+from queries.routing import read_source, wait_for_position
 
 ENDPOINTS = "webhook_endpoints"
 MAX_PAGE = 200
@@ -111,9 +112,17 @@ async def list_webhooks(
     *,
     min_position: int | None = None,
     timeout: float = 2.0,
+    router: ReadRouter | None = None,
 ) -> WebhookList:
-    position = await _reach(watch, min_position, timeout)
-    rows = await db.fetch_all(
+    source, position = await read_source(
+        (ENDPOINTS,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
+    rows = await source.fetch_all(
         f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints"
         " WHERE owner = :owner AND status != 'deleted' ORDER BY created_at, id",
         {"owner": principal.owner},
@@ -129,9 +138,17 @@ async def get_webhook(
     *,
     min_position: int | None = None,
     timeout: float = 2.0,
+    router: ReadRouter | None = None,
 ) -> WebhookView:
-    await _reach(watch, min_position, timeout)
-    row = await _endpoint_row(db, principal, endpoint_id)
+    source, _ = await read_source(
+        (ENDPOINTS,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
+    row = await _endpoint_row(source, principal, endpoint_id)
     return _view(row)
 
 
@@ -181,7 +198,9 @@ async def list_deliveries(
     """Newest first, with the endpoints' position; ``cursor`` is the ``next_cursor`` of the
     page before."""
     # The deliveries are a log, not a projection; what a position makes visible is the
-    # endpoint they belong to, so that one just created is found rather than a 404.
+    # endpoint they belong to, so that one just created is found rather than a 404. No
+    # projection position tells how fresh a standby's copy of the log is, so it is read
+    # from the primary.
     position = await _reach(watch, min_position, timeout)
     await _endpoint_row(db, principal, endpoint_id)
     params: dict[str, Any] = {"endpoint_id": str(endpoint_id), "limit": limit + 1}

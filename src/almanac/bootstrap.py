@@ -73,7 +73,6 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
                     for url in settings.store.read_replica_urls
                 ],
                 max_lag=settings.store.replica_max_lag,
-                projection=ReadingsProjection.name,
             )
     else:
         read_db = SqliteReadDatabase(settings.store.sqlite_read_path)

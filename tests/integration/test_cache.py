@@ -405,6 +405,10 @@ async def test_a_generated_reading_is_served_from_the_cache_and_admins_can_see_t
         with_redis = settings.cache.redis_url is not None
         assert report["cache"]["l2_enabled"] is with_redis
         assert report["redis"]["status"] == ("ok" if with_redis else "not_configured")
+        # No replicas configured: every query reads the primary, and the report says so.
+        replicas = await client.get("/api/v1/monitoring/replicas", headers=auth(admin))
+        assert replicas.status_code == 200, replicas.text
+        assert replicas.json() == {"routing": False, "sources": []}
 
 
 def auth(key: str) -> dict[str, str]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
+from almanac.adapters.replicas import ReadRouter
 from almanac.app import create_app
 from almanac.bootstrap import bootstrap
 from almanac.settings import Settings, StoreSettings
@@ -18,6 +20,8 @@ from tests.conftest import services_settings
 from tests.factories import birth_json
 from tests.integration.support_app import on_app_loop
 from tests.integration.support_replica import StreamingPair, missing_prerequisites, streaming_pair
+
+DATABASE = "almanac_read"
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +35,25 @@ def pair() -> Iterator[StreamingPair]:
         yield built
 
 
-async def test_queries_are_served_by_a_fresh_replica_and_reads_stay_consistent(
-    pair: StreamingPair, postgres_url: str
-) -> None:
-    base = services_settings(postgres_url)
-    settings: Settings = msgspec.structs.replace(
-        base,
+def replicated_settings(pair: StreamingPair, postgres_url: str) -> Settings:
+    """Services settings whose read database is the pair's primary, with its standby as the
+    one replica, usable only when level with the primary (``max_lag`` 0)."""
+    return msgspec.structs.replace(
+        services_settings(postgres_url),
         store=StoreSettings(
             postgres_url=postgres_url,
-            read_postgres_url=pair.primary.url("almanac_read"),
-            read_replica_urls=(pair.standby.url("almanac_read"),),
+            read_postgres_url=pair.primary.url(DATABASE),
+            read_replica_urls=(pair.standby.url(DATABASE),),
             replica_max_lag=0,
             pool_size=4,
         ),
     )
+
+
+async def test_queries_are_served_by_a_fresh_replica_and_reads_stay_consistent(
+    pair: StreamingPair, postgres_url: str
+) -> None:
+    settings = replicated_settings(pair, postgres_url)
     container = bootstrap(settings)
     assert container.read_router is not None
     async with AsyncTestClient(create_app(settings, container)) as client:
@@ -72,3 +81,98 @@ async def test_queries_are_served_by_a_fresh_replica_and_reads_stay_consistent(
             assert time.monotonic() < deadline, f"no listing served by the replica: {stats}"
             await on_app_loop(client, container.read_router.refresh)
         assert [r["id"] for r in listing.json()["data"]] == [posted.json()["id"]]
+
+
+async def test_batch_job_webhook_and_dead_letter_queries_are_routed_to_a_fresh_replica(
+    pair: StreamingPair, postgres_url: str
+) -> None:
+    """Each query is routed by its own projection's position on the standby, and with
+    ``min_position`` a standby serves it only once it has replayed that far."""
+    # A database of its own: the standby replays it from the start, as it does the first.
+    settings = replicated_settings(pair, postgres_url)
+    settings = msgspec.structs.replace(
+        settings,
+        store=msgspec.structs.replace(
+            settings.store,
+            read_postgres_url=pair.primary.url(f"{DATABASE}_2"),
+            read_replica_urls=(pair.standby.url(f"{DATABASE}_2"),),
+        ),
+    )
+    container = bootstrap(settings)
+    router = container.read_router
+    assert router is not None
+    async with AsyncTestClient(create_app(settings, container)) as client:
+        client_key, admin_key = [
+            (await asyncio.to_thread(container.keyring.issue, name=n, role=n, owner=n)).secret
+            for n in ("client", "admin")
+        ]
+        auth = {"Authorization": f"Bearer {client_key}"}
+        batch = await client.post(
+            "/api/v1/batches", json={"items": [{"birth": birth_json()}]}, headers=auth
+        )
+        assert batch.status_code == 202, batch.text
+        hook = await client.post(
+            "/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=auth
+        )
+        assert hook.status_code == 201, hook.text
+        batch_id, hook_id = batch.json()["id"], hook.json()["id"]
+        after = max(int(r.headers["almanac-position"]) for r in (batch, hook))
+        expected = {
+            "/api/v1/batches": lambda body: [b["id"] for b in body["data"]] == [batch_id],
+            f"/api/v1/batches/{batch_id}": lambda body: body["id"] == batch_id,
+            f"/api/v1/batches/{batch_id}/results": lambda body: len(body["data"]) == 1,
+            "/api/v1/jobs": lambda body: batch_id in [j["id"] for j in body["data"]],
+            f"/api/v1/jobs/{batch_id}": lambda body: body["kind"] == "batch",
+            "/api/v1/webhooks": lambda body: [w["id"] for w in body["data"]] == [hook_id],
+            f"/api/v1/webhooks/{hook_id}": lambda body: body["url"].endswith("/hook"),
+        }
+        for path, holds in expected.items():
+            await served_by_replica(
+                client, router, path, min_position=after, headers=auth, holds=holds
+            )
+        admin = {"Authorization": f"Bearer {admin_key}"}
+        assert (await client.get("/api/v1/monitoring/replicas", headers=auth)).status_code == 403
+        report = await client.get("/api/v1/monitoring/replicas", headers=admin)
+        assert report.status_code == 200, report.text
+        primary, replica = report.json()["sources"]
+        assert (primary["role"], replica["role"], replica["healthy"]) == (
+            "primary",
+            "replica",
+            True,
+        )
+        # Every projection is reported, with the replica's lag behind the primary in each.
+        assert {"readings", "batches", "webhook_endpoints"} <= set(replica["positions"])
+        assert set(replica["lags"]) >= set(replica["positions"])
+        assert replica["routed"] >= len(expected)
+        await served_by_replica(
+            client,
+            router,
+            "/api/v1/dead-letters",
+            min_position=0,
+            headers=admin,
+            holds=lambda body: body["data"] == [],
+        )
+
+
+async def served_by_replica(
+    client: AsyncTestClient[Any],
+    router: ReadRouter,
+    path: str,
+    *,
+    min_position: int,
+    headers: dict[str, str],
+    holds: Callable[[Any], bool],
+) -> None:
+    """GET ``path`` until the replica answers it: every answer, from whichever source, must
+    hold what ``holds`` checks and reflect at least ``min_position``."""
+    deadline = time.monotonic() + 30
+    while True:
+        before = router.stats()[1].routed
+        response = await client.get(path, params={"min_position": min_position}, headers=headers)
+        assert response.status_code == 200, f"{path}: {response.text}"
+        assert holds(response.json()), f"{path}: {response.text}"
+        assert int(response.headers.get("almanac-position", min_position)) >= min_position
+        if router.stats()[1].routed > before:
+            return
+        assert time.monotonic() < deadline, f"{path} never served by the replica: {router.stats()}"
+        await on_app_loop(client, router.refresh)

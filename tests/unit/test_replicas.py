@@ -38,10 +38,12 @@ class FakeSource:
 
     dialect: Literal["postgres"] = "postgres"
 
-    def __init__(self, name: str, position: int = 0) -> None:
+    def __init__(self, name: str, position: int = 0, **others: int) -> None:
         self.name = name
         self.url = f"postgresql://app:s3cret@{name}:5432/read"
+        # ``readings``' position; ``others`` are further projections' positions.
         self.position = position
+        self.others = others
         self.failure: Exception | None = None
         self.hangs = False
         # While set and not yet opened, position reads wait: a refresh held in flight.
@@ -58,17 +60,18 @@ class FakeSource:
             raise self.failure
 
     async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> Row | None:
-        if "projection_positions" in sql:
-            self.position_reads += 1
-            if self.gate is not None:
-                await self.gate.wait()
-            await self._answer()
-            return {"position": self.position}
         await self._answer()
         self.reads += 1
         return {"served_by": self.name}
 
     async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]:
+        if "projection_positions" in sql:
+            self.position_reads += 1
+            if self.gate is not None:
+                await self.gate.wait()
+            await self._answer()
+            positions = {"readings": self.position, **self.others}
+            return [{"name": name, "position": at} for name, at in positions.items()]
         row = await self.fetch_one(sql, params)
         return [] if row is None else [row]
 
@@ -103,8 +106,12 @@ def make_router(
     )
 
 
-async def served_by(router: ReadRouter, min_position: int | None = None) -> str:
-    row = await (await router.source(min_position)).fetch_one("SELECT who", {})
+async def served_by(
+    router: ReadRouter,
+    min_position: int | None = None,
+    projections: tuple[str, ...] = ("readings",),
+) -> str:
+    row = await (await router.source(min_position, projections)).fetch_one("SELECT who", {})
     assert row is not None
     return str(row["served_by"])
 
@@ -399,6 +406,50 @@ async def test_applied_position_is_the_replicas_cached_position_and_none_for_the
     assert router.applied_position(await router.source(min_position=100)) is None
 
 
+async def test_each_read_is_routed_by_the_positions_of_the_projections_it_names() -> None:
+    """A replica level in readings but far behind in batches serves readings, not batches."""
+    router = make_router(
+        FakeSource("primary", 100, batches=500),
+        FakeSource("replica", 100, batches=500 - MAX_LAG - 1),
+    )
+
+    assert await served_by(router) == "replica"
+    assert await served_by(router, projections=("batches",)) == "primary"
+    assert await served_by(router, projections=("readings", "batches")) == "primary"
+
+
+async def test_a_read_of_several_projections_needs_the_replica_fresh_in_every_one() -> None:
+    router = make_router(
+        FakeSource("primary", 100, batches=50),
+        FakeSource("lags_readings", 80, batches=50),
+        FakeSource("fresh", 95, batches=45),
+    )
+
+    assert {await served_by(router, projections=("readings", "batches")) for _ in range(4)} == {
+        "fresh"
+    }
+    # min_position applies to each projection named: 'fresh' has batches only at 45.
+    assert await served_by(router, 48, projections=("readings", "batches")) == "primary"
+
+
+async def test_a_projection_the_replica_has_no_row_for_counts_as_position_zero() -> None:
+    router = make_router(
+        FakeSource("primary", 100, webhook_endpoints=3), FakeSource("replica", 100)
+    )
+
+    assert await served_by(router, projections=("webhook_endpoints",)) == "replica"
+    assert await served_by(router, 1, projections=("webhook_endpoints",)) == "primary"
+
+
+async def test_applied_position_is_the_lowest_of_the_projections_the_read_named() -> None:
+    router = make_router(
+        FakeSource("primary", 100, batches=90), FakeSource("replica", 97, batches=88)
+    )
+
+    assert router.applied_position(await router.source(projections=("readings", "batches"))) == 88
+    assert router.applied_position(await router.source(projections=("readings",))) == 97
+
+
 async def test_stats_mask_passwords_and_report_position_lag_health_and_routed_counts() -> None:
     down = FakeSource("down", 100)
     down.failure = Unavailable("connection refused")
@@ -423,6 +474,7 @@ async def test_stats_mask_passwords_and_report_position_lag_health_and_routed_co
         3,
     )
     assert (unreachable.position, unreachable.lag, unreachable.healthy) == (None, None, False)
+    assert (replica.positions, replica.lags) == ({"readings": 96}, {"readings": 4})
     assert replica.url == "postgresql://app:***@replica:5432/read"
     assert all("s3cret" not in s.url for s in router.stats())
 

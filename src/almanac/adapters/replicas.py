@@ -1,7 +1,10 @@
 """Read-replica routing: each query reads from a hot standby that is fresh enough, else the primary.
 
-How fresh a source is comes from its own ``projection_positions`` row: the table replicates
-with the read model, so a standby's row says how far its copy has got. Positions are cached
+How fresh a source is comes from its own ``projection_positions`` rows: the table replicates
+with the read model, so a standby's row for a projection says how far its copy of that
+projection has got. Each read names the projections it reads (a reading, a batch, the jobs
+over both), and is routed by those alone: a standby is judged per projection, since
+projections move at their own pace and a quiet one's position stands still. Positions are cached
 and refreshed in the background at most every ``refresh_interval``, so routing adds no query
 to a request -- except a read that names a ``min_position`` while the cached positions are
 older than that: it waits for the refresh (a projection rebuilt in place starts again from
@@ -29,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 # The primary's connection set-up, so that rows decode alike from every source.
 from almanac.adapters.postgres import IdleCheck, PostgresReadDatabase, _configure
 from almanac.errors import Unavailable
-from almanac.readmodels import Dialect, ReadDatabase, Row, Write, projection_position
+from almanac.readmodels import Dialect, ReadDatabase, Row, Write
 from almanac.settings import mask_password
 
 log = structlog.get_logger("almanac.replicas")
@@ -39,6 +42,9 @@ T = TypeVar("T")
 _NOT_ANSWERING = (Unavailable, psycopg.OperationalError, OSError, TimeoutError)
 # A position probe may also meet a standby that has not yet replayed the tables.
 _PROBE_FAILURES = (*_NOT_ANSWERING, psycopg.Error)
+_POSITIONS = "SELECT name, position FROM projection_positions"
+# What a read routes by when it names nothing else: the hot reads.
+READINGS = ("readings",)
 
 
 class ReplicaReadDatabase(PostgresReadDatabase):
@@ -90,13 +96,17 @@ class SourceStats(msgspec.Struct, frozen=True):
 
     role: Literal["primary", "replica"]
     url: str
-    # The source's projection position, as last read; None before the first answer.
+    # The source's ``readings`` position, as last read; None before the first answer.
     position: int | None
-    # How far behind the primary's position, for replicas whose both positions are known.
+    # How far behind the primary's ``readings`` position, for replicas whose both are known.
     lag: int | None
     healthy: bool
     # How many reads ``source()`` has sent here.
     routed: int
+    # Every projection's position on this source, as last read.
+    positions: dict[str, int] = msgspec.field(default_factory=dict)
+    # Per projection, how far behind the primary (replicas only).
+    lags: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @dataclass
@@ -104,11 +114,16 @@ class _Source:
     db: ReadDatabase
     role: Literal["primary", "replica"]
     label: str
-    position: int | None = None
+    # Projection name -> position, as last read; None before the first answer.
+    positions: dict[str, int] | None = None
     healthy: bool = True
     failures: int = 0
     retry_at: float = 0.0
     routed: int = 0
+
+    def at(self, projection: str) -> int | None:
+        """This source's position for ``projection`` (0 if it has none yet), None if unknown."""
+        return None if self.positions is None else self.positions.get(projection, 0)
 
 
 def _label(db: ReadDatabase) -> str:
@@ -129,7 +144,6 @@ class ReadRouter:
         replicas: Sequence[ReadDatabase],
         *,
         max_lag: int,
-        projection: str = "readings",
         refresh_interval: float = 0.1,
         timeout: float = 1.0,
         down_for: float = 1.0,
@@ -138,7 +152,6 @@ class ReadRouter:
     ) -> None:
         if max_lag < 0:
             raise ValueError(f"max_lag must be 0 or more, got {max_lag}")
-        self.projection = projection
         self.max_lag = max_lag
         self._primary = _Source(primary, "primary", _label(primary))
         self._replicas = [_Source(db, "replica", _label(db)) for db in replicas]
@@ -177,12 +190,15 @@ class ReadRouter:
     async def ping(self) -> None:
         """Probe every source now; raise ``Unavailable`` if none of them can serve reads."""
         await self.refresh()
-        if self._primary.healthy or self._eligible(0):
+        if self._primary.healthy or self._eligible(0, READINGS):
             return
         raise Unavailable("no read database is answering, neither the primary nor a replica")
 
-    async def source(self, min_position: int | None = None) -> ReadDatabase:
-        """The database to run one read on: it has applied at least ``min_position``."""
+    async def source(
+        self, min_position: int | None = None, projections: Sequence[str] = READINGS
+    ) -> ReadDatabase:
+        """The database to run one read of ``projections`` on: it has applied at least
+        ``min_position`` of each, and trails the primary by at most ``max_lag`` in each."""
         if not self._filled:
             await self.refresh()  # the very first reads wait for the first positions
         elif self._clock() - self._refreshed_at >= self._interval:
@@ -193,40 +209,47 @@ class ReadRouter:
             else:
                 self._start_refresh()
         wanted = min_position or 0
-        eligible = self._eligible(wanted)
-        if not eligible and self._worth_refreshing_for(wanted):
+        eligible = self._eligible(wanted, projections)
+        if not eligible and self._worth_refreshing_for(wanted, projections):
             await self.refresh()
-            eligible = self._eligible(wanted)
+            eligible = self._eligible(wanted, projections)
         if not eligible:
             self._primary.routed += 1
             return self._primary.db
         chosen = eligible[self._turn % len(eligible)]
         self._turn += 1
         chosen.routed += 1
-        return _ReplicaRead(chosen, self._primary.db, self._within, self._set_aside)
+        # Positions only grow, so the replica has applied at least what it had when chosen.
+        applied = min(chosen.at(p) or 0 for p in projections)
+        return _ReplicaRead(chosen, applied, self._primary.db, self._within, self._set_aside)
 
     def applied_position(self, source: ReadDatabase) -> int | None:
-        """A position ``source`` (from ``source()``) has certainly applied; None for the primary,
-        whose own position is the one to report."""
+        """A position ``source`` (from ``source()``) has certainly applied in every projection
+        the read named; None for the primary, whose own position is the one to report."""
         return source.position if isinstance(source, _ReplicaRead) else None
 
     def stats(self) -> list[SourceStats]:
-        primary = self._primary.position
-        return [
-            SourceStats(
-                role=s.role,
-                url=s.label,
-                position=s.position,
-                lag=(
-                    primary - s.position
-                    if s.role == "replica" and primary is not None and s.position is not None
-                    else None
-                ),
-                healthy=s.healthy,
-                routed=s.routed,
+        primary = self._primary
+        stats = []
+        for s in (primary, *self._replicas):
+            positions = dict(s.positions or {})
+            # A lag is known for a replica once both its positions and the primary's are.
+            known = s.role == "replica" and None not in (s.positions, primary.positions)
+            names = sorted({*(primary.positions or {}), *positions, READINGS[0]})
+            lags = {n: (primary.at(n) or 0) - (s.at(n) or 0) for n in names} if known else {}
+            stats.append(
+                SourceStats(
+                    role=s.role,
+                    url=s.label,
+                    position=s.at(READINGS[0]),
+                    lag=lags.get(READINGS[0]),
+                    healthy=s.healthy,
+                    routed=s.routed,
+                    positions=positions,
+                    lags=lags,
+                )
             )
-            for s in (self._primary, *self._replicas)
-        ]
+        return stats
 
     async def refresh(self) -> None:
         """Read every source's position now, joining a refresh already under way."""
@@ -255,11 +278,11 @@ class ReadRouter:
 
     async def _probe(self, source: _Source) -> None:
         try:
-            position = await self._within(projection_position(source.db, self.projection))
+            rows = await self._within(source.db.fetch_all(_POSITIONS, {}))
         except _PROBE_FAILURES as exc:
             self._set_aside(source, exc)
             return
-        source.position = position
+        source.positions = {str(row["name"]): int(row["position"]) for row in rows}
         if not source.healthy:
             log.info("read_router.source_up", role=source.role, url=source.label)
         source.healthy = True
@@ -282,23 +305,29 @@ class ReadRouter:
             )
         source.healthy = False
 
-    def _eligible(self, wanted: int) -> list[_Source]:
-        # Without the primary's position the lag cannot be known: read from the primary.
-        if self._primary.position is None:
+    def _eligible(self, wanted: int, projections: Sequence[str]) -> list[_Source]:
+        # Without the primary's positions the lag cannot be known: read from the primary.
+        if self._primary.positions is None:
             return []
-        floor = max(wanted, self._primary.position - self.max_lag)
+        floors = [(p, max(wanted, (self._primary.at(p) or 0) - self.max_lag)) for p in projections]
         return [
             r
             for r in self._replicas
-            if r.healthy and r.position is not None and r.position >= floor
+            if r.healthy
+            and r.positions is not None
+            and all((r.at(p) or 0) >= floor for p, floor in floors)
         ]
 
-    def _worth_refreshing_for(self, wanted: int) -> bool:
-        """A healthy replica's cached position is below ``wanted``: it may have moved on since."""
+    def _worth_refreshing_for(self, wanted: int, projections: Sequence[str]) -> bool:
+        """A healthy replica's cached position is below ``wanted`` in a projection asked for:
+        it may have moved on since."""
         if self._clock() - self._refreshed_at < self._forced_interval:
             return False
         return any(
-            r.healthy and r.position is not None and r.position < wanted for r in self._replicas
+            r.healthy
+            and r.positions is not None
+            and any((r.at(p) or 0) < wanted for p in projections)
+            for r in self._replicas
         )
 
     async def _within(self, work: Coroutine[Any, Any, T]) -> T:
@@ -336,6 +365,7 @@ class _ReplicaRead:
     def __init__(
         self,
         replica: _Source,
+        position: int,
         primary: ReadDatabase,
         within: Callable[[Coroutine[Any, Any, Any]], Coroutine[Any, Any, Any]],
         failed: Callable[[_Source, BaseException], None],
@@ -344,8 +374,7 @@ class _ReplicaRead:
         self._primary = primary
         self._within = within
         self._failed = failed
-        # Cached when chosen; positions only grow, so the replica has applied at least this.
-        self.position = replica.position
+        self.position = position
 
     @property
     def dialect(self) -> Dialect:
