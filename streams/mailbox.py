@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -33,6 +34,13 @@ class Mailbox(Generic[T]):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def retain(self, keep: Callable[[T], bool]) -> int:
+        """Let go of every item ``keep`` refuses, keeping the others in order; how many went."""
+        kept = [item for item in self._items if keep(item)]
+        gone = len(self._items) - len(kept)
+        self._items[:] = kept
+        return gone
 
     def get_nowait(self) -> T:
         return self._items.pop(0)

@@ -8,7 +8,10 @@ asked for it and may see it. Each connection has a bounded queue: a client that 
 A client that reconnects with the last position it saw first receives what it missed,
 read from the event store, then the live frames, skipping any it already got: no gap, no
 duplicate. Further back than ``max_replay`` positions it is told the position is too old
-(close 4410) and should reload through the query API.
+(close 4410) and should reload through the query API. Live events that would overflow its
+queue while it catches up are let go rather than end the connection: they are in the store,
+and the replay reads on from where it got to until it meets the live stream (a client
+that keeps falling more than ``max_replay`` behind meanwhile is closed with 4429).
 """
 
 from __future__ import annotations
@@ -185,6 +188,10 @@ class Listener:
     # Writes an encoded frame at once, past the queue (the server's ``DIRECT_SEND``), when
     # nothing waits in it; None where the server offers no such path.
     direct: DirectSend | None = None
+    # While a resume replays from the store: a full queue lets its stored events go (the
+    # replay reads them again) instead of ending the connection, and marks ``skipped``.
+    catching_up: bool = False
+    skipped: bool = False
 
     def may_see(self, event: LiveEvent) -> bool:
         if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
@@ -225,7 +232,14 @@ class Listener:
             if self.direct(wire):
                 self.sent(event)
                 return
-        if self.queue.qsize() >= self.queue_size:
+        if (
+            self.catching_up
+            and positioned(event)
+            and (self.skipped or self.queue.qsize() >= self.queue_size)
+        ):
+            self._skip()  # the replay's next pass reads it from the store
+            return
+        if self.queue.qsize() >= self.queue_size and not (self.catching_up and self._skip()):
             self.overflowed = True
             self.interrupt()
             return
@@ -233,6 +247,12 @@ class Listener:
         if not self.sending:
             self.sending = True
             self.wake()
+
+    def _skip(self) -> bool:
+        """Let the queued stored events go, for the replay to read again; whether that made
+        room (replies and progress frames are not in the store, and stay)."""
+        self.skipped = True
+        return self.queue.retain(lambda queued: not positioned(queued)) > 0
 
 
 class LiveSource(Protocol):
@@ -678,6 +698,8 @@ class Session:
         """Send what is queued, in order, then hand back to the direct path."""
         if replay is not None:
             await self._replay(listener, replay)
+            if listener.overflowed:
+                return
         queue = listener.queue
         while queue.qsize():
             event = queue.get_nowait()
@@ -729,6 +751,23 @@ class Session:
                 )
             )
             raise Closed(CLOSE_TOO_OLD, "position too old")
+        listener.catching_up = True
+        try:
+            await self._replay_to(listener, after, until)
+            # Live events let go meanwhile (the queue was full) are read from the store too,
+            # until a pass ends with nothing let go: then the queue holds the rest, in order.
+            while listener.skipped:
+                listener.skipped = False
+                after, until = listener.sent_through, await self.hub.store.max_position()
+                if until - after > self.settings.max_replay:
+                    listener.overflowed = True  # it falls behind faster than it reads
+                    listener.interrupt()
+                    return
+                await self._replay_to(listener, after, until)
+        finally:
+            listener.catching_up = False
+
+    async def _replay_to(self, listener: Listener, after: int, until: int) -> None:
         async for event in self.hub.missed(listener, after, until):
             await self.socket.send_text(event.frame)
             listener.sent(event)

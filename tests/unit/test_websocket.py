@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from uuid import uuid4
 
@@ -28,8 +28,10 @@ from streams.websocket import (
     LiveEvent,
     Session,
     Topic,
+    live_event,
 )
 from streams.wsserver import DIRECT_SEND, text_frame
+from tests.factories import new_reading
 from tests.integration.support_waiting import eventually
 
 READING = str(uuid4())
@@ -453,3 +455,90 @@ async def test_a_failed_send_ends_the_session_and_lets_it_go() -> None:
     await asyncio.wait_for(task, timeout=5)
     assert h.connections == 0
     assert session._failure is None and session._task is None  # no cycle kept
+
+
+class GrowingStore:
+    """An event store whose log the test appends to: what a resume replays."""
+
+    def __init__(self) -> None:
+        self.events: list[RecordedEvent] = []
+
+    def append(self, count: int) -> list[LiveEvent]:
+        """Store ``count`` more of alice's events; each as the hub then gets it live."""
+        added = []
+        for _ in range(count):
+            domain_event = new_reading(owner="alice").pending_events[0]
+            event = RecordedEvent.of(domain_event, len(self.events) + 1)
+            self.events.append(event)
+            added.append(live_event(event))
+        return added
+
+    async def max_position(self) -> int:
+        return len(self.events)
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        return self.events[after : after + limit]
+
+
+class ResumingSocket(RecordingSocket):
+    """A client that reads promptly; when its ``at``-th frame arrives, ``meanwhile`` runs
+    (events stored and published live while it is still being replayed to)."""
+
+    def __init__(self, at: int, meanwhile: Callable[[], None]) -> None:
+        super().__init__()
+        self.at = at
+        self.meanwhile = meanwhile
+        self.closed: tuple[int, str | None] | None = None
+
+    async def send_text(self, data: str) -> None:
+        await super().send_text(data)
+        if len(self.sent) == self.at:
+            self.meanwhile()
+        await asyncio.sleep(0)  # a network write lets the loop run
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed = (code, reason)
+
+
+def resuming(h: Hub, store: GrowingStore, *, at: int, burst: int) -> ResumingSocket:
+    def publish_burst() -> None:
+        for event in store.append(burst):
+            h.publish(event)
+
+    return ResumingSocket(at, publish_burst)
+
+
+async def test_live_events_overflowing_the_queue_during_a_resume_are_replayed_not_fatal() -> None:
+    """A prompt client resuming far back is not closed as slow when more live events arrive
+    during its replay than its queue holds: it gets every event once, in order."""
+    store = GrowingStore()
+    store.append(30)
+    h = Hub(store, NoSource(), WebSocketSettings(queue_size=5, max_replay=1000))  # type: ignore[arg-type]
+    h._started.set()
+    socket = resuming(h, store, at=10, burst=20)  # 20 live events, 9 frames into the replay
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
+    task = asyncio.create_task(session.run())
+    try:
+        await socket.frames(1 + 50)
+        for event in store.append(3):  # and live afterwards, as usual
+            h.publish(event)
+        await socket.frames(1 + 53)
+        assert [f["position"] for f in socket.sent[1:]] == list(range(1, 54))
+        assert socket.closed is None
+        assert session.listener is not None and not session.listener.catching_up
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_resuming_client_falling_further_behind_than_max_replay_is_closed_4429() -> None:
+    store = GrowingStore()
+    store.append(10)
+    h = Hub(store, NoSource(), WebSocketSettings(queue_size=5, max_replay=20))  # type: ignore[arg-type]
+    h._started.set()
+    socket = resuming(h, store, at=3, burst=30)
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
+    await asyncio.wait_for(session.run(), timeout=5)
+    assert socket.closed is not None and socket.closed[0] == CLOSE_SLOW_CONSUMER
+    assert h.connections == 0
