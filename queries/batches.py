@@ -16,7 +16,7 @@ from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.routing import read_source
+from queries.routing import read_source, route
 
 PROJECTION = "batches"
 MAX_PAGE = 1000
@@ -124,29 +124,11 @@ def _item(row: Row) -> ItemResult:
     )
 
 
-async def _visible_row(
-    batch_id: UUID,
-    *,
-    db: ReadDatabase,
-    router: ReadRouter | None,
-    watch: PositionWatch,
-    principal: Principal,
-    min_position: int | None,
-    timeout: float,
-) -> tuple[Row, ReadDatabase, int]:
-    """The batch's row, the database it came from and the position that reflects."""
-    source, position = await read_source(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+async def _visible_row(batch_id: UUID, source: ReadDatabase, principal: Principal) -> Row:
     row = await source.fetch_one(_SELECT_BATCH + " WHERE id = :id", {"id": str(batch_id)})
     if row is None or not principal.may_see(str(row["owner"])):
         raise NotFound(f"no batch {batch_id}")
-    return row, source, position
+    return row
 
 
 async def get_batch(
@@ -159,16 +141,38 @@ async def get_batch(
     timeout: float,
     router: ReadRouter | None = None,
 ) -> BatchView:
-    row, _, _ = await _visible_row(
-        batch_id,
+    source = await route(
+        (PROJECTION,),
         db=db,
         router=router,
         watch=watch,
-        principal=principal,
         min_position=min_position,
         timeout=timeout,
     )
-    return batch_from_row(row)
+    return batch_from_row(await _visible_row(batch_id, source, principal))
+
+
+async def download_results(
+    batch_id: UUID,
+    *,
+    db: ReadDatabase,
+    watch: PositionWatch,
+    principal: Principal,
+    min_position: int | None,
+    timeout: float,
+    router: ReadRouter | None = None,
+) -> tuple[BatchView, AsyncIterator[list[ItemResult]]]:
+    """The batch, and every one of its items to stream out, both from the same database."""
+    source = await route(
+        (PROJECTION,),
+        db=db,
+        router=router,
+        watch=watch,
+        min_position=min_position,
+        timeout=timeout,
+    )
+    row = await _visible_row(batch_id, source, principal)
+    return batch_from_row(row), stream_results(batch_id, db=source)
 
 
 def cursor_number(raw: str | None, field: str = "cursor") -> int:
@@ -235,15 +239,15 @@ async def batch_results(
     router: ReadRouter | None = None,
 ) -> ResultPage:
     """A page of the batch's items in index order, each with its outcome so far."""
-    _, source, position = await _visible_row(
-        batch_id,
+    source, position = await read_source(
+        (PROJECTION,),
         db=db,
         router=router,
         watch=watch,
-        principal=principal,
         min_position=min_position,
         timeout=timeout,
     )
+    await _visible_row(batch_id, source, principal)
     params = {"batch_id": str(batch_id), "after": cursor_number(cursor), "limit": limit + 1}
     rows = await source.fetch_all(_SELECT_ITEMS, params)
     more = len(rows) > limit
@@ -252,19 +256,12 @@ async def batch_results(
     return ResultPage(items, more, next_cursor, position)
 
 
-async def stream_results(
-    batch_id: UUID,
-    *,
-    db: ReadDatabase,
-    router: ReadRouter | None = None,
-    min_position: int | None = None,
-) -> AsyncIterator[list[ItemResult]]:
+async def stream_results(batch_id: UUID, *, db: ReadDatabase) -> AsyncIterator[list[ItemResult]]:
     """Every item, a chunk at a time: never the whole result set in memory."""
-    source = db if router is None else await router.source(min_position, (PROJECTION,))
     after = -1
     while True:
         params = {"batch_id": str(batch_id), "after": after, "limit": STREAM_CHUNK}
-        rows = await source.fetch_all(_SELECT_ITEMS, params)
+        rows = await db.fetch_all(_SELECT_ITEMS, params)
         if not rows:
             return
         items = [_item(r) for r in rows]

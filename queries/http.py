@@ -27,10 +27,10 @@ from queries.batches import (
     ResultPage,
     batch_results,
     csv_lines,
+    download_results,
     get_batch,
     list_batches,
     ndjson_lines,
-    stream_results,
 )
 from queries.charts import get_chart
 from queries.dead_letters import MAX_PAGE as MAX_DEAD_LETTER_PAGE
@@ -332,7 +332,7 @@ async def batch_results_route(
             timeout=timeout,
         )
         return Response(page, headers={"Almanac-Position": str(page.position)})
-    view = await get_batch(
+    view, chunks = await download_results(
         batch_id,
         db=container.read_db,
         router=container.read_router,
@@ -340,9 +340,6 @@ async def batch_results_route(
         principal=principal,
         min_position=min_position,
         timeout=timeout,
-    )
-    chunks = stream_results(
-        batch_id, db=container.read_db, router=container.read_router, min_position=min_position
     )
     body, media_type = (
         (ndjson_lines(chunks), "application/x-ndjson")

@@ -15,7 +15,7 @@ from almanac.auth import Principal
 from almanac.errors import NotFound
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 from queries.batches import cursor_number, parse_time
-from queries.routing import read_source
+from queries.routing import read_source, route
 
 JobKind = Literal["reading", "batch"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -107,7 +107,7 @@ async def get_job(
     timeout: float,
     router: ReadRouter | None = None,
 ) -> JobView:
-    source, _ = await read_source(
+    source = await route(
         PROJECTIONS,
         db=db,
         router=router,

@@ -29,6 +29,22 @@ async def wait_for_position(
     return current
 
 
+async def route(
+    projections: Sequence[str],
+    *,
+    db: ReadDatabase,
+    router: ReadRouter | None,
+    watch: PositionWatch,
+    min_position: int | None,
+    timeout: float,
+) -> ReadDatabase:
+    """The database to read ``projections`` from, once each has reached ``min_position``."""
+    source, _ = await _route(
+        projections, db=db, router=router, watch=watch, min_position=min_position, timeout=timeout
+    )
+    return source
+
+
 async def read_source(
     projections: Sequence[str],
     *,
@@ -38,13 +54,28 @@ async def read_source(
     min_position: int | None,
     timeout: float,
 ) -> tuple[ReadDatabase, int]:
-    """The database to read ``projections`` from, once each has reached ``min_position``,
-    and the position its answer reflects: every event up to it is in what it returns."""
-    reached = [await wait_for_position(watch, min_position, timeout, p) for p in projections]
-    source = db if router is None else await router.source(min_position, projections)
+    """``route``, and the position the chosen database's answer reflects: every event up to
+    it is in what it returns."""
+    source, reached = await _route(
+        projections, db=db, router=router, watch=watch, min_position=min_position, timeout=timeout
+    )
     applied = None if router is None else router.applied_position(source)
     if applied is not None:
         return source, applied  # a standby's answer reflects its own positions
     if min(reached) > 0:
         return source, min(reached)  # the wait has read the positions already
     return source, min([await watch.current(p) for p in projections])
+
+
+async def _route(
+    projections: Sequence[str],
+    *,
+    db: ReadDatabase,
+    router: ReadRouter | None,
+    watch: PositionWatch,
+    min_position: int | None,
+    timeout: float,
+) -> tuple[ReadDatabase, list[int]]:
+    reached = [await wait_for_position(watch, min_position, timeout, p) for p in projections]
+    source = db if router is None else await router.source(min_position, projections)
+    return source, reached

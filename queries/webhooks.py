@@ -12,7 +12,7 @@ from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.routing import read_source, wait_for_position
+from queries.routing import read_source, route, wait_for_position
 
 ENDPOINTS = "webhook_endpoints"
 MAX_PAGE = 200
@@ -140,7 +140,7 @@ async def get_webhook(
     timeout: float = 2.0,
     router: ReadRouter | None = None,
 ) -> WebhookView:
-    source, _ = await read_source(
+    source = await route(
         (ENDPOINTS,),
         db=db,
         router=router,

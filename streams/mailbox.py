@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -35,12 +34,8 @@ class Mailbox(Generic[T]):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def retain(self, keep: Callable[[T], bool]) -> int:
-        """Let go of every item ``keep`` refuses, keeping the others in order; how many went."""
-        kept = [item for item in self._items if keep(item)]
-        gone = len(self._items) - len(kept)
-        self._items[:] = kept
-        return gone
+    def clear(self) -> None:
+        self._items.clear()
 
     def get_nowait(self) -> T:
         return self._items.pop(0)

@@ -188,10 +188,15 @@ class Listener:
     # Writes an encoded frame at once, past the queue (the server's ``DIRECT_SEND``), when
     # nothing waits in it; None where the server offers no such path.
     direct: DirectSend | None = None
-    # While a resume replays from the store: a full queue lets its stored events go (the
-    # replay reads them again) instead of ending the connection, and marks ``skipped``.
+    # While a resume replays from the store (``catching_up``), live events wait in the queue
+    # until it is full; then they are let go (``skipped``): the replay reads them again.
+    # Frames that are not in the store (replies, progress) wait in ``held`` meanwhile, each
+    # with the position of the last event offered before it, and go out right after that
+    # event, so that they keep their place among the events.
     catching_up: bool = False
     skipped: bool = False
+    offered_through: int = 0
+    held: list[tuple[int, LiveEvent]] = field(default_factory=list)
 
     def may_see(self, event: LiveEvent) -> bool:
         if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
@@ -226,20 +231,16 @@ class Listener:
         consumer)."""
         if self.overflowed:
             return
+        if self.catching_up:
+            self._offer_catching_up(event)
+            return
         if wire is not None and self.direct is not None and not self.sending:
             if self.already_sent(event):
                 return
             if self.direct(wire):
                 self.sent(event)
                 return
-        if (
-            self.catching_up
-            and positioned(event)
-            and (self.skipped or self.queue.qsize() >= self.queue_size)
-        ):
-            self._skip()  # the replay's next pass reads it from the store
-            return
-        if self.queue.qsize() >= self.queue_size and not (self.catching_up and self._skip()):
+        if self.queue.qsize() >= self.queue_size:
             self.overflowed = True
             self.interrupt()
             return
@@ -248,11 +249,49 @@ class Listener:
             self.sending = True
             self.wake()
 
-    def _skip(self) -> bool:
-        """Let the queued stored events go, for the replay to read again; whether that made
-        room (replies and progress frames are not in the store, and stay)."""
-        self.skipped = True
-        return self.queue.retain(lambda queued: not positioned(queued)) > 0
+    def _offer_catching_up(self, event: LiveEvent) -> None:
+        full = self.queue.qsize() + len(self.held) >= self.queue_size
+        if positioned(event):
+            self.offered_through = event.position
+            if self.skipped or full:
+                # It, and every event queued, is read from the store by the next pass.
+                self.skipped = True
+                self.queue.clear()
+            else:
+                self.queue.put_nowait(event)
+            return
+        if full and self.queue.qsize():
+            self.skipped = True  # the queued events make room, and are read again
+            self.queue.clear()
+        elif full:  # held frames alone fill it: a client flooding the server with messages
+            self.overflowed = True
+            self.interrupt()
+            return
+        self.held.append((self.offered_through, event))
+
+    def release(self) -> list[LiveEvent]:
+        """The held frames whose place has come: after every event sent so far."""
+        due = 0
+        while due < len(self.held) and self.held[due][0] <= self.sent_through:
+            due += 1
+        released = [held for _, held in self.held[:due]]
+        del self.held[:due]
+        return released
+
+    def caught_up(self) -> None:
+        """The replay is over: the frames still held join the queue, each after its event."""
+        self.catching_up = False
+        if not self.held:
+            return
+        queued = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        self.queue.clear()
+        for event in queued:
+            self.queue.put_nowait(event)
+            while self.held and self.held[0][0] <= event.position:
+                self.queue.put_nowait(self.held.pop(0)[1])
+        for _, held in self.held:
+            self.queue.put_nowait(held)
+        self.held.clear()
 
 
 class LiveSource(Protocol):
@@ -752,26 +791,31 @@ class Session:
             )
             raise Closed(CLOSE_TOO_OLD, "position too old")
         listener.catching_up = True
-        try:
+        listener.offered_through = after
+        await self._replay_to(listener, after, until)
+        # Live events let go meanwhile (the queue was full) are read from the store too,
+        # until a pass ends with nothing let go: then the queue holds the rest, in order.
+        # A client reading exactly as fast as events come may take many passes: each sends
+        # only events it has not had, read from the store rather than taken live.
+        while listener.skipped:
+            listener.skipped = False
+            after, until = listener.sent_through, await self.hub.store.max_position()
+            if until - after > self.settings.max_replay:
+                listener.overflowed = True  # it falls behind faster than it reads
+                listener.interrupt()
+                return
             await self._replay_to(listener, after, until)
-            # Live events let go meanwhile (the queue was full) are read from the store too,
-            # until a pass ends with nothing let go: then the queue holds the rest, in order.
-            while listener.skipped:
-                listener.skipped = False
-                after, until = listener.sent_through, await self.hub.store.max_position()
-                if until - after > self.settings.max_replay:
-                    listener.overflowed = True  # it falls behind faster than it reads
-                    listener.interrupt()
-                    return
-                await self._replay_to(listener, after, until)
-        finally:
-            listener.catching_up = False
+        listener.caught_up()
 
     async def _replay_to(self, listener: Listener, after: int, until: int) -> None:
         async for event in self.hub.missed(listener, after, until):
             await self.socket.send_text(event.frame)
             listener.sent(event)
+            for held in listener.release():
+                await self.socket.send_text(held.frame)
         listener.sent_through = max(listener.sent_through, until)
+        for held in listener.release():
+            await self.socket.send_text(held.frame)
 
     async def _receive(self, listener: Listener) -> None:
         while True:

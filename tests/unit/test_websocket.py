@@ -542,3 +542,78 @@ async def test_a_resuming_client_falling_further_behind_than_max_replay_is_close
     await asyncio.wait_for(session.run(), timeout=5)
     assert socket.closed is not None and socket.closed[0] == CLOSE_SLOW_CONSUMER
     assert h.connections == 0
+
+
+async def test_replies_during_a_resume_keep_their_place_among_the_events() -> None:
+    """A reply queued after event 32 arrives right after event 32, though the events around
+    it overflowed the queue and were replayed from the store."""
+    store = GrowingStore()
+    store.append(30)
+    h = Hub(store, NoSource(), WebSocketSettings(queue_size=5, max_replay=1000))  # type: ignore[arg-type]
+    h._started.set()
+    sessions: list[Session] = []
+
+    def meanwhile() -> None:
+        for event in store.append(2):  # 31 and 32 wait in the queue
+            h.publish(event)
+        assert sessions[0].listener is not None
+        Session._reply(sessions[0].listener, type="pong", position=32)
+        for event in store.append(20):  # 33..52 overflow it
+            h.publish(event)
+
+    socket = ResumingSocket(10, meanwhile)
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
+    sessions.append(session)
+    task = asyncio.create_task(session.run())
+    try:
+        await socket.frames(1 + 52 + 1)
+        kinds = [f.get("type", "event") for f in socket.sent]
+        assert kinds.index("pong") == 1 + 32  # the welcome, events 1..32, then the pong
+        events = [f["position"] for f in socket.sent[1:] if f.get("type", "event") == "event"]
+        assert events == list(range(1, 53))
+        assert socket.closed is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_replies_are_not_held_back_while_a_resume_takes_pass_after_pass() -> None:
+    """Replies filling the queue during a resume do not keep it replaying: each goes out
+    after the event it followed, while live events keep coming one per frame sent."""
+    store = GrowingStore()
+    store.append(10)
+    h = Hub(store, NoSource(), WebSocketSettings(queue_size=3, max_replay=1000))  # type: ignore[arg-type]
+    h._started.set()
+    sessions: list[Session] = []
+
+    class Steady(ResumingSocket):
+        async def send_text(self, data: str) -> None:
+            await RecordingSocket.send_text(self, data)
+            if 3 <= len(self.sent) < 60:
+                for event in store.append(1):
+                    h.publish(event)
+            if len(self.sent) == 3:
+                listener = sessions[0].listener
+                assert listener is not None
+                for number in range(3):
+                    Session._reply(listener, type="pong", position=number)
+            await asyncio.sleep(0)
+
+    socket = Steady(0, lambda: None)
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
+    sessions.append(session)
+    task = asyncio.create_task(session.run())
+    try:
+        await socket.frames(1 + 67 + 3)  # 10 events, then one a frame from the 3rd to the 59th
+        total = len(store.events)
+        kinds = [f.get("type", "event") for f in socket.sent]
+        # The three pongs follow the event that was offered just before them (11).
+        assert [i for i, k in enumerate(kinds) if k == "pong"] == [12, 13, 14]
+        events = [f["position"] for f in socket.sent[1:] if f.get("type", "event") == "event"]
+        assert events == list(range(1, total + 1))
+        assert socket.closed is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

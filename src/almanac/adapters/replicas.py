@@ -3,15 +3,17 @@
 How fresh a source is comes from its own ``projection_positions`` rows: the table replicates
 with the read model, so a standby's row for a projection says how far its copy of that
 projection has got. Each read names the projections it reads (a reading, a batch, the jobs
-over both), and is routed by those alone: a standby is judged per projection, since
-projections move at their own pace and a quiet one's position stands still. Positions are cached
-and refreshed in the background at most every ``refresh_interval``, so routing adds no query
-to a request -- except a read that names a ``min_position`` while the cached positions are
-older than that: it waits for the refresh (a projection rebuilt in place starts again from
-0, so an old position may overstate what a copy holds). A standby that errors or does not
-answer within ``timeout`` is set aside for a backoff that doubles with each failure, then
-tried again; a read that fails on a standby is answered by the primary instead, so losing a
-standby costs latency, never an error.
+over both), and is routed by those alone: a projection's rows commit with its position, so
+a standby that has replayed that position holds those rows, whatever the lag of the
+others (a projection being rebuilt, or one whose saves are deferred while it writes
+nothing, may trail the rest). Positions are cached and refreshed in the background at
+most every ``refresh_interval``, so routing adds no query to a request -- except a read
+that names a ``min_position`` while the cached positions are older than that: it waits
+for the refresh (a projection rebuilt in place starts again from 0, so an old position may
+overstate what a copy holds). A standby that errors or does not answer within ``timeout``
+is set aside for a backoff that doubles with each failure, then tried again; a read that
+fails on a standby is answered by the primary instead, so losing a standby costs latency,
+never an error.
 """
 
 from __future__ import annotations
