@@ -1,0 +1,149 @@
+"""Where a query reads from, with the router handing out read databases as it would
+between replicas: one source per answer, and the position that source reflects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+from uuid import uuid4
+
+from almanac.adapters.replicas import ReadRouter
+from almanac.auth import Principal
+from almanac.readmodels import PositionWatch, ReadDatabase, Row
+from queries.batches import download_results
+from queries.routing import read_source
+
+BATCH = uuid4()
+ALICE = Principal(key_id=str(uuid4()), name="alice", role="client", owner="alice")
+
+
+class OneBatch:
+    """A read database holding one batch of ``items`` items (none: it has not got there)."""
+
+    def __init__(self, items: int, position: int) -> None:
+        self.items = items
+        self.position = position
+
+    async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> Row | None:
+        if "FROM batches" not in sql or not self.items:
+            return None
+        at = "2026-11-29T06:00:00+00:00"
+        return {
+            "id": str(BATCH),
+            "owner": "alice",
+            "status": "running",
+            "label": None,
+            "total": self.items,
+            "succeeded": 0,
+            "failed": 0,
+            "created_at": at,
+            "updated_at": at,
+            "finished_at": None,
+            "started_position": 1,
+            "position": 2,
+        }
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]:
+        first = int(params["after"]) + 1  # items are numbered from 0
+        last = min(self.items, first + int(params["limit"])) - 1
+        return [
+            {
+                "idx": index,
+                "status": "pending",
+                "reading_id": None,
+                "kind": "natal",
+                "label": None,
+                "attempt": 0,
+                "reason": None,
+                "updated_at": "2026-11-29T06:00:00+00:00",
+            }
+            for index in range(first, last + 1)
+        ]
+
+
+class InTurn:
+    """A router that hands out its sources in turn, as round-robin does among replicas."""
+
+    def __init__(self, *sources: OneBatch) -> None:
+        self.sources = sources
+        self.turn = 0
+
+    async def source(
+        self, min_position: int | None = None, projections: Sequence[str] = ("readings",)
+    ) -> OneBatch:
+        chosen = self.sources[self.turn % len(self.sources)]
+        self.turn += 1
+        return chosen
+
+    def applied_position(self, source: object) -> int | None:
+        return cast("OneBatch", source).position
+
+
+class Positions:
+    """A position watch that counts how often it is asked where a projection is."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.reads = 0
+
+    async def current(self, name: str) -> int:
+        self.reads += 1
+        return self.at
+
+    async def wait_for(self, name: str, position: int, timeout: float) -> int:
+        self.reads += 1
+        return self.at
+
+
+def as_router(router: InTurn) -> ReadRouter:
+    return cast("ReadRouter", router)
+
+
+def as_watch(watch: Positions) -> PositionWatch:
+    return cast("PositionWatch", watch)
+
+
+async def test_a_batch_download_streams_the_items_of_the_source_that_found_the_batch() -> None:
+    """The second of two replicas has not got the batch yet: the download, found on the
+    first, must not stream its items from the second (an empty file with a 200)."""
+    ahead, behind = OneBatch(items=3, position=10), OneBatch(items=0, position=5)
+    view, chunks = await download_results(
+        BATCH,
+        db=cast("ReadDatabase", behind),
+        router=as_router(InTurn(ahead, behind)),
+        watch=as_watch(Positions(10)),
+        principal=ALICE,
+        min_position=None,
+        timeout=1.0,
+    )
+    assert view.id == BATCH
+    assert [item.index for chunk in [c async for c in chunks] for item in chunk] == [0, 1, 2]
+
+
+async def test_a_page_from_a_replica_reports_the_replicas_position() -> None:
+    replica = OneBatch(items=1, position=7)
+    watch = Positions(9)
+    source, position = await read_source(
+        ("batches",),
+        db=cast("ReadDatabase", OneBatch(items=1, position=9)),
+        router=as_router(InTurn(replica)),
+        watch=as_watch(watch),
+        min_position=None,
+        timeout=1.0,
+    )
+    assert (source, position, watch.reads) == (replica, 7, 0)
+
+
+async def test_a_page_from_the_primary_reads_its_position_once() -> None:
+    primary = cast("ReadDatabase", OneBatch(items=1, position=9))
+    for min_position, reads in ((None, 1), (4, 1)):  # with a wait, the wait's answer
+        watch = Positions(9)
+        source, position = await read_source(
+            ("batches",),
+            db=primary,
+            router=None,
+            watch=as_watch(watch),
+            min_position=min_position,
+            timeout=1.0,
+        )
+        assert (source, position, watch.reads) == (primary, 9, reads)
