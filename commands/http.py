@@ -41,6 +41,7 @@ from commands.webhooks import (
     rotate_webhook_secret,
     send_test_message,
 )
+from queries.routing import Reads
 from queries.webhooks import get_delivery
 
 
@@ -320,7 +321,10 @@ async def resend_route(
     principal: NamedDependency[Principal],
 ) -> Response[Accepted]:
     # The message must exist (a look at the delivery log, which the deliverer keeps).
-    await get_delivery(container.read_db, container.watch, principal, endpoint_id, delivery_id)
+    primary = Reads(
+        container.read_db, container.watch, container.settings.http.min_position_timeout
+    )
+    await get_delivery(primary, principal, endpoint_id, delivery_id)
     accepted = await resend_delivery(
         endpoint_id,
         delivery_id,

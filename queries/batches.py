@@ -12,11 +12,10 @@ from uuid import UUID
 
 import msgspec
 
-from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
-from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.routing import read_source, route
+from almanac.readmodels import ReadDatabase, Row
+from queries.routing import Reads
 
 PROJECTION = "batches"
 MAX_PAGE = 1000
@@ -134,43 +133,23 @@ async def _visible_row(batch_id: UUID, source: ReadDatabase, principal: Principa
 async def get_batch(
     batch_id: UUID,
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> BatchView:
-    source = await route(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source = await reads.route((PROJECTION,), min_position)
     return batch_from_row(await _visible_row(batch_id, source, principal))
 
 
 async def download_results(
     batch_id: UUID,
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> tuple[BatchView, AsyncIterator[list[ItemResult]]]:
     """The batch, and every one of its items to stream out, both from the same database."""
-    source = await route(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source = await reads.route((PROJECTION,), min_position)
     row = await _visible_row(batch_id, source, principal)
     return batch_from_row(row), stream_results(batch_id, db=source)
 
@@ -188,25 +167,15 @@ def cursor_number(raw: str | None, field: str = "cursor") -> int:
 
 async def list_batches(
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     status: BatchState | None,
     limit: int,
     cursor: str | None,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> BatchPage:
     """The owner's batches (an admin's: everyone's), newest first."""
-    source, position = await read_source(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source, position = await reads.read((PROJECTION,), min_position)
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
@@ -229,24 +198,14 @@ async def list_batches(
 async def batch_results(
     batch_id: UUID,
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     limit: int,
     cursor: str | None,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> ResultPage:
     """A page of the batch's items in index order, each with its outcome so far."""
-    source, position = await read_source(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source, position = await reads.read((PROJECTION,), min_position)
     await _visible_row(batch_id, source, principal)
     params = {"batch_id": str(batch_id), "after": cursor_number(cursor), "limit": limit + 1}
     rows = await source.fetch_all(_SELECT_ITEMS, params)

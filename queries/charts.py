@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.cache import ReadCache, chart_key, decode_chart, encode_entry
 from almanac.errors import NotFound
-from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.views import SELECT_CHART, ChartView, chart_from_row
-from queries.routing import wait_for_position
+from queries.routing import READINGS, Reads
 
 # A client sees a chart only through a reading of its own: birth data is personal.
 _OWNS = "SELECT 1 AS ok FROM readings WHERE chart_hash = :chart_hash AND owner = :owner LIMIT 1"
@@ -17,18 +15,14 @@ _OWNS = "SELECT 1 AS ok FROM readings WHERE chart_hash = :chart_hash AND owner =
 async def get_chart(
     chart_hash: str,
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
     cache: ReadCache | None = None,
 ) -> ChartView:
-    await wait_for_position(watch, min_position, timeout)
+    source = await reads.route(READINGS, min_position)
     if len(chart_hash) != 64 or not all(c in "0123456789abcdef" for c in chart_hash):
         raise NotFound(f"no chart {chart_hash[:80]}")
-    source = db if router is None else await router.source(min_position)
     # A chart never changes once calculated (its hash is its content), so a cached one
     # answers any min_position the wait above has let through; the projector puts it there.
     key = chart_key(chart_hash)

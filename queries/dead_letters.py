@@ -9,10 +9,9 @@ from uuid import UUID
 
 import msgspec
 
-from almanac.adapters.replicas import ReadRouter
-from almanac.readmodels import PositionWatch, ReadDatabase, Row
+from almanac.readmodels import Row
 from queries.batches import cursor_number, parse_time
-from queries.routing import read_source
+from queries.routing import Reads
 
 PROJECTION = "dead_letters"
 MAX_PAGE = 200
@@ -64,25 +63,15 @@ def _view(row: Row) -> DeadLetterView:
 
 async def list_dead_letters(
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     limit: int,
     cursor: str | None,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> DeadLetterPage:
     """A page of dead letters, the most recently recorded first (admins only: the caller
     checks)."""
     before = cursor_number(cursor)
-    source, position = await read_source(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source, position = await reads.read((PROJECTION,), min_position)
     params: dict[str, Any] = {"limit": limit + 1}
     where = ""
     if cursor is not None:

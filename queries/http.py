@@ -46,6 +46,7 @@ from queries.readings import (
     get_reading,
     list_readings,
 )
+from queries.routing import Reads
 from queries.webhooks import (
     MAX_PAGE as MAX_DELIVERY_PAGE,
 )
@@ -161,6 +162,15 @@ def _conditional(
     return headers, None
 
 
+def _reads(container: Container) -> Reads:
+    return Reads(
+        container.read_db,
+        container.watch,
+        container.settings.http.min_position_timeout,
+        container.read_router,
+    )
+
+
 @get("/readings/{reading_id:uuid}", summary="Get a reading", tags=["readings"])
 async def get_reading_route(
     request: Request[Any, Any, Any],
@@ -173,13 +183,10 @@ async def get_reading_route(
     paths = parse_fields(fields, ReadingView)
     view = await get_reading(
         reading_id,
-        db=container.read_db,
-        router=container.read_router,
+        reads=_reads(container),
         cache=container.cache,
-        watch=container.watch,
         principal=principal,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return _single(request, view, f"r-{view.id}-{view.position}", view.position, paths)
 
@@ -205,15 +212,12 @@ async def list_readings_route(
 ) -> Response[ReadingPage]:
     paths = parse_fields(fields, ReadingView)
     views, next_cursor, position = await list_readings(
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         principal=principal,
         filters=ReadingFilters(status, kind, created_after, created_before),
         limit=limit,
         cursor=cursor,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     data: list[Any] = views if paths is None else [select(v, paths) for v in views]
     page = ReadingPage(
@@ -234,13 +238,10 @@ async def get_chart_route(
     paths = parse_fields(fields, ChartView)
     view = await get_chart(
         chart_hash,
-        db=container.read_db,
+        reads=_reads(container),
         cache=container.cache,
-        router=container.read_router,
-        watch=container.watch,
         principal=principal,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return _single(request, view, f"c-{view.chart_hash[:16]}-{view.position}", view.position, paths)
 
@@ -255,12 +256,9 @@ async def get_batch_route(
 ) -> Response[BatchView]:
     view = await get_batch(
         batch_id,
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         principal=principal,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return _tagged(request, view, f"b-{view.id}-{view.position}", view.position)
 
@@ -277,15 +275,12 @@ async def list_batches_route(
     min_position: MinPosition = None,
 ) -> Response[BatchPage]:
     page = await list_batches(
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         principal=principal,
         status=status,
         limit=limit,
         cursor=cursor,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return Response(page, headers={"Almanac-Position": str(page.position)})
 
@@ -318,28 +313,21 @@ async def batch_results_route(
     chosen = format or (
         "ndjson" if "ndjson" in accept else "csv" if "text/csv" in accept else "json"
     )
-    timeout = container.settings.http.min_position_timeout
     if chosen == "json":
         page = await batch_results(
             batch_id,
-            db=container.read_db,
-            router=container.read_router,
-            watch=container.watch,
+            reads=_reads(container),
             principal=principal,
             limit=limit,
             cursor=cursor,
             min_position=min_position,
-            timeout=timeout,
         )
         return Response(page, headers={"Almanac-Position": str(page.position)})
     view, chunks = await download_results(
         batch_id,
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         principal=principal,
         min_position=min_position,
-        timeout=timeout,
     )
     body, media_type = (
         (ndjson_lines(chunks), "application/x-ndjson")
@@ -366,12 +354,9 @@ async def get_job_route(
 ) -> Response[JobView]:
     view = await get_job(
         job_id,
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         principal=principal,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return _tagged(request, view, f"j-{view.id}-{view.position}", view.position)
 
@@ -395,16 +380,13 @@ async def list_jobs_route(
     min_position: MinPosition = None,
 ) -> Response[JobPage]:
     page = await list_jobs(
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         principal=principal,
         kind=kind,
         state=job_state,
         limit=limit,
         cursor=cursor,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return Response(page, headers={"Almanac-Position": str(page.position)})
 
@@ -429,13 +411,10 @@ async def list_dead_letters_route(
 ) -> Response[DeadLetterPage]:
     principal.require_admin()
     page = await list_dead_letters(
-        db=container.read_db,
-        router=container.read_router,
-        watch=container.watch,
+        reads=_reads(container),
         limit=limit,
         cursor=cursor,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return Response(page, headers={"Almanac-Position": str(page.position)})
 
@@ -447,12 +426,9 @@ async def list_webhooks_route(
     min_position: MinPosition = None,
 ) -> Response[WebhookList]:
     found = await list_webhooks(
-        container.read_db,
-        container.watch,
+        _reads(container),
         principal,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
-        router=container.read_router,
     )
     return Response(found, headers={"Almanac-Position": str(found.position)})
 
@@ -466,13 +442,10 @@ async def get_webhook_route(
     min_position: MinPosition = None,
 ) -> Response[WebhookView]:
     view = await get_webhook(
-        container.read_db,
-        container.watch,
+        _reads(container),
         principal,
         endpoint_id,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
-        router=container.read_router,
     )
     return _tagged(request, view, f"w-{view.id}-{view.position}", view.position)
 
@@ -494,15 +467,13 @@ async def list_deliveries_route(
     min_position: MinPosition = None,
 ) -> Response[DeliveryPage]:
     page, position = await list_deliveries(
-        container.read_db,
-        container.watch,
+        _reads(container),
         principal,
         endpoint_id,
         status=status,
         limit=limit,
         cursor=cursor,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return Response(page, headers={"Almanac-Position": str(position)})
 
@@ -520,13 +491,11 @@ async def get_delivery_route(
     min_position: MinPosition = None,
 ) -> Response[DeliveryDetail]:
     detail, position = await get_delivery(
-        container.read_db,
-        container.watch,
+        _reads(container),
         principal,
         endpoint_id,
         delivery_id,
         min_position=min_position,
-        timeout=container.settings.http.min_position_timeout,
     )
     return Response(detail, headers={"Almanac-Position": str(position)})
 

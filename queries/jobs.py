@@ -10,12 +10,11 @@ from uuid import UUID
 
 import msgspec
 
-from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import NotFound
-from almanac.readmodels import PositionWatch, ReadDatabase, Row
+from almanac.readmodels import Row
 from queries.batches import cursor_number, parse_time
-from queries.routing import read_source, route
+from queries.routing import Reads
 
 JobKind = Literal["reading", "batch"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -100,21 +99,11 @@ def _batch_job(row: Row) -> JobView:
 async def get_job(
     job_id: UUID,
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> JobView:
-    source = await route(
-        PROJECTIONS,
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source = await reads.route(PROJECTIONS, min_position)
     for sql, build in ((_READINGS, _reading_job), (_BATCHES, _batch_job)):
         row = await source.fetch_one(sql + " WHERE id = :id", {"id": str(job_id)})
         if row is not None and principal.may_see(str(row["owner"])):
@@ -135,26 +124,16 @@ def _batch_statuses(state: JobState) -> tuple[str, str]:
 
 async def list_jobs(
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     kind: JobKind | None,
     state: JobState | None,
     limit: int,
     cursor: str | None,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> JobPage:
     before = cursor_number(cursor)
-    source, position = await read_source(
-        PROJECTIONS,
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source, position = await reads.read(PROJECTIONS, min_position)
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:

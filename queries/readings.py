@@ -11,13 +11,11 @@ from uuid import UUID
 
 import msgspec
 
-from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.cache import ReadCache, decode_reading, encode_entry, position_of, reading_key
 from almanac.errors import FieldError, NotFound, ValidationFailed
-from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.views import SELECT_READINGS, ReadingView, reading_from_row
-from queries.routing import read_source, wait_for_position
+from queries.routing import READINGS, Reads
 
 PROJECTION = "readings"
 MAX_PAGE = 200
@@ -76,13 +74,10 @@ def _older_than(held: bytes, position: int) -> bool:
 async def get_reading(
     reading_id: UUID,
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     min_position: int | None,
-    timeout: float,
     cache: ReadCache,
-    router: ReadRouter | None = None,
 ) -> ReadingView:
     key = reading_key(reading_id)
     cached = decode_reading(await cache.get(key))
@@ -91,9 +86,8 @@ async def get_reading(
         if not principal.may_see(cached.owner):
             raise NotFound(f"no reading {reading_id}")
         return cached.view
-    await wait_for_position(watch, min_position, timeout)
     mark = cache.mark()
-    source = db if router is None else await router.source(min_position)
+    source = await reads.route(READINGS, min_position)
     row = await source.fetch_one(_SELECT_ONE, {"id": str(reading_id)})
     if row is None:
         raise NotFound(f"no reading {reading_id}")
@@ -114,15 +108,12 @@ async def get_reading(
 
 async def list_readings(
     *,
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     filters: ReadingFilters,
     limit: int,
     cursor: str | None,
     min_position: int | None,
-    timeout: float,
-    router: ReadRouter | None = None,
 ) -> tuple[list[ReadingView], str | None, int]:
     """Newest first, by the position of each reading's request: a stable order in which new
     readings only ever appear at the head, so paging on is unaffected by concurrent inserts."""
@@ -160,14 +151,7 @@ async def list_readings(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY r.requested_position DESC LIMIT :limit"
-    source, position = await read_source(
-        (PROJECTION,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source, position = await reads.read((PROJECTION,), min_position)
     rows = await source.fetch_all(sql, params)
     more = len(rows) > limit
     rows = rows[:limit]

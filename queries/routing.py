@@ -4,10 +4,13 @@ database or a hot standby that the router finds fresh enough for what the query 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from almanac.adapters.replicas import ReadRouter
 from almanac.errors import NotYetVisible
 from almanac.readmodels import PositionWatch, ReadDatabase
+
+READINGS = ("readings",)
 
 
 async def wait_for_position(
@@ -29,53 +32,46 @@ async def wait_for_position(
     return current
 
 
-async def route(
-    projections: Sequence[str],
-    *,
-    db: ReadDatabase,
-    router: ReadRouter | None,
-    watch: PositionWatch,
-    min_position: int | None,
-    timeout: float,
-) -> ReadDatabase:
-    """The database to read ``projections`` from, once each has reached ``min_position``."""
-    source, _ = await _route(
-        projections, db=db, router=router, watch=watch, min_position=min_position, timeout=timeout
-    )
-    return source
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """What every query reads with: the primary read database, the router to its hot
+    standbys (None without any), the projections' positions, and how long a query may wait
+    for a ``min_position``."""
 
+    db: ReadDatabase
+    watch: PositionWatch
+    timeout: float
+    router: ReadRouter | None = None
 
-async def read_source(
-    projections: Sequence[str],
-    *,
-    db: ReadDatabase,
-    router: ReadRouter | None,
-    watch: PositionWatch,
-    min_position: int | None,
-    timeout: float,
-) -> tuple[ReadDatabase, int]:
-    """``route``, and the position the chosen database's answer reflects: every event up to
-    it is in what it returns."""
-    source, reached = await _route(
-        projections, db=db, router=router, watch=watch, min_position=min_position, timeout=timeout
-    )
-    applied = None if router is None else router.applied_position(source)
-    if applied is not None:
-        return source, applied  # a standby's answer reflects its own positions
-    if min(reached) > 0:
-        return source, min(reached)  # the wait has read the positions already
-    return source, min([await watch.current(p) for p in projections])
+    def on_primary(self) -> Reads:
+        """These reads with no standby: for what no projection position can vouch for."""
+        return replace(self, router=None)
 
+    async def route(self, projections: Sequence[str], min_position: int | None) -> ReadDatabase:
+        """The database to read ``projections`` from, once each has reached
+        ``min_position``."""
+        source, _ = await self._route(projections, min_position)
+        return source
 
-async def _route(
-    projections: Sequence[str],
-    *,
-    db: ReadDatabase,
-    router: ReadRouter | None,
-    watch: PositionWatch,
-    min_position: int | None,
-    timeout: float,
-) -> tuple[ReadDatabase, list[int]]:
-    reached = [await wait_for_position(watch, min_position, timeout, p) for p in projections]
-    source = db if router is None else await router.source(min_position, projections)
-    return source, reached
+    async def read(
+        self, projections: Sequence[str], min_position: int | None
+    ) -> tuple[ReadDatabase, int]:
+        """``route``, and the position the chosen database's answer reflects: every event
+        up to it is in what it returns."""
+        source, reached = await self._route(projections, min_position)
+        applied = None if self.router is None else self.router.applied_position(source)
+        if applied is not None:
+            return source, applied  # a standby's answer reflects its own positions
+        if min(reached) > 0:
+            return source, min(reached)  # the wait has read the positions already
+        return source, min([await self.watch.current(p) for p in projections])
+
+    async def _route(
+        self, projections: Sequence[str], min_position: int | None
+    ) -> tuple[ReadDatabase, list[int]]:
+        reached = [
+            await wait_for_position(self.watch, min_position, self.timeout, p) for p in projections
+        ]
+        if self.router is None:
+            return self.db, reached
+        return await self.router.source(min_position, projections), reached

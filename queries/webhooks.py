@@ -8,11 +8,10 @@ from uuid import UUID
 
 import msgspec
 
-from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import FieldError, NotFound, ValidationFailed
-from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.routing import read_source, route, wait_for_position
+from almanac.readmodels import ReadDatabase, Row
+from queries.routing import Reads
 
 ENDPOINTS = "webhook_endpoints"
 MAX_PAGE = 200
@@ -98,30 +97,10 @@ _ENDPOINT_COLUMNS = (
 )
 
 
-async def _reach(watch: PositionWatch, min_position: int | None, timeout: float) -> int:
-    """The endpoints' position, once it is at least ``min_position`` (else NotYetVisible)."""
-    reached = await wait_for_position(watch, min_position, timeout, ENDPOINTS)
-    # One read of the position: the wait, when there was one, has read it already.
-    return reached or await watch.current(ENDPOINTS)
-
-
 async def list_webhooks(
-    db: ReadDatabase,
-    watch: PositionWatch,
-    principal: Principal,
-    *,
-    min_position: int | None = None,
-    timeout: float = 2.0,
-    router: ReadRouter | None = None,
+    reads: Reads, principal: Principal, *, min_position: int | None = None
 ) -> WebhookList:
-    source, position = await read_source(
-        (ENDPOINTS,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source, position = await reads.read((ENDPOINTS,), min_position)
     rows = await source.fetch_all(
         f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints"
         " WHERE owner = :owner AND status != 'deleted' ORDER BY created_at, id",
@@ -131,23 +110,9 @@ async def list_webhooks(
 
 
 async def get_webhook(
-    db: ReadDatabase,
-    watch: PositionWatch,
-    principal: Principal,
-    endpoint_id: UUID,
-    *,
-    min_position: int | None = None,
-    timeout: float = 2.0,
-    router: ReadRouter | None = None,
+    reads: Reads, principal: Principal, endpoint_id: UUID, *, min_position: int | None = None
 ) -> WebhookView:
-    source = await route(
-        (ENDPOINTS,),
-        db=db,
-        router=router,
-        watch=watch,
-        min_position=min_position,
-        timeout=timeout,
-    )
+    source = await reads.route((ENDPOINTS,), min_position)
     row = await _endpoint_row(source, principal, endpoint_id)
     return _view(row)
 
@@ -184,8 +149,7 @@ _DELIVERY_COLUMNS = (
 
 
 async def list_deliveries(
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     endpoint_id: UUID,
     *,
@@ -193,7 +157,6 @@ async def list_deliveries(
     limit: int = 50,
     cursor: str | None = None,
     min_position: int | None = None,
-    timeout: float = 2.0,
 ) -> tuple[DeliveryPage, int]:
     """Newest first, with the endpoints' position; ``cursor`` is the ``next_cursor`` of the
     page before."""
@@ -201,7 +164,7 @@ async def list_deliveries(
     # endpoint they belong to, so that one just created is found rather than a 404. No
     # projection position tells how fresh a standby's copy of the log is, so it is read
     # from the primary.
-    position = await _reach(watch, min_position, timeout)
+    db, position = await reads.on_primary().read((ENDPOINTS,), min_position)
     await _endpoint_row(db, principal, endpoint_id)
     params: dict[str, Any] = {"endpoint_id": str(endpoint_id), "limit": limit + 1}
     where = "endpoint_id = :endpoint_id"
@@ -229,17 +192,15 @@ async def list_deliveries(
 
 
 async def get_delivery(
-    db: ReadDatabase,
-    watch: PositionWatch,
+    reads: Reads,
     principal: Principal,
     endpoint_id: UUID,
     delivery_id: str,
     *,
     min_position: int | None = None,
-    timeout: float = 2.0,
 ) -> tuple[DeliveryDetail, int]:
     """The delivery with every attempt, and the endpoints' position."""
-    position = await _reach(watch, min_position, timeout)
+    db, position = await reads.on_primary().read((ENDPOINTS,), min_position)
     await _endpoint_row(db, principal, endpoint_id)
     row = await db.fetch_one(
         f"SELECT {_DELIVERY_COLUMNS}, payload FROM webhook_messages"

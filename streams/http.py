@@ -14,6 +14,7 @@ from almanac.auth import Principal, bearer_token
 from almanac.container import Container
 from almanac.errors import NotFound
 from queries.batches import get_batch
+from queries.routing import Reads
 from streams.websocket import (
     CLOSE_BAD_REQUEST,
     CLOSE_NOT_FOUND,
@@ -102,18 +103,13 @@ async def batch_socket(
     batch_id: FromPath[UUID],
 ) -> None:
     missing_since: float | None = None
+    # Progress polls the primary: a standby's copy may trail what the events already said.
+    primary = Reads(container.read_db, container.watch, timeout=0)
 
     async def progress(principal: Principal) -> dict[str, object] | None:
         nonlocal missing_since
         try:
-            view = await get_batch(
-                batch_id,
-                db=container.read_db,
-                watch=container.watch,
-                principal=principal,
-                min_position=None,
-                timeout=0,
-            )
+            view = await get_batch(batch_id, reads=primary, principal=principal, min_position=None)
         except NotFound:  # not projected yet (or not the client's): it may yet appear
             now = time.monotonic()
             missing_since = now if missing_since is None else missing_since

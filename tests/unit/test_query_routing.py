@@ -1,5 +1,6 @@
-"""Where a query reads from, with the router handing out read databases as it would
-between replicas: one source per answer, and the position that source reflects."""
+"""Where a query reads from (``queries.routing.Reads``), with a router handing out read
+databases as it would between replicas: one source per answer, and the position that
+source reflects."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 from queries.batches import download_results
-from queries.routing import read_source
+from queries.routing import Reads
 
 BATCH = uuid4()
 ALICE = Principal(key_id=str(uuid4()), name="alice", role="client", owner="alice")
@@ -107,15 +108,10 @@ async def test_a_batch_download_streams_the_items_of_the_source_that_found_the_b
     """The second of two replicas has not got the batch yet: the download, found on the
     first, must not stream its items from the second (an empty file with a 200)."""
     ahead, behind = OneBatch(items=3, position=10), OneBatch(items=0, position=5)
-    view, chunks = await download_results(
-        BATCH,
-        db=cast("ReadDatabase", behind),
-        router=as_router(InTurn(ahead, behind)),
-        watch=as_watch(Positions(10)),
-        principal=ALICE,
-        min_position=None,
-        timeout=1.0,
+    reads = Reads(
+        cast("ReadDatabase", behind), as_watch(Positions(10)), 1.0, as_router(InTurn(ahead, behind))
     )
+    view, chunks = await download_results(BATCH, reads=reads, principal=ALICE, min_position=None)
     assert view.id == BATCH
     assert [item.index for chunk in [c async for c in chunks] for item in chunk] == [0, 1, 2]
 
@@ -123,14 +119,9 @@ async def test_a_batch_download_streams_the_items_of_the_source_that_found_the_b
 async def test_a_page_from_a_replica_reports_the_replicas_position() -> None:
     replica = OneBatch(items=1, position=7)
     watch = Positions(9)
-    source, position = await read_source(
-        ("batches",),
-        db=cast("ReadDatabase", OneBatch(items=1, position=9)),
-        router=as_router(InTurn(replica)),
-        watch=as_watch(watch),
-        min_position=None,
-        timeout=1.0,
-    )
+    primary = cast("ReadDatabase", OneBatch(items=1, position=9))
+    reads = Reads(primary, as_watch(watch), 1.0, as_router(InTurn(replica)))
+    source, position = await reads.read(("batches",), None)
     assert (source, position, watch.reads) == (replica, 7, 0)
 
 
@@ -138,12 +129,7 @@ async def test_a_page_from_the_primary_reads_its_position_once() -> None:
     primary = cast("ReadDatabase", OneBatch(items=1, position=9))
     for min_position, reads in ((None, 1), (4, 1)):  # with a wait, the wait's answer
         watch = Positions(9)
-        source, position = await read_source(
-            ("batches",),
-            db=primary,
-            router=None,
-            watch=as_watch(watch),
-            min_position=min_position,
-            timeout=1.0,
+        source, position = await Reads(primary, as_watch(watch), 1.0).read(
+            ("batches",), min_position
         )
         assert (source, position, watch.reads) == (primary, 9, reads)
