@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from almanac.adapters.replicas import ReadRouter
+from almanac.adapters.replicas import READINGS, ReadRouter
 from almanac.errors import NotYetVisible
 from almanac.readmodels import PositionWatch, ReadDatabase
 
-READINGS = ("readings",)
+__all__ = ["READINGS", "Reads"]
 
 
-async def wait_for_position(
+async def _wait_for_position(
     watch: PositionWatch,
     min_position: int | None,
     timeout: float,
@@ -70,7 +70,7 @@ class Reads:
         self, projections: Sequence[str], min_position: int | None
     ) -> tuple[ReadDatabase, list[int]]:
         reached = [
-            await wait_for_position(self.watch, min_position, self.timeout, p) for p in projections
+            await _wait_for_position(self.watch, min_position, self.timeout, p) for p in projections
         ]
         if self.router is None:
             return self.db, reached
