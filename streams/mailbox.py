@@ -34,6 +34,10 @@ class Mailbox(Generic[T]):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def items(self) -> tuple[T, ...]:
+        """What waits, in order (a copy)."""
+        return tuple(self._items)
+
     def clear(self) -> None:
         self._items.clear()
 

@@ -59,7 +59,10 @@ ADMIN_ONLY = ("api_key.", "installation.")
 
 
 class LiveEvent(msgspec.Struct, frozen=True):
-    """An event as the hub routes it: what filters need, and the frame, encoded once."""
+    """An event as the hub routes it: what filters need, and the frame, encoded once.
+
+    Also a frame that is no event (a reply, a progress report, a heartbeat): its position
+    is then the hub's when it was made, where it belongs among the events."""
 
     position: int
     type: str
@@ -190,13 +193,11 @@ class Listener:
     direct: DirectSend | None = None
     # While a resume replays from the store (``catching_up``), live events wait in the queue
     # until it is full; then they are let go (``skipped``): the replay reads them again.
-    # Frames that are not in the store (replies, progress) wait in ``held`` meanwhile, each
-    # with the position of the last event offered before it, and go out right after that
-    # event, so that they keep their place among the events.
+    # Frames that are not in the store (replies, progress) wait in ``held`` meanwhile and go
+    # out right after the event at their position, so that they keep their place.
     catching_up: bool = False
     skipped: bool = False
-    offered_through: int = 0
-    held: list[tuple[int, LiveEvent]] = field(default_factory=list)
+    held: list[LiveEvent] = field(default_factory=list)
 
     def may_see(self, event: LiveEvent) -> bool:
         if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
@@ -252,7 +253,6 @@ class Listener:
     def _offer_catching_up(self, event: LiveEvent) -> None:
         full = self.queue.qsize() + len(self.held) >= self.queue_size
         if positioned(event):
-            self.offered_through = event.position
             if self.skipped or full:
                 # It, and every event queued, is read from the store by the next pass.
                 self.skipped = True
@@ -267,14 +267,26 @@ class Listener:
             self.overflowed = True
             self.interrupt()
             return
-        self.held.append((self.offered_through, event))
+        self.held.append(event)
 
-    def release(self) -> list[LiveEvent]:
-        """The held frames whose place has come: after every event sent so far."""
+    def catch_up(self) -> None:
+        """A replay begins. What queued meanwhile (while the welcome went out) is sorted
+        as it would have been: events stay queued, other frames are held."""
+        self.catching_up = True
+        waiting = self.queue.items()
+        self.queue.clear()
+        for queued in waiting:
+            if positioned(queued):
+                self.queue.put_nowait(queued)
+            else:
+                self.held.append(queued)
+
+    def release(self, through: int) -> list[LiveEvent]:
+        """The held frames whose place comes once every event up to ``through`` is sent."""
         due = 0
-        while due < len(self.held) and self.held[due][0] <= self.sent_through:
+        while due < len(self.held) and self.held[due].position <= through:
             due += 1
-        released = [held for _, held in self.held[:due]]
+        released = self.held[:due]
         del self.held[:due]
         return released
 
@@ -283,13 +295,13 @@ class Listener:
         self.catching_up = False
         if not self.held:
             return
-        queued = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        waiting = self.queue.items()
         self.queue.clear()
-        for event in queued:
+        for event in waiting:
+            for held in self.release(event.position - 1):
+                self.queue.put_nowait(held)
             self.queue.put_nowait(event)
-            while self.held and self.held[0][0] <= event.position:
-                self.queue.put_nowait(self.held.pop(0)[1])
-        for _, held in self.held:
+        for held in self.held:
             self.queue.put_nowait(held)
         self.held.clear()
 
@@ -483,7 +495,7 @@ class Hub:
                     if beat is None:
                         position = self.position
                         beat = LiveEvent(
-                            0, HEARTBEAT, "", "", frame(type=HEARTBEAT, position=position)
+                            position, HEARTBEAT, "", "", frame(type=HEARTBEAT, position=position)
                         )
                         wire = text_frame(beat.frame.encode())
                     listener.offer(beat, wire)
@@ -768,7 +780,7 @@ class Session:
                 break
             if fields:
                 fields = {"type": PROGRESS, "position": self.hub.position, **fields}
-                listener.offer(LiveEvent(0, PROGRESS, "", owner, frame(**fields)))
+                listener.offer(LiveEvent(self.hub.position, PROGRESS, "", owner, frame(**fields)))
                 if fields.get("status") in {"completed", "cancelled"}:
                     break
             # On a fixed cadence: the time a report takes does not stretch the interval.
@@ -790,8 +802,7 @@ class Session:
                 )
             )
             raise Closed(CLOSE_TOO_OLD, "position too old")
-        listener.catching_up = True
-        listener.offered_through = after
+        listener.catch_up()
         await self._replay_to(listener, after, until)
         # Live events let go meanwhile (the queue was full) are read from the store too,
         # until a pass ends with nothing let go: then the queue holds the rest, in order.
@@ -809,12 +820,12 @@ class Session:
 
     async def _replay_to(self, listener: Listener, after: int, until: int) -> None:
         async for event in self.hub.missed(listener, after, until):
+            for held in listener.release(event.position - 1):
+                await self.socket.send_text(held.frame)
             await self.socket.send_text(event.frame)
             listener.sent(event)
-            for held in listener.release():
-                await self.socket.send_text(held.frame)
         listener.sent_through = max(listener.sent_through, until)
-        for held in listener.release():
+        for held in listener.release(listener.sent_through):
             await self.socket.send_text(held.frame)
 
     async def _receive(self, listener: Listener) -> None:
@@ -839,13 +850,13 @@ class Session:
                     listener.topics -= topics
                 self._reply(listener, type="subscribed", topics=sorted(map(str, listener.topics)))
 
-    @staticmethod
-    def _reply(listener: Listener, **fields: object) -> None:
+    def _reply(self, listener: Listener, **fields: object) -> None:
         """Queue an answer to the client's message behind the frames already waiting, in
         the order of the messages. Through the bounded queue, not a task or a wait of its
         own: a client that sends and never reads overflows it and is closed (4429) rather
         than grow the server's memory."""
-        listener.offer(LiveEvent(0, REPLY, "", listener.principal.owner, frame(**fields)))
+        owner = listener.principal.owner
+        listener.offer(LiveEvent(self.hub.position, REPLY, "", owner, frame(**fields)))
 
     def _apply(self, message: ClientMessage) -> None:
         """Topics and resume point given with the first (auth) message."""

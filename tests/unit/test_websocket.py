@@ -557,7 +557,7 @@ async def test_replies_during_a_resume_keep_their_place_among_the_events() -> No
         for event in store.append(2):  # 31 and 32 wait in the queue
             h.publish(event)
         assert sessions[0].listener is not None
-        Session._reply(sessions[0].listener, type="pong", position=32)
+        sessions[0]._reply(sessions[0].listener, type="pong", position=32)
         for event in store.append(20):  # 33..52 overflow it
             h.publish(event)
 
@@ -597,7 +597,7 @@ async def test_replies_are_not_held_back_while_a_resume_takes_pass_after_pass() 
                 listener = sessions[0].listener
                 assert listener is not None
                 for number in range(3):
-                    Session._reply(listener, type="pong", position=number)
+                    sessions[0]._reply(listener, type="pong", position=number)
             await asyncio.sleep(0)
 
     socket = Steady(0, lambda: None)
@@ -617,3 +617,87 @@ async def test_replies_are_not_held_back_while_a_resume_takes_pass_after_pass() 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@given(
+    stored=st.integers(0, 40),
+    queue_size=st.integers(1, 8),
+    script=st.lists(
+        st.one_of(st.tuples(st.just("events"), st.integers(1, 12)), st.just(("reply", 0))),
+        max_size=40,
+    ),
+)
+def test_a_resume_under_any_interleaving_sends_events_once_in_order_and_replies_in_place(
+    stored: int, queue_size: int, script: list[tuple[str, int]]
+) -> None:
+    """Whatever arrives while a client resumes from 0 (live events, its own messages'
+    replies), and whatever its queue holds: events 1, 2, 3 ... once each, in order, each
+    reply right after the last event stored before it was asked for, and all of it unless
+    the client is closed as slow once it has caught up (a burst can overflow a small queue
+    then, as for any connection)."""
+
+    async def scenario() -> None:
+        store = GrowingStore()
+        store.append(stored)
+        settings = WebSocketSettings(queue_size=queue_size, max_replay=10_000)
+        h = Hub(store, NoSource(), settings)  # type: ignore[arg-type]
+        h._started.set()
+        h.position = stored  # the hub has seen what was stored before the client came
+        steps = list(script)
+        replies: list[int] = []  # per reply: how many events were stored when it was asked
+        sessions: list[Session] = []
+
+        class Scripted(ResumingSocket):
+            async def send_text(self, data: str) -> None:
+                await RecordingSocket.send_text(self, data)
+                if steps:
+                    kind, count = steps.pop(0)
+                    if kind == "events":
+                        for event in store.append(count):
+                            h.publish(event)
+                    elif (listener := sessions[0].listener) is not None:
+                        replies.append(len(store.events))
+                        sessions[0]._reply(listener, type="pong", position=len(replies) - 1)
+                await asyncio.sleep(0)  # a network write lets the loop run
+
+        socket = Scripted(0, lambda: None)
+        session = Session(socket, h, settings, allow, {Topic("all")}, after=0, key="good")
+        sessions.append(session)
+        task = asyncio.create_task(session.run())
+
+        def done() -> bool:
+            expected = 1 + len(store.events) + len(replies)
+            return task.done() or (not steps and len(socket.sent) == expected)
+
+        async def played_out() -> bool:
+            return done()
+
+        try:
+            await eventually(played_out, within=10, what="the script played out")
+            frames = socket.sent[1:]
+            events = [f["position"] for f in frames if f.get("type", "event") == "event"]
+            assert events == list(range(1, len(events) + 1))
+            for at, frame in enumerate(frames):
+                if frame.get("type") == "pong":
+                    asked_after = replies[frame["position"]]
+                    assert (
+                        sum(f.get("type", "event") == "event" for f in frames[:at]) == asked_after
+                    )
+            if socket.closed is not None:
+                # Slow: a burst beyond the queue once caught up, or more replies waiting
+                # than it holds (they are not in the store), never the events of a resume.
+                assert socket.closed[0] == CLOSE_SLOW_CONSUMER
+                listener = session.listener
+                assert listener is not None
+                assert not listener.catching_up or len(listener.held) >= queue_size
+            else:
+                assert len(events) == len(store.events)
+                assert sorted(f["position"] for f in frames if f.get("type") == "pong") == list(
+                    range(len(replies))
+                )
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
