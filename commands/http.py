@@ -41,7 +41,7 @@ from commands.webhooks import (
     rotate_webhook_secret,
     send_test_message,
 )
-from queries.routing import Reads
+from queries.routing import reads_of
 from queries.webhooks import get_delivery
 
 
@@ -321,10 +321,7 @@ async def resend_route(
     principal: NamedDependency[Principal],
 ) -> Response[Accepted]:
     # The message must exist (a look at the delivery log, which the deliverer keeps).
-    primary = Reads(
-        container.read_db, container.watch, container.settings.http.min_position_timeout
-    )
-    await get_delivery(primary, principal, endpoint_id, delivery_id)
+    await get_delivery(reads_of(container).on_primary(), principal, endpoint_id, delivery_id)
     accepted = await resend_delivery(
         endpoint_id,
         delivery_id,

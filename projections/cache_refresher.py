@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -102,6 +103,15 @@ class CacheRefresher:
             self._backoff.reset()
         else:
             self._retry_later(readings, charts)
+
+    async def aclose(self) -> None:
+        """Stop retrying (the projector is no longer leading, or is stopping); what waits
+        is kept for the next lead's first batch."""
+        if self._retrying is not None:
+            self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
+            self._retrying = None
 
     async def _retry_until_refreshed(self) -> None:
         while self.pending:

@@ -428,6 +428,13 @@ class ProjectionRunner(Stoppable):
         if self._hooks_task is not None:
             with contextlib.suppress(Exception):
                 await self._hooks_task
+        # A hook may keep work of its own going (the cache refresher's retries): it ends
+        # with the lead.
+        for hook in self.after_commit:
+            close = getattr(hook, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
 
     async def _database_answers(self) -> bool:
         try:

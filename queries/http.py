@@ -46,7 +46,7 @@ from queries.readings import (
     get_reading,
     list_readings,
 )
-from queries.routing import Reads
+from queries.routing import reads_of
 from queries.webhooks import (
     MAX_PAGE as MAX_DELIVERY_PAGE,
 )
@@ -162,15 +162,6 @@ def _conditional(
     return headers, None
 
 
-def _reads(container: Container) -> Reads:
-    return Reads(
-        container.read_db,
-        container.watch,
-        container.settings.http.min_position_timeout,
-        container.read_router,
-    )
-
-
 @get("/readings/{reading_id:uuid}", summary="Get a reading", tags=["readings"])
 async def get_reading_route(
     request: Request[Any, Any, Any],
@@ -183,7 +174,7 @@ async def get_reading_route(
     paths = parse_fields(fields, ReadingView)
     view = await get_reading(
         reading_id,
-        reads=_reads(container),
+        reads=reads_of(container),
         cache=container.cache,
         principal=principal,
         min_position=min_position,
@@ -212,7 +203,7 @@ async def list_readings_route(
 ) -> Response[ReadingPage]:
     paths = parse_fields(fields, ReadingView)
     views, next_cursor, position = await list_readings(
-        reads=_reads(container),
+        reads=reads_of(container),
         principal=principal,
         filters=ReadingFilters(status, kind, created_after, created_before),
         limit=limit,
@@ -238,7 +229,7 @@ async def get_chart_route(
     paths = parse_fields(fields, ChartView)
     view = await get_chart(
         chart_hash,
-        reads=_reads(container),
+        reads=reads_of(container),
         cache=container.cache,
         principal=principal,
         min_position=min_position,
@@ -256,7 +247,7 @@ async def get_batch_route(
 ) -> Response[BatchView]:
     view = await get_batch(
         batch_id,
-        reads=_reads(container),
+        reads=reads_of(container),
         principal=principal,
         min_position=min_position,
     )
@@ -275,7 +266,7 @@ async def list_batches_route(
     min_position: MinPosition = None,
 ) -> Response[BatchPage]:
     page = await list_batches(
-        reads=_reads(container),
+        reads=reads_of(container),
         principal=principal,
         status=status,
         limit=limit,
@@ -316,7 +307,7 @@ async def batch_results_route(
     if chosen == "json":
         page = await batch_results(
             batch_id,
-            reads=_reads(container),
+            reads=reads_of(container),
             principal=principal,
             limit=limit,
             cursor=cursor,
@@ -325,7 +316,7 @@ async def batch_results_route(
         return Response(page, headers={"Almanac-Position": str(page.position)})
     view, chunks = await download_results(
         batch_id,
-        reads=_reads(container),
+        reads=reads_of(container),
         principal=principal,
         min_position=min_position,
     )
@@ -354,7 +345,7 @@ async def get_job_route(
 ) -> Response[JobView]:
     view = await get_job(
         job_id,
-        reads=_reads(container),
+        reads=reads_of(container),
         principal=principal,
         min_position=min_position,
     )
@@ -380,7 +371,7 @@ async def list_jobs_route(
     min_position: MinPosition = None,
 ) -> Response[JobPage]:
     page = await list_jobs(
-        reads=_reads(container),
+        reads=reads_of(container),
         principal=principal,
         kind=kind,
         state=job_state,
@@ -411,7 +402,7 @@ async def list_dead_letters_route(
 ) -> Response[DeadLetterPage]:
     principal.require_admin()
     page = await list_dead_letters(
-        reads=_reads(container),
+        reads=reads_of(container),
         limit=limit,
         cursor=cursor,
         min_position=min_position,
@@ -426,7 +417,7 @@ async def list_webhooks_route(
     min_position: MinPosition = None,
 ) -> Response[WebhookList]:
     found = await list_webhooks(
-        _reads(container),
+        reads_of(container),
         principal,
         min_position=min_position,
     )
@@ -442,7 +433,7 @@ async def get_webhook_route(
     min_position: MinPosition = None,
 ) -> Response[WebhookView]:
     view = await get_webhook(
-        _reads(container),
+        reads_of(container),
         principal,
         endpoint_id,
         min_position=min_position,
@@ -467,7 +458,7 @@ async def list_deliveries_route(
     min_position: MinPosition = None,
 ) -> Response[DeliveryPage]:
     page, position = await list_deliveries(
-        _reads(container),
+        reads_of(container),
         principal,
         endpoint_id,
         status=status,
@@ -491,7 +482,7 @@ async def get_delivery_route(
     min_position: MinPosition = None,
 ) -> Response[DeliveryDetail]:
     detail, position = await get_delivery(
-        _reads(container),
+        reads_of(container),
         principal,
         endpoint_id,
         delivery_id,

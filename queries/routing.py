@@ -7,17 +7,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from almanac.adapters.replicas import READINGS, ReadRouter
+from almanac.container import Container
 from almanac.errors import NotYetVisible
 from almanac.readmodels import PositionWatch, ReadDatabase
 
-__all__ = ["READINGS", "Reads"]
+__all__ = ["READINGS", "Reads", "reads_of"]
 
 
 async def _wait_for_position(
     watch: PositionWatch,
     min_position: int | None,
     timeout: float,
-    projection: str = "readings",
+    projection: str,
 ) -> int:
     """Return once the read model has reached ``min_position``, or raise NotYetVisible."""
     if min_position is None or min_position <= 0:
@@ -75,3 +76,13 @@ class Reads:
         if self.router is None:
             return self.db, reached
         return await self.router.source(min_position, projections), reached
+
+
+def reads_of(container: Container) -> Reads:
+    """The reads of ``container``'s queries, routed to its standbys where it has any."""
+    return Reads(
+        container.read_db,
+        container.watch,
+        container.settings.http.min_position_timeout,
+        container.read_router,
+    )

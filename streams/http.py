@@ -14,7 +14,7 @@ from almanac.auth import Principal, bearer_token
 from almanac.container import Container
 from almanac.errors import NotFound
 from queries.batches import get_batch
-from queries.routing import Reads
+from queries.routing import reads_of
 from streams.websocket import (
     CLOSE_BAD_REQUEST,
     CLOSE_NOT_FOUND,
@@ -104,7 +104,7 @@ async def batch_socket(
 ) -> None:
     missing_since: float | None = None
     # Progress polls the primary: a standby's copy may trail what the events already said.
-    primary = Reads(container.read_db, container.watch, timeout=0)
+    primary = reads_of(container).on_primary()
 
     async def progress(principal: Principal) -> dict[str, object] | None:
         nonlocal missing_since

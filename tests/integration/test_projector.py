@@ -143,6 +143,41 @@ async def test_the_position_after_a_batch_is_its_last_event(
             assert runner.position == batch[-1].position
 
 
+class ClosableHook:
+    """An after-commit hook that keeps work of its own going, as the cache refresher does."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.closed = 0
+
+    async def __call__(self, events: list[RecordedEvent]) -> None:
+        self.batches += 1
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_a_runner_closes_its_hooks_when_its_lead_ends(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with (
+        store_with_history(settings) as (store, _),
+        fresh_read_database(settings, tmp_path) as db,
+        log_feed(store) as feed,
+    ):
+        hook = ClosableHook()
+        runner = ProjectionRunner(
+            ReadingsProjection(), feed, db, watch_of(db), batch_size=5, after_commit=[hook]
+        )
+        await runner.prepare()
+        task = asyncio.create_task(runner.run())
+        await asyncio.wait_for(runner.caught_up.wait(), timeout=30)
+        assert (hook.batches > 0, hook.closed) == (True, 0)
+        runner.stop()
+        await asyncio.wait_for(task, timeout=10)
+    assert hook.closed == 1
+
+
 READINGS_INDEXES = {"readings_owner_order", "readings_order"}
 
 

@@ -593,3 +593,15 @@ async def test_the_refresher_retries_by_itself_when_no_batch_follows() -> None:
     await asyncio.wait_for(cache.stored.wait(), timeout=5)
     assert set(cache.refreshed[-1]) == {reading_key(missed)}
     assert refresher.pending == 0
+
+
+async def test_the_refresher_stops_retrying_when_closed_and_keeps_what_waits() -> None:
+    """Its retries end with the projector's lead (``aclose``); the keys stay for the next."""
+    db, cache = RowsDatabase(), RecordingCache(refreshes=False)
+    refresher = CacheRefresher(cast("Any", cache), cast("Any", db), retry_initial=60)
+    await refresher([recorded(Reading.Requested.TOPIC)])
+    retrying = refresher._retrying
+    assert retrying is not None and not retrying.done()
+    await refresher.aclose()
+    assert retrying.cancelled()
+    assert refresher.pending == 1

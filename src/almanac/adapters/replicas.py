@@ -123,9 +123,10 @@ class _Source:
     retry_at: float = 0.0
     routed: int = 0
 
-    def at(self, projection: str) -> int | None:
-        """This source's position for ``projection`` (0 if it has none yet), None if unknown."""
-        return None if self.positions is None else self.positions.get(projection, 0)
+    def at(self, projection: str) -> int:
+        """This source's position for ``projection``: 0 if it has none yet, or if the source
+        has not answered yet (callers that must tell the two apart look at ``positions``)."""
+        return 0 if self.positions is None else self.positions.get(projection, 0)
 
 
 def _label(db: ReadDatabase) -> str:
@@ -222,7 +223,7 @@ class ReadRouter:
         self._turn += 1
         chosen.routed += 1
         # Positions only grow, so the replica has applied at least what it had when chosen.
-        applied = min(chosen.at(p) or 0 for p in projections)
+        applied = min(chosen.at(p) for p in projections)
         return _ReplicaRead(chosen, applied, self._primary.db, self._within, self._set_aside)
 
     def applied_position(self, source: ReadDatabase) -> int | None:
@@ -238,12 +239,12 @@ class ReadRouter:
             # A lag is known for a replica once both its positions and the primary's are.
             known = s.role == "replica" and None not in (s.positions, primary.positions)
             names = sorted({*(primary.positions or {}), *positions, READINGS[0]})
-            lags = {n: (primary.at(n) or 0) - (s.at(n) or 0) for n in names} if known else {}
+            lags = {n: primary.at(n) - s.at(n) for n in names} if known else {}
             stats.append(
                 SourceStats(
                     role=s.role,
                     url=s.label,
-                    position=s.at(READINGS[0]),
+                    position=None if s.positions is None else s.at(READINGS[0]),
                     lag=lags.get(READINGS[0]),
                     healthy=s.healthy,
                     routed=s.routed,
@@ -311,13 +312,13 @@ class ReadRouter:
         # Without the primary's positions the lag cannot be known: read from the primary.
         if self._primary.positions is None:
             return []
-        floors = [(p, max(wanted, (self._primary.at(p) or 0) - self.max_lag)) for p in projections]
+        floors = [(p, max(wanted, self._primary.at(p) - self.max_lag)) for p in projections]
         return [
             r
             for r in self._replicas
             if r.healthy
             and r.positions is not None
-            and all((r.at(p) or 0) >= floor for p, floor in floors)
+            and all(r.at(p) >= floor for p, floor in floors)
         ]
 
     def _worth_refreshing_for(self, wanted: int, projections: Sequence[str]) -> bool:
@@ -326,9 +327,7 @@ class ReadRouter:
         if self._clock() - self._refreshed_at < self._forced_interval:
             return False
         return any(
-            r.healthy
-            and r.positions is not None
-            and any((r.at(p) or 0) < wanted for p in projections)
+            r.healthy and r.positions is not None and any(r.at(p) < wanted for p in projections)
             for r in self._replicas
         )
 
