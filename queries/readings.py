@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -43,7 +43,9 @@ class ReadingPage(msgspec.Struct, frozen=True):
 
 
 class _Cursor(msgspec.Struct, frozen=True):
-    before: int
+    # Within a 64-bit integer, as positions are: a larger number, which only a forged
+    # cursor carries, would overflow SQLite's INTEGER parameter.
+    before: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     filters: str
     owner: str
 
