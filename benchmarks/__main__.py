@@ -1,4 +1,4 @@
-"""``python -m benchmarks [NAME ...] [--seconds N] [--profile P] [--events N]``: run, save JSON.
+"""``python -m benchmarks [NAME ...] [--seconds N] [--profile P] [--events N] [--disk-probe]``.
 
 ``almanac bench NAME`` is the same (``almanac bench --list`` lists them). With no name every
 benchmark runs; ``--profile all`` runs each on every profile where it means something (what
@@ -31,6 +31,8 @@ class Benchmark:
     sized: bool = False
     # Takes --server and --pyspy.
     http: bool = False
+    # A latency benchmark: takes --disk-probe.
+    latency: bool = False
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -52,6 +54,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "command -> read model visible at 1k commands/s (p50/p99)",
         ("services", "embedded"),
         0.5,
+        latency=True,
     ),
     "api": Benchmark(
         api.run,
@@ -72,6 +75,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "command -> WebSocket frame at 100-1,000 commands/s from loadgen, 100 clients",
         ("services", "embedded"),
         1.0,
+        latency=True,
     ),
     "connections": Benchmark(
         websocket.run_connections,
@@ -115,6 +119,7 @@ def run_benchmarks(
     events: int | None = None,
     server: str = "uvicorn",
     pyspy: bool = False,
+    disk_probe: bool = False,
 ) -> list[Path]:
     """Run each named benchmark on ``profile`` (or on each of its profiles, for "all")."""
     RESULTS.mkdir(exist_ok=True)
@@ -130,6 +135,8 @@ def run_benchmarks(
                 options["events"] = events
             if bench.http:
                 options.update(server=server, pyspy=pyspy)
+            if bench.latency:
+                options.update(disk_probe=disk_probe)
             length = f"{seconds:g}s per measurement" if seconds else "default lengths"
             print(f"== {name} ({each}, {length})")
             result = bench.run(**options)
@@ -167,6 +174,11 @@ def main() -> None:
     )
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument("--pyspy", action="store_true", help="profile the API process (api)")
+    parser.add_argument(
+        "--disk-probe",
+        action="store_true",
+        help="time an fsync every 10 ms beside the run and report the slow ones (lag, websocket)",
+    )
     args = parser.parse_args()
     if args.list:
         print(listing())
@@ -178,6 +190,7 @@ def main() -> None:
         events=args.events,
         server=args.server,
         pyspy=args.pyspy,
+        disk_probe=args.disk_probe,
     )
 
 

@@ -19,8 +19,9 @@ Load (separate processes):
 - Latency versus offered load: ``benchmarks/loadgen.py`` (fixed rate, open loop, latency
   from each request's scheduled time) at fractions of Almanac's measured peak, for both
   paths. The GET at 0.5 is the "p99 at half load" figure. Also plotted to a PNG.
-- Memory: the API process's RSS when idle, after each round of load (the leak check: it
-  should level off, not grow round after round) and after the sweep.
+- Memory: the API process's RSS when idle, after each round of load and after the sweep.
+  The leak check judges the growth from the end of round 1 to the end of the last round
+  (more than ``LEAK_TOLERANCE_MB`` is "grows") and gives it per request served.
 
 Targets (DESIGN): POST >= 0.6 x bare; GET (cache hit) >= 0.7 x bare and p99 <= 5 ms at half
 of peak load.
@@ -265,7 +266,7 @@ def run(
         for target in (base, bare):
             wrk(target, "/api/v1/readings", post_lua, 1)
             wrk(target, s["get_path"], get_lua, 1)
-        rss = {"idle": rss_mb(s["pid"]), "after_round": []}
+        rss: dict[str, Any] = {"idle": rss_mb(s["pid"]), "after_round": []}
         runs: dict[str, list[dict[str, Any]]] = {
             k: [] for k in ("bare_post", "post", "bare_get", "get")
         }
@@ -298,6 +299,7 @@ def run(
                 point = loadgen(s["port"], path, rate=rate, seconds=length, key=s["key"], body=body)
                 sweep[path_name].append({"fraction_of_peak": fraction, **point})
         rss["after_sweep"] = rss_mb(s["pid"])
+        rss["leak_check"] = leak_check(rss["after_round"], runs)
         result["get_body_bytes"] = s["body_bytes"]
     half = next(p for p in sweep["get"] if p["fraction_of_peak"] == 0.5)
     result.update(
@@ -389,6 +391,35 @@ def _report(r: dict[str, Any]) -> None:
         f"{rss['after_sweep']:.0f} MB; load average {' '.join(r['loadavg_before'])} before, "
         f"{' '.join(r['loadavg_after'])} after"
     )
+    leak = rss["leak_check"]
+    if "growth_mb" in leak:
+        last = len(rss["after_round"])
+        per_request = leak["bytes_per_request"]
+        print(
+            f"Leak check: {leak['growth_mb']:+.1f} MB from round 1 to round {last} over "
+            f"{leak['requests']:,} requests ({per_request} B a request): {leak['verdict']} "
+            f"(tolerance {leak['tolerance_mb']:.0f} MB)"
+        )
+
+
+LEAK_TOLERANCE_MB = 2.0
+
+
+def leak_check(after_round: list[float], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """RSS growth from the first round's end to the last's, against the requests served in
+    between: the first round fills the pools, caches and allocator arenas, so a process that
+    does not leak stays within allocator noise (``LEAK_TOLERANCE_MB``) after it."""
+    if len(after_round) < 2:
+        return {"verdict": "needs two rounds or more"}
+    growth = after_round[-1] - after_round[0]
+    served = sum(run["requests"] for name in ("post", "get") for run in runs[name][1:])
+    return {
+        "growth_mb": round(growth, 1),
+        "requests": served,
+        "bytes_per_request": round(growth * 2**20 / served, 1) if served else None,
+        "tolerance_mb": LEAK_TOLERANCE_MB,
+        "verdict": "levels off" if growth <= LEAK_TOLERANCE_MB else "grows",
+    }
 
 
 def plot_latency(result: dict[str, Any], out: Path | None = None) -> Path | None:

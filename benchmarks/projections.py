@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ from almanac.server import settle_heap
 from almanac.settings import FeedSettings, LogSettings, Settings, StoreSettings
 from benchmarks.appender import offer
 from benchmarks.appends import BIRTH, _database, _drop
+from benchmarks.disk import FsyncProbe, describe
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from streams.logfeed import LogFeed
@@ -276,18 +278,23 @@ async def measure_lag(settings: Settings, rate: int, seconds: float) -> dict[str
     }
 
 
-def run_lag(seconds: float = 10.0, profile: str = "services", rate: int = 1000) -> dict[str, Any]:
+def run_lag(
+    seconds: float = 10.0, profile: str = "services", rate: int = 1000, disk_probe: bool = False
+) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "lag", "profile": profile}
     name, url = _database()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        probing = FsyncProbe() if disk_probe else contextlib.nullcontext()
+        with tempfile.TemporaryDirectory() as tmp, probing as probe:
             settings = _settings(profile, url, Path(tmp))
+            started = time.monotonic()
             figures = asyncio.run(measure_lag(settings, rate, seconds))
-        result.update(figures, target_p99_ms=20)
+            disk = probe.window(started, time.monotonic()) if probe else None
+        result.update(figures, target_p99_ms=20, disk=disk)
         print(
             f"projection lag at {figures['achieved_per_s']:,.0f} commands/s: "
             f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
-            f"max {figures['max_ms']:.1f} ms (target p99 <= 20 ms)"
+            f"max {figures['max_ms']:.1f} ms (target p99 <= 20 ms){describe(disk)}"
         )
     finally:
         _drop(name)

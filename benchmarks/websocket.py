@@ -48,6 +48,7 @@ import websockets
 
 from benchmarks import loadgen, wsclients
 from benchmarks.appends import _database, _drop
+from benchmarks.disk import FsyncProbe, describe
 
 NATS_URL = "nats://127.0.0.1:4222"
 
@@ -273,6 +274,7 @@ async def _point(
     tmp: Path,
     rate: int,
     seconds: float,
+    probe: FsyncProbe | None = None,
 ) -> dict[str, Any]:
     """One offered rate: latencies from each command's due time to its frames."""
     label = f"ws{len(clients.sockets)}c{rate}-"
@@ -286,6 +288,7 @@ async def _point(
     expected = len(accepted) * len(clients.sockets)
     # Bounded: frames still missing 10 s after the last answer count as lost.
     await clients.all_of(expected, 10)
+    disk = probe.window(before[0], time.monotonic()) if probe else None
     wall, *used = (b - a for a, b in zip(before, _cpu(server), strict=True))
     frames = clients.take()
     every: list[float] = []
@@ -315,6 +318,7 @@ async def _point(
         "accepted": len(accepted),
         "http_statuses": http["statuses"],
         "http_errors": http["errors"],
+        "disk": disk,
         "clients": len(clients.sockets),
         "frames_expected": expected,
         "frames_received": received,
@@ -343,6 +347,7 @@ async def _sweep(
     rates: Sequence[int],
     seconds: float,
     clients: int,
+    probe: FsyncProbe | None = None,
 ) -> dict[str, Any]:
     """Every rate in turn with ``clients`` connections open throughout."""
     print(f"   {clients} WebSocket connection{'s' if clients > 1 else ''}:")
@@ -359,6 +364,7 @@ async def _sweep(
                 "key": key,
                 "body": body,
                 "tmp": tmp,
+                "probe": probe,
             }
             await _point(connected, **where, rate=min(rates), seconds=1)
             points = []
@@ -382,7 +388,7 @@ def _print_point(p: dict[str, Any]) -> None:
         f"{f.get('max_ms', nan):.0f} ms (first connection p99 {one.get('p99_ms', nan):.1f} ms); "
         f"POST p50 {h.get('p50_ms', nan):.1f} ms, p99 {h.get('p99_ms', nan):.1f} ms; cores used "
         f"{', '.join(f'{k} {v:.2f}' for k, v in p['cores_used'].items())}; frames "
-        f"{p['frames_received']:,} of {p['frames_expected']:,}"
+        f"{p['frames_received']:,} of {p['frames_expected']:,}{describe(p.get('disk'))}"
     )
 
 
@@ -424,18 +430,22 @@ def run(
     profile: str = "services",
     rates: Sequence[int] = RATES,
     clients: Sequence[int] = (1, 100),
+    disk_probe: bool = False,
 ) -> dict[str, Any]:
     """The sweep of ``rates`` once per number of ``clients``, on one server: one connection
     shows the command's way to a frame; 100 add the fan-out (the API process sends, and this
     process receives, a frame per command per connection)."""
     result: dict[str, Any] = {"benchmark": "websocket", "profile": profile}
     load_before = Path("/proc/loadavg").read_text().split()[:3]
-    with _server(profile) as (base, ws, key, pid):
+    probing = FsyncProbe() if disk_probe else contextlib.nullcontext()
+    with _server(profile) as (base, ws, key, pid), probing as probe:
         port = int(base.rsplit(":", 1)[1])
         import uvloop  # as in the load generator: it costs the receiving clients less
 
         sweeps = [
-            uvloop.run(_sweep(pid, port, ws, key, rates=rates, seconds=seconds, clients=n))
+            uvloop.run(
+                _sweep(pid, port, ws, key, rates=rates, seconds=seconds, clients=n, probe=probe)
+            )
             for n in clients
         ]
     result.update(

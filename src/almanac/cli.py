@@ -210,6 +210,11 @@ def migrate() -> None:
     help="ASGI server of the HTTP benchmarks.",
 )
 @click.option("--pyspy", is_flag=True, help="Profile the API process with py-spy (api).")
+@click.option(
+    "--disk-probe",
+    is_flag=True,
+    help="Time an fsync every 10 ms beside the run and report the slow ones (lag, websocket).",
+)
 def bench(
     *,
     names: tuple[str, ...],
@@ -219,6 +224,7 @@ def bench(
     events: int | None,
     server: str,
     pyspy: bool,
+    disk_probe: bool,
 ) -> None:
     """Run benchmarks (all of them without NAMES); results go to benchmarks/results/.
 
@@ -242,6 +248,7 @@ def bench(
         events=events,
         server=server,
         pyspy=pyspy,
+        disk_probe=disk_probe,
     )
 
 

@@ -72,3 +72,17 @@ def test_bare_app_answers_a_reading_command_as_almanac_does() -> None:
     assert accepted.json()["status"] == "requested"
     assert accepted.headers["location"] == f"/api/v1/readings/{accepted.json()['id']}"
     assert refused.status_code == 400
+
+
+def test_the_leak_check_judges_growth_after_the_first_round_per_request_served() -> None:
+    from benchmarks.api import LEAK_TOLERANCE_MB, leak_check
+
+    runs = {"post": [{"requests": 1_000}] * 3, "get": [{"requests": 3_000}] * 3}
+    steady = leak_check([90.0, 90.5, 91.0], runs)
+    assert steady["verdict"] == "levels off"
+    assert steady["requests"] == 8_000  # rounds 2 and 3: the first fills pools and caches
+    growing = leak_check([90.0, 93.0, 96.0], runs)
+    assert growing["verdict"] == "grows"
+    assert growing["bytes_per_request"] == round(6 * 2**20 / 8_000, 1)
+    assert leak_check([90.0, 90.0 + LEAK_TOLERANCE_MB], runs)["verdict"] == "levels off"
+    assert "growth_mb" not in leak_check([90.0], runs)
