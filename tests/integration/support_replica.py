@@ -1,9 +1,12 @@
-"""A private Postgres primary with a streaming hot standby, built from the server binaries.
+"""Private Postgres servers built from the server binaries: one alone, or a primary with a
+streaming hot standby.
 
-The machine's own Postgres allows no replication connections and is left alone: this builds
-a throwaway primary (``initdb``) and a standby of it (``pg_basebackup -R -X stream``) in a
-temporary directory, each on a free port of 127.0.0.1 with its sockets in that directory.
-Postgres refuses to run as root, so as root every server command runs as ``postgres``.
+The machine's own Postgres allows no replication connections, and is shared by the tests
+running beside each other, so it is left alone: this builds a throwaway server (``initdb``),
+which a test may stop and start, or a primary and a standby of it (``pg_basebackup -R -X
+stream``), in a temporary directory, each on a free port of 127.0.0.1 with its sockets in
+that directory. Postgres refuses to run as root, so as root every server command runs as
+``postgres``.
 """
 
 from __future__ import annotations
@@ -176,10 +179,27 @@ def _own(path: Path) -> None:
         os.chown(path, account.pw_uid, account.pw_gid)
 
 
+def _initdb(root: Path, name: str, servers: list[Server]) -> Server:
+    """A new cluster under ``root`` (whose ``sockets`` directory exists), started, and listed
+    in ``servers`` before it starts (so that a failed start is cleaned up too)."""
+    server = Server(name, root / name, free_port(), root / f"{name}.log")
+    servers.append(server)
+    _run(
+        PG_BIN / "initdb", "-D", server.data_dir, "-U", SERVER_USER, "--auth=trust",
+        "--encoding=UTF8", "--no-sync", "--no-instructions",
+    )  # fmt: skip
+    with (server.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write(SERVER_CONF.format(sockets=root / "sockets"))
+        conf.write(f"port = {server.port}\n")
+    (server.data_dir / "pg_hba.conf").write_text(HBA)
+    server.start()
+    return server
+
+
 @contextlib.contextmanager
-def streaming_pair() -> Iterator[StreamingPair]:
-    """A running primary and a hot standby streaming from it; both removed on the way out."""
-    root = Path(tempfile.mkdtemp(prefix="almanac-replica-"))
+def _servers_root() -> Iterator[tuple[Path, list[Server]]]:
+    """A private directory for servers; every server listed in it is killed on the way out."""
+    root = Path(tempfile.mkdtemp(prefix="almanac-pg-"))
     servers: list[Server] = []
     try:
         root.chmod(0o700)
@@ -187,18 +207,25 @@ def streaming_pair() -> Iterator[StreamingPair]:
         sockets = root / "sockets"
         sockets.mkdir(mode=0o700)
         _own(sockets)
-        primary = Server("primary", root / "primary", free_port(), root / "primary.log")
-        servers.append(primary)
-        _run(
-            PG_BIN / "initdb", "-D", primary.data_dir, "-U", SERVER_USER, "--auth=trust",
-            "--encoding=UTF8", "--no-sync", "--no-instructions",
-        )  # fmt: skip
-        with (primary.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write(SERVER_CONF.format(sockets=sockets))
-            conf.write(f"port = {primary.port}\n")
-        (primary.data_dir / "pg_hba.conf").write_text(HBA)
-        primary.start()
+        yield root, servers
+    finally:
+        for server in reversed(servers):
+            server.kill()
+        shutil.rmtree(root, ignore_errors=True)
 
+
+@contextlib.contextmanager
+def private_server() -> Iterator[Server]:
+    """A running Postgres server of the test's own, which it may stop and start at will."""
+    with _servers_root() as (root, servers):
+        yield _initdb(root, "private", servers)
+
+
+@contextlib.contextmanager
+def streaming_pair() -> Iterator[StreamingPair]:
+    """A running primary and a hot standby streaming from it; both removed on the way out."""
+    with _servers_root() as (root, servers):
+        primary = _initdb(root, "primary", servers)
         standby = Server("standby", root / "standby", free_port(), root / "standby.log")
         servers.append(standby)
         _run(
@@ -212,7 +239,3 @@ def streaming_pair() -> Iterator[StreamingPair]:
         pair = StreamingPair(primary, standby, root)
         pair.wait_until_streaming()
         yield pair
-    finally:
-        for server in reversed(servers):
-            server.kill()
-        shutil.rmtree(root, ignore_errors=True)

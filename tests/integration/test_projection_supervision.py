@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tests.integration.support_projection import (
     watch_of,
     write_history,
 )
+from tests.integration.support_replica import Server, missing_prerequisites, private_server
 from tests.integration.support_waiting import eventually
 
 QUICK = ProjectionSettings(attempts=3, standby_interval=0.05)
@@ -457,5 +459,49 @@ async def test_the_runner_resumes_after_every_connection_is_dropped(
             rows = normalised(await db.fetch_all(ALL_ROWS, {}))
         assert rows == await rebuilt_rows(store, settings, tmp_path)
         assert len(rows) == 12 + 18
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def own_server() -> Iterator[Server]:
+    """A Postgres server of this test's own: stopping the shared one would fail its
+    neighbours."""
+    reason = missing_prerequisites()
+    if reason is not None:
+        if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
+        pytest.skip(reason)
+    with private_server() as server:
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE almanac")
+        yield server
+
+
+async def test_the_runner_resumes_after_the_database_restarts(
+    own_server: Server, tmp_path: Path
+) -> None:
+    """The server stops (every connection ends, and new ones are refused until it is back)
+    and starts again, twice: the runner goes on from its tracked position, nothing lost
+    and nothing applied twice."""
+    settings = services_settings(own_server.url("almanac"))
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        async with supervised(settings, tmp_path, store, batch_size=7, lease=_postgres_lease) as (
+            db,
+            runner,
+            _,
+        ):
+            await reached(runner, await store.max_position())
+            for round_ in range(2):
+                await asyncio.to_thread(own_server.stop, "fast")
+                await asyncio.to_thread(own_server.start)
+                for i in range(6):
+                    end = await store.append(request(label=f"round {round_} #{i}"))
+                await reached(runner, end)
+            rows = normalised(await db.fetch_all(ALL_ROWS, {}))
+        assert rows == await rebuilt_rows(store, settings, tmp_path)
+        assert len(rows) == 12 + 12
     finally:
         store.close()
