@@ -1,4 +1,5 @@
-"""Projecting for tests: a history to project, runners in tasks, a poisoned projection."""
+"""Projecting for tests: a history to project, runners in tasks, a poisoned projection,
+and every row of every read model, to compare a live one with a rebuild."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from uuid import uuid4
 
+import msgspec
+
 from almanac.adapters.leadership import Lease
 from almanac.domain.chart import Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
 from almanac.domain.kinds import ReadingKind
 from almanac.domain.reading import Reading
+from almanac.errors import Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import (
     PositionWatch,
@@ -21,8 +25,11 @@ from almanac.readmodels import (
     projection_position,
 )
 from almanac.settings import ProjectionSettings, Settings
+from projections.batches import BatchesProjection
+from projections.dead_letters import DeadLettersProjection
 from projections.readings import ReadingsProjection
 from projections.runner import Projection, ProjectionRunner
+from projections.webhooks import WebhookEndpointsProjection
 from streams.logfeed import LogFeed
 from tests.factories import birth, meta
 from tests.integration.support_eventlog import whole_log
@@ -31,7 +38,13 @@ NAME = ReadingsProjection.name
 CHART = calculate_chart(birth())
 TEXT: ReadingText = asyncio.run(BuiltinGenerator().generate(CHART, "natal", None))
 ALL_ROWS = "SELECT * FROM readings ORDER BY id"
-ALL_CHARTS = "SELECT * FROM charts ORDER BY chart_hash"
+# Every projection the projector role runs (a test checks the list against bootstrap's).
+PROJECTIONS: tuple[type[Projection], ...] = (
+    ReadingsProjection,
+    BatchesProjection,
+    WebhookEndpointsProjection,
+    DeadLettersProjection,
+)
 
 
 def request(
@@ -48,16 +61,31 @@ def request(
     )
 
 
+DOOMED = "doomed"
+UNREACHABLE = "unreachable"
+
+
 class RefusingGenerator:
-    """The built-in generator, except for readings labelled ``doomed``."""
+    """The built-in generator, except for readings labelled ``doomed`` (refused: the reading
+    fails at once) and ``unreachable`` (its service is down: a transient failure, tried
+    again on every delivery until the worker gives up and records a dead letter)."""
 
     name = "refusing"
     version = "1"
 
     async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
-        if label == "doomed":
+        if label == DOOMED:
             raise GenerationFailed("the stars decline to comment")
+        if label == UNREACHABLE:
+            raise Unavailable("the oracle is unreachable")
         return await BuiltinGenerator().generate(chart, kind, label)
+
+
+def giving_up_after(settings: Settings, max_deliver: int) -> Settings:
+    """``settings`` with a worker that gives a reading up after ``max_deliver`` deliveries."""
+    return msgspec.structs.replace(
+        settings, worker=msgspec.structs.replace(settings.worker, max_deliver=max_deliver)
+    )
 
 
 FATES = ("generated", "text_failed", "chart_failed", "chart_only", "requested", "generated")
@@ -94,6 +122,28 @@ async def store_with_history(
 
 def normalised(rows: Sequence[Row]) -> list[dict[str, object]]:
     return [dict(row) for row in rows]
+
+
+ReadModel = dict[str, list[dict[str, object]]]
+
+
+async def read_model(
+    db: ReadDatabase, projections: Sequence[type[Projection]] = PROJECTIONS
+) -> ReadModel:
+    """Every row of every table of ``projections``, by table. Rows are sorted by their whole
+    content (the tables' keys differ), so equal tables give equal lists on either engine."""
+    return {
+        table: sorted(normalised(await db.fetch_all(f"SELECT * FROM {table}", {})), key=repr)
+        for projection in projections
+        for table in projection.tables
+    }
+
+
+def assert_same_rows(rebuilt: ReadModel, live: ReadModel) -> None:
+    """Table by table, so that a failure names the table that differs."""
+    assert rebuilt.keys() == live.keys()
+    for table, rows in live.items():
+        assert rebuilt[table] == rows, f"{table}: the rebuild differs from the live rows"
 
 
 @asynccontextmanager
@@ -137,12 +187,37 @@ async def log_feed(store: EventStore) -> AsyncIterator[LogFeed]:
         await feed.stop()
 
 
-async def project_everything(store: EventStore, db: ReadDatabase, batch_size: int = 500) -> int:
-    """Run a projection runner until it has applied the whole log; return the position."""
+async def project_everything(
+    store: EventStore,
+    db: ReadDatabase,
+    batch_size: int = 500,
+    projection: Projection | None = None,
+) -> int:
+    """Run a runner of ``projection`` (by default the readings) until it has applied the
+    whole log; return the position."""
+    projection = projection or ReadingsProjection()
     end = await store.max_position()
-    async with log_feed(store) as feed, projecting(feed, db, batch_size=batch_size) as (_, watch):
-        reached = await watch.wait_for(NAME, end, timeout=20)
+    async with (
+        log_feed(store) as feed,
+        projecting(feed, db, batch_size=batch_size, projection=projection) as (_, watch),
+    ):
+        reached = await watch.wait_for(projection.name, end, timeout=20)
     assert reached == end
+    return end
+
+
+async def rebuild(
+    store: EventStore,
+    db: ReadDatabase,
+    projections: Sequence[type[Projection]] = PROJECTIONS,
+    batch_size: int = 500,
+) -> int:
+    """Project the whole log from position 0 into the empty ``db`` with new instances of
+    ``projections``; return the position they all reached (and saved)."""
+    end = await store.max_position()
+    for projection in projections:
+        assert await project_everything(store, db, batch_size, projection()) == end
+        assert await projection_position(db, projection.name) == end
     return end
 
 

@@ -1,4 +1,5 @@
-"""The readings projection and its runner on both profiles: replay, idempotence, tracking."""
+"""The projections and their runner on both profiles: a rebuild of every read model equals
+the live one; replay, idempotence, tracking."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
+from uuid import UUID, uuid4
 
 import pytest
 
 import projections.runner as runner_module
+from almanac.auth import Principal
+from almanac.container import Container
+from almanac.domain.batch import Batch, BatchItem
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import (
     FORGET_POSITION,
@@ -25,20 +30,36 @@ from almanac.readmodels import (
     projection_position,
 )
 from almanac.settings import ProjectionSettings, Settings
+from commands.batches import retry_failed
+from commands.webhooks import (
+    ChangeWebhook,
+    RegisterWebhook,
+    change_webhook,
+    delete_webhook,
+    register_webhook,
+    rotate_webhook_secret,
+)
 from projections.readings import ReadingsProjection
 from projections.runner import QUIET_SAVE_INTERVAL, Projection, ProjectionRunner, coalesce
 from streams.logfeed import LogFeed
+from tests.factories import birth, meta
 from tests.integration.support_containers import running, settled
 from tests.integration.support_databases import fresh_read_database
 from tests.integration.support_eventlog import CHART_CALCULATED, whole_log
 from tests.integration.support_projection import (
-    ALL_CHARTS,
     ALL_ROWS,
+    DOOMED,
     NAME,
+    PROJECTIONS,
+    UNREACHABLE,
     RefusingGenerator,
+    assert_same_rows,
+    giving_up_after,
     log_feed,
     normalised,
     project_everything,
+    read_model,
+    rebuild,
     request,
     secondary_indexes,
     store_with_history,
@@ -47,34 +68,111 @@ from tests.integration.support_projection import (
 )
 from tests.integration.support_waiting import eventually
 
+OWNER = "owner-a"
+PRINCIPAL = Principal(key_id="key-a", owner=OWNER, role="client", name="a")
+
+
+def projections_of(container: Container) -> set[str]:
+    """The names of the projections the container's projector role runs."""
+    return {
+        role.projection.name
+        for role in container.background["projector"]
+        if isinstance(role, ProjectionRunner)
+    }
+
+
+async def start_batch(container: Container, labels: list[str]) -> UUID:
+    items = [BatchItem(birth(), label=label) for label in labels]
+    batch = Batch.start(
+        batch_id=uuid4(), meta=meta(OWNER), items=items, label="mixed", request_hash="0" * 64
+    )
+    await container.store.append(batch)
+    return batch.id
+
+
+async def completed(container: Container, batch_id: UUID, retries: int) -> Batch:
+    """Wait until the batch has an outcome for every item after ``retries`` retries."""
+
+    async def done() -> Batch | None:
+        batch = await container.store.load(Batch, batch_id)
+        if batch is None or batch.status != "completed":
+            return None
+        return batch if max(batch.attempts.values(), default=0) == retries else None
+
+    return await eventually(done, what=f"the batch completed after {retries} retries")
+
+
+async def change_webhook_endpoints(container: Container) -> None:
+    """One endpoint registered, changed (and so disabled) and given a new secret; another
+    registered and deleted. Neither wants any event this history has."""
+    guard, box = container.webhook_guard, container.secret_box
+    assert guard is not None and box is not None
+    store, principal = container.store, PRINCIPAL
+    quiet = RegisterWebhook(url="http://127.0.0.1:9/hook", event_types=["batch.cancelled"])
+    kept, gone = [
+        await register_webhook(quiet, store=store, guard=guard, box=box, meta=meta(OWNER))
+        for _ in range(2)
+    ]
+    change = ChangeWebhook(description="changed", rate_limit=5, enabled=False)
+    await change_webhook(
+        kept.id, change, store=store, guard=guard, principal=principal, meta=meta(OWNER)
+    )
+    await rotate_webhook_secret(
+        kept.id, store=store, box=box, principal=principal, meta=meta(OWNER), overlap=60
+    )
+    await delete_webhook(gone.id, store=store, principal=principal, meta=meta(OWNER))
+
 
 async def test_a_rebuild_from_position_zero_equals_the_live_read_model(
     settings: Settings, tmp_path: Path
 ) -> None:
+    """Every row of every projection's tables: readings and charts, a batch whose failed
+    items were retried, webhook endpoints changed and deleted, and dead letters."""
     readings = [
-        request(label="doomed" if i % 4 == 3 else f"r{i}", owner=f"o{i % 3}") for i in range(16)
+        request(label=DOOMED if i % 4 == 3 else f"r{i}", owner=f"o{i % 3}") for i in range(16)
     ]
-    async with running(settings, generator=RefusingGenerator()) as container:
+    async with running(giving_up_after(settings, 2), generator=RefusingGenerator()) as container:
+        assert projections_of(container) == {p.name for p in PROJECTIONS}
         for reading in readings:
             await container.store.append(reading)
+        batch_id = await start_batch(container, ["b0", "b1", DOOMED, UNREACHABLE])
+        await change_webhook_endpoints(container)
         done = await settled(container, [r.id for r in readings])
+        await completed(container, batch_id, retries=0)
+        # The failed items run again (and fail again): the counts go down, then up.
+        await retry_failed(batch_id, store=container.store, principal=PRINCIPAL, meta=meta(OWNER))
+        await completed(container, batch_id, retries=1)
         end = await container.store.max_position()
-        assert await container.watch.wait_for(NAME, end, timeout=20) >= end
-        live = normalised(await container.read_db.fetch_all(ALL_ROWS, {}))
-        live_charts = normalised(await container.read_db.fetch_all(ALL_CHARTS, {}))
+        for projection in PROJECTIONS:
+            assert await container.watch.wait_for(projection.name, end, timeout=20) >= end
+        live = await read_model(container.read_db)
 
         async with fresh_read_database(settings, tmp_path) as fresh:
-            await project_everything(container.store, fresh, batch_size=7)
-            rebuilt = normalised(await fresh.fetch_all(ALL_ROWS, {}))
-            rebuilt_charts = normalised(await fresh.fetch_all(ALL_CHARTS, {}))
-            assert await projection_position(fresh, NAME) == end
+            assert await rebuild(container.store, fresh, batch_size=7) == end
+            rebuilt = await read_model(fresh)
 
     assert {r.status for r in done} == {"generated", "failed"}
-    assert [str(row["id"]) for row in live] == sorted(str(r.id) for r in readings)
-    assert {row["status"] for row in live} == {"generated", "failed"}
-    assert rebuilt == live
-    assert live_charts, "the readings that were generated calculated a chart"
-    assert rebuilt_charts == live_charts
+    assert all(live.values()), f"a table the history left empty: {[t for t in live if not live[t]]}"
+    assert {str(r.id) for r in readings} <= {str(row["id"]) for row in live["readings"]}
+    assert len(live["readings"]) == len(readings) + 6, "and the batch's readings, two retried"
+    assert {row["status"] for row in live["readings"]} == {"generated", "failed"}
+    assert live["charts"], "the readings that were generated calculated a chart"
+    [batch] = live["batches"]
+    counts = {"status": "completed", "total": 4, "succeeded": 2, "failed": 2}
+    assert {column: batch[column] for column in counts} == counts
+    assert {item["idx"]: (item["status"], item["attempt"]) for item in live["batch_items"]} == {
+        0: ("succeeded", 0),
+        1: ("succeeded", 0),
+        2: ("failed", 1),
+        3: ("failed", 1),
+    }
+    endpoints = {row["status"]: row for row in live["webhook_endpoints"]}
+    assert sorted(endpoints) == ["deleted", "disabled"]
+    assert endpoints["disabled"]["description"] == "changed"
+    assert endpoints["disabled"]["previous_secret_sealed"] is not None
+    dead = live["dead_letters"]
+    assert [row["deliveries"] for row in dead] == [2, 2], "the unreachable item, twice"
+    assert_same_rows(rebuilt, live)
 
 
 async def test_reapplying_applied_events_changes_nothing(
