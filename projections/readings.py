@@ -317,7 +317,15 @@ _CHART_CALCULATED = Reading.ChartCalculated.TOPIC
 _GENERATED = Reading.Generated.TOPIC
 _CHART_COLUMNS = ("chart_hash", "chart", "calculated_at", "position")
 _CHART_ON_CONFLICT = "ON CONFLICT (chart_hash) DO NOTHING"
-_READING_ON_CONFLICT = "ON CONFLICT (id) DO NOTHING"
+# A run that overlaps events already applied (a redelivery) may hold a reading's request
+# and events after those its row has: the row takes the run's final state where that is
+# newer. What the request sets (owner, birth, created_at, ...) never changes.
+_READING_ON_CONFLICT = (
+    "ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " chart_hash = excluded.chart_hash, has_chart = excluded.has_chart,"
+    " text = excluded.text, failure = excluded.failure, updated_at = excluded.updated_at,"
+    " position = excluded.position WHERE readings.position < excluded.position"
+)
 _READING_COLUMNS = (
     "id",
     "owner",

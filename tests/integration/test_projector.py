@@ -204,6 +204,30 @@ async def test_reapplying_applied_events_changes_nothing(
     )
 
 
+async def test_a_run_overlapping_applied_events_applies_the_ones_after_them(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A redelivered run from any earlier point (batch writes, as the runner makes them)
+    leaves the rows as one pass does: requests met again do not hide what follows them."""
+    store = EventStore(settings)
+    try:
+        await write_history(store)
+        events = await whole_log(store)
+    finally:
+        store.close()
+    projection = ReadingsProjection()
+    async with fresh_read_database(settings, tmp_path) as db:
+        await db.migrate([*POSITIONS_SCHEMA[db.dialect], *projection.schema[db.dialect]])
+        await db.write(projection.handle_batch(events))
+        once = normalised(await db.fetch_all(ALL_ROWS, {}))
+        await db.write([(f"DELETE FROM {table}", [{}]) for table in ("readings", "charts")])
+        for cut in (1, len(events) // 3, len(events) // 2):
+            await db.write(projection.handle_batch(events[:cut]))
+            await db.write(projection.handle_batch(events))  # from position 1 again
+            assert normalised(await db.fetch_all(ALL_ROWS, {})) == once, f"cut at {cut}"
+            await db.write([(f"DELETE FROM {table}", [{}]) for table in ("readings", "charts")])
+
+
 async def test_a_runner_restarted_from_zero_on_a_full_read_model_changes_no_row(
     settings: Settings, tmp_path: Path
 ) -> None:
