@@ -9,7 +9,10 @@ import msgspec
 import pytest
 
 from almanac.cache import decode_reading, encode_entry, reading_key
-from tests.e2e.conftest import Api
+from almanac.settings import Settings
+from tests.e2e.conftest import Api, serving
+from tests.e2e.test_batches_api import GatedGenerator, item, post_batch
+from tests.e2e.test_dead_letters_api import FlakyGenerator, giving_up_after
 from tests.factories import birth_json
 
 PROBLEM = "application/problem+json"
@@ -297,6 +300,114 @@ async def test_every_query_endpoint_honours_min_position(impatient_api: Api) -> 
         headers=impatient_api.auth(impatient_api.admin),
     )
     assert got.status_code == 503 and got.json()["min_position"] == far
+
+
+async def test_a_commands_position_reads_its_own_write_on_batches_jobs_and_webhooks(
+    settings: Settings,
+) -> None:
+    """Right after a command, with no polling: a read with ``min_position`` set to the
+    command's ``Almanac-Position`` already shows what the command did. Each endpoint is the
+    first read after a command of its own, so each is the one that has to wait."""
+    # Closed, so that every batch is still running when it is cancelled.
+    generator = GatedGenerator(open_=False)
+    async with serving(settings, generator=generator) as api:
+        alice = api.auth(api.alice)
+
+        async def read(url: str, position: str, **params: str) -> Any:
+            got = await api.client.get(
+                url, params={**params, "min_position": position}, headers=alice
+            )
+            assert got.status_code == 200, (url, got.text)
+            assert int(got.headers["almanac-position"]) >= int(position), url
+            return got.json()
+
+        async def start(label: str) -> tuple[str, str, str]:
+            body = {"items": [item(label=f"{label} item")], "label": label}
+            started = await post_batch(api, api.alice, body)
+            assert started.status_code == 202, started.text
+            position = started.headers["almanac-position"]
+            return started.json()["id"], started.headers["location"], position
+
+        async def cancel(batch_url: str) -> str:
+            cancelled = await api.client.post(f"{batch_url}/cancel", headers=alice)
+            assert cancelled.status_code == 202, cancelled.text
+            return str(cancelled.headers["almanac-position"])
+
+        detail, detail_url, at = await start("detail")
+        got = await read(detail_url, at)
+        assert (got["id"], got["label"], got["status"]) == (detail, "detail", "running")
+        listed, listed_url, at = await start("listed")
+        # Newest first: the batch just started leads the list.
+        assert (await read("/api/v1/batches", at))["data"][0]["id"] == listed
+        _, results_url, at = await start("results")
+        results = (await read(f"{results_url}/results", at))["data"]
+        assert [(r["label"], r["status"]) for r in results] == [("results item", "pending")]
+        job, job_url, at = await start("job")
+        assert (await read(f"/api/v1/jobs/{job}", at))["state"] == "running"
+        jobs, jobs_url, at = await start("jobs")
+        newest = (await read("/api/v1/jobs", at, kind="batch"))["data"][0]
+        assert (newest["id"], newest["state"]) == (jobs, "running")
+
+        at = await cancel(detail_url)
+        assert (await read(detail_url, at))["status"] == "cancelled"
+        at = await cancel(listed_url)
+        states = {b["id"]: b["status"] for b in (await read("/api/v1/batches", at))["data"]}
+        assert states.get(listed) == "cancelled"
+        at = await cancel(job_url)
+        assert (await read(f"/api/v1/jobs/{job}", at))["state"] == "cancelled"
+        at = await cancel(jobs_url)
+        page = (await read("/api/v1/jobs", at, kind="batch"))["data"]
+        assert {j["id"]: j["state"] for j in page}.get(jobs) == "cancelled"
+        generator.gate.set()
+
+        async def register(description: str) -> tuple[str, str, str]:
+            # No event is of this type here, so nothing is ever sent to the address.
+            hook = {
+                "url": "http://127.0.0.1:9/hook",
+                "event_types": ["webhook.test"],
+                "description": description,
+            }
+            created = await api.client.post("/api/v1/webhooks", json=hook, headers=alice)
+            assert created.status_code == 201, created.text
+            position = created.headers["almanac-position"]
+            return created.json()["id"], created.headers["location"], position
+
+        async def rename(hook_url: str, description: str) -> str:
+            changed = await api.client.patch(
+                hook_url, json={"description": description}, headers=alice
+            )
+            assert changed.status_code == 200, changed.text
+            return str(changed.headers["almanac-position"])
+
+        shown, shown_url, at = await register("shown")
+        got = await read(shown_url, at)
+        assert (got["id"], got["description"]) == (shown, "shown")
+        hook_listed, hook_listed_url, at = await register("listed")
+        hooks = (await read("/api/v1/webhooks", at))["data"]
+        assert {h["id"]: h["description"] for h in hooks}.get(hook_listed) == "listed"
+        at = await rename(shown_url, "shown, renamed")
+        assert (await read(shown_url, at))["description"] == "shown, renamed"
+        at = await rename(hook_listed_url, "listed, renamed")
+        hooks = (await read("/api/v1/webhooks", at))["data"]
+        assert {h["id"]: h["description"] for h in hooks}.get(hook_listed) == "listed, renamed"
+
+
+async def test_a_failures_position_reads_its_dead_letter(settings: Settings) -> None:
+    """A dead letter comes from the worker's ``reading.failed``, not from a command: the
+    position to read it at is the failed reading's (as a WebSocket frame or webhook tells)."""
+    async with serving(giving_up_after(settings, 1), generator=FlakyGenerator()) as api:
+        accepted = await api.post_reading(api.alice, body(label="flaky"))
+        failed = await api.wait_for_status(api.alice, accepted, {"generated", "failed"})
+        assert failed["status"] == "failed", failed
+        got = await api.client.get(
+            "/api/v1/dead-letters",
+            params={"min_position": failed["position"]},
+            headers=api.auth(api.admin),
+        )
+        assert got.status_code == 200, got.text
+        assert int(got.headers["almanac-position"]) >= failed["position"]
+        listed = [(d["aggregate_id"], d["failed_position"]) for d in got.json()["data"]]
+        assert listed == [(accepted.json()["id"], failed["position"])]
 
 
 async def test_concurrent_listing_and_posting_never_errors(api: Api) -> None:

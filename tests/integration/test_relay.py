@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -17,7 +18,7 @@ from nats.js.api import StreamConfig
 
 from almanac.bootstrap import bootstrap
 from almanac.domain.access import hash_secret
-from almanac.eventstore import EventStore
+from almanac.eventstore import EventStore, RecordedEvent
 from almanac.settings import Profile, Settings
 from streams.relay import Relay, RelayOutOfStep, subject_for
 from tests.conftest import NATS_URL, embedded_settings, services_settings
@@ -115,18 +116,56 @@ async def assert_every_event_once_in_order(
     assert [m.sequence for m in received] == list(range(1, len(log) + 1))
     assert await stream_message_count(url, settings.relay.stream) == len(log)
     prefix = settings.relay.subject_prefix
+    by_position = {event.position: event for event in log}
+    checked_at = datetime.now(UTC)
     for message, event in zip(received, log, strict=True):
         assert message.subject == subject_for(prefix, event.type)
         assert message.headers["Nats-Msg-Id"] == str(event.position)
         assert message.headers["Almanac-Aggregate-Id"] == str(event.aggregate_id)
         assert message.headers["Almanac-Aggregate-Version"] == str(event.aggregate_version)
         assert message.headers["Almanac-Event-Type"] == event.type
-        assert message.headers["Almanac-Correlation-Id"] == event.meta.correlation_id
-        assert message.headers["Almanac-Causation-Id"] == event.meta.causation_id
         assert message.payload["position"] == event.position
         assert message.payload["type"] == event.type
         assert message.payload["aggregate_id"] == str(event.aggregate_id)
         assert message.payload["metadata"] == msgspec.to_builtins(event.meta)
+        assert_owner_and_time(message, event, checked_at)
+        assert_caused_by_a_request_or_an_earlier_event(message, event, by_position)
+
+
+def assert_owner_and_time(message: Received, event: RecordedEvent, before: datetime) -> None:
+    """``Almanac-Owner`` and ``Almanac-Occurred-At`` say what the event and its payload say:
+    the owner it belongs to, and when it was recorded as an RFC 3339 UTC timestamp."""
+    headers, metadata = message.headers, message.payload["metadata"]
+    assert headers["Almanac-Owner"] == event.meta.owner == metadata["owner"], event.position
+    occurred_at = headers["Almanac-Occurred-At"]
+    assert occurred_at == message.payload["occurred_at"], event.position
+    assert occurred_at.endswith("Z"), occurred_at
+    moment = datetime.fromisoformat(occurred_at)
+    assert moment.utcoffset() == timedelta(0), occurred_at
+    assert moment == event.occurred_at, event.position
+    assert moment <= before, f"{occurred_at} is after the stream was read"
+
+
+def assert_caused_by_a_request_or_an_earlier_event(
+    message: Received, event: RecordedEvent, log: dict[int, RecordedEvent]
+) -> None:
+    """``Almanac-Correlation-Id`` and ``Almanac-Causation-Id`` are the event's, and the
+    causation names a request of that correlation or an earlier event of the same chain."""
+    correlation_id = message.headers["Almanac-Correlation-Id"]
+    causation_id = message.headers["Almanac-Causation-Id"]
+    assert (correlation_id, causation_id) == (event.meta.correlation_id, event.meta.causation_id)
+    assert correlation_id, event.position
+    kind, _, cause = causation_id.partition(":")
+    # A request, or a webhook message (the deliverer disabling an endpoint), starts a chain.
+    if kind in {"request", "webhook"}:
+        assert cause == correlation_id, causation_id
+        return
+    assert kind == "position", causation_id
+    assert int(cause) < event.position, causation_id
+    caused_by = log.get(int(cause))
+    assert caused_by is not None, f"{causation_id} is not in the log"
+    chain = (caused_by.meta.correlation_id, caused_by.meta.owner)
+    assert chain == (correlation_id, event.meta.owner), causation_id
 
 
 async def until_in_stream(reader: StreamReader, count: int, *processes: RoleProcess) -> int:
@@ -144,6 +183,7 @@ async def until_in_stream(reader: StreamReader, count: int, *processes: RoleProc
 async def test_every_event_reaches_a_subscriber_once_in_position_order(
     settings: Settings,
 ) -> None:
+    begun = datetime.now(UTC)
     async with (
         running(settings, roles=("worker", "relay")) as container,
         reader_of(settings) as reader,
@@ -159,6 +199,12 @@ async def test_every_event_reaches_a_subscriber_once_in_position_order(
         received = await reader.until_count(count)
         await assert_every_event_once_in_order(received, container.store, settings)
 
+    assert {m.headers["Almanac-Owner"] for m in received} == {
+        "own_ops",
+        *(f"owner-{i}" for i in range(3)),
+    }
+    occurred = [datetime.fromisoformat(m.headers["Almanac-Occurred-At"]) for m in received]
+    assert min(occurred) >= begun, "recorded before the test began"
     types = [m.payload["type"] for m in received]
     assert types.count(REQUESTED) == types.count(CHART_CALCULATED) == types.count(GENERATED) == 30
     [key] = [m for m in received if m.payload["type"] == "api_key.issued"]
