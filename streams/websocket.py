@@ -104,6 +104,17 @@ class BadTopic(ValueError):
     pass
 
 
+# Event types are a few words; a glob of them need not be longer.
+MAX_TOPIC_LENGTH = 200
+
+
+def too_many_topics(count: int, limit: int) -> str | None:
+    """Why ``count`` topics are refused on one connection, or None."""
+    if count <= limit:
+        return None
+    return f"too many topics: {count}, at most {limit} on one connection"
+
+
 class BadAfter(ValueError):
     """A resume position that is not one: refused rather than ignored, or the client would
     believe it resumed when it did not."""
@@ -133,6 +144,8 @@ class Topic:
     def parse(cls, raw: object) -> Topic:
         if not isinstance(raw, str):
             raise BadTopic(f"a topic is a string, got {raw!r}")
+        if len(raw) > MAX_TOPIC_LENGTH:
+            raise BadTopic(f"a topic is at most {MAX_TOPIC_LENGTH} characters, got {len(raw)}")
         if raw == "*":
             return cls("all")
         kind, _, value = raw.partition(":")
@@ -671,6 +684,9 @@ class Session:
                 self._apply(message)
             except (BadTopic, BadAfter) as exc:  # as a malformed one in the URL is
                 raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
+        excess = too_many_topics(len(self.topics), self.settings.max_topics)
+        if excess is not None:
+            raise Closed(CLOSE_BAD_REQUEST, close_reason(excess))
         return principal
 
     async def _serve(self, listener: Listener) -> None:
@@ -845,6 +861,12 @@ class Session:
                     self._reply(listener, type="error", code="bad_topic", detail=str(exc))
                     continue
                 if message.type == "subscribe":
+                    count = len(listener.topics | topics)
+                    excess = too_many_topics(count, self.settings.max_topics)
+                    if excess is not None:
+                        # Refused whole, as a bad topic is: the subscriptions stay as they were.
+                        self._reply(listener, type="error", code="too_many_topics", detail=excess)
+                        continue
                     listener.topics |= topics
                 else:
                     listener.topics -= topics

@@ -165,6 +165,9 @@ class WebSocketSettings(msgspec.Struct, frozen=True):
     max_replay: int = 10_000
     # Seconds a client has to authenticate by its first message.
     auth_timeout: float = 5.0
+    # Topics one connection may hold at once: every event is matched against each of them
+    # on the hub's loop, so they are bounded as the queue is.
+    max_topics: int = 100
 
 
 # Seconds after a failed attempt before the next one (Svix's schedule); then it has failed.
@@ -413,6 +416,7 @@ class _Reader:
             heartbeat=self.get("ALMANAC_WS_HEARTBEAT", _float_between(0.05, 3600), 15.0),
             max_replay=self.get("ALMANAC_WS_MAX_REPLAY", _int_between(0, 10**9), 10_000),
             auth_timeout=self.get("ALMANAC_WS_AUTH_TIMEOUT", _float_between(0.1, 600), 5.0),
+            max_topics=self.get("ALMANAC_WS_MAX_TOPICS", _int_between(1, 100_000), 100),
         )
         batch = BatchSettings(
             window=self.get("ALMANAC_BATCH_WINDOW", _int_between(1, 10_000), 32),

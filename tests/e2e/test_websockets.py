@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,6 +52,11 @@ def with_small_queues(settings: Settings) -> Settings:
 
 async def subscribe(socket: Any, *topics: str) -> dict[str, Any]:
     await socket.send(json.dumps({"type": "subscribe", "topics": list(topics)}))
+    return await next_frame(socket)
+
+
+async def unsubscribe(socket: Any, *topics: str) -> dict[str, Any]:
+    await socket.send(json.dumps({"type": "unsubscribe", "topics": list(topics)}))
     return await next_frame(socket)
 
 
@@ -423,3 +429,49 @@ async def event_positions(client: Any) -> AsyncIterator[int]:
             frame = json.loads(await asyncio.wait_for(client.recv(), 10))
             if frame["type"] == "event":
                 yield frame["position"]
+
+
+def some_readings(count: int) -> list[str]:
+    return [f"reading:{uuid.uuid4()}" for _ in range(count)]
+
+
+async def test_topics_beyond_the_connections_limit_are_refused_and_the_rest_kept(
+    settings: Settings,
+) -> None:
+    """Every event is matched against each of a connection's topics: they are bounded."""
+    few = msgspec.structs.replace(
+        settings, websocket=msgspec.structs.replace(settings.websocket, max_topics=3)
+    )
+    async with live_server(few) as server:
+        async with server.connect("/ws?topics=event:reading.*", server.alice) as socket:
+            await next_frame(socket)
+            held = await subscribe(socket, *some_readings(2))
+            assert len(held["topics"]) == 3
+            refused = await subscribe(socket, *some_readings(1))
+            assert refused["code"] == "too_many_topics"
+            assert "at most 3" in refused["detail"]
+            # Nothing of the refused message was taken; unsubscribing makes room again.
+            left = await unsubscribe(socket, held["topics"][0])
+            assert left["topics"] == held["topics"][1:]
+            assert len((await subscribe(socket, *some_readings(1)))["topics"]) == 3
+        for how in ("query", "first message"):
+            if how == "query":
+                url = f"/ws?topics={','.join(some_readings(4))}"
+                connection = server.connect(url, server.alice)
+            else:
+                connection = server.connect("/ws")
+            async with connection as socket:
+                if how == "first message":
+                    auth = {"type": "auth", "key": server.alice, "topics": some_readings(4)}
+                    await socket.send(json.dumps(auth))
+                close = await close_of(socket)
+            assert close.code == 4400, how
+            assert "too many topics: 4" in close.reason, how
+
+
+async def test_a_topic_longer_than_any_event_type_glob_is_refused(server: LiveServer) -> None:
+    async with server.connect("/ws", server.alice) as socket:
+        await next_frame(socket)
+        refused = await subscribe(socket, "event:" + "a" * 300)
+    assert refused["code"] == "bad_topic"
+    assert "at most 200 characters" in refused["detail"]
