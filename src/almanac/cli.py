@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -94,6 +96,17 @@ def deliver(ctx: click.Context, port: int | None) -> None:
     ctx.invoke(serve, host=None, port=port, roles="deliver")
 
 
+def _this_command() -> str:
+    """How this ``almanac`` was run (``.venv/bin/almanac`` under ``make run``), so that a
+    command it prints pastes as is; plain ``almanac`` when that cannot be told."""
+    ran = Path(sys.argv[0])
+    if ran.name != "almanac":
+        return "almanac"  # python -m almanac, or a wrapper
+    with contextlib.suppress(ValueError):
+        return str(ran.resolve().relative_to(Path.cwd()))
+    return str(ran)
+
+
 def _welcome(settings: Settings, roles: tuple[str, ...], admin_key: str | None) -> None:
     base = settings.http.public_url or f"http://{settings.http.host}:{settings.http.port}"
     where = ", ".join(f"{k} {v}" for k, v in settings.locations().items())
@@ -128,7 +141,7 @@ def _welcome(settings: Settings, roles: tuple[str, ...], admin_key: str | None) 
         lines += [
             "",
             "The admin key was shown on first start. Make another with:",
-            "  almanac keys create --name me --role admin",
+            f"  {_this_command()} keys create --name me --role admin",
         ]
     console.print(Panel("\n".join(lines), expand=False), highlight=False)
     for line in follow_up:
