@@ -86,3 +86,22 @@ def test_the_leak_check_judges_growth_after_the_first_round_per_request_served()
     assert growing["bytes_per_request"] == round(6 * 2**20 / 8_000, 1)
     assert leak_check([90.0, 90.0 + LEAK_TOLERANCE_MB], runs)["verdict"] == "levels off"
     assert "growth_mb" not in leak_check([90.0], runs)
+
+
+def test_the_disk_probe_reports_the_slow_flushes_of_a_window_and_says_when_it_saw_none() -> None:
+    from benchmarks.disk import FsyncProbe, describe
+
+    probe = FsyncProbe()  # not started: fed what its process would report
+    probe.slow = [(10.5, 0.139), (12.2, 0.030), (30.0, 0.5)]
+    probe.counts = [(11.0, 98), (12.0, 97), (13.0, 99), (31.0, 60)]
+    window = probe.window(10.0, 12.9)
+    assert (window["slow_fsyncs"], window["slowest_ms"], window["stalled_ms"]) == (2, 139, 169)
+    assert window["flushes"] == 98 + 97 + 99
+    assert describe(window) == "; disk: 2 fsync(s) over 20 ms of 294 (slowest 139 ms)"
+    quiet = probe.window(20.0, 25.0)
+    assert "no flushes measured" in describe(quiet), (
+        "a probe that measured nothing is not a calm disk"
+    )
+    probe.failure = "the probe ended early: disk full"
+    assert "disk full" in describe(probe.window(10.0, 12.9))
+    assert describe(None) == ""
