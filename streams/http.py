@@ -26,6 +26,7 @@ from streams.websocket import (
     Session,
     Topic,
     close_reason,
+    parse_topics,
     resume_position,
 )
 
@@ -62,7 +63,7 @@ async def _serve(
     await socket.accept()
     raw_topics = [t for t in socket.query_params.get("topics", "").split(",") if t]
     try:
-        topics |= {Topic.parse(t) for t in raw_topics}
+        topics |= parse_topics(raw_topics, container.settings.websocket.max_topics)
         after = _after(socket)
     except (BadTopic, BadAfter) as exc:
         await socket.close(CLOSE_BAD_REQUEST, close_reason(str(exc)))

@@ -21,7 +21,7 @@ import contextlib
 import fnmatch
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -108,11 +108,21 @@ class BadTopic(ValueError):
 MAX_TOPIC_LENGTH = 200
 
 
-def too_many_topics(count: int, limit: int) -> str | None:
-    """Why ``count`` topics are refused on one connection, or None."""
-    if count <= limit:
-        return None
-    return f"too many topics: {count}, at most {limit} on one connection"
+class TooManyTopics(BadTopic):
+    pass
+
+
+def check_topic_count(count: int, limit: int) -> None:
+    """Refuse ``count`` topics on one connection if they are more than ``limit``."""
+    if count > limit:
+        raise TooManyTopics(f"too many topics: {count}, at most {limit} on one connection")
+
+
+def parse_topics(raw: Sequence[object], limit: int) -> set[Topic]:
+    """The topics of a URL or a message: more than ``limit`` are refused before any is
+    parsed; a malformed one raises ``BadTopic``."""
+    check_topic_count(len(raw), limit)
+    return {Topic.parse(t) for t in raw}
 
 
 class BadAfter(ValueError):
@@ -684,9 +694,10 @@ class Session:
                 self._apply(message)
             except (BadTopic, BadAfter) as exc:  # as a malformed one in the URL is
                 raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
-        excess = too_many_topics(len(self.topics), self.settings.max_topics)
-        if excess is not None:
-            raise Closed(CLOSE_BAD_REQUEST, close_reason(excess))
+        try:
+            check_topic_count(len(self.topics), self.settings.max_topics)
+        except TooManyTopics as exc:  # the URL's and the auth message's together
+            raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
         return principal
 
     async def _serve(self, listener: Listener) -> None:
@@ -855,18 +866,19 @@ class Session:
             elif message.type == "auth":
                 self._reply(listener, type="error", code="already_authenticated")
             else:
+                limit = self.settings.max_topics
                 try:
-                    topics = {Topic.parse(t) for t in message.topics}
+                    topics = parse_topics(message.topics, limit)
+                    if message.type == "subscribe":
+                        check_topic_count(len(listener.topics | topics), limit)
+                except TooManyTopics as exc:
+                    # Refused whole, as a bad topic is: the subscriptions stay as they were.
+                    self._reply(listener, type="error", code="too_many_topics", detail=str(exc))
+                    continue
                 except BadTopic as exc:
                     self._reply(listener, type="error", code="bad_topic", detail=str(exc))
                     continue
                 if message.type == "subscribe":
-                    count = len(listener.topics | topics)
-                    excess = too_many_topics(count, self.settings.max_topics)
-                    if excess is not None:
-                        # Refused whole, as a bad topic is: the subscriptions stay as they were.
-                        self._reply(listener, type="error", code="too_many_topics", detail=excess)
-                        continue
                     listener.topics |= topics
                 else:
                     listener.topics -= topics
@@ -882,7 +894,7 @@ class Session:
 
     def _apply(self, message: ClientMessage) -> None:
         """Topics and resume point given with the first (auth) message."""
-        self.topics |= {Topic.parse(t) for t in message.topics}
+        self.topics |= parse_topics(message.topics, self.settings.max_topics)
         if message.after is not None:
             self.after = resume_position(message.after)
 

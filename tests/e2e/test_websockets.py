@@ -454,6 +454,9 @@ async def test_topics_beyond_the_connections_limit_are_refused_and_the_rest_kept
             left = await unsubscribe(socket, held["topics"][0])
             assert left["topics"] == held["topics"][1:]
             assert len((await subscribe(socket, *some_readings(1)))["topics"]) == 3
+            # Counted before any is parsed: four malformed topics are four too many.
+            counted = await subscribe(socket, *["galaxy:9"] * 4)
+            assert counted["code"] == "too_many_topics"
         for how in ("query", "first message"):
             if how == "query":
                 url = f"/ws?topics={','.join(some_readings(4))}"
