@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-import msgspec
-
 from almanac.domain.chart import Chart
 from almanac.domain.interpretation import BuiltinGenerator, ReadingText
 from almanac.domain.kinds import ReadingKind
@@ -16,6 +14,7 @@ from almanac.settings import Settings
 from tests.e2e.conftest import Api, serving
 from tests.e2e.test_batches_api import all_results, item, post_batch, wait_for_batch
 from tests.factories import birth_json
+from tests.integration.support_projection import giving_up_after
 from tests.integration.support_waiting import eventually
 
 PROBLEM = "application/problem+json"
@@ -37,12 +36,6 @@ class FlakyGenerator:
         if self.down and label is not None and label.startswith("flaky"):
             raise Unavailable(UNREACHABLE)
         return await self.inner.generate(chart, kind, label)
-
-
-def giving_up_after(settings: Settings, max_deliver: int) -> Settings:
-    return msgspec.structs.replace(
-        settings, worker=msgspec.structs.replace(settings.worker, max_deliver=max_deliver)
-    )
 
 
 async def dead_letters(api: Api, **params: Any) -> dict[str, Any]:

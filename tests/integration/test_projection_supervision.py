@@ -473,8 +473,6 @@ def own_server() -> Iterator[Server]:
             pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
         pytest.skip(reason)
     with private_server() as server:
-        with psycopg.connect(server.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE almanac")
         yield server
 
 
@@ -484,7 +482,11 @@ async def test_the_runner_resumes_after_the_database_restarts(
     """The server stops (every connection ends, and new ones are refused until it is back)
     and starts again, twice: the runner goes on from its tracked position, nothing lost
     and nothing applied twice."""
-    settings = services_settings(own_server.url("almanac"))
+    # A name of the test's own, as every test's database has (its stream names follow it).
+    database = f"almanac_restart_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(own_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    settings = services_settings(own_server.url(database))
     store = EventStore(settings)
     try:
         await write_history(store)

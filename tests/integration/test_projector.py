@@ -18,6 +18,7 @@ import projections.runner as runner_module
 from almanac.auth import Principal
 from almanac.container import Container
 from almanac.domain.batch import Batch, BatchItem
+from almanac.domain.reading import Reading
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import (
     FORGET_POSITION,
@@ -48,9 +49,11 @@ from tests.integration.support_databases import fresh_read_database
 from tests.integration.support_eventlog import CHART_CALCULATED, whole_log
 from tests.integration.support_projection import (
     ALL_ROWS,
+    CHART,
     DOOMED,
     NAME,
     PROJECTIONS,
+    TEXT,
     UNREACHABLE,
     RefusingGenerator,
     assert_same_rows,
@@ -204,28 +207,55 @@ async def test_reapplying_applied_events_changes_nothing(
     )
 
 
+def many_readings(count: int) -> list[Reading]:
+    """``count`` readings: two in three generated, the others only requested."""
+    readings = []
+    for i in range(count):
+        reading = request(label=f"m{i}")
+        if i % 3:
+            reading.record_chart(CHART, meta())
+            reading.record_text(TEXT, meta())
+        readings.append(reading)
+    return readings
+
+
+@pytest.mark.parametrize("size", ["twelve", "hundreds"])
 async def test_a_run_overlapping_applied_events_applies_the_ones_after_them(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, size: str
 ) -> None:
-    """A redelivered run from any earlier point (batch writes, as the runner makes them)
-    leaves the rows as one pass does: requests met again do not hide what follows them."""
+    """A redelivered run from any earlier point leaves the rows as one pass does: requests
+    met again do not hide what follows them. Written as the runner writes, with the
+    position in the same transaction; hundreds of new readings go in by COPY on Postgres,
+    which meets the rows already there and falls back to the insert with its conflict
+    clause."""
     store = EventStore(settings)
     try:
-        await write_history(store)
+        if size == "twelve":
+            await write_history(store)
+        else:
+            store.append_sync(*many_readings(300))
         events = await whole_log(store)
     finally:
         store.close()
     projection = ReadingsProjection()
+
+    def run(batch: list[RecordedEvent]) -> list[Write]:
+        saved = {"name": NAME, "position": batch[-1].position, "updated_at": runner_module.now()}
+        return [*projection.handle_batch(batch), (SAVE_POSITION, [saved])]
+
     async with fresh_read_database(settings, tmp_path) as db:
         await db.migrate([*POSITIONS_SCHEMA[db.dialect], *projection.schema[db.dialect]])
-        await db.write(projection.handle_batch(events))
+        await db.write(run(events))
         once = normalised(await db.fetch_all(ALL_ROWS, {}))
-        await db.write([(f"DELETE FROM {table}", [{}]) for table in ("readings", "charts")])
+        tables = ("readings", "charts", "projection_positions")
+        forget: list[Write] = [(f"DELETE FROM {table}", [{}]) for table in tables]
+        await db.write(forget)
         for cut in (1, len(events) // 3, len(events) // 2):
-            await db.write(projection.handle_batch(events[:cut]))
-            await db.write(projection.handle_batch(events))  # from position 1 again
+            await db.write(run(events[:cut]))
+            await db.write(run(events))  # from position 1 again
             assert normalised(await db.fetch_all(ALL_ROWS, {})) == once, f"cut at {cut}"
-            await db.write([(f"DELETE FROM {table}", [{}]) for table in ("readings", "charts")])
+            assert await projection_position(db, NAME) == events[-1].position
+            await db.write(forget)
 
 
 async def test_a_runner_restarted_from_zero_on_a_full_read_model_changes_no_row(

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import msgspec
-
 from almanac.container import Container
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
@@ -34,6 +32,7 @@ from tests.integration.support_eventlog import (
 )
 from tests.integration.support_nats import consumer_backlog
 from tests.integration.support_processes import RoleProcesses
+from tests.integration.support_projection import giving_up_after
 from tests.integration.support_waiting import eventually, wait_until
 
 
@@ -384,12 +383,6 @@ async def test_identical_birth_data_reuses_the_calculated_chart(settings: Settin
     assert {r.status for r in done} == {"generated"}
     assert len(calculations) == 1
     assert len({r.chart.chart_hash for r in done if r.chart is not None}) == 1
-
-
-def giving_up_after(settings: Settings, max_deliver: int) -> Settings:
-    return msgspec.structs.replace(
-        settings, worker=msgspec.structs.replace(settings.worker, max_deliver=max_deliver)
-    )
 
 
 class UnreachableGenerator:
