@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.integration.support_waiting import wait_until
 
@@ -65,6 +66,17 @@ def missing_prerequisites() -> str | None:
         except KeyError:
             return f"there is no {SERVER_USER!r} user to run Postgres as"
     return None
+
+
+def require_server_binaries() -> None:
+    """Skip the test where private servers cannot be built, or fail it where services are
+    required (``ALMANAC_REQUIRE_SERVICES=1``, as in CI)."""
+    reason = missing_prerequisites()
+    if reason is None:
+        return
+    if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
+        pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from tests.integration.support_projection import (
     watch_of,
     write_history,
 )
-from tests.integration.support_replica import Server, missing_prerequisites, private_server
+from tests.integration.support_replica import Server, private_server, require_server_binaries
 from tests.integration.support_waiting import eventually
 
 QUICK = ProjectionSettings(attempts=3, standby_interval=0.05)
@@ -440,6 +439,24 @@ async def test_the_runner_resumes_after_every_connection_is_dropped(
     settings = services_only
     assert settings.store.postgres_url is not None
     event_url = settings.store.postgres_url
+
+    async def drop_every_connection(db: ReadDatabase) -> None:
+        assert isinstance(db, PostgresReadDatabase)
+        killed = _terminate(_admin_url(event_url), [_dbname(event_url), _dbname(db.url)])
+        assert killed >= 2, "the lease and the LISTEN connection at least"
+
+    await survives(settings, tmp_path, drop_every_connection, rounds=3)
+
+
+async def survives(
+    settings: Settings,
+    tmp_path: Path,
+    trouble: Callable[[ReadDatabase], Awaitable[None]],
+    *,
+    rounds: int,
+) -> None:
+    """A leading runner over a history meets ``trouble`` ``rounds`` times, with six new
+    readings after each: it reaches each end, and its rows equal a rebuild."""
     store = EventStore(settings)
     try:
         await write_history(store)
@@ -449,16 +466,14 @@ async def test_the_runner_resumes_after_every_connection_is_dropped(
             _,
         ):
             await reached(runner, await store.max_position())
-            assert isinstance(db, PostgresReadDatabase)
-            for round_ in range(3):
-                killed = _terminate(_admin_url(event_url), [_dbname(event_url), _dbname(db.url)])
-                assert killed >= 2, "the lease and the LISTEN connection at least"
+            for round_ in range(rounds):
+                await trouble(db)
                 for i in range(6):
                     end = await store.append(request(label=f"round {round_} #{i}"))
                 await reached(runner, end)
             rows = normalised(await db.fetch_all(ALL_ROWS, {}))
         assert rows == await rebuilt_rows(store, settings, tmp_path)
-        assert len(rows) == 12 + 18
+        assert len(rows) == 12 + 6 * rounds
     finally:
         store.close()
 
@@ -467,11 +482,7 @@ async def test_the_runner_resumes_after_every_connection_is_dropped(
 def own_server() -> Iterator[Server]:
     """A Postgres server of this test's own: stopping the shared one would fail its
     neighbours."""
-    reason = missing_prerequisites()
-    if reason is not None:
-        if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
-        pytest.skip(reason)
+    require_server_binaries()
     with private_server() as server:
         yield server
 
@@ -487,23 +498,9 @@ async def test_the_runner_resumes_after_the_database_restarts(
     with psycopg.connect(own_server.url(), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {database}")
     settings = services_settings(own_server.url(database))
-    store = EventStore(settings)
-    try:
-        await write_history(store)
-        async with supervised(settings, tmp_path, store, batch_size=7, lease=_postgres_lease) as (
-            db,
-            runner,
-            _,
-        ):
-            await reached(runner, await store.max_position())
-            for round_ in range(2):
-                await asyncio.to_thread(own_server.stop, "fast")
-                await asyncio.to_thread(own_server.start)
-                for i in range(6):
-                    end = await store.append(request(label=f"round {round_} #{i}"))
-                await reached(runner, end)
-            rows = normalised(await db.fetch_all(ALL_ROWS, {}))
-        assert rows == await rebuilt_rows(store, settings, tmp_path)
-        assert len(rows) == 12 + 12
-    finally:
-        store.close()
+
+    async def restart(_: ReadDatabase) -> None:
+        await asyncio.to_thread(own_server.stop, "fast")
+        await asyncio.to_thread(own_server.start)
+
+    await survives(settings, tmp_path, restart, rounds=2)

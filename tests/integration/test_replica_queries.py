@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,18 +18,14 @@ from almanac.settings import Settings, StoreSettings
 from tests.conftest import services_settings
 from tests.factories import birth_json
 from tests.integration.support_app import on_app_loop
-from tests.integration.support_replica import StreamingPair, missing_prerequisites, streaming_pair
+from tests.integration.support_replica import StreamingPair, require_server_binaries, streaming_pair
 
 DATABASE = "almanac_read"
 
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[StreamingPair]:
-    reason = missing_prerequisites()
-    if reason is not None:
-        if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
-        pytest.skip(reason)
+    require_server_binaries()
     with streaming_pair() as built:
         yield built
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
@@ -13,7 +12,7 @@ import pytest
 from almanac.adapters.postgres import PostgresReadDatabase
 from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
 from almanac.readmodels import POSITIONS_SCHEMA, SAVE_POSITION, ReadDatabase, projection_position
-from tests.integration.support_replica import StreamingPair, missing_prerequisites, streaming_pair
+from tests.integration.support_replica import StreamingPair, require_server_binaries, streaming_pair
 from tests.integration.support_waiting import eventually, wait_until
 
 DATABASE = "almanac_read"
@@ -26,11 +25,7 @@ ADD_NOTE = "INSERT INTO notes (position, body) VALUES (:position, :body)"
 @pytest.fixture(scope="module")
 def pair() -> Iterator[StreamingPair]:
     """A primary with the read-model tables, and a hot standby streaming from it."""
-    reason = missing_prerequisites()
-    if reason is not None:
-        if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
-        pytest.skip(reason)
+    require_server_binaries()
     with streaming_pair() as built:
         with psycopg.connect(built.primary.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
