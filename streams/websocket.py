@@ -816,6 +816,22 @@ class Session:
 
     async def _replay(self, listener: Listener, after: int) -> None:
         until = await self.hub.store.max_position()
+        if after > until:
+            # Never sent by this installation (every frame's event is stored first): a client
+            # of another one, or of a store restored from an older backup. Followed as given,
+            # it would hear nothing until the log grew past it.
+            await self.socket.send_text(
+                frame(
+                    type="error",
+                    code="position_unknown",
+                    detail=(
+                        f"after={after} is past the last stored position ({until}): resume"
+                        " from a position this server sent, or connect without after"
+                    ),
+                    position=until,
+                )
+            )
+            raise Closed(CLOSE_BAD_REQUEST, "after is past the last stored position")
         if until - after > self.settings.max_replay:
             await self.socket.send_text(
                 frame(

@@ -329,6 +329,20 @@ async def test_resuming_from_too_far_back_is_refused_with_4410(settings: Setting
     assert close.code == 4410
 
 
+async def test_resuming_after_a_position_never_stored_is_refused_with_4400(
+    server: LiveServer,
+) -> None:
+    """Not a silent stream that waits for the log to grow that far."""
+    await server.post_reading(server.alice)
+    async with server.connect("/ws?topics=*&after=1000000000", server.alice) as socket:
+        await next_frame(socket)
+        error = await next_frame(socket)
+        close = await close_of(socket)
+    assert error["code"] == "position_unknown"
+    assert 0 < error["position"] < 1_000_000_000
+    assert close.code == 4400
+
+
 async def test_an_idle_connection_gets_heartbeats(settings: Settings) -> None:
     quick = msgspec.structs.replace(
         settings, websocket=msgspec.structs.replace(settings.websocket, heartbeat=0.1)
