@@ -17,7 +17,6 @@ from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.views import SELECT_READINGS, ReadingView, reading_from_row
 from queries.routing import READINGS, Reads
 
-PROJECTION = "readings"
 MAX_PAGE = 200
 Status = Literal["requested", "chart_calculated", "generated", "failed"]
 Kind = Literal["natal", "love", "career"]
@@ -153,7 +152,7 @@ async def list_readings(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY r.requested_position DESC LIMIT :limit"
-    source, position = await reads.read((PROJECTION,), min_position)
+    source, position = await reads.read(READINGS, min_position)
     rows = await source.fetch_all(sql, params)
     more = len(rows) > limit
     rows = rows[:limit]

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 from uuid import UUID
 
 import msgspec
@@ -820,31 +820,21 @@ class Session:
             # Never sent by this installation (every frame's event is stored first): a client
             # of another one, or of a store restored from an older backup. Followed as given,
             # it would hear nothing until the log grew past it.
-            await self.socket.send_text(
-                frame(
-                    type="error",
-                    code="position_unknown",
-                    detail=(
-                        f"after={after} is past the last stored position ({until}): resume"
-                        " from a position this server sent, or connect without after"
-                    ),
-                    position=until,
-                )
+            await self._refuse_resume(
+                "position_unknown",
+                f"after={after} is past the last stored position ({until}): resume from a"
+                " position this server sent, or connect without after",
+                until,
+                Closed(CLOSE_BAD_REQUEST, "after is past the last stored position"),
             )
-            raise Closed(CLOSE_BAD_REQUEST, "after is past the last stored position")
         if until - after > self.settings.max_replay:
-            await self.socket.send_text(
-                frame(
-                    type="error",
-                    code="position_too_old",
-                    detail=(
-                        f"{until - after} events were missed, more than the"
-                        f" {self.settings.max_replay} a resume replays: reload through the API"
-                    ),
-                    position=until,
-                )
+            await self._refuse_resume(
+                "position_too_old",
+                f"{until - after} events were missed, more than the"
+                f" {self.settings.max_replay} a resume replays: reload through the API",
+                until,
+                Closed(CLOSE_TOO_OLD, "position too old"),
             )
-            raise Closed(CLOSE_TOO_OLD, "position too old")
         listener.catch_up()
         await self._replay_to(listener, after, until)
         # Live events let go meanwhile (the queue was full) are read from the store too,
@@ -860,6 +850,12 @@ class Session:
                 return
             await self._replay_to(listener, after, until)
         listener.caught_up()
+
+    async def _refuse_resume(self, code: str, detail: str, last: int, close: Closed) -> NoReturn:
+        """The error frame saying why a resume cannot be served (with the last stored
+        position), then the close: nothing may follow it."""
+        await self.socket.send_text(frame(type="error", code=code, detail=detail, position=last))
+        raise close
 
     async def _replay_to(self, listener: Listener, after: int, until: int) -> None:
         async for event in self.hub.missed(listener, after, until):

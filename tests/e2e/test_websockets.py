@@ -315,16 +315,23 @@ async def test_rejects_a_negative_after_in_the_auth_message_with_4400(server: Li
     assert "after" in close.reason
 
 
+async def refused_resume(server: LiveServer, *, after: int) -> tuple[dict[str, Any], Any]:
+    """After a reading is stored, a resume from ``after``: the error frame that follows the
+    welcome, and the close after it."""
+    await server.post_reading(server.alice)
+    async with server.connect(f"/ws?topics=*&after={after}", server.alice) as socket:
+        await next_frame(socket)
+        error = await next_frame(socket)
+        close = await close_of(socket)
+    return error, close
+
+
 async def test_resuming_from_too_far_back_is_refused_with_4410(settings: Settings) -> None:
     tight = msgspec.structs.replace(
         settings, websocket=msgspec.structs.replace(settings.websocket, max_replay=3)
     )
     async with live_server(tight) as server:
-        await server.post_reading(server.alice)
-        async with server.connect("/ws?topics=*&after=0", server.alice) as socket:
-            await next_frame(socket)
-            error = await next_frame(socket)
-            close = await close_of(socket)
+        error, close = await refused_resume(server, after=0)
     assert error["code"] == "position_too_old"
     assert close.code == 4410
 
@@ -333,11 +340,7 @@ async def test_resuming_after_a_position_never_stored_is_refused_with_4400(
     server: LiveServer,
 ) -> None:
     """Not a silent stream that waits for the log to grow that far."""
-    await server.post_reading(server.alice)
-    async with server.connect("/ws?topics=*&after=1000000000", server.alice) as socket:
-        await next_frame(socket)
-        error = await next_frame(socket)
-        close = await close_of(socket)
+    error, close = await refused_resume(server, after=1_000_000_000)
     assert error["code"] == "position_unknown"
     assert 0 < error["position"] < 1_000_000_000
     assert close.code == 4400
