@@ -97,13 +97,13 @@ async def almanac_appends(store: EventStore, writers: int, seconds: float) -> di
             await store.append(reading)
             latencies.append(time.perf_counter() - t0)
 
-    batches_before = store.writer.batches
+    batches_before = store.batches
     start = time.perf_counter()
     await asyncio.gather(*(writer() for _ in range(writers)))
     elapsed = time.perf_counter() - start
     latencies.sort()
     n = len(latencies)
-    batches = store.writer.batches - batches_before
+    batches = store.batches - batches_before
     return {
         "events_per_s": n / elapsed,
         "p50_ms": latencies[n // 2] * 1000,

@@ -30,7 +30,7 @@ async def test_concurrent_appends_get_distinct_positions_in_few_transactions(
     readings = [new_reading() for _ in range(200)]
     positions = await asyncio.gather(*(store.append(r) for r in readings))
     assert sorted(positions) == list(range(1, 201))
-    assert store.writer.batches < 200, "concurrent commands should share transactions"
+    assert store.batches < 200, "concurrent commands should share transactions"
     stored = await store.read(0, 1000)
     assert {e.aggregate_id for e in stored} == {r.id for r in readings}
 
@@ -53,14 +53,7 @@ async def test_each_caller_gets_the_position_of_its_own_last_event(store: EventS
 def test_conflict_in_a_batch_fails_only_the_stale_command(settings: Settings) -> None:
     store = EventStore(settings)
     try:
-        reading = new_reading()
-        store.append_sync(reading)
-        stale_a = store.load_sync(Reading, reading.id)
-        stale_b = store.load_sync(Reading, reading.id)
-        assert stale_a is not None and stale_b is not None
-        chart = calculate_chart(birth())
-        stale_a.record_chart(chart, meta())
-        stale_b.record_chart(chart, meta())
+        stale_a, stale_b = _stale_pair(store)
         # Queue everything before the writer runs, so it all lands in one batch.
         writer = GroupCommitWriter(store.app, max_batch=64, on_commit=lambda _p: None)
         others = [new_reading() for _ in range(5)]
@@ -182,5 +175,85 @@ def test_an_append_straight_after_the_server_ended_the_store_sessions_succeeds(
         second = store.append_sync(new_reading())
         assert second > first
         assert [e.position for e in store.read_sync(0, 10)] == [first, second]
+    finally:
+        store.close()
+
+
+def _stale_pair(store: EventStore) -> tuple[Reading, Reading]:
+    """Two copies of one stored reading, each with a chart recorded: the second to be
+    saved is stale."""
+    reading = new_reading()
+    store.append_sync(reading)
+    stale_a = store.load_sync(Reading, reading.id)
+    stale_b = store.load_sync(Reading, reading.id)
+    assert stale_a is not None and stale_b is not None
+    chart = calculate_chart(birth())
+    stale_a.record_chart(chart, meta())
+    stale_b.record_chart(chart, meta())
+    return stale_a, stale_b
+
+
+async def test_a_conflict_among_commands_of_the_event_loop_fails_only_the_stale_one(
+    postgres_url: str,
+) -> None:
+    """On Postgres the loop's commands are saved by the loop writer; its batches fall back
+    to one by one on a conflict, as the thread writer's do."""
+    store = EventStore(services_settings(postgres_url))
+    try:
+        stale_a, stale_b = _stale_pair(store)
+        others = [new_reading() for _ in range(5)]
+        # Queued in one turn of the loop, before the writer's task runs: one batch.
+        outcomes = await asyncio.gather(
+            *(store.append(a) for a in (stale_a, stale_b, *others)), return_exceptions=True
+        )
+        assert isinstance(outcomes[0], int)
+        assert isinstance(outcomes[1], ConcurrencyConflict)
+        assert all(isinstance(o, int) for o in outcomes[2:])
+        assert store.writer.batches == 1, "only the set-up went through the thread writer"
+        assert len(await store.read(0, 100)) == 1 + 1 + 5
+    finally:
+        store.close()
+
+
+async def test_an_append_on_the_loop_after_the_server_ended_its_session_succeeds(
+    postgres_url: str,
+) -> None:
+    store = EventStore(services_settings(postgres_url))
+    try:
+        first = await store.append(new_reading())
+        assert await end_sessions(postgres_url), "the store had sessions to end"
+        second = await store.append(new_reading())
+        assert second > first
+        assert [e.position for e in await store.read(0, 10)] == [first, second]
+    finally:
+        store.close()
+
+
+async def test_stopping_saves_what_the_loop_queued_and_later_appends_still_land(
+    postgres_url: str,
+) -> None:
+    store = EventStore(services_settings(postgres_url))
+    try:
+        queued = [asyncio.ensure_future(store.append(new_reading())) for _ in range(20)]
+        await asyncio.sleep(0)  # each has queued its events
+        await store.stop_appending()
+        assert all(task.done() for task in queued), "stopping waits for what was queued"
+        positions = [task.result() for task in queued]
+        later = await store.append(new_reading())
+        assert sorted([*positions, later]) == list(range(1, 22))
+    finally:
+        store.close()
+
+
+def test_a_store_serves_the_commands_of_a_new_loop_after_the_first_closed(
+    postgres_url: str,
+) -> None:
+    """As when tests or tools run one event loop after another with one store."""
+    store = EventStore(services_settings(postgres_url))
+    try:
+        first = asyncio.run(store.append(new_reading()))
+        second = asyncio.run(store.append(new_reading()))
+        assert (first, second) == (1, 2)
+        assert store.writer.batches == 0, "both loops' commands went through a loop writer"
     finally:
         store.close()
