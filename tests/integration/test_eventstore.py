@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 
+from almanac import eventstore
 from almanac.domain.chart import calculate_chart
 from almanac.domain.reading import Reading
+from almanac.errors import Unavailable
 from almanac.eventstore import ConcurrencyConflict, EventStore, GroupCommitWriter
 from almanac.settings import Settings
 from tests.conftest import services_settings
@@ -257,3 +260,66 @@ def test_a_store_serves_the_commands_of_a_new_loop_after_the_first_closed(
         assert store.writer.batches == 0, "both loops' commands went through a loop writer"
     finally:
         store.close()
+
+
+async def test_commands_on_the_loop_hear_unavailable_when_the_database_cannot_be_reached(
+    postgres_url: str,
+) -> None:
+    store = EventStore(services_settings(postgres_url))
+    try:
+        writer = store._loop_writer
+        assert writer is not None
+        writer._connect_kwargs["port"] = _closed_port()
+        outcomes = await asyncio.gather(
+            *(store.append(new_reading()) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+        assert all("not answering" in str(o) for o in outcomes)
+    finally:
+        store.close()
+
+
+async def test_a_command_on_the_loop_past_its_deadline_hears_unavailable_and_is_not_saved(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first command's batch waits for the table lock (held here, as a long write of
+    another process would); the second, queued behind it, gives up at its deadline and is
+    dropped before its turn, while the first lands once the lock is let go."""
+    store = EventStore(services_settings(postgres_url))
+    held = await psycopg.AsyncConnection.connect(postgres_url)
+    try:
+        await held.execute("LOCK TABLE almanac_events IN EXCLUSIVE MODE")
+        first_reading, late_reading = new_reading(), new_reading()
+        first = asyncio.ensure_future(store.append(first_reading))
+        await _until_waiting_for_the_lock(postgres_url)
+        monkeypatch.setattr(eventstore, "APPEND_TIMEOUT", 0.05)
+        with pytest.raises(Unavailable, match=r"did not confirm the write within 0\.05 s"):
+            await store.append(late_reading)
+        await held.rollback()
+        assert await first == 1
+        assert [e.aggregate_id for e in await store.read(0, 10)] == [first_reading.id]
+    finally:
+        await held.close()
+        store.close()
+
+
+async def _until_waiting_for_the_lock(url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        async with asyncio.timeout(10):
+            while True:
+                cur = await admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0] > 0:
+                    return
+                await asyncio.sleep(0.01)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
