@@ -253,7 +253,7 @@ class LogFeed:
                 if tail.end is None:
                     tail.begin(await self.store.max_position())
                     assert tail.end is not None
-                events = await self.store.read(tail.end, self._read_size)
+                events = await self.store.read_tail(tail.end, self._read_size)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the followers read for themselves meanwhile

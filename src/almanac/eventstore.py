@@ -651,6 +651,71 @@ def _write_error(exc: psycopg.Error) -> BaseException:
     return exc
 
 
+class LoopConnection:
+    """One async connection to the event store's database, for one event loop: the loop's
+    own way to the log (``LoopWriter``, ``EventStore.read_tail``) without a thread's hop.
+
+    It belongs to the loop that first asks for it; after that loop closed, the next one
+    takes it over (its connection closed without the old loop), and while it lives any
+    other loop is told no, and uses the threads.
+    """
+
+    def __init__(self, app: AlmanacApplication) -> None:
+        pool: Any = typing.cast("Any", app.recorder).datastore.pool
+        self.connect_kwargs: dict[str, Any] = {
+            k: v for k, v in pool.kwargs.items() if k != "row_factory" and v is not None
+        }
+        self._connect_timeout = max(1, int(pool.timeout))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self.closed = False
+        # For users that take turns on the connection (one statement at a time).
+        self.lock = asyncio.Lock()
+
+    def serves(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether ``loop`` may use this connection (binding it if it is free)."""
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                return False
+            self.drop()
+            self._loop = loop
+            self.lock = asyncio.Lock()
+        return not self.closed
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    async def get(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                **self.connect_kwargs,
+                connect_timeout=self._connect_timeout,
+                autocommit=True,
+                row_factory=tuple_row,
+            )
+        return self._conn
+
+    def failed(self) -> None:
+        """After an error on the connection: let it go if it is broken."""
+        if self._conn is not None and (self._conn.broken or self._conn.closed):
+            self.drop()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None and self._loop is asyncio.get_running_loop():
+            await conn.close()
+        elif conn is not None:
+            conn.pgconn.finish()
+
+    def drop(self) -> None:
+        """Close the connection from any thread (its loop may be gone)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            conn.pgconn.finish()
+
+
 class LoopWriter:
     """Group commit on the event loop, for Postgres: the commands of one loop queue their
     events here, and one task sends everything queued in one statement on an async
@@ -671,66 +736,43 @@ class LoopWriter:
         self, app: AlmanacApplication, max_batch: int, on_commit: Callable[[int], None]
     ) -> None:
         recorder: Any = app.recorder
-        pool = recorder.datastore.pool
+        self.connection = LoopConnection(app)
         self._mapper = app.mapper
         self._sql: str = recorder.append_statement
-        self._connect_kwargs: dict[str, Any] = {
-            k: v for k, v in pool.kwargs.items() if k != "row_factory" and v is not None
-        }
-        self._connect_timeout = pool.timeout
         self._max_batch = max_batch
         self._on_commit = on_commit
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._pending: list[_Job] = []
         self._task: asyncio.Task[None] | None = None
-        self._stopped = False
         self.batches = 0
         self.fallbacks = 0
 
     def serves(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether commands on ``loop`` are saved here (binding a writer not yet bound)."""
-        if self._loop is loop:
-            return not self._stopped
-        if self._loop is not None and not self._loop.is_closed():
-            return False
-        # A new loop (the first, or the one after a closed one): nothing of the old one's
-        # can be awaited here, so its connection is closed without it.
-        self._drop_connection()
-        self._loop, self._pending, self._task = loop, [], None
-        return not self._stopped
+        if self.connection.loop is not loop:
+            # Nothing queued on a closed loop can be awaited any more.
+            self._pending, self._task = [], None
+        return self.connection.serves(loop)
 
     def submit(self, aggregates: Iterable[Aggregate]) -> asyncio.Future[int]:
         """Queue a save on the loop ``serves`` said yes to; await the returned future."""
-        assert self._loop is not None, "serves() binds the loop first"
-        future: asyncio.Future[int] = self._loop.create_future()
+        loop = self.connection.loop
+        assert loop is not None, "serves() binds the loop first"
+        future: asyncio.Future[int] = loop.create_future()
         events = _collect(aggregates)
         if not events:
             future.set_exception(ValueError("nothing to save: no pending events"))
             return future
-        self._pending.append(_Job(events, future, self._loop))
+        self._pending.append(_Job(events, future, loop))
         if self._task is None:
-            self._task = self._loop.create_task(self._drain(), name="almanac-loop-writer")
+            self._task = loop.create_task(self._drain(), name="almanac-loop-writer")
         return future
 
     async def stop(self) -> None:
         """Save everything queued so far, then close the connection."""
-        self._stopped = True
-        if self._task is not None and self._loop is asyncio.get_running_loop():
+        if self._task is not None and self.connection.loop is asyncio.get_running_loop():
+            self.connection.closed = True  # nothing new is queued meanwhile
             await asyncio.shield(self._task)
-        if self._conn is not None and self._loop is asyncio.get_running_loop():
-            await self._conn.close()
-        self._drop_connection()
-
-    def close(self) -> None:
-        """Close the connection from any thread (its loop may be gone)."""
-        self._stopped = True
-        self._drop_connection()
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            conn.pgconn.finish()
+        await self.connection.aclose()
 
     async def _drain(self) -> None:
         batch: list[_Job] = []
@@ -799,14 +841,13 @@ class LoopWriter:
             ):
                 with attempt:
                     sent = False
-                    conn = await self._connection()
+                    conn = await self.connection.get()
                     sent = True
                     try:
                         cursor = await conn.execute(self._sql, columns)
                         rows = await cursor.fetchall()
-                    except (psycopg.OperationalError, psycopg.InterfaceError):
-                        if conn.broken or conn.closed:
-                            self._drop_connection()
+                    except psycopg.Error:
+                        self.connection.failed()
                         raise
         except psycopg.Error as exc:
             return _write_error(exc)
@@ -816,16 +857,6 @@ class LoopWriter:
         if len(ids) != len(stored):
             return ProgrammingError(f"the append returned {ids!r} for {len(stored)} events")
         return ids
-
-    async def _connection(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
-        if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(
-                **self._connect_kwargs,
-                connect_timeout=max(1, int(self._connect_timeout)),
-                autocommit=True,
-                row_factory=tuple_row,
-            )
-        return self._conn
 
 
 class EventStore:
@@ -849,6 +880,7 @@ class EventStore:
             if self._is_postgres
             else None
         )
+        self._loop_reader = LoopConnection(self.app) if self._is_postgres else None
         self.writer.start()
 
     # -- writing ---------------------------------------------------------------------------
@@ -879,10 +911,14 @@ class EventStore:
         return self.writer.batches + (self._loop_writer.batches if self._loop_writer else 0)
 
     async def stop_appending(self) -> None:
-        """Save what this loop's commands have queued and close the loop writer's
-        connection; later appends on the loop go to the thread writer."""
+        """Save what this loop's commands have queued and close the loop's connections;
+        later appends and reads on the loop go to the threads."""
         if self._loop_writer is not None:
             await self._loop_writer.stop()
+        reader = self._loop_reader
+        if reader is not None and reader.serves(asyncio.get_running_loop()):
+            async with reader.lock:
+                await reader.aclose()
 
     def append_sync(self, *aggregates: Aggregate, timeout: float = 30) -> int:
         return self.writer.submit(aggregates).result(timeout=timeout)
@@ -936,6 +972,35 @@ class EventStore:
 
         return await self._run(read_and_prepare)
 
+    async def read_tail(self, after: int, limit: int) -> list[RecordedEvent]:
+        """``read``, for a reader of the log's newest events, woken after every commit: on
+        Postgres on the loop's own connection, without a thread's hop each time (the
+        relay's CPU at 1,000 commands/s was mostly the system calls of its wake-ups)."""
+        reader = self._loop_reader
+        if reader is None or not reader.serves(asyncio.get_running_loop()):
+            return await self.read(after, limit)
+        async with reader.lock:
+            try:
+                cursor = (await reader.get()).cursor(binary=True)
+                await cursor.execute(self._select_after_sql, (after, limit), prepare=True)
+                rows = typing.cast(
+                    "list[tuple[int, str, str, int, bytes]]", await cursor.fetchall()
+                )
+            except psycopg.Error as exc:
+                reader.failed()
+                raise Unavailable(f"the event store is not answering: {exc}") from exc
+        mapper = self.app.mapper
+        return [RecordedEvent(*row, mapper) for row in rows]
+
+    @property
+    def _select_after_sql(self) -> str:
+        table = typing.cast("Any", self.app.recorder).events_table_name
+        return (
+            f"SELECT notification_id, topic, originator_id::text, originator_version,"
+            f" state FROM {table} WHERE notification_id > %s"
+            " ORDER BY notification_id LIMIT %s"
+        )
+
     def read_sync(self, after: int, limit: int) -> list[RecordedEvent]:
         try:
             rows = self._select_after(after, limit)
@@ -956,13 +1021,7 @@ class EventStore:
                 recorder.datastore.get_connection() as conn,
                 conn.cursor(row_factory=tuple_row, binary=True) as cur,
             ):
-                cur.execute(
-                    f"SELECT notification_id, topic, originator_id::text, originator_version,"
-                    f" state FROM {table} WHERE notification_id > %s"
-                    " ORDER BY notification_id LIMIT %s",
-                    (after, limit),
-                    prepare=True,
-                )
+                cur.execute(self._select_after_sql, (after, limit), prepare=True)
                 rows: list[tuple[int, str, str, int, bytes]] = cur.fetchall()
                 return rows
         with recorder.datastore.transaction(commit=False) as cursor:
@@ -1047,7 +1106,11 @@ class EventStore:
 
     def close(self) -> None:
         if self._loop_writer is not None:
-            self._loop_writer.close()
+            self._loop_writer.connection.closed = True
+            self._loop_writer.connection.drop()
+        if self._loop_reader is not None:
+            self._loop_reader.closed = True
+            self._loop_reader.drop()
         self.writer.stop()
         self._executor.shutdown(wait=True)
         self.app.close()

@@ -269,7 +269,7 @@ async def test_commands_on_the_loop_hear_unavailable_when_the_database_cannot_be
     try:
         writer = store._loop_writer
         assert writer is not None
-        writer._connect_kwargs["port"] = _closed_port()
+        writer.connection.connect_kwargs["port"] = _closed_port()
         outcomes = await asyncio.gather(
             *(store.append(new_reading()) for _ in range(3)), return_exceptions=True
         )

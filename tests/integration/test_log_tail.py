@@ -18,21 +18,27 @@ from tests.integration.support_eventlog import whole_log
 from tests.integration.support_projection import request
 from tests.integration.support_waiting import eventually
 
+Read = Callable[[int, int], Awaitable[list[RecordedEvent]]]
+
 
 class CountedReads:
-    """Counts the event store's reads of the log, and can make them fail."""
+    """Counts the event store's reads of the log (the tail's and the followers' own), and
+    can make them fail."""
 
     def __init__(self, store: EventStore) -> None:
         self.count = 0
         self.failing = False
-        self._read: Callable[[int, int], Awaitable[list[RecordedEvent]]] = store.read
-        store.read = self  # type: ignore[method-assign]
+        store.read = self._counted(store.read)  # type: ignore[method-assign]
+        store.read_tail = self._counted(store.read_tail)  # type: ignore[method-assign]
 
-    async def __call__(self, after: int, limit: int) -> list[RecordedEvent]:
-        self.count += 1
-        if self.failing:
-            raise Unavailable("the event store is not answering: test")
-        return await self._read(after, limit)
+    def _counted(self, read: Read) -> Read:
+        async def counted(after: int, limit: int) -> list[RecordedEvent]:
+            self.count += 1
+            if self.failing:
+                raise Unavailable("the event store is not answering: test")
+            return await read(after, limit)
+
+        return counted
 
 
 @asynccontextmanager
