@@ -54,7 +54,7 @@ from eventsourcing.utils import Environment, EnvType, get_topic, resolve_topic
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from almanac.adapters.postgres import BlockingIdleCheck
+from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck
 from almanac.domain.events import EventMeta
 from almanac.errors import Conflict, Unavailable
 from almanac.settings import Settings
@@ -669,6 +669,7 @@ class LoopConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self.closed = False
+        self._idle = IdleCheck()
         # For users that take turns on the connection (one statement at a time).
         self.lock = asyncio.Lock()
 
@@ -687,6 +688,14 @@ class LoopConnection:
         return self._loop
 
     async def get(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        """The connection, checked as the store's pool checks its own (a round trip only
+        after a rest of over a second, or when the server has ended the session), or a new
+        one."""
+        if self._conn is not None and not self._conn.closed:
+            try:
+                await self._idle.check(self._conn)
+            except psycopg.Error:
+                self.drop()
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
                 **self.connect_kwargs,
@@ -748,10 +757,13 @@ class LoopWriter:
 
     def serves(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether commands on ``loop`` are saved here (binding a writer not yet bound)."""
-        if self.connection.loop is not loop:
+        previous = self.connection.loop
+        if not self.connection.serves(loop):
+            return False
+        if previous is not loop:
             # Nothing queued on a closed loop can be awaited any more.
             self._pending, self._task = [], None
-        return self.connection.serves(loop)
+        return True
 
     def submit(self, aggregates: Iterable[Aggregate]) -> asyncio.Future[int]:
         """Queue a save on the loop ``serves`` said yes to; await the returned future."""
