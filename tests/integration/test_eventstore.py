@@ -323,3 +323,18 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_a_second_running_loop_appends_through_the_threads_and_leaves_the_first_alone(
+    postgres_url: str,
+) -> None:
+    store = EventStore(services_settings(postgres_url))
+    try:
+        mine = [asyncio.ensure_future(store.append(new_reading())) for _ in range(5)]
+        await asyncio.sleep(0)  # each has queued its events with this loop's writer
+        other = await asyncio.to_thread(asyncio.run, store.append(new_reading()))
+        positions = await asyncio.gather(*mine)
+        assert sorted([*positions, other]) == list(range(1, 7))
+        assert store.writer.batches == 1, "the other loop's append went through the thread"
+    finally:
+        store.close()
