@@ -133,6 +133,16 @@ class _UnusedTranscoder(Transcoder):
         raise NotImplementedError
 
 
+def append_columns(stored: Sequence[StoredEvent]) -> tuple[list[Any], ...]:
+    """The parameters of ``almanac_events_append``: one array per column."""
+    return (
+        [e.originator_id for e in stored],
+        [e.originator_version for e in stored],
+        [e.topic for e in stored],
+        [e.state for e in stored],
+    )
+
+
 class ArrayInsertRecorder(PostgresApplicationRecorder):
     """eventsourcing's Postgres recorder, inserting a batch as four binary arrays in one
     statement: one round trip to store a batch.
@@ -194,12 +204,7 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
     def insert_events(self, stored_events: Sequence[StoredEvent], **_: Any) -> Sequence[int]:
         if not stored_events:
             return []
-        columns = (
-            [e.originator_id for e in stored_events],
-            [e.originator_version for e in stored_events],
-            [e.topic for e in stored_events],
-            [e.state for e in stored_events],
-        )
+        columns = append_columns(stored_events)
         sent = False
 
         def retryable(exc: Exception) -> bool:
@@ -838,12 +843,7 @@ class LoopWriter:
 
     async def _record(self, events: list[Any]) -> list[int] | BaseException:
         stored = [self._mapper.to_stored_event(event) for event in events]
-        columns = (
-            [e.originator_id for e in stored],
-            [e.originator_version for e in stored],
-            [e.topic for e in stored],
-            [e.state for e in stored],
-        )
+        columns = append_columns(stored)
         sent = False
 
         def retryable(exc: Exception) -> bool:

@@ -196,96 +196,85 @@ def _stale_pair(store: EventStore) -> tuple[Reading, Reading]:
     return stale_a, stale_b
 
 
+@pytest.fixture
+def postgres_store(postgres_url: str) -> Iterator[EventStore]:
+    """A store on Postgres, whose event loop's commands go through the loop writer."""
+    s = EventStore(services_settings(postgres_url))
+    yield s
+    s.close()
+
+
 async def test_a_conflict_among_commands_of_the_event_loop_fails_only_the_stale_one(
-    postgres_url: str,
+    postgres_store: EventStore,
 ) -> None:
     """On Postgres the loop's commands are saved by the loop writer; its batches fall back
     to one by one on a conflict, as the thread writer's do."""
-    store = EventStore(services_settings(postgres_url))
-    try:
-        stale_a, stale_b = _stale_pair(store)
-        others = [new_reading() for _ in range(5)]
-        # Queued in one turn of the loop, before the writer's task runs: one batch.
-        outcomes = await asyncio.gather(
-            *(store.append(a) for a in (stale_a, stale_b, *others)), return_exceptions=True
-        )
-        assert isinstance(outcomes[0], int)
-        assert isinstance(outcomes[1], ConcurrencyConflict)
-        assert all(isinstance(o, int) for o in outcomes[2:])
-        assert store.writer.batches == 1, "only the set-up went through the thread writer"
-        assert len(await store.read(0, 100)) == 1 + 1 + 5
-    finally:
-        store.close()
+    stale_a, stale_b = _stale_pair(postgres_store)
+    others = [new_reading() for _ in range(5)]
+    # Queued in one turn of the loop, before the writer's task runs: one batch.
+    outcomes = await asyncio.gather(
+        *(postgres_store.append(a) for a in (stale_a, stale_b, *others)), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], int)
+    assert isinstance(outcomes[1], ConcurrencyConflict)
+    assert all(isinstance(o, int) for o in outcomes[2:])
+    assert postgres_store.writer.batches == 1, "only the set-up went through the thread writer"
+    assert len(await postgres_store.read(0, 100)) == 1 + 1 + 5
 
 
 async def test_an_append_on_the_loop_after_the_server_ended_its_session_succeeds(
+    postgres_store: EventStore,
     postgres_url: str,
 ) -> None:
-    store = EventStore(services_settings(postgres_url))
-    try:
-        first = await store.append(new_reading())
-        assert await end_sessions(postgres_url), "the store had sessions to end"
-        second = await store.append(new_reading())
-        assert second > first
-        assert [e.position for e in await store.read(0, 10)] == [first, second]
-    finally:
-        store.close()
+    first = await postgres_store.append(new_reading())
+    assert await end_sessions(postgres_url), "the store had sessions to end"
+    second = await postgres_store.append(new_reading())
+    assert second > first
+    assert [e.position for e in await postgres_store.read(0, 10)] == [first, second]
 
 
 async def test_stopping_saves_what_the_loop_queued_and_later_appends_still_land(
-    postgres_url: str,
+    postgres_store: EventStore,
 ) -> None:
-    store = EventStore(services_settings(postgres_url))
-    try:
-        queued = [asyncio.ensure_future(store.append(new_reading())) for _ in range(20)]
-        await asyncio.sleep(0)  # each has queued its events
-        await store.stop_appending()
-        assert all(task.done() for task in queued), "stopping waits for what was queued"
-        positions = [task.result() for task in queued]
-        later = await store.append(new_reading())
-        assert sorted([*positions, later]) == list(range(1, 22))
-    finally:
-        store.close()
+    queued = [asyncio.ensure_future(postgres_store.append(new_reading())) for _ in range(20)]
+    await asyncio.sleep(0)  # each has queued its events
+    await postgres_store.stop_appending()
+    assert all(task.done() for task in queued), "stopping waits for what was queued"
+    positions = [task.result() for task in queued]
+    later = await postgres_store.append(new_reading())
+    assert sorted([*positions, later]) == list(range(1, 22))
 
 
 def test_a_store_serves_the_commands_of_a_new_loop_after_the_first_closed(
-    postgres_url: str,
+    postgres_store: EventStore,
 ) -> None:
     """As when tests or tools run one event loop after another with one store."""
-    store = EventStore(services_settings(postgres_url))
-    try:
-        first = asyncio.run(store.append(new_reading()))
-        second = asyncio.run(store.append(new_reading()))
-        assert (first, second) == (1, 2)
-        assert store.writer.batches == 0, "both loops' commands went through a loop writer"
-    finally:
-        store.close()
+    first = asyncio.run(postgres_store.append(new_reading()))
+    second = asyncio.run(postgres_store.append(new_reading()))
+    assert (first, second) == (1, 2)
+    assert postgres_store.writer.batches == 0, "both loops' commands went through a loop writer"
 
 
 async def test_commands_on_the_loop_hear_unavailable_when_the_database_cannot_be_reached(
-    postgres_url: str,
+    postgres_store: EventStore,
 ) -> None:
-    store = EventStore(services_settings(postgres_url))
-    try:
-        writer = store._loop_writer
-        assert writer is not None
-        writer.connection.connect_kwargs["port"] = _closed_port()
-        outcomes = await asyncio.gather(
-            *(store.append(new_reading()) for _ in range(3)), return_exceptions=True
-        )
-        assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
-        assert all("not answering" in str(o) for o in outcomes)
-    finally:
-        store.close()
+    writer = postgres_store._loop_writer
+    assert writer is not None
+    writer.connection.connect_kwargs["port"] = _closed_port()
+    outcomes = await asyncio.gather(
+        *(postgres_store.append(new_reading()) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert all("not answering" in str(o) for o in outcomes)
 
 
 async def test_a_command_on_the_loop_past_its_deadline_hears_unavailable_and_is_not_saved(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_store: EventStore, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first command's batch waits for the table lock (held here, as a long write of
     another process would); the second, queued behind it, gives up at its deadline and is
     dropped before its turn, while the first lands once the lock is let go."""
-    store = EventStore(services_settings(postgres_url))
+    store = postgres_store
     held = await psycopg.AsyncConnection.connect(postgres_url)
     try:
         await held.execute("LOCK TABLE almanac_events IN EXCLUSIVE MODE")
@@ -300,7 +289,6 @@ async def test_a_command_on_the_loop_past_its_deadline_hears_unavailable_and_is_
         assert [e.aggregate_id for e in await store.read(0, 10)] == [first_reading.id]
     finally:
         await held.close()
-        store.close()
 
 
 async def _until_waiting_for_the_lock(url: str) -> None:
@@ -326,15 +314,11 @@ def _closed_port() -> int:
 
 
 async def test_a_second_running_loop_appends_through_the_threads_and_leaves_the_first_alone(
-    postgres_url: str,
+    postgres_store: EventStore,
 ) -> None:
-    store = EventStore(services_settings(postgres_url))
-    try:
-        mine = [asyncio.ensure_future(store.append(new_reading())) for _ in range(5)]
-        await asyncio.sleep(0)  # each has queued its events with this loop's writer
-        other = await asyncio.to_thread(asyncio.run, store.append(new_reading()))
-        positions = await asyncio.gather(*mine)
-        assert sorted([*positions, other]) == list(range(1, 7))
-        assert store.writer.batches == 1, "the other loop's append went through the thread"
-    finally:
-        store.close()
+    mine = [asyncio.ensure_future(postgres_store.append(new_reading())) for _ in range(5)]
+    await asyncio.sleep(0)  # each has queued its events with this loop's writer
+    other = await asyncio.to_thread(asyncio.run, postgres_store.append(new_reading()))
+    positions = await asyncio.gather(*mine)
+    assert sorted([*positions, other]) == list(range(1, 7))
+    assert postgres_store.writer.batches == 1, "the other loop's append went through the thread"
