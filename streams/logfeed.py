@@ -23,7 +23,7 @@ import psycopg
 import stamina
 import structlog
 
-from almanac.eventstore import EventStore, RecordedEvent
+from almanac.eventstore import EventStore, RecordedEvent, running_on
 from almanac.feed import Prepare
 from almanac.timeouts import Pulse, wait_event
 
@@ -288,8 +288,12 @@ class LogFeed:
 
     def _committed(self, _position: int) -> None:
         loop = self._loop
-        # Called in the writer's thread; with no follower there is nobody to wake.
-        if self.followers and loop is not None and not loop.is_closed():
+        # With no follower there is nobody to wake.
+        if not self.followers or loop is None or loop.is_closed():
+            return
+        if running_on(loop):  # the loop writer's commit, on this loop
+            self._wake_all()
+        else:  # the writer thread's, or another loop's
             loop.call_soon_threadsafe(self._wake_all)
 
     def _wake_all(self) -> None:

@@ -656,6 +656,18 @@ def _write_error(exc: psycopg.Error) -> BaseException:
     return exc
 
 
+def _nothing() -> None:
+    return None
+
+
+def running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the caller runs on ``loop`` (its thread, inside it)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class LoopConnection:
     """One async connection to the event store's database, for one event loop: the loop's
     own way to the log (``LoopWriter``, ``EventStore.read_tail``) without a thread's hop.
@@ -674,20 +686,28 @@ class LoopConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._cursor: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
-        self.closed = False
+        # Loops on other threads ask too (a tool's, a test's): binding is one step.
+        self._binding = threading.Lock()
+        self.closed = False  # the store is closed: for good
+        self.stopped = False  # this loop's use has ended (``stop_appending``)
         self._idle = IdleCheck()
         # For users that take turns on the connection (one statement at a time).
         self.lock = asyncio.Lock()
 
-    def serves(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether ``loop`` may use this connection (binding it if it is free)."""
-        if self._loop is not loop:
-            if self._loop is not None and not self._loop.is_closed():
-                return False
-            self.drop()
-            self._loop = loop
-            self.lock = asyncio.Lock()
-        return not self.closed
+    def serves(
+        self, loop: asyncio.AbstractEventLoop, on_bind: Callable[[], None] = _nothing
+    ) -> bool:
+        """Whether ``loop`` may use this connection, binding it if it is free (then calling
+        ``on_bind``, still as one step)."""
+        with self._binding:
+            if self._loop is not loop:
+                if self._loop is not None and not self._loop.is_closed():
+                    return False
+                self.drop()
+                self._loop, self.stopped = loop, False
+                self.lock = asyncio.Lock()
+                on_bind()
+            return not (self.closed or self.stopped)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -699,6 +719,8 @@ class LoopConnection:
         a second, or when the server has ended the session), or replaced. One cursor for
         every statement: psycopg's own CPU was ~70 µs a statement here, ~12 of it making a
         cursor each time."""
+        if self.closed:
+            raise Unavailable("the event store is closed")
         if self._conn is not None and not self._conn.closed:
             try:
                 await self._idle.check(self._conn)
@@ -721,17 +743,28 @@ class LoopConnection:
             self.drop()
 
     async def aclose(self) -> None:
-        self.closed = True
+        """End this loop's use (the next loop to come may use it anew)."""
+        self.stopped = True
         conn, self._conn, self._cursor = self._conn, None, None
         if conn is not None and self._loop is asyncio.get_running_loop():
             await conn.close()
         elif conn is not None:
-            conn.pgconn.finish()
+            self._finish(conn)
 
     def drop(self) -> None:
-        """Close the connection from any thread (its loop may be gone)."""
+        """Close the connection, from any thread."""
         conn, self._conn, self._cursor = self._conn, None, None
-        if conn is not None and not conn.closed:
+        if conn is not None:
+            self._finish(conn)
+
+    def _finish(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        loop = self._loop
+        if conn.closed:
+            return
+        if loop is not None and loop.is_running() and not running_on(loop):
+            # Its loop may be in the middle of a statement on it: closed there, in turn.
+            loop.call_soon_threadsafe(conn.pgconn.finish)
+        else:
             conn.pgconn.finish()
 
 
@@ -765,36 +798,48 @@ class LoopWriter:
         self.batches = 0
         self.fallbacks = 0
 
-    def serves(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether commands on ``loop`` are saved here (binding a writer not yet bound)."""
-        previous = self.connection.loop
-        if not self.connection.serves(loop):
-            return False
-        if previous is not loop:
-            # Nothing queued on a closed loop can be awaited any more.
-            self._pending, self._task = [], None
-        return True
-
-    def submit(self, aggregates: Iterable[Aggregate]) -> asyncio.Future[int]:
-        """Queue a save on the loop ``serves`` said yes to; await the returned future."""
-        loop = self.connection.loop
-        assert loop is not None, "serves() binds the loop first"
+    def submit(
+        self, aggregates: Iterable[Aggregate], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[int] | None:
+        """Queue a save of the running ``loop``'s command and return the future to await;
+        None if this writer does not serve that loop (the thread writer does then)."""
+        if not self.connection.serves(loop, on_bind=self._forget):
+            return None
         future: asyncio.Future[int] = loop.create_future()
         events = _collect(aggregates)
         if not events:
             future.set_exception(ValueError("nothing to save: no pending events"))
             return future
         self._pending.append(_Job(events, future, loop))
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain(), name="almanac-loop-writer")
         return future
 
-    async def stop(self) -> None:
-        """Save everything queued so far, then close the connection."""
-        if self._task is not None and self.connection.loop is asyncio.get_running_loop():
-            self.connection.closed = True  # nothing new is queued meanwhile
-            await asyncio.shield(self._task)
+    def _forget(self) -> None:
+        # A new loop: nothing queued on the closed one can be awaited any more.
+        self._pending, self._task = [], None
+
+    async def stop(self, timeout: float = 30) -> None:
+        """Save everything queued so far (waiting up to ``timeout`` s, as the thread writer
+        does), then close the connection; later commands on this loop go to the thread."""
+        task = self._task
+        if task is not None and self.connection.loop is asyncio.get_running_loop():
+            self.connection.stopped = True  # nothing new is queued meanwhile
+            _, pending = await asyncio.wait({task}, timeout=timeout)
+            if pending:
+                log.error("writer.stop_timed_out", queued=len(self._pending))
+                task.cancel()
+                await asyncio.wait({task})
+        self._fail_pending()
         await self.connection.aclose()
+
+    def _fail_pending(self, batch: Sequence[_Job] = ()) -> None:
+        # Nobody may wait for ever. A batch in flight may still have landed, which a 503
+        # leaves open, as a timeout does.
+        for job in [*batch, *self._pending]:
+            if not job.future.done():
+                job.future.set_exception(Unavailable("the event store is closing"))
+        self._pending = []
 
     async def _drain(self) -> None:
         batch: list[_Job] = []
@@ -814,13 +859,11 @@ class LoopWriter:
                 for job, outcome in outcomes:
                     if not job.future.done():
                         _settle_one(job.future, outcome)
+        except asyncio.CancelledError:
+            self._fail_pending(batch)
+            raise
         finally:
             self._task = None
-            # Cancelled (the loop shutting down): nobody may wait for ever. A batch in
-            # flight may still have landed, which a 503 leaves open, as a timeout does.
-            for job in [*batch, *self._pending]:
-                if not job.future.done():
-                    job.future.set_exception(Unavailable("the event store is closing"))
 
     async def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
         positions = await self._record([e for job in batch for e in job.events])
@@ -909,9 +952,8 @@ class EventStore:
         not started it is dropped, otherwise it may still land (a retry with the same
         Idempotency-Key is then answered from the stored result)."""
         loop = asyncio.get_running_loop()
-        if self._loop_writer is not None and self._loop_writer.serves(loop):
-            future = self._loop_writer.submit(aggregates)
-        else:
+        future = None if self._loop_writer is None else self._loop_writer.submit(aggregates, loop)
+        if future is None:
             future = self.writer.submit_async(aggregates)
         # A timer on the future rather than ``asyncio.timeout`` (and its Python context
         # manager, ~10 µs of the loop per command under load). Expiry settles the future
@@ -941,7 +983,8 @@ class EventStore:
         return self.writer.submit(aggregates).result(timeout=timeout)
 
     def on_commit(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(position)`` (from the writer thread) after every commit."""
+        """Call ``listener(position)`` after every commit: from the writer thread, or on
+        Postgres from the event loop whose command it was."""
         self._listeners.append(listener)
 
     def _committed(self, position: int) -> None:
@@ -995,7 +1038,7 @@ class EventStore:
         relay's CPU at 1,000 commands/s was mostly the system calls of its wake-ups)."""
         reader = self._loop_reader
         if reader is None or not reader.serves(asyncio.get_running_loop()):
-            return await self.read(after, limit)
+            return await self._run(self.read_sync, after, limit)
         async with reader.lock:
             try:
                 cursor = await reader.cursor()
@@ -1124,12 +1167,13 @@ class EventStore:
         return await loop.run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
+        connections = [self._loop_reader]
         if self._loop_writer is not None:
-            self._loop_writer.connection.closed = True
-            self._loop_writer.connection.drop()
-        if self._loop_reader is not None:
-            self._loop_reader.closed = True
-            self._loop_reader.drop()
+            connections.append(self._loop_writer.connection)
+        for connection in connections:
+            if connection is not None:
+                connection.closed = True
+                connection.drop()
         self.writer.stop()
         self._executor.shutdown(wait=True)
         self.app.close()

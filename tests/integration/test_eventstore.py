@@ -248,8 +248,15 @@ async def test_stopping_saves_what_the_loop_queued_and_later_appends_still_land(
 def test_a_store_serves_the_commands_of_a_new_loop_after_the_first_closed(
     postgres_store: EventStore,
 ) -> None:
-    """As when tests or tools run one event loop after another with one store."""
-    first = asyncio.run(postgres_store.append(new_reading()))
+    """As when tests or tools run one event loop after another with one store (the first
+    stopping as a server does)."""
+
+    async def append_then_stop() -> int:
+        position = await postgres_store.append(new_reading())
+        await postgres_store.stop_appending()
+        return position
+
+    first = asyncio.run(append_then_stop())
     second = asyncio.run(postgres_store.append(new_reading()))
     assert (first, second) == (1, 2)
     assert postgres_store.writer.batches == 0, "both loops' commands went through a loop writer"
@@ -319,6 +326,25 @@ async def test_a_second_running_loop_appends_through_the_threads_and_leaves_the_
     mine = [asyncio.ensure_future(postgres_store.append(new_reading())) for _ in range(5)]
     await asyncio.sleep(0)  # each has queued its events with this loop's writer
     other = await asyncio.to_thread(asyncio.run, postgres_store.append(new_reading()))
-    positions = await asyncio.gather(*mine)
+    positions = await asyncio.wait_for(asyncio.gather(*mine), 10)
     assert sorted([*positions, other]) == list(range(1, 7))
     assert postgres_store.writer.batches == 1, "the other loop's append went through the thread"
+
+
+async def test_stopping_gives_up_on_a_write_that_hangs_and_its_callers_hear_unavailable(
+    postgres_store: EventStore, postgres_url: str
+) -> None:
+    """A shutdown is bounded: a batch stuck behind a lock another session holds is given
+    up after the stop's timeout, and its caller told, not left waiting."""
+    held = await psycopg.AsyncConnection.connect(postgres_url)
+    try:
+        await held.execute("LOCK TABLE almanac_events IN EXCLUSIVE MODE")
+        stuck = asyncio.ensure_future(postgres_store.append(new_reading()))
+        await _until_waiting_for_the_lock(postgres_url)
+        writer = postgres_store._loop_writer
+        assert writer is not None
+        await asyncio.wait_for(writer.stop(timeout=0.1), 10)
+        with pytest.raises(Unavailable, match="closing"):
+            await stuck
+    finally:
+        await held.close()
