@@ -43,7 +43,7 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 # Every benchmark on every profile where it means something, each bounded in time: about
-# 19 minutes on 2 cores (`almanac bench --list` shows each one's share). One benchmark:
+# 21 minutes on 2 cores (`almanac bench --list` shows each one's share). One benchmark:
 # `.venv/bin/almanac bench api` (or `python -m benchmarks api`).
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks --profile all

@@ -2,7 +2,7 @@
 
 ``almanac bench NAME`` is the same (``almanac bench --list`` lists them). With no name every
 benchmark runs; ``--profile all`` runs each on every profile where it means something (what
-``make bench`` does, about 19 minutes on 2 cores).
+``make bench`` does, about 21 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import api, appends, batches, projections, relay, webhooks, websocket
+from benchmarks import api, appends, batches, cpu, projections, relay, webhooks, websocket
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("services", "embedded"),
         2.0,
         http=True,
+    ),
+    "cpu": Benchmark(
+        cpu.run,
+        "CPU a POST in-process (vs the bare app), and the API's and relay's at 1k commands/s",
+        ("services", "embedded"),
+        1.0,
+        sized=True,
     ),
     "relay": Benchmark(
         relay.run,
@@ -169,7 +176,7 @@ def main() -> None:
         default=None,
         help=(
             "size of the seeded log (rebuild, relay), items per batch (batches),"
-            " or events to deliver (webhooks)"
+            " events to deliver (webhooks), or POSTs per round (cpu)"
         ),
     )
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from click.testing import CliRunner
@@ -17,6 +18,7 @@ from almanac.cli import main
 from almanac.domain.chart import ChartOptions
 from almanac.views import ReadingView
 from benchmarks.bare_app import create_bare_app
+from benchmarks.cpu import CONCURRENCY, Posts, start_lifespan
 from tests.factories import birth, birth_json
 
 
@@ -105,3 +107,34 @@ def test_the_disk_probe_reports_the_slow_flushes_of_a_window_and_says_when_it_sa
     probe.failure = "the probe ended early: disk full"
     assert "disk full" in describe(probe.window(10.0, 12.9))
     assert describe(None) == ""
+
+
+async def test_the_in_process_posts_send_whole_commands_with_labels_of_their_own() -> None:
+    """The cpu benchmark's ASGI driver: every request a valid command, each label new."""
+    labels: list[str] = []
+    bare = create_bare_app()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        labels.append(msgspec.json.decode(message["body"])["label"])
+        replay_sent = False
+
+        async def replay() -> Any:
+            nonlocal replay_sent
+            if replay_sent:
+                return await receive()
+            replay_sent = True
+            return message
+
+        await bare(scope, replay, send)
+
+    posts = Posts(app, key="alm_test")
+    inbox, lifespan = await start_lifespan(bare)
+    try:
+        measured = await posts.run(CONCURRENCY * 2)
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await lifespan
+    assert measured["requests"] == CONCURRENCY * 2
+    assert posts.statuses == {202: CONCURRENCY * 2}
+    assert len(set(labels)) == len(labels) == CONCURRENCY * 2
