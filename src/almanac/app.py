@@ -24,7 +24,7 @@ from almanac import errors
 from almanac.auth import Principal, bearer_token, raw_header
 from almanac.bootstrap import bootstrap
 from almanac.container import ROLES, Container
-from almanac.ids import new_uuid
+from almanac.ids import new_request_id
 from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.http")
@@ -175,7 +175,7 @@ class RequestIdMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = (raw_header(scope["headers"], b"x-request-id") or b"").decode("latin-1")
         if not (0 < len(request_id) <= 128 and request_id.isprintable()):
-            request_id = new_uuid().hex
+            request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:

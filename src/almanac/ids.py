@@ -23,13 +23,16 @@ class _RandomIds:
         self._buffer = b""
         self._offset = 0
 
-    def next(self) -> UUID:
+    def next_bytes(self) -> bytes:
         with self._lock:
             if self._offset >= len(self._buffer):
                 self._buffer, self._offset = os.urandom(16 * BATCH), 0
             chunk = self._buffer[self._offset : self._offset + 16]
             self._offset += 16
-        return UUID(bytes=chunk, version=4)
+        return chunk
+
+    def next(self) -> UUID:
+        return UUID(bytes=self.next_bytes(), version=4)
 
     def forget(self) -> None:
         """In a forked child: new lock, nothing of the parent's bytes."""
@@ -44,3 +47,9 @@ os.register_at_fork(after_in_child=_ids.forget)
 def new_uuid() -> UUID:
     """A random UUID, as ``uuid.uuid4()`` makes one."""
     return _ids.next()
+
+
+def new_request_id() -> str:
+    """32 random hex digits, for ids that are only ever text (a request's, a correlation's):
+    a UUID built only to be printed again cost ~2.5 µs of every request, this ~0.4."""
+    return _ids.next_bytes().hex()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from almanac.ids import new_uuid
+from almanac.ids import new_request_id
 
 
 class EventMeta(msgspec.Struct, frozen=True):
@@ -24,5 +24,5 @@ class EventMeta(msgspec.Struct, frozen=True):
 
     @staticmethod
     def for_request(owner: str, request_id: str | None = None) -> EventMeta:
-        rid = request_id or new_uuid().hex
+        rid = request_id or new_request_id()
         return EventMeta(owner, rid, f"request:{rid}")
