@@ -144,8 +144,10 @@ class Container:
             await self.redis.close()
         if self.nats is not None:
             await self.nats.close()
-        await self.store.stop_appending()
-        await asyncio.to_thread(self.store.close)
+        try:
+            await self.store.stop_appending()
+        finally:
+            await asyncio.to_thread(self.store.close)
         self._started = False
         log.info("almanac.stopped")
 

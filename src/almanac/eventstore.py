@@ -728,14 +728,21 @@ class LoopConnection:
                 self.drop()
         if self._conn is None or self._conn.closed or self._cursor is None:
             self.drop()
-            self._conn = await psycopg.AsyncConnection.connect(
+            conn = await psycopg.AsyncConnection.connect(
                 **self.connect_kwargs,
                 connect_timeout=self._connect_timeout,
                 autocommit=True,
                 row_factory=tuple_row,
             )
-            self._cursor = self._conn.cursor()
+            if self._closed_meanwhile():
+                await conn.close()
+                raise Unavailable("the event store is closed")
+            self._conn, self._cursor = conn, conn.cursor()
         return self._cursor
+
+    def _closed_meanwhile(self) -> bool:
+        # The store may have been closed (from another thread) while a connection was made.
+        return self.closed
 
     def failed(self) -> None:
         """After an error on the connection: let it go if it is broken."""
@@ -763,9 +770,10 @@ class LoopConnection:
             return
         if loop is not None and loop.is_running() and not running_on(loop):
             # Its loop may be in the middle of a statement on it: closed there, in turn.
-            loop.call_soon_threadsafe(conn.pgconn.finish)
-        else:
-            conn.pgconn.finish()
+            with contextlib.suppress(RuntimeError):  # unless it closed meanwhile
+                loop.call_soon_threadsafe(conn.pgconn.finish)
+                return
+        conn.pgconn.finish()
 
 
 class LoopWriter:
@@ -819,17 +827,21 @@ class LoopWriter:
         # A new loop: nothing queued on the closed one can be awaited any more.
         self._pending, self._task = [], None
 
-    async def stop(self, timeout: float = 30) -> None:
-        """Save everything queued so far (waiting up to ``timeout`` s, as the thread writer
-        does), then close the connection; later commands on this loop go to the thread."""
+    async def stop(self, timeout: float = 10) -> None:
+        """Save everything the running loop queued (waiting up to ``timeout`` s), then close
+        the connection; later commands on this loop go to the thread writer. A writer that
+        another live loop owns is left alone: only its own loop may settle its callers."""
+        if not self.connection.serves(asyncio.get_running_loop(), on_bind=self._forget):
+            return
+        self.connection.stopped = True  # nothing new is queued meanwhile
         task = self._task
-        if task is not None and self.connection.loop is asyncio.get_running_loop():
-            self.connection.stopped = True  # nothing new is queued meanwhile
+        if task is not None:
             _, pending = await asyncio.wait({task}, timeout=timeout)
             if pending:
                 log.error("writer.stop_timed_out", queued=len(self._pending))
                 task.cancel()
-                await asyncio.wait({task})
+                # psycopg gives up on a cancelled statement within seconds; bounded anyway.
+                await asyncio.wait({task}, timeout=5)
         self._fail_pending()
         await self.connection.aclose()
 

@@ -348,3 +348,25 @@ async def test_stopping_gives_up_on_a_write_that_hangs_and_its_callers_hear_unav
             await stuck
     finally:
         await held.close()
+
+
+async def test_a_stop_from_another_running_loop_leaves_the_owner_loops_appends_alone(
+    postgres_store: EventStore,
+) -> None:
+    mine = [asyncio.ensure_future(postgres_store.append(new_reading())) for _ in range(5)]
+    await asyncio.sleep(0)  # each has queued its events with this loop's writer
+    await asyncio.to_thread(asyncio.run, postgres_store.stop_appending())
+    positions = await asyncio.wait_for(asyncio.gather(*mine), 10)
+    assert sorted(positions) == list(range(1, 6))
+    writer = postgres_store._loop_writer
+    assert writer is not None and writer.batches >= 1, "this loop's writer saved them"
+
+
+async def test_after_a_stop_on_a_loop_that_never_appended_its_appends_go_to_the_thread(
+    postgres_store: EventStore,
+) -> None:
+    await postgres_store.stop_appending()
+    assert await postgres_store.append(new_reading()) == 1
+    writer = postgres_store._loop_writer
+    assert writer is not None and writer.batches == 0
+    assert postgres_store.writer.batches == 1
