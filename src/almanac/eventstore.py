@@ -656,10 +656,6 @@ def _write_error(exc: psycopg.Error) -> BaseException:
     return exc
 
 
-def _nothing() -> None:
-    return None
-
-
 def running_on(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether the caller runs on ``loop`` (its thread, inside it)."""
     try:
@@ -695,7 +691,7 @@ class LoopConnection:
         self.lock = asyncio.Lock()
 
     def serves(
-        self, loop: asyncio.AbstractEventLoop, on_bind: Callable[[], None] = _nothing
+        self, loop: asyncio.AbstractEventLoop, on_bind: Callable[[], None] | None = None
     ) -> bool:
         """Whether ``loop`` may use this connection, binding it if it is free (then calling
         ``on_bind``, still as one step)."""
@@ -706,7 +702,8 @@ class LoopConnection:
                 self.drop()
                 self._loop, self.stopped = loop, False
                 self.lock = asyncio.Lock()
-                on_bind()
+                if on_bind is not None:
+                    on_bind()
             return not (self.closed or self.stopped)
 
     @property
@@ -953,6 +950,13 @@ class EventStore:
             else None
         )
         self._loop_reader = LoopConnection(self.app) if self._is_postgres else None
+        # The Postgres log's read (made once: it runs on every wake-up of every follower).
+        table = typing.cast("Any", self.app.recorder).events_table_name
+        self._select_after_sql = (
+            f"SELECT notification_id, topic, originator_id::text, originator_version,"
+            f" state FROM {table} WHERE notification_id > %s"
+            " ORDER BY notification_id LIMIT %s"
+        )
         self.writer.start()
 
     # -- writing ---------------------------------------------------------------------------
@@ -1065,15 +1069,6 @@ class EventStore:
                 raise Unavailable(f"the event store is not answering: {exc}") from exc
         mapper = self.app.mapper
         return [RecordedEvent(*row, mapper) for row in rows]
-
-    @property
-    def _select_after_sql(self) -> str:
-        table = typing.cast("Any", self.app.recorder).events_table_name
-        return (
-            f"SELECT notification_id, topic, originator_id::text, originator_version,"
-            f" state FROM {table} WHERE notification_id > %s"
-            " ORDER BY notification_id LIMIT %s"
-        )
 
     def read_sync(self, after: int, limit: int) -> list[RecordedEvent]:
         try:

@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.integration.support_redis import free_port
 from tests.integration.support_waiting import wait_until
 
 PG_BIN = Path(os.environ.get("ALMANAC_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -77,13 +77,6 @@ def require_server_binaries() -> None:
     if os.environ.get("ALMANAC_REQUIRE_SERVICES") == "1":
         pytest.fail(reason + " (ALMANAC_REQUIRE_SERVICES=1)")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _as_server_user(*command: str | Path) -> list[str]:

@@ -18,6 +18,8 @@ from almanac.settings import Settings
 from tests.conftest import services_settings
 from tests.factories import birth, meta, new_reading
 from tests.integration.support_databases import end_sessions
+from tests.integration.support_redis import free_port
+from tests.integration.support_waiting import eventually
 
 
 @pytest.fixture
@@ -267,7 +269,7 @@ async def test_commands_on_the_loop_hear_unavailable_when_the_database_cannot_be
 ) -> None:
     writer = postgres_store._loop_writer
     assert writer is not None
-    writer.connection.connect_kwargs["port"] = _closed_port()
+    writer.connection.connect_kwargs["port"] = free_port()  # nobody listens there
     outcomes = await asyncio.gather(
         *(postgres_store.append(new_reading()) for _ in range(3)), return_exceptions=True
     )
@@ -300,24 +302,18 @@ async def test_a_command_on_the_loop_past_its_deadline_hears_unavailable_and_is_
 
 async def _until_waiting_for_the_lock(url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-        async with asyncio.timeout(10):
-            while True:
-                cur = await admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-                row = await cur.fetchone()
-                if row is not None and row[0] > 0:
-                    return
-                await asyncio.sleep(0.01)
 
+        async def a_session_waits_for_a_lock() -> bool:
+            cur = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            row = await cur.fetchone()
+            return row is not None and row[0] > 0
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        await eventually(
+            a_session_waits_for_a_lock, within=10, what="the append waits for the lock"
+        )
 
 
 async def test_a_second_running_loop_appends_through_the_threads_and_leaves_the_first_alone(
