@@ -22,7 +22,12 @@ from almanac.domain.events import EventMeta
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.eventstore import ConcurrencyConflict, EventStore
 from almanac.ids import new_uuid
-from commands.readings import IDEMPOTENCY_HEADER, IdempotencyKeyReused, check_idempotency_key
+from commands.readings import (
+    IDEMPOTENCY_HEADER,
+    IdempotencyKeyReused,
+    check_idempotency_key,
+    has_control_characters,
+)
 
 _IDEMPOTENCY_NAMESPACE = UUID("6f1d2c8e-93a4-4b57-8e0a-5c2b7d9f1e36")
 # Enough to fix a batch by; a batch with thousands of bad items need not list them all.
@@ -90,7 +95,7 @@ def check_item(index: int, raw: bytes) -> tuple[BatchItem | None, list[FieldErro
         resolve_birth(item.birth)
     except ValidationFailed as exc:
         errors.extend(exc.prefixed(f"{prefix}.birth").errors)
-    if item.label is not None and any(ord(c) < 32 or ord(c) == 127 for c in item.label):
+    if item.label is not None and has_control_characters(item.label):
         errors.append(FieldError(f"{prefix}.label", "must not contain control characters"))
     return (None if errors else item), errors
 

@@ -7,13 +7,15 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from litestar import Request, Response, delete, patch, post
+from litestar import MediaType, Request, Response, delete, patch, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.response.base import ASGIResponse
 
-from almanac.auth import Principal
-from almanac.container import Container
+from almanac.auth import Principal, principal_of
+from almanac.container import Container, serving
 from almanac.domain.events import EventMeta
 from almanac.errors import FieldError, ValidationFailed
 from commands.batches import (
@@ -56,12 +58,17 @@ from queries.webhooks import get_delivery
         "A repeated `Idempotency-Key` with the same body returns the original response."
     ),
     tags=["readings"],
+    responses={
+        202: ResponseSpec(
+            ReadingAccepted,
+            description="Request accepted, processing continues off-line",
+            generate_examples=False,
+        )
+    },
 )
 async def post_reading(
     data: JSONBody[GenerateReading],
     request: Request[Any, Any, Any],
-    container: NamedDependency[Container],
-    principal: NamedDependency[Principal],
     idempotency_key: Annotated[
         str | None,
         HeaderParameter(
@@ -69,11 +76,15 @@ async def post_reading(
             description="Makes a retry safe: the same key and body return the first response.",
         ),
     ] = None,
-) -> Response[ReadingAccepted]:
+) -> ASGIResponse:
+    # The busiest command: the container and principal come from the scope rather than as
+    # dependencies, and the body is encoded here rather than by a Response, which together
+    # saved ~12 µs of the ~125 µs of CPU it costs in-process (benchmarks/README.md, cpu).
+    principal = principal_of(request.scope)
     meta = EventMeta.for_request(principal.owner, request.scope["state"].get("request_id"))
     accepted, replayed = await generate_reading(
         data,
-        store=container.store,
+        store=serving(request).store,
         principal=principal,
         meta=meta,
         idempotency_key=idempotency_key,
@@ -84,7 +95,12 @@ async def post_reading(
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return Response(accepted, status_code=202, headers=headers)
+    return ASGIResponse(
+        body=msgspec.json.encode(accepted),
+        status_code=202,
+        media_type=MediaType.JSON,
+        headers=headers,
+    )
 
 
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")

@@ -21,9 +21,9 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from almanac import errors
-from almanac.auth import Principal, bearer_token, raw_header
+from almanac.auth import PRINCIPAL, Principal, bearer_token, principal_of, raw_header
 from almanac.bootstrap import bootstrap
-from almanac.container import ROLES, Container
+from almanac.container import CONTAINER, ROLES, Container
 from almanac.ids import new_request_id
 from almanac.settings import Settings
 
@@ -213,7 +213,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal = await self._authenticate(bearer_token(scope["headers"]))
-        scope.setdefault("state", {})["principal"] = principal
+        scope.setdefault("state", {})[PRINCIPAL] = principal
         await self.app(scope, receive, send)
 
 
@@ -269,11 +269,7 @@ def create_app(
         request: Request[Any, Any, Any], container: NamedDependency[Container]
     ) -> Principal:
         del container  # a parameter only for the order of resolution
-        principal = request.scope["state"].get("principal")
-        if not isinstance(principal, Principal):
-            # Only routes behind AuthMiddleware ask for a principal.
-            raise errors.Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-        return principal
+        return principal_of(request.scope)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -321,7 +317,7 @@ def create_app(
             backend="brotli", minimum_size=1024, brotli_gzip_fallback=True
         ),
         lifespan=[lifespan],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, CONTAINER: graph}),
         openapi_config=OpenAPIConfig(
             title="Almanac",
             version="0.1.0",

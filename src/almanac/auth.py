@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import msgspec
 
@@ -39,6 +40,18 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     scheme, _, token = value.decode("latin-1").partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+PRINCIPAL = "principal"
+
+
+def principal_of(scope: Mapping[str, Any]) -> Principal:
+    """The principal ``AuthMiddleware`` put in the scope's state; 401 if there is none
+    (only routes behind that middleware have one)."""
+    principal = scope["state"].get(PRINCIPAL)
+    if not isinstance(principal, Principal):
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+    return principal
 
 
 class Principal(msgspec.Struct, frozen=True):

@@ -789,6 +789,8 @@ def test_rejects_booleans_strings_and_overflowing_integers_as_coordinates() -> N
         ("2021-03-28", "01:30", "Europe/London"),  # clocks went 01:00 -> 02:00
         ("2021-03-14", "02:30", "America/New_York"),  # 02:00 -> 03:00
         ("2021-10-03", "02:15:30", "Australia/Sydney"),  # southern spring, 02:00 -> 03:00
+        ("2021-10-03", "02:15", "Australia/Lord_Howe"),  # a half-hour change, 02:00 -> 02:30
+        ("2011-12-30", "12:00", "Pacific/Apia"),  # a whole day skipped, -10:00 -> +14:00
     ],
 )
 def test_rejects_local_time_skipped_by_a_clock_change(day: str, clock: str, zone: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from eventsourcing.utils import get_topic
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -60,6 +61,22 @@ def test_a_new_reading_is_requested_with_its_inputs() -> None:
     assert reading.version == 1
     assert event_types(reading) == [Reading.Requested]
     assert reading.pending_events[0].meta == m
+
+
+def test_a_requested_reading_equals_the_one_its_stored_event_rebuilds() -> None:
+    """``Reading.request`` builds the aggregate itself; loading it replays the event."""
+    requested = new_reading()
+    (event,) = requested.pending_events
+    stored = RecordedEvent.of(event, 1).event
+    rebuilt = stored.mutate(None)
+    assert isinstance(rebuilt, Reading)
+
+    def state(reading: Reading) -> dict[str, Any]:
+        return {k: v for k, v in vars(reading).items() if k != "_pending_events"}
+
+    assert state(requested) == state(rebuilt)
+    assert event.originator_topic == get_topic(Reading)
+    assert (requested.created_on, requested.modified_on) == (event.timestamp, event.timestamp)
 
 
 def test_a_chart_moves_a_requested_reading_on() -> None:

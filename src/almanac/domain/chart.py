@@ -341,7 +341,19 @@ def _round6(value: float) -> float:
     return round(value, 6) + 0.0
 
 
-def _normalise(birth: BirthData) -> _Normalised:
+def _skipped(local: datetime) -> bool:
+    """Whether the clocks skipped ``local``'s wall time. In a gap, a zone gives the wall
+    time the offset from before the change with fold=0 and the one from after with fold=1,
+    and the clocks only skip forward; a wall time that happened has one offset, or (in a
+    fold, the clocks going back) a larger one first. Two offsets cost ~0.4 µs where
+    converting to UTC and back cost ~1.7."""
+    before, after = local.utcoffset(), local.replace(fold=1).utcoffset()
+    return before is not None and after is not None and before < after
+
+
+def _checked(birth: BirthData) -> tuple[datetime, datetime, str]:
+    """The birth's aware local time, its UTC instant and its zone's canonical name, after
+    validating every field (``ValidationFailed`` naming every bad one)."""
     problems: dict[str, str] = {}
     day, problem = _parse_date(birth.date)
     if problem:
@@ -358,20 +370,24 @@ def _normalise(birth: BirthData) -> _Normalised:
         problems["longitude"] = problem
 
     local: datetime | None = None
-    utc: datetime | None = None
     if day is not None and clock is not None and zone is not None:
         # fold=0 is the first of two readings of an ambiguous wall time.
         local = datetime.combine(day, clock, tzinfo=zone)
-        utc = local.astimezone(UTC)
-        if utc.astimezone(zone).replace(tzinfo=None) != local.replace(tzinfo=None):
+        # A fixed offset (a ``timezone``) has no clock changes.
+        if not isinstance(zone, timezone) and _skipped(local):
             problems["time"] = (
                 f"{clock.isoformat()} did not happen on {day.isoformat()} in {zone_name}: "
                 "the clocks skipped it; give a time before or after the change"
             )
 
-    # local and utc are set whenever no field failed; the checks are for mypy.
-    if problems or local is None or utc is None:
+    # local is set whenever no field failed; the check is for mypy.
+    if problems or local is None:
         raise ValidationFailed([FieldError(f, problems[f]) for f in _FIELD_ORDER if f in problems])
+    return local, local.astimezone(UTC), zone_name
+
+
+def _normalise(birth: BirthData) -> _Normalised:
+    local, utc, zone_name = _checked(birth)
     return _Normalised(
         date=local.date().isoformat(),
         time=local.time().isoformat(),
@@ -392,7 +408,7 @@ def resolve_birth(birth: BirthData) -> datetime:
     Raises ``ValidationFailed`` naming every bad field at once, with field
     names ``date``, ``time``, ``timezone``, ``latitude`` and ``longitude``.
     """
-    return _normalise(birth).utc
+    return _checked(birth)[1]
 
 
 def _hash(normalised: _Normalised, options: ChartOptions) -> str:

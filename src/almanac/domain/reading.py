@@ -145,9 +145,16 @@ class Reading(Aggregate):
         request_hash: str,
         batch: BatchLink | None = None,
     ) -> Reading:
-        return cls._create(
-            cls.Requested,
-            id=reading_id,
+        # What eventsourcing's ``_create`` does, without the general steps that find the
+        # event's and ``__init__``'s parameters by their signatures on every call: 7.0 ->
+        # 2.7 µs, on the path of every POST. ``Requested`` has no ``apply``; a test checks
+        # that this aggregate equals the one its event builds when the reading is loaded.
+        # eventsourcing's metaclass makes each event a dataclass, which mypy cannot see.
+        event = cls.Requested(  # type: ignore[call-arg]
+            originator_topic=cls.TOPIC,
+            originator_id=reading_id,
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=cls.Requested.create_timestamp(),
             meta=meta,
             birth=birth,
             options=options,
@@ -156,6 +163,11 @@ class Reading(Aggregate):
             request_hash=request_hash,
             batch=batch,
         )
+        reading = cls.__new__(cls)
+        reading.__base_init__(reading_id, cls.INITIAL_VERSION, event.timestamp)
+        reading.__init__(meta, birth, options, kind, label, request_hash, batch)  # type: ignore[misc]
+        reading.pending_events.append(event)
+        return reading
 
     @property
     def settled(self) -> bool:
