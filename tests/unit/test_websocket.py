@@ -28,6 +28,7 @@ from streams.websocket import (
     LiveEvent,
     Session,
     Topic,
+    _Arrivals,
     live_event,
 )
 from streams.wsserver import DIRECT_SEND, text_frame
@@ -63,6 +64,30 @@ def hub(**settings: Any) -> Hub:
     hub = Hub(NoStore(), NoSource(), WebSocketSettings(**settings))  # type: ignore[arg-type]
     hub._started.set()
     return hub
+
+
+async def test_the_nats_source_takes_every_message_that_has_arrived_at_once() -> None:
+    arrivals = _Arrivals(limit=3)
+    taking = asyncio.ensure_future(arrivals.take())
+    await asyncio.sleep(0)  # one yield: the taker waits for a first message
+    assert not taking.done()
+    for message in ("a", "b"):
+        await arrivals.add(message)
+    assert await taking == ["a", "b"]
+
+
+async def test_the_nats_source_holds_the_subscription_back_at_its_limit() -> None:
+    """Past ``limit`` untaken messages the callback waits, so the rest wait in the
+    subscription's own bounded queue instead of an unbounded list."""
+    arrivals = _Arrivals(limit=2)
+    await arrivals.add(1)
+    await arrivals.add(2)
+    third = asyncio.ensure_future(arrivals.add(3))
+    await asyncio.sleep(0)
+    assert not third.done()
+    assert await arrivals.take() == [1, 2]
+    await asyncio.wait_for(third, timeout=5)
+    assert await arrivals.take() == [3]
 
 
 def test_topics_parse_to_what_they_match() -> None:
