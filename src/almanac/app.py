@@ -212,7 +212,16 @@ class AuthMiddleware:
         self._authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        principal = await self._authenticate(bearer_token(scope["headers"]))
+        try:
+            principal = await self._authenticate(bearer_token(scope["headers"]))
+        except errors.AlmanacError as exc:
+            # Answered here, inside RequestIdMiddleware, so that a 401 carries X-Request-ID
+            # like every other answer: raised, it reached the app's outermost exception
+            # handler, which Litestar places outside every middleware.
+            request: Request[Any, Any, Any] = Request(scope, receive)
+            response = almanac_error(request, exc).to_asgi_response(app=None, request=request)
+            await response(scope, receive, send)
+            return
         scope.setdefault("state", {})[PRINCIPAL] = principal
         await self.app(scope, receive, send)
 

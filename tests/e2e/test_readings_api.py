@@ -251,6 +251,20 @@ async def test_every_response_carries_a_request_id(api: Api) -> None:
     assert len(fresh.headers["x-request-id"]) >= 16
 
 
+@pytest.mark.parametrize("authorization", [None, "Bearer alm_not-a-key"])
+async def test_a_refused_key_is_answered_with_the_request_id_too(
+    api: Api, authorization: str | None
+) -> None:
+    headers = {"X-Request-Id": "trace-me-2"}
+    if authorization:
+        headers["Authorization"] = authorization
+    got = await api.client.get("/api/v1/readings", headers=headers)
+    assert got.status_code == 401
+    assert got.headers["x-request-id"] == "trace-me-2"
+    assert got.json()["request_id"] == "trace-me-2"
+    assert got.headers["www-authenticate"].startswith("Bearer")
+
+
 async def test_openapi_document_describes_the_readings_api(api: Api) -> None:
     got = await api.client.get("/docs/openapi.json")
     assert got.status_code == 200
