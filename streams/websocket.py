@@ -29,6 +29,7 @@ from uuid import UUID
 
 import msgspec
 import structlog
+from nats.errors import ConnectionClosedError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
@@ -355,32 +356,71 @@ class LogSource:
             follower.close()
 
 
-class _Arrivals:
-    """Messages handed over by a subscription's callback until the hub takes them, at most
-    ``limit`` at a time: beyond that the callback waits, and what follows waits in the
-    subscription's own bounded queue, as it would for a consumer that reads one by one."""
+class ReadAgain(Exception):
+    """The hub is to subscribe again after the last message it took: it fell too far
+    behind, or the subscription dropped messages."""
 
-    def __init__(self, limit: int = 1000) -> None:
+
+class _Arrivals:
+    """Messages handed over by a subscription's callback until the hub takes them all at
+    once.
+
+    With a callback nats-py answers the server's flow control as messages arrive, so the
+    server is no longer held back by what the hub has not taken. Instead, at ``limit``
+    untaken messages the hand-over ends: the hub takes what is held, then hears
+    ``ReadAgain`` and subscribes again after it, leaving the rest on the server. The
+    callback never waits, so nats-py's own queue holds only what arrived since the loop
+    last ran it, far below the queue's limits (nats-py's defaults: 512k messages, 128 MB),
+    past which nats-py would drop messages. Should it drop any all the same, the gap in the
+    consumer's sequence ends the hand-over the same way once the next message arrives (an
+    ordered consumer that recreates itself starts again at 1). A closed connection, found
+    within ``check`` seconds, ends it with ``ConnectionClosedError``.
+    """
+
+    def __init__(
+        self, limit: int = 10_000, closed: Callable[[], bool] = lambda: False, check: float = 1.0
+    ) -> None:
         self.limit = limit
+        self._closed = closed
+        self._check = check
         self._messages: list[Any] = []
+        self._sequence = 0
+        self._failure: ReadAgain | None = None
         self._waiting = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
 
     async def add(self, message: Any) -> None:
-        while len(self._messages) >= self.limit:
-            self._room.clear()
-            await self._room.wait()
-        self._messages.append(message)
+        if self._failure is not None:
+            return
+        sequence = message.metadata.sequence.consumer
+        if sequence not in {self._sequence + 1, 1}:
+            self._fail(f"the subscription skipped from message {self._sequence} to {sequence}")
+        elif len(self._messages) >= self.limit:
+            self._fail(f"{self.limit} messages arrived that the hub has not taken")
+        else:
+            self._sequence = sequence
+            self._messages.append(message)
+            self._waiting.set()
+
+    def _fail(self, reason: str) -> None:
+        self._failure = ReadAgain(reason)
         self._waiting.set()
 
-    async def take(self) -> list[Any]:
-        """Every message that has arrived, once there is at least one."""
+    async def take(self, most: int | None = None) -> list[Any]:
+        """The messages that have arrived (the first ``most``), once there is at least one;
+        ``ReadAgain`` or ``ConnectionClosedError`` once those held before the failure are
+        taken."""
         while not self._messages:
+            if self._failure is not None:
+                raise self._failure
+            if self._closed():
+                raise ConnectionClosedError
             self._waiting.clear()
-            await self._waiting.wait()
-        taken, self._messages = self._messages, []
-        self._room.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waiting.wait(), self._check)
+        if most is None or len(self._messages) <= most:
+            taken, self._messages = self._messages, []
+        else:
+            taken, self._messages = self._messages[:most], self._messages[most:]
         return taken
 
 
@@ -397,9 +437,17 @@ class NatsSource:
     # NATS stamps messages with its own clock; this much skew is tolerated.
     CLOCK_SKEW = timedelta(seconds=5)
 
-    def __init__(self, nats: NatsConnection, subject_prefix: str) -> None:
+    def __init__(
+        self,
+        nats: NatsConnection,
+        subject_prefix: str,
+        *,
+        behind_limit: int = 10_000,
+    ) -> None:
         self.nats = nats
         self.subject_prefix = subject_prefix
+        # Untaken messages past which the hub reads the rest again from the stream: ~10 MB.
+        self.behind_limit = behind_limit
         self._next_sequence: int | None = None
         self._since = datetime.now(UTC) - self.CLOCK_SKEW
 
@@ -419,34 +467,45 @@ class NatsSource:
         # behind by 20-40 ms in bursts (and, having not taken the messages, answered the
         # server's flow control late, which held back delivery too), while an outside
         # consumer of the same stream had each message within ~1 ms.
-        arrived = _Arrivals()
-        client = await self.nats.connect()
+        while True:
+            client = await self.nats.connect()
+
+            def closed(client: Any = client) -> bool:
+                return bool(client.is_closed)
+
+            arrived = _Arrivals(self.behind_limit, closed=closed)
+            subscription = await self._subscribe(client, arrived)
+            try:
+                while True:
+                    # What has arrived goes out together, in one pass over the listeners.
+                    messages = await arrived.take(most=1000)
+                    self._next_sequence = messages[-1].metadata.sequence.stream + 1
+                    batch = [self._live(message) for message in messages]
+                    yield [event for event in batch if event.position > after]
+            except ReadAgain as exc:
+                log.warning(
+                    "websocket.reading_again", next_sequence=self._next_sequence, reason=str(exc)
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+
+    async def _subscribe(self, client: Any, arrived: _Arrivals) -> Any:
         js = client.jetstream()
         for attempt in itertools.count():
             try:
-                subscription = await js.subscribe(
+                return await js.subscribe(
                     f"{self.subject_prefix}.>",
                     cb=arrived.add,
                     ordered_consumer=True,
                     config=self._config(),
-                    pending_msgs_limit=100_000,
                 )
-                break
             except NotFoundError:
                 # The relay creates the stream; an API process may start first.
                 if attempt == 0:
                     log.info("websocket.waiting_for_stream", subjects=f"{self.subject_prefix}.>")
                 await asyncio.sleep(0.2)
-        try:
-            while True:
-                # Whatever has arrived goes out together, in one pass over the listeners.
-                messages = await arrived.take()
-                self._next_sequence = messages[-1].metadata.sequence.stream + 1
-                batch = [self._live(message) for message in messages]
-                yield [event for event in batch if event.position > after]
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _live(message: Any) -> LiveEvent:

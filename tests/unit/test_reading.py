@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from eventsourcing.utils import get_topic
@@ -14,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from almanac.domain.chart import calculate_chart
 from almanac.domain.events import EventMeta
 from almanac.domain.interpretation import BuiltinGenerator, ReadingText
-from almanac.domain.reading import DeadLetter, Reading, ReadingAlreadySettled
+from almanac.domain.reading import BatchLink, DeadLetter, Reading, ReadingAlreadySettled
 from almanac.errors import Conflict
 from almanac.eventstore import MsgspecMapper, RecordedEvent
 from tests.factories import birth, meta, new_reading
@@ -63,9 +64,21 @@ def test_a_new_reading_is_requested_with_its_inputs() -> None:
     assert reading.pending_events[0].meta == m
 
 
-def test_a_requested_reading_equals_the_one_its_stored_event_rebuilds() -> None:
+@pytest.mark.parametrize("batch", [None, BatchLink(uuid4(), index=3, attempt=2)])
+def test_a_requested_reading_equals_the_one_its_stored_event_rebuilds(
+    batch: BatchLink | None,
+) -> None:
     """``Reading.request`` builds the aggregate itself; loading it replays the event."""
-    requested = new_reading()
+    requested = Reading.request(
+        reading_id=uuid4(),
+        meta=meta("owner-r"),
+        birth=birth(),
+        options=CHART_OPTIONS,
+        kind="love",
+        label="Ada",
+        request_hash="e" * 64,
+        batch=batch,
+    )
     (event,) = requested.pending_events
     stored = RecordedEvent.of(event, 1).event
     rebuilt = stored.mutate(None)

@@ -7,12 +7,14 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.errors import ConnectionClosedError
 
 from almanac.auth import Principal
 from almanac.errors import Unauthorized
@@ -26,6 +28,7 @@ from streams.websocket import (
     Hub,
     Listener,
     LiveEvent,
+    ReadAgain,
     Session,
     Topic,
     _Arrivals,
@@ -66,28 +69,74 @@ def hub(**settings: Any) -> Hub:
     return hub
 
 
-async def test_the_nats_source_takes_every_message_that_has_arrived_at_once() -> None:
+def nats_message(consumer_sequence: int) -> Any:
+    """What ``_Arrivals`` reads of a JetStream message: its consumer sequence."""
+    sequence = SimpleNamespace(consumer=consumer_sequence)
+    return SimpleNamespace(metadata=SimpleNamespace(sequence=sequence))
+
+
+async def test_arrivals_are_taken_all_at_once() -> None:
     arrivals = _Arrivals(limit=3)
     taking = asyncio.ensure_future(arrivals.take())
     await asyncio.sleep(0)  # one yield: the taker waits for a first message
     assert not taking.done()
-    for message in ("a", "b"):
+    first, second = nats_message(1), nats_message(2)
+    await arrivals.add(first)
+    await arrivals.add(second)
+    assert await taking == [first, second]
+
+
+async def test_arrivals_are_handed_over_at_most_so_many_at_a_time() -> None:
+    arrivals = _Arrivals()
+    messages = [nats_message(n) for n in (1, 2, 3)]
+    for message in messages:
         await arrivals.add(message)
-    assert await taking == ["a", "b"]
+    assert await arrivals.take(most=2) == messages[:2]
+    assert await arrivals.take(most=2) == messages[2:]
 
 
-async def test_the_nats_source_holds_the_subscription_back_at_its_limit() -> None:
-    """Past ``limit`` untaken messages the callback waits, so the rest wait in the
-    subscription's own bounded queue instead of an unbounded list."""
+async def test_arrivals_end_at_their_limit_after_the_messages_held() -> None:
+    """Past ``limit`` untaken messages the hub reads the rest again from the stream, rather
+    than holding an unbounded backlog in the process."""
     arrivals = _Arrivals(limit=2)
-    await arrivals.add(1)
-    await arrivals.add(2)
-    third = asyncio.ensure_future(arrivals.add(3))
+    held = [nats_message(1), nats_message(2)]
+    for message in [*held, nats_message(3), nats_message(4)]:
+        await arrivals.add(message)
+    assert await arrivals.take() == held
+    with pytest.raises(ReadAgain):
+        await arrivals.take()
+
+
+async def test_arrivals_end_at_a_gap_after_the_messages_before_it() -> None:
+    """A message nats-py dropped (past its pending limits) must not pass unnoticed: the
+    hub subscribes again after the last message it took."""
+    arrivals = _Arrivals()
+    before = [nats_message(1), nats_message(2)]
+    for message in [*before, nats_message(4), nats_message(5)]:
+        await arrivals.add(message)
+    assert await arrivals.take() == before
+    with pytest.raises(ReadAgain):
+        await arrivals.take()
+
+
+async def test_arrivals_follow_an_ordered_consumer_that_starts_again() -> None:
+    """A recreated ordered consumer numbers its messages from 1 again: no gap."""
+    arrivals = _Arrivals()
+    messages = [nats_message(n) for n in (1, 2, 1, 2)]
+    for message in messages:
+        await arrivals.add(message)
+    assert await arrivals.take() == messages
+
+
+async def test_arrivals_end_when_the_connection_closes() -> None:
+    closed = False
+    arrivals = _Arrivals(closed=lambda: closed, check=0.01)
+    taking = asyncio.ensure_future(arrivals.take())
     await asyncio.sleep(0)
-    assert not third.done()
-    assert await arrivals.take() == [1, 2]
-    await asyncio.wait_for(third, timeout=5)
-    assert await arrivals.take() == [3]
+    assert not taking.done()
+    closed = True
+    with pytest.raises(ConnectionClosedError):
+        await asyncio.wait_for(taking, timeout=5)
 
 
 def test_topics_parse_to_what_they_match() -> None:
