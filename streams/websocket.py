@@ -370,11 +370,13 @@ class _Arrivals:
     untaken messages the hand-over ends: the hub takes what is held, then hears
     ``ReadAgain`` and subscribes again after it, leaving the rest on the server. The
     callback never waits, so nats-py's own queue holds only what arrived since the loop
-    last ran it, far below the queue's limits (nats-py's defaults: 512k messages, 128 MB),
-    past which nats-py would drop messages. Should it drop any all the same, the gap in the
-    consumer's sequence ends the hand-over the same way once the next message arrives (an
-    ordered consumer that recreates itself starts again at 1). A closed connection, found
-    within ``check`` seconds, ends it with ``ConnectionClosedError``.
+    last ran it, far below the queue's limits (nats-py's defaults for JetStream: 512k
+    messages, 256 MB), past which nats-py would drop messages. Should it drop any all the
+    same, the gap in the consumer's sequence ends the hand-over the same way once the next
+    message arrives, and so does an ordered consumer that recreates itself (its sequence
+    starts again at 1, after the last message nats-py received, which may be one it
+    dropped). A closed connection, found within ``check`` seconds, ends it with
+    ``ConnectionClosedError``.
     """
 
     def __init__(
@@ -392,7 +394,9 @@ class _Arrivals:
         if self._failure is not None:
             return
         sequence = message.metadata.sequence.consumer
-        if sequence not in {self._sequence + 1, 1}:
+        if sequence != self._sequence + 1:
+            # A restart at 1 too: nats-py recreates an ordered consumer after the last
+            # message it received, which may be one it then dropped.
             self._fail(f"the subscription skipped from message {self._sequence} to {sequence}")
         elif len(self._messages) >= self.limit:
             self._fail(f"{self.limit} messages arrived that the hub has not taken")
@@ -446,7 +450,8 @@ class NatsSource:
     ) -> None:
         self.nats = nats
         self.subject_prefix = subject_prefix
-        # Untaken messages past which the hub reads the rest again from the stream: ~10 MB.
+        # Untaken messages past which the hub reads the rest again from the stream (~10 MB
+        # of events of ~1 kB).
         self.behind_limit = behind_limit
         self._next_sequence: int | None = None
         self._since = datetime.now(UTC) - self.CLOCK_SKEW

@@ -95,37 +95,27 @@ async def test_arrivals_are_handed_over_at_most_so_many_at_a_time() -> None:
     assert await arrivals.take(most=2) == messages[2:]
 
 
-async def test_arrivals_end_at_their_limit_after_the_messages_held() -> None:
-    """Past ``limit`` untaken messages the hub reads the rest again from the stream, rather
-    than holding an unbounded backlog in the process."""
-    arrivals = _Arrivals(limit=2)
-    held = [nats_message(1), nats_message(2)]
-    for message in [*held, nats_message(3), nats_message(4)]:
-        await arrivals.add(message)
-    assert await arrivals.take() == held
-    with pytest.raises(ReadAgain):
-        await arrivals.take()
-
-
-async def test_arrivals_end_at_a_gap_after_the_messages_before_it() -> None:
-    """A message nats-py dropped (past its pending limits) must not pass unnoticed: the
-    hub subscribes again after the last message it took."""
-    arrivals = _Arrivals()
-    before = [nats_message(1), nats_message(2)]
-    for message in [*before, nats_message(4), nats_message(5)]:
-        await arrivals.add(message)
-    assert await arrivals.take() == before
-    with pytest.raises(ReadAgain):
-        await arrivals.take()
-
-
-async def test_arrivals_follow_an_ordered_consumer_that_starts_again() -> None:
-    """A recreated ordered consumer numbers its messages from 1 again: no gap."""
-    arrivals = _Arrivals()
-    messages = [nats_message(n) for n in (1, 2, 1, 2)]
+@pytest.mark.parametrize(
+    ("limit", "sequences"),
+    [
+        (2, [1, 2, 3, 4]),  # a backlog past the limit: read the rest from the stream
+        (10, [1, 2, 4, 5]),  # a message nats-py dropped (past its pending limits)
+        (10, [1, 2, 1, 2]),  # a recreated ordered consumer (it may start after a drop)
+    ],
+    ids=["backlog", "gap", "restart"],
+)
+async def test_arrivals_end_after_the_messages_held_when_the_hub_must_read_again(
+    limit: int, sequences: list[int]
+) -> None:
+    """Nothing is held unbounded or skipped unnoticed: the source takes what it holds, then
+    subscribes again after the last message taken."""
+    arrivals = _Arrivals(limit=limit)
+    messages = [nats_message(n) for n in sequences]
     for message in messages:
         await arrivals.add(message)
-    assert await arrivals.take() == messages
+    assert await arrivals.take() == messages[:2]
+    with pytest.raises(ReadAgain):
+        await arrivals.take()
 
 
 async def test_arrivals_end_when_the_connection_closes() -> None:
