@@ -469,7 +469,7 @@ class NatsSource:
         # Messages come through a callback, not ``next_msg``: nats-py runs each ``next_msg``
         # as a task of its own, so taking n waiting messages took n turns of the event loop,
         # which the API process shares with every request. At 1,000 commands/s the hub fell
-        # behind by 20-40 ms in bursts (and, having not taken the messages, answered the
+        # behind by 20-60 ms in bursts (and, having not taken the messages, answered the
         # server's flow control late, which held back delivery too), while an outside
         # consumer of the same stream had each message within ~1 ms.
         while True:
