@@ -54,11 +54,16 @@ def problem(
         "detail": detail,
         "instance": request.url.path,
     }
-    request_id = request.scope.get("state", {}).get("request_id")
-    if request_id:
-        body["request_id"] = request_id
-    body.update(extra)
     headers: dict[str, str] = {}
+    state = request.scope.setdefault("state", {})
+    request_id = state.get("request_id")
+    if request_id is None:
+        # Answered before any middleware ran (no route matched the path or the method):
+        # the id is taken or made here, and echoed here, as RequestIdMiddleware would have.
+        request_id = state["request_id"] = request_id_of(request.scope)
+        headers["X-Request-ID"] = request_id
+    body["request_id"] = request_id
+    body.update(extra)
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="almanac"'
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
@@ -162,6 +167,15 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return problem(500, "Internal server error", "Something went wrong on our side.", request)
 
 
+def request_id_of(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` if it is usable (1-128 printable characters), else a
+    new one."""
+    request_id = (raw_header(scope["headers"], b"x-request-id") or b"").decode("latin-1")
+    if 0 < len(request_id) <= 128 and request_id.isprintable():
+        return request_id
+    return new_request_id()
+
+
 class RequestIdMiddleware:
     """Binds a request id to every log line of the request and echoes it back.
 
@@ -173,9 +187,7 @@ class RequestIdMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = (raw_header(scope["headers"], b"x-request-id") or b"").decode("latin-1")
-        if not (0 < len(request_id) <= 128 and request_id.isprintable()):
-            request_id = new_request_id()
+        request_id = request_id_of(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:

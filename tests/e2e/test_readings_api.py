@@ -251,6 +251,20 @@ async def test_every_response_carries_a_request_id(api: Api) -> None:
     assert len(fresh.headers["x-request-id"]) >= 16
 
 
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nowhere"), ("DELETE", "/health/live")])
+async def test_a_path_or_method_no_route_has_is_answered_with_a_request_id(
+    api: Api, method: str, path: str
+) -> None:
+    """No middleware runs for these: the problem answer gives the id itself."""
+    echoed = await api.client.request(method, path, headers={"X-Request-Id": "trace-me-3"})
+    assert echoed.status_code in {404, 405}
+    assert echoed.headers.get_list("x-request-id") == ["trace-me-3"]
+    assert echoed.json()["request_id"] == "trace-me-3"
+    made = await api.client.request(method, path)
+    assert made.headers["x-request-id"] == made.json()["request_id"]
+    assert len(made.headers["x-request-id"]) == 32
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer alm_not-a-key"])
 async def test_a_refused_key_is_answered_with_the_request_id_too(
     api: Api, authorization: str | None
