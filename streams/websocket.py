@@ -380,7 +380,7 @@ class _Arrivals:
     """
 
     def __init__(
-        self, limit: int = 10_000, closed: Callable[[], bool] = lambda: False, check: float = 1.0
+        self, limit: int, closed: Callable[[], bool] = lambda: False, check: float = 1.0
     ) -> None:
         self.limit = limit
         self._closed = closed

@@ -13,12 +13,11 @@ from litestar import Litestar, Request, Response, Router, get
 from litestar.config.compression import CompressionConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from almanac import errors
 from almanac.auth import PRINCIPAL, Principal, bearer_token, principal_of, raw_header
@@ -54,16 +53,10 @@ def problem(
         "detail": detail,
         "instance": request.url.path,
     }
-    headers: dict[str, str] = {}
-    state = request.scope.setdefault("state", {})
-    request_id = state.get("request_id")
-    if request_id is None:
-        # Answered before any middleware ran (no route matched the path or the method):
-        # the id is taken or made here, and echoed here, as RequestIdMiddleware would have.
-        request_id = state["request_id"] = request_id_of(request.scope)
-        headers["X-Request-ID"] = request_id
-    body["request_id"] = request_id
+    # Also where no middleware ran (no route matched the path or the method).
+    body["request_id"] = request_id_of(request.scope)
     body.update(extra)
+    headers: dict[str, str] = {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="almanac"'
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
@@ -168,16 +161,29 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
 
 
 def request_id_of(scope: Scope) -> str:
-    """The client's ``X-Request-ID`` if it is usable (1-128 printable characters), else a
-    new one."""
-    request_id = (raw_header(scope["headers"], b"x-request-id") or b"").decode("latin-1")
-    if 0 < len(request_id) <= 128 and request_id.isprintable():
-        return request_id
-    return new_request_id()
+    """The request's id, kept in the scope's state: the client's ``X-Request-ID`` if it is
+    usable (1-128 printable characters), else a new one."""
+    state = scope.setdefault("state", {})
+    request_id: str | None = state.get("request_id")
+    if request_id is None:
+        sent = (raw_header(scope["headers"], b"x-request-id") or b"").decode("latin-1")
+        usable = 0 < len(sent) <= 128 and sent.isprintable()
+        request_id = state["request_id"] = sent if usable else new_request_id()
+    return request_id
+
+
+async def echo_request_id(message: Message, scope: Scope) -> None:
+    """Every HTTP answer carries its request's id. A ``before_send`` hook, so the app's
+    outermost send: Litestar answers a refused key, and a path or method no route has,
+    outside every middleware."""
+    if message["type"] == "http.response.start":
+        echoed = (b"x-request-id", request_id_of(scope).encode())
+        message["headers"] = [*message.get("headers", ()), echoed]
 
 
 class RequestIdMiddleware:
-    """Binds a request id to every log line of the request and echoes it back.
+    """Binds the request id to every log line of the request (``echo_request_id`` sends
+    it back).
 
     A plain ASGI middleware, as is ``AuthMiddleware``: both run on every request, and
     Litestar's ``ASGIMiddleware`` adds a closure and its exclusion checks to each call.
@@ -187,22 +193,9 @@ class RequestIdMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = request_id_of(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id_of(scope))
         try:
-            if scope["type"] != ScopeType.HTTP:
-                # A WebSocket's every frame would pass through the wrapper below for nothing.
-                await self.app(scope, receive, send)
-                return
-            echoed = (b"x-request-id", request_id.encode())
-
-            async def send_with_id(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", ()), echoed]
-                await send(message)
-
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 
@@ -224,16 +217,7 @@ class AuthMiddleware:
         self._authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            principal = await self._authenticate(bearer_token(scope["headers"]))
-        except errors.AlmanacError as exc:
-            # Answered here, inside RequestIdMiddleware, so that a 401 carries X-Request-ID
-            # like every other answer: raised, it reached the app's outermost exception
-            # handler, which Litestar places outside every middleware.
-            request: Request[Any, Any, Any] = Request(scope, receive)
-            response = almanac_error(request, exc).to_asgi_response(app=None, request=request)
-            await response(scope, receive, send)
-            return
+        principal = await self._authenticate(bearer_token(scope["headers"]))
         scope.setdefault("state", {})[PRINCIPAL] = principal
         await self.app(scope, receive, send)
 
@@ -333,6 +317,7 @@ def create_app(
             Exception: internal_error,
         },
         middleware=[RequestIdMiddleware],
+        before_send=[echo_request_id],
         # Brotli for clients that accept it, gzip otherwise, above 1 KiB.
         compression_config=CompressionConfig(
             backend="brotli", minimum_size=1024, brotli_gzip_fallback=True

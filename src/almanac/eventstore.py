@@ -706,10 +706,6 @@ class LoopConnection:
                     on_bind()
             return not (self.closed or self.stopped)
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        return self._loop
-
     async def cursor(self) -> psycopg.AsyncCursor[tuple[Any, ...]]:
         """The connection's one cursor, for one statement at a time. The connection is
         checked as the store's pool checks its own (a round trip only after a rest of over

@@ -87,7 +87,7 @@ async def test_arrivals_are_taken_all_at_once() -> None:
 
 
 async def test_arrivals_are_handed_over_at_most_so_many_at_a_time() -> None:
-    arrivals = _Arrivals()
+    arrivals = _Arrivals(limit=10)
     messages = [nats_message(n) for n in (1, 2, 3)]
     for message in messages:
         await arrivals.add(message)
@@ -120,7 +120,7 @@ async def test_arrivals_end_after_the_messages_held_when_the_hub_must_read_again
 
 async def test_arrivals_end_when_the_connection_closes() -> None:
     closed = False
-    arrivals = _Arrivals(closed=lambda: closed, check=0.01)
+    arrivals = _Arrivals(limit=10, closed=lambda: closed, check=0.01)
     taking = asyncio.ensure_future(arrivals.take())
     await asyncio.sleep(0)
     assert not taking.done()
