@@ -12,6 +12,7 @@ the token may record the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -130,6 +131,9 @@ _RECOVER = (
 class DeliveryLog:
     def __init__(self, db: ReadDatabase) -> None:
         self.db = db
+        # Settles waiting for the next transaction, and the task writing them.
+        self._settles: list[tuple[dict[str, Any], AttemptRecord | None, asyncio.Future[None]]] = []
+        self._settling: asyncio.Task[None] | None = None
 
     async def prepare(self) -> None:
         await self.db.migrate(_schema(self.db.dialect))
@@ -160,11 +164,8 @@ class DeliveryLog:
             "per": per_endpoint,
             "claim": token,
         }
-        excluded = ""
-        if busy:
-            names = [f"b{i}" for i in range(len(busy))]
-            params.update(zip(names, busy, strict=True))
-            excluded = " AND endpoint_id NOT IN (" + ", ".join(f":{n}" for n in names) + ")"
+        excluded_params, excluded = _excluding(busy)
+        params.update(excluded_params)
         # The outer condition is checked again on the row being updated, so of deliverers
         # racing for one message only the first claims it.
         sql = (
@@ -189,24 +190,40 @@ class DeliveryLog:
         next_attempt_at: float | None,
         attempt: AttemptRecord | None,
     ) -> None:
-        writes: list[Write] = [
-            (
-                _SETTLE,
-                [
-                    {
-                        "id": message.id,
-                        "claim": message.claim,
-                        "status": status,
-                        "attempts": attempts,
-                        "next_attempt_at": next_attempt_at,
-                        "now": time.time(),
-                    }
-                ],
-            )
-        ]
-        if attempt is not None:
-            writes.append((_RECORD, [msgspec.structs.asdict(attempt)]))
-        await self.db.write(self._durable(writes))
+        """Record a message's outcome, durably, once this returns. Settles that arrive while
+        one transaction is being written share the next one: a synchronous commit and its
+        round trips per message were most of what a delivery cost the database."""
+        row = {
+            "id": message.id,
+            "claim": message.claim,
+            "status": status,
+            "attempts": attempts,
+            "next_attempt_at": next_attempt_at,
+            "now": time.time(),
+        }
+        done = asyncio.get_running_loop().create_future()
+        self._settles.append((row, attempt, done))
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.create_task(self._write_settles(), name="webhook-settles")
+        await done
+
+    async def _write_settles(self) -> None:
+        while self._settles:
+            taken, self._settles = self._settles, []
+            writes: list[Write] = [(_SETTLE, [row for row, _, _ in taken])]
+            records = [msgspec.structs.asdict(a) for _, a, _ in taken if a is not None]
+            if records:
+                writes.append((_RECORD, records))
+            try:
+                await self.db.write(self._durable(writes))
+            except Exception as exc:  # noqa: BLE001 - each caller learns of it
+                for _, _, done in taken:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, _, done in taken:
+                    if not done.done():
+                        done.set_result(None)
 
     async def resend(self, endpoint_id: str, message_id: str, requested_at: int) -> None:
         """Make one message due again with a fresh schedule (once per request)."""
@@ -289,9 +306,21 @@ class DeliveryLog:
             dict(zip(names, owners, strict=True)),
         )
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, busy: Sequence[str] = ()) -> float | None:
+        """When the next message falls due, of the endpoints not ``busy``."""
+        params, excluded = _excluding(busy)
         row = await self.db.fetch_one(
-            "SELECT MIN(next_attempt_at) AS due FROM webhook_messages WHERE status = 'pending'",
-            {},
+            "SELECT MIN(next_attempt_at) AS due FROM webhook_messages WHERE status = 'pending'"
+            + excluded,
+            params,
         )
         return None if row is None or row["due"] is None else float(row["due"])
+
+
+def _excluding(busy: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """The condition (and its parameters) that leaves out the ``busy`` endpoints."""
+    if not busy:
+        return {}, ""
+    names = [f"b{i}" for i in range(len(busy))]
+    condition = " AND endpoint_id NOT IN (" + ", ".join(f":{n}" for n in names) + ")"
+    return dict(zip(names, busy, strict=True)), condition

@@ -17,14 +17,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from uuid import UUID, uuid5
 
-import httpx
+import aiohttp
 import msgspec
 import structlog
 from limits import RateLimitItemPerSecond
@@ -33,7 +33,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from standardwebhooks.webhooks import Webhook
 
 from almanac.adapters.secretbox import SecretBox
-from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_transport
+from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_session
 from almanac.container import Stoppable
 from almanac.domain.events import EventMeta
 from almanac.domain.webhook import TEST_EVENT_TYPE, WebhookEndpoint, matches
@@ -60,6 +60,8 @@ ENDPOINT_TTL = 1.0
 HEALTH_INTERVAL = 60.0
 # How long attempts under way may go on finishing once the deliverer is told to stop.
 STOP_GRACE = 5.0
+# How many rounds of an endpoint's concurrent attempts are claimed ahead.
+CLAIM_ROUNDS = 3
 _encoder = msgspec.json.Encoder()
 
 
@@ -82,8 +84,10 @@ def retry_delay(settings: WebhookSettings, attempts: int) -> float | None:
     return schedule[attempts - 1] * settings.retry_scale * random.uniform(0.8, 1.2)  # noqa: S311
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    raw = response.headers.get("retry-after")
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The wait a ``Retry-After`` header asks for (seconds or an HTTP date), if any; the
+    headers as a case-insensitive mapping (aiohttp's)."""
+    raw = headers.get("retry-after")
     if not raw:
         return None
     with contextlib.suppress(ValueError):
@@ -170,8 +174,9 @@ class WebhookDeliverer(Stoppable):
         # The attempts of ``_in_flight`` past their endpoint's slot, so under way.
         self._under_way: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._claimed_per_endpoint = CLAIM_ROUNDS * settings.per_endpoint_concurrency
         super().__init__()
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._endpoints: dict[str, tuple[float, Any]] = {}
         self._success_noted: dict[str, float] = {}
 
@@ -183,16 +188,10 @@ class WebhookDeliverer(Stoppable):
         self._wake.set()
 
     async def run(self) -> None:
-        limits = httpx.Limits(
-            max_connections=self.settings.concurrency,
-            max_keepalive_connections=self.settings.concurrency,
-        )
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(self.settings.timeout),
-            # Connections only to addresses the guard accepted in the lookup it connects by.
-            transport=guarded_transport(self.guard, limits=limits, trust_env=False),
-            trust_env=False,
+        self._session = guarded_session(
+            self.guard,
+            connections=self.settings.concurrency,
+            timeout=self.settings.timeout,
             headers={"user-agent": USER_AGENT},
         )
         log.info("webhook.deliverer_started", consumer=self.settings.consumer)
@@ -210,7 +209,7 @@ class WebhookDeliverer(Stoppable):
                 await asyncio.wait(self._in_flight, timeout=min(self.settings.timeout, STOP_GRACE))
                 for task in self._in_flight:
                     task.cancel()
-            await self._client.aclose()
+            await self._session.close()
             log.info("webhook.deliverer_stopped", delivered=self.delivered)
 
     # -- intake ----------------------------------------------------------------------------
@@ -330,13 +329,12 @@ class WebhookDeliverer(Stoppable):
 
     async def _dispatch(self) -> None:
         settings = self.settings
-        # Up to three rounds of an endpoint's slots are claimed at once (fewer claims, each
-        # covering more), so an attempt may wait two rounds for its slot before its own: the
-        # lease outlasts that, and a message claimed by a deliverer that died is due again
-        # when it runs out.
-        rounds = 3
-        lease = rounds * settings.timeout + 5.0
-        per_endpoint = rounds * settings.per_endpoint_concurrency
+        # Up to ``CLAIM_ROUNDS`` rounds of an endpoint's slots are claimed at once (fewer
+        # claims, each covering more), so an attempt may wait two rounds for its slot before
+        # its own: the lease outlasts that, and a message claimed by a deliverer that died is
+        # due again when it runs out.
+        lease = CLAIM_ROUNDS * settings.timeout + 5.0
+        per_endpoint = self._claimed_per_endpoint
         pause = 0.05
         while not self._stopping.is_set():
             self._wake.clear()
@@ -360,10 +358,13 @@ class WebhookDeliverer(Stoppable):
                 task.add_done_callback(self._in_flight.discard)
             if len(claimed) >= free:
                 continue
-            # Nothing more due: sleep until woken by new messages, or until the next one is.
+            # Nothing more may be claimed now: sleep until new messages come in, an endpoint
+            # has room again or a message is rescheduled (each sets ``_wake``), or until the
+            # next message of an endpoint with room falls due.
+            busy = [e for e, n in self._busy.items() if n >= per_endpoint]
             wait = settings.poll_interval
             with contextlib.suppress(Exception):
-                due = await self.log.next_due()
+                due = await self.log.next_due(busy)
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.005))
             await wait_event(self._wake, wait)
@@ -374,27 +375,43 @@ class WebhookDeliverer(Stoppable):
             endpoint_id, asyncio.Semaphore(self.settings.per_endpoint_concurrency)
         )
         try:
-            async with slot:
-                task = asyncio.current_task()
-                assert task is not None
-                self._under_way.add(task)
-                try:
-                    await self._attempt_now(message)
-                finally:
-                    self._under_way.discard(task)
+            await slot.acquire()
+            taken = True
+
+            def free_slot() -> None:
+                # Once the endpoint has answered: its outcome is written while the endpoint's
+                # next attempt is already under way, and outcomes written together share a
+                # transaction (``DeliveryLog.settle``).
+                nonlocal taken
+                if taken:
+                    taken = False
+                    slot.release()
+
+            task = asyncio.current_task()
+            assert task is not None
+            self._under_way.add(task)
+            try:
+                await self._attempt_now(message, free_slot)
+            finally:
+                self._under_way.discard(task)
+                free_slot()
         except asyncio.CancelledError:
             raise
         except Exception:
             # Left claimed: the message falls due again when its lease runs out.
             log.exception("webhook.attempt_crashed", message_id=message.id)
         finally:
-            self._busy[endpoint_id] -= 1
-            if not self._busy[endpoint_id]:
+            left = self._busy[endpoint_id] = self._busy[endpoint_id] - 1
+            if not left:
                 del self._busy[endpoint_id]
                 self._slots.pop(endpoint_id, None)
-            self._wake.set()
+            if left == self._claimed_per_endpoint - 1:
+                # The endpoint is claimable again. Waking the dispatcher after every attempt
+                # instead cost a claim and a look for the next due message per delivery, both
+                # finding nothing while the endpoint still held its claimed messages.
+                self._wake.set()
 
-    async def _attempt_now(self, message: Claimed) -> None:
+    async def _attempt_now(self, message: Claimed, answered: Callable[[], None]) -> None:
         settings = self.settings
         log_ = log.bind(message_id=message.id, endpoint_id=message.endpoint_id)
         endpoint = await self._endpoint(message.endpoint_id)
@@ -427,6 +444,7 @@ class WebhookDeliverer(Stoppable):
             cooldown=settings.breaker_cooldown,
             threshold=settings.breaker_threshold,
         )
+        answered()
         record = self._record(message, now, outcome)
         if outcome.ok:
             self.delivered += 1
@@ -466,6 +484,8 @@ class WebhookDeliverer(Stoppable):
             next_attempt_at=None if delay is None else now + delay,
             attempt=record,
         )
+        if delay is not None:
+            self._rescheduled()
         self._success_noted.pop(message.endpoint_id, None)
         failing_since = await self.log.health(message.endpoint_id, succeeded=False)
         if failing_since is not None and now - failing_since >= settings.disable_after:
@@ -487,6 +507,11 @@ class WebhookDeliverer(Stoppable):
         await self.log.settle(
             message, status="pending", attempts=message.attempts, next_attempt_at=at, attempt=None
         )
+        self._rescheduled()
+
+    def _rescheduled(self) -> None:
+        # The dispatcher may be asleep until a later due time than this message's new one.
+        self._wake.set()
 
     async def _admit(self, endpoint_id: str, rate: int) -> bool:
         item = RateLimitItemPerSecond(rate)
@@ -504,7 +529,7 @@ class WebhookDeliverer(Stoppable):
         return secrets
 
     async def _send(self, message: Claimed, endpoint: Any) -> Outcome:
-        assert self._client is not None
+        assert self._session is not None
         url = str(endpoint["url"])
         started = time.monotonic()
 
@@ -512,11 +537,9 @@ class WebhookDeliverer(Stoppable):
             return round((time.monotonic() - started) * 1000, 3)
 
         try:
-            # The form here; the addresses when a connection is made (``guarded_transport``),
-            # from the one lookup it connects by. A kept-alive connection goes to addresses
-            # checked when it was made, so a lookup before every delivery would be one more
-            # for nothing.
-            self.guard.check_form(url)
+            # The form and an address literal here; a name's addresses when a connection is
+            # made, from the one lookup it connects by (``guarded_session``).
+            await self.guard.check_send(url)
             at = datetime.now(UTC)
             headers = {
                 "content-type": "application/json",
@@ -524,25 +547,25 @@ class WebhookDeliverer(Stoppable):
                 "webhook-timestamp": str(int(at.timestamp())),
                 "webhook-signature": sign(self._secrets(endpoint), message.id, at, message.payload),
             }
-            async with self._client.stream(
-                "POST", url, content=message.payload.encode(), headers=headers
+            async with self._session.post(
+                url, data=message.payload.encode(), headers=headers, allow_redirects=False
             ) as response:
-                excerpt = await _excerpt(response)
+                excerpt = await _excerpt(response.content)
+                code = response.status
+                wait = retry_after(response.headers) if code in (429, 503) else None
         except TargetRefused as exc:
             return Outcome(None, elapsed(), f"refused: {exc.detail}", None)
         except AlmanacError as exc:
             return Outcome(None, elapsed(), exc.detail, None)
-        except httpx.TimeoutException:
+        except TimeoutError:
             return Outcome(None, elapsed(), f"no answer within {self.settings.timeout:g} s", None)
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             return Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"[:500], None)
-        code = response.status_code
         error = None
         if 300 <= code < 400:
             error = "redirects are not followed"
         elif not 200 <= code < 300:
             error = f"HTTP {code}"
-        wait = retry_after(response) if code in (429, 503) else None
         return Outcome(code, elapsed(), error, excerpt, wait)
 
     def _record(self, message: Claimed, at: float, outcome: Outcome) -> AttemptRecord:
@@ -579,14 +602,12 @@ class WebhookDeliverer(Stoppable):
             return
 
 
-async def _excerpt(response: httpx.Response) -> str:
+async def _excerpt(body: aiohttp.StreamReader) -> str:
     """The start of the body; the rest is not read."""
     taken = b""
-    async for chunk in response.aiter_bytes():
+    while len(taken) < EXCERPT and (chunk := await body.read(EXCERPT - len(taken))):
         taken += chunk
-        if len(taken) >= EXCERPT:
-            break
-    return taken[:EXCERPT].decode(errors="replace")
+    return taken.decode(errors="replace")
 
 
 def rate_storage(redis_url: str | None, prefix: str = "") -> Storage:

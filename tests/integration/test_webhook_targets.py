@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-import httpcore
-import httpx
+import aiohttp
 import pytest
 
-from almanac.adapters.webhook_targets import (
-    GuardedNetwork,
-    TargetGuard,
-    TargetRefused,
-    guarded_transport,
-)
+from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_session
 from almanac.settings import WebhookSettings
 from tests.integration.support_receiver import receiving
 
 LOOPBACK_ALLOWED = WebhookSettings(allowed_networks=("127.0.0.0/8",), allow_http=True)
+
+
+@asynccontextmanager
+async def session(guard: TargetGuard, timeout: float = 5.0) -> AsyncIterator[aiohttp.ClientSession]:
+    async with guarded_session(guard, connections=4, timeout=timeout, headers={}) as client:
+        yield client
+
+
+async def post(
+    client: aiohttp.ClientSession, guard: TargetGuard, url: str, *, close: bool = False
+) -> int:
+    """As the deliverer sends: the guard's check before the request, then the request."""
+    await guard.check_send(url)
+    headers = {"connection": "close"} if close else {}
+    async with client.post(url, data=b"{}", headers=headers, allow_redirects=False) as response:
+        return response.status
 
 
 class Names:
@@ -37,13 +48,9 @@ class Names:
 async def test_a_delivery_connects_to_the_checked_address_and_names_the_host() -> None:
     names = Names(hooks_example=[["127.0.0.1"]])
     guard = TargetGuard(LOOPBACK_ALLOWED, resolver=names)
-    async with (
-        receiving() as receiver,
-        httpx.AsyncClient(transport=guarded_transport(guard)) as client,
-    ):
+    async with receiving() as receiver, session(guard) as client:
         url = f"http://hooks.example:{receiver.port}/hook"
-        response = await client.post(url, content=b"{}")
-    assert response.status_code == 200
+        assert await post(client, guard, url) == 200
     assert [r.headers["host"] for r in receiver.at("/hook")] == [f"hooks.example:{receiver.port}"]
     assert names.asked == ["hooks.example"]  # the connection's own lookup
 
@@ -53,53 +60,52 @@ async def test_a_name_rebound_to_a_private_address_after_its_check_is_not_connec
     names = Names(rebind_example=[["93.184.216.34"], ["10.0.0.7"]])
     guard = TargetGuard(LOOPBACK_ALLOWED, resolver=names)
     assert await guard.check("http://rebind.example/hook") == ["93.184.216.34"]
-    async with httpx.AsyncClient(transport=guarded_transport(guard)) as client:
+    async with session(guard) as client:
         with pytest.raises(TargetRefused, match=r"resolves to 10\.0\.0\.7"):
-            await client.post("http://rebind.example/hook", content=b"{}")
+            await post(client, guard, "http://rebind.example/hook")
     assert names.asked == ["rebind.example", "rebind.example"]
 
 
-async def test_an_address_literal_is_checked_at_connect_too() -> None:
+async def test_every_new_connection_is_looked_up_and_checked_again() -> None:
+    # No cache of lookups between connections: the second connection's lookup is its own.
+    names = Names(hooks_example=[["127.0.0.1"], ["10.0.0.7"]])
+    guard = TargetGuard(LOOPBACK_ALLOWED, resolver=names)
+    async with receiving() as receiver, session(guard) as client:
+        url = f"http://hooks.example:{receiver.port}/hook"
+        assert await post(client, guard, url, close=True) == 200
+        with pytest.raises(TargetRefused, match=r"resolves to 10\.0\.0\.7"):
+            await post(client, guard, url)
+    assert names.asked == ["hooks.example", "hooks.example"]
+    assert len(receiver.at("/hook")) == 1
+
+
+async def test_an_address_literal_is_checked_before_the_request() -> None:
     guard = TargetGuard(WebhookSettings(allow_http=True))  # loopback not allowed
-    async with (
-        receiving() as receiver,
-        httpx.AsyncClient(transport=guarded_transport(guard)) as client,
-    ):
+    async with receiving() as receiver, session(guard) as client:
         with pytest.raises(TargetRefused, match="private or reserved"):
-            await client.post(receiver.url("/hook"), content=b"{}")
+            await post(client, guard, receiver.url("/hook"))
     assert receiver.received == []
 
 
-class Unanswered(httpcore.AsyncNetworkBackend):
-    """A network where no address answers: each try takes the time it is given."""
+async def test_the_lookup_counts_against_the_attempt_s_one_timeout() -> None:
+    async def never(host: str, port: int) -> list[str]:
+        await asyncio.sleep(3600)
+        return []
 
-    def __init__(self) -> None:
-        self.tried: list[tuple[str, float | None]] = []
-
-    async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None, *_: Any, **__: Any
-    ) -> httpcore.AsyncNetworkStream:
-        self.tried.append((host, timeout))
-        await asyncio.sleep(timeout or 0)
-        raise httpcore.ConnectTimeout(f"{host} did not answer")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    guard = TargetGuard(LOOPBACK_ALLOWED, resolver=never)
+    async with session(guard, timeout=0.2) as client:
+        with pytest.raises(TimeoutError):
+            await post(client, guard, "http://slow.example/hook")
 
 
-async def test_the_lookup_and_every_address_tried_share_the_connection_s_one_timeout() -> None:
-    names = Names(slow_example=[["93.184.216.34", "93.184.216.35", "93.184.216.36"]])
-    network = Unanswered()
-    guarded = GuardedNetwork(TargetGuard(WebhookSettings(), resolver=names), network)
-    with pytest.raises(httpcore.ConnectTimeout):
-        await guarded.connect_tcp("slow.example", 443, timeout=0.2)
-    # The first address (in the resolver's order) had the whole budget; no other had more
-    # than what was left of it.
-    assert network.tried[0][0] == "93.184.216.34"
-    assert sum(t or 0 for _, t in network.tried) <= 0.2 + 0.01 * len(network.tried)
-
-
-def test_a_transport_through_a_proxy_is_refused() -> None:
-    guard = TargetGuard(LOOPBACK_ALLOWED)
-    with pytest.raises(RuntimeError, match="pinned"):
-        guarded_transport(guard, proxy="http://127.0.0.1:3128")
+async def test_proxy_variables_of_the_environment_are_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A proxy would be what is checked and connected to, and what resolves the target.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    names = Names(hooks_example=[["127.0.0.1"]])
+    guard = TargetGuard(LOOPBACK_ALLOWED, resolver=names)
+    async with receiving() as receiver, session(guard) as client:
+        assert await post(client, guard, f"http://hooks.example:{receiver.port}/hook") == 200
+    assert names.asked == ["hooks.example"]

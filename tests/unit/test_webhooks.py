@@ -8,11 +8,11 @@ import ipaddress
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
-import httpx
 import pytest
 from cryptography.fernet import Fernet
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from standardwebhooks.webhooks import Webhook
 
 from almanac.adapters.secretbox import SecretBox, SecretUnreadable
@@ -136,11 +136,11 @@ def test_the_schedule_is_spent_after_seven_retries_and_scales() -> None:
 
 
 def test_retry_after_reads_seconds_and_dates() -> None:
-    assert retry_after(httpx.Response(429, headers={"retry-after": "7"})) == 7.0
+    assert retry_after(CIMultiDict({"Retry-After": "7"})) == 7.0
     later = (datetime.now(UTC) + timedelta(seconds=60)).strftime("%a, %d %b %Y %H:%M:%S GMT")
-    value = retry_after(httpx.Response(503, headers={"retry-after": later}))
+    value = retry_after(CIMultiDict({"retry-after": later}))
     assert value is not None and 55 <= value <= 61
-    assert retry_after(httpx.Response(503)) is None
+    assert retry_after(CIMultiDict()) is None
 
 
 def test_the_breaker_opens_after_a_run_of_failures_then_lets_one_probe_through() -> None:

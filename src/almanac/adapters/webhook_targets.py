@@ -4,7 +4,7 @@ A URL is refused unless it is ``https`` (or ``http`` when allowed) and every add
 host resolves to is public, or inside a network the operator allowed. It is checked when
 an endpoint is registered or changed, and again by every new connection a delivery makes,
 since what a name resolves to can change: the connection goes to an address of the lookup
-that was checked (``guarded_transport``), never to a second lookup's, so a name that
+that was checked (``guarded_session``), never to a second lookup's, so a name that
 answered with a public address at registration and a private one later (DNS rebinding)
 cannot carry a delivery inside.
 """
@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
 
-import httpcore
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from almanac.errors import AlmanacError
 from almanac.settings import WebhookSettings
@@ -94,6 +93,19 @@ class TargetGuard:
         """The addresses the URL's host resolves to, all of them acceptable."""
         return await self.addresses(*self.check_form(url))
 
+    async def check_send(self, url: str) -> None:
+        """Before a request of a ``guarded_session``: the URL's form and, when its host is
+        an address literal (which no resolver is asked about), that address. A name's
+        addresses are checked when a connection is made (``GuardedResolver``): a kept-alive
+        connection goes to addresses checked when it was made, so a lookup before every
+        delivery would be one more for nothing."""
+        host, port = self.check_form(url)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return
+        await self.addresses(host, port)
+
     async def addresses(self, host: str, port: int) -> list[str]:
         """The addresses ``host`` resolves to (or is), refused unless all are acceptable."""
         try:
@@ -112,60 +124,53 @@ class TargetGuard:
         return [str(a) for a in addresses]
 
 
-class GuardedNetwork(httpcore.AsyncNetworkBackend):
-    """httpcore's network, connecting only to addresses ``guard`` accepted in the same
-    lookup: the host is resolved and checked here, then those addresses are tried in turn
-    (TLS still verifies, and names, the host itself). The lookup and every try share the
-    connection's one timeout, as they do in httpcore's own network."""
+class GuardedResolver(AbstractResolver):
+    """aiohttp's name lookup for new connections: the host is resolved and checked here, and
+    the connection is made to those addresses, in the resolver's order. (TLS still verifies,
+    and names, the host itself.)"""
 
-    def __init__(self, guard: TargetGuard, network: httpcore.AsyncNetworkBackend) -> None:
+    def __init__(self, guard: TargetGuard) -> None:
         self._guard = guard
-        self._network = network
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        failure: Exception = httpcore.ConnectError(f"{host} has no address to connect to")
-        try:
-            async with asyncio.timeout_at(deadline):
-                addresses = await self._guard.addresses(host, port)
-                for address in addresses:
-                    left = None if deadline is None else max(deadline - loop.time(), 0.001)
-                    try:
-                        return await self._network.connect_tcp(
-                            address, port, left, local_address, socket_options
-                        )
-                    except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                        failure = exc
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection to {host} within {timeout} s") from None
-        raise failure
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in await self._guard.addresses(host, port)
+        ]
 
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise TargetRefused("webhooks are not delivered to Unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._network.sleep(seconds)
+    async def close(self) -> None:
+        return None
 
 
-def guarded_transport(guard: TargetGuard, **options: Any) -> httpx.AsyncHTTPTransport:
-    """An ``httpx`` transport (``options`` as ``httpx.AsyncHTTPTransport``'s) whose new
-    connections go through ``GuardedNetwork``."""
-    transport = httpx.AsyncHTTPTransport(**options)
-    pool = transport._pool
-    # Not through a proxy: it would be the proxy that is checked and connected to, and the
-    # proxy that resolves the target. (The deliverer's client also ignores the proxy
-    # variables of the environment: ``trust_env=False``.)
-    if type(pool) is not httpcore.AsyncConnectionPool or not hasattr(pool, "_network_backend"):
-        raise RuntimeError("webhook connections cannot be pinned to checked hosts here")
-    pool._network_backend = GuardedNetwork(guard, pool._network_backend)
-    return transport
+def guarded_session(
+    guard: TargetGuard, *, connections: int, timeout: float, headers: Mapping[str, str]
+) -> aiohttp.ClientSession:
+    """An aiohttp session whose new connections go to addresses ``guard`` accepted in the
+    connection's own lookup (``GuardedResolver``).
+
+    aiohttp asks no resolver for an address literal: ``TargetGuard.check_send`` checks it
+    before each request. Nothing goes through a proxy (it would be the proxy that is
+    checked and connected to), none is taken from the environment, and no cookie an
+    endpoint sets is kept or sent to another.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            resolver=GuardedResolver(guard),
+            # A fresh, checked lookup for every new connection, as the guard's own.
+            use_dns_cache=False,
+            limit=connections,
+        ),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers=dict(headers),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
