@@ -2,7 +2,10 @@
 ``cancel_batch`` and ``retry_failed``.
 
 A batch is validated whole before anything is started: every bad item is reported by its
-index (``items[3].birth.latitude``) and nothing is appended.
+index (``items[3].birth.latitude``) and nothing is appended. A batch is stored as one
+event, so besides its count of items (``MAX_ITEMS``) the event store's limit on the size
+of an event (``ALMANAC_MAX_EVENT_BYTES``) bounds it too: with the default, about 5,200
+items without labels (docs/batches.md, "Size").
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from almanac.domain.batch import MAX_ITEMS, Batch, BatchItem
 from almanac.domain.chart import resolve_birth
 from almanac.domain.events import EventMeta
 from almanac.errors import FieldError, NotFound, ValidationFailed
-from almanac.eventstore import ConcurrencyConflict, EventStore
+from almanac.eventstore import ConcurrencyConflict, EventStore, EventTooLarge
 from almanac.ids import new_uuid
 from commands.readings import (
     IDEMPOTENCY_HEADER,
@@ -38,7 +41,7 @@ Label = Annotated[
 
 
 class StartBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Ask for a reading of each item (at most 10,000)."""
+    """Ask for a reading of each item (at most 10,000, and within the event size limit)."""
 
     items: list[msgspec.Raw]
     label: Label | None = None
@@ -78,6 +81,20 @@ def _field_error(prefix: str, exc: msgspec.ValidationError) -> FieldError:
 def _too_many(count: int) -> ValidationFailed:
     return ValidationFailed(
         [FieldError("items", f"has {count} items or more; a batch takes at most {MAX_ITEMS}")]
+    )
+
+
+def _too_large(count: int, refused: EventTooLarge) -> ValidationFailed:
+    fit = count * refused.limit // refused.size
+    return ValidationFailed(
+        [
+            FieldError(
+                "items",
+                f"{count:,} items make a batch of {refused.size:,} bytes, and a batch may "
+                f"hold at most {refused.limit:,}: about {fit:,} items like these fit in "
+                "one; split it into several batches",
+            )
+        ]
     )
 
 
@@ -162,6 +179,9 @@ async def start_batch(
     batch = Batch.start(batch_id=batch_id, meta=meta, items=items, label=label, request_hash=digest)
     try:
         position = await store.append(batch)
+    except EventTooLarge as exc:
+        # The items are what makes a batch large (its label is at most 200 characters).
+        raise _too_large(len(items), exc) from None
     except ConcurrencyConflict:
         if key is None:
             raise

@@ -114,7 +114,9 @@ NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl
         "A JSON body `{items: [...], label}` with up to 10,000 items (each as the body of "
         "`POST /readings`), or an NDJSON body (`Content-Type: application/x-ndjson`) with one "
         "item per line, streamed. Every item is validated first: a bad one is reported by "
-        "index (`items[3].birth.latitude`) in a 422 and nothing starts. Follow `Location` "
+        "index (`items[3].birth.latitude`) in a 422 and nothing starts. A batch is also "
+        "limited in size (900 KiB as stored by default, about 5,000 items without labels): "
+        "a larger one is a 422 naming `items`, and nothing starts. Follow `Location` "
         "for progress; `Idempotency-Key` works as for readings."
     ),
     tags=["batches"],

@@ -56,7 +56,7 @@ from psycopg.sql import SQL, Identifier
 
 from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck
 from almanac.domain.events import EventMeta
-from almanac.errors import Conflict, Unavailable
+from almanac.errors import Conflict, FieldError, Unavailable, ValidationFailed
 from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.eventstore")
@@ -70,27 +70,58 @@ class ConcurrencyConflict(Conflict):
     """Another command changed the aggregate first; reload and decide again."""
 
 
+class EventTooLarge(ValidationFailed):
+    """An event whose stored JSON would exceed ``ALMANAC_MAX_EVENT_BYTES``, refused before
+    anything of its command is stored: the relay could not publish it (NATS refuses a
+    message over its max_payload) and would go no further than it.
+
+    Named ``body`` here; a command that knows which of its fields makes the event large
+    reports that field instead (a batch's ``items``)."""
+
+    def __init__(self, event: Any, size: int, limit: int) -> None:
+        self.event = event
+        self.topic = get_topic(type(event))
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            [
+                FieldError(
+                    "body",
+                    f"would be stored as a {self.topic} event of {size:,} bytes; "
+                    f"an event may hold at most {limit:,}",
+                )
+            ]
+        )
+
+
 class MsgspecMapper(Mapper[UUID]):
     """Stores event state as msgspec JSON and decodes it straight into typed fields.
 
     The default JSON transcoder walks every value in Python; msgspec encodes Structs,
     UUIDs and datetimes natively and decodes with a compiled per-class schema.
+
+    With ``max_state_bytes`` it refuses (``EventTooLarge``) an event whose JSON is longer:
+    every way into the store encodes here, so none gets past it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_state_bytes: int | None = None) -> None:
         super().__init__(transcoder=_UnusedTranscoder())
         self._encoder = msgspec.json.Encoder()
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+        self.max_state_bytes = max_state_bytes
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
         state = dict(vars(domain_event))
         originator_id = state.pop("originator_id")
         originator_version = state.pop("originator_version")
+        encoded = self._encoder.encode(state)
+        if self.max_state_bytes is not None and len(encoded) > self.max_state_bytes:
+            raise EventTooLarge(domain_event, len(encoded), self.max_state_bytes)
         return StoredEvent(
             originator_id=originator_id,
             originator_version=originator_version,
             topic=get_topic(type(domain_event)),
-            state=self._encoder.encode(state),
+            state=encoded,
         )
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
@@ -241,7 +272,8 @@ class AlmanacApplication(Application[UUID]):
         return Environment(name, dict(env or {}))
 
     def construct_mapper(self) -> Mapper[UUID]:
-        return MsgspecMapper()
+        limit = self.env.get("MAX_EVENT_BYTES")
+        return MsgspecMapper(int(limit) if limit else None)
 
     def record(self, events: Sequence[Any]) -> list[int]:
         """Store domain events in one transaction; their notification ids, in order.
@@ -285,15 +317,19 @@ class StoreFactory(PostgresFactory):
 def application_env(settings: Settings) -> dict[str, str]:
     """eventsourcing's configuration for the active profile."""
     url = settings.store.postgres_url
+    # Almanac's own, read by ``AlmanacApplication.construct_mapper``: the same on both profiles.
+    limit = {"MAX_EVENT_BYTES": str(settings.store.max_event_bytes)}
     if url is None:
         settings.store.data_dir.mkdir(parents=True, exist_ok=True)
         return {
+            **limit,
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(settings.store.sqlite_events_path),
             "SQLITE_LOCK_TIMEOUT": "10",
         }
     parts = urlsplit(url)
     return {
+        **limit,
         "PERSISTENCE_MODULE": get_topic(StoreFactory),
         "POSTGRES_DBNAME": unquote(parts.path.lstrip("/")) or "postgres",
         "POSTGRES_HOST": parts.hostname or "127.0.0.1",
@@ -623,17 +659,40 @@ class GroupCommitWriter:
             _deliver(self._outcomes(batch))
 
     def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
-        positions = self._record([e for job in batch for e in job.events])
+        refused: list[tuple[_Job, Outcome]] = []
+        positions = self._record(_events_of(batch))
+        while isinstance(positions, EventTooLarge) and len(batch) > 1:
+            # Refused while encoding, before anything was sent: one command's oversized
+            # event must not fail its neighbours either, who are saved without it.
+            batch, too_large = _apart(batch, positions)
+            if not too_large or not batch:
+                batch += too_large
+                break
+            refused += [(job, positions) for job in too_large]
+            positions = self._record(_events_of(batch))
         if isinstance(positions, ConcurrencyConflict) and len(batch) > 1:
             # One stale command must not fail its neighbours: save each on its own.
             log.debug("writer.batch_conflict", size=len(batch))
             self.fallbacks += 1
-            return [(job, self._save_alone(job)) for job in batch]
+            return refused + [(job, self._save_alone(job)) for job in batch]
         if isinstance(positions, BaseException):
-            return [(job, positions) for job in batch]
+            return refused + [(job, positions) for job in batch]
         self.batches += 1
         self._on_commit(positions[-1])
-        return _split(batch, positions)
+        return refused + _split(batch, positions)
+
+
+def _events_of(batch: list[_Job]) -> list[Any]:
+    return [e for job in batch for e in job.events]
+
+
+def _apart(batch: list[_Job], error: EventTooLarge) -> tuple[list[_Job], list[_Job]]:
+    """The jobs of ``batch`` without the event ``error`` refused, and the job with it."""
+    rest: list[_Job] = []
+    holding: list[_Job] = []
+    for job in batch:
+        (holding if any(e is error.event for e in job.events) else rest).append(job)
+    return rest, holding
 
 
 def _split(batch: list[_Job], positions: list[int]) -> list[tuple[_Job, Outcome]]:
@@ -871,16 +930,25 @@ class LoopWriter:
             self._task = None
 
     async def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
-        positions = await self._record([e for job in batch for e in job.events])
+        # As the thread writer's, with the same care for oversized events and conflicts.
+        refused: list[tuple[_Job, Outcome]] = []
+        positions = await self._record(_events_of(batch))
+        while isinstance(positions, EventTooLarge) and len(batch) > 1:
+            batch, too_large = _apart(batch, positions)
+            if not too_large or not batch:
+                batch += too_large
+                break
+            refused += [(job, positions) for job in too_large]
+            positions = await self._record(_events_of(batch))
         if isinstance(positions, ConcurrencyConflict) and len(batch) > 1:
             log.debug("writer.batch_conflict", size=len(batch))
             self.fallbacks += 1
-            return [(job, await self._save_alone(job)) for job in batch]
+            return refused + [(job, await self._save_alone(job)) for job in batch]
         if isinstance(positions, BaseException):
-            return [(job, positions) for job in batch]
+            return refused + [(job, positions) for job in batch]
         self.batches += 1
         self._on_commit(positions[-1])
-        return _split(batch, positions)
+        return refused + _split(batch, positions)
 
     async def _save_alone(self, job: _Job) -> Outcome:
         positions = await self._record(job.events)
@@ -890,7 +958,10 @@ class LoopWriter:
         return max(positions)
 
     async def _record(self, events: list[Any]) -> list[int] | BaseException:
-        stored = [self._mapper.to_stored_event(event) for event in events]
+        try:
+            stored = [self._mapper.to_stored_event(event) for event in events]
+        except EventTooLarge as exc:
+            return exc
         columns = append_columns(stored)
         sent = False
 

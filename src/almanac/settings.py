@@ -50,6 +50,11 @@ class StoreSettings(msgspec.Struct, frozen=True):
     data_dir: Path = Path("var")
     writer_max_batch: int = 256
     pool_size: int = 8
+    # The largest event (its stored JSON) the store accepts. The relay publishes each event
+    # as one NATS message, and NATS refuses one over the server's max_payload (1 MiB by
+    # default), so a bigger event would stop the relay at it: it is refused before it is
+    # stored instead. The default leaves room under 1 MiB for the envelope and headers.
+    max_event_bytes: int = 900 * 1024
 
     @property
     def sqlite_events_path(self) -> Path:
@@ -370,6 +375,12 @@ class _Reader:
             data_dir=self.get("ALMANAC_DATA_DIR", Path, Path("var")),
             writer_max_batch=self.get("ALMANAC_WRITER_MAX_BATCH", _int_between(1, 10_000), 256),
             pool_size=self.get("ALMANAC_POOL_SIZE", _int_between(1, 200), 8),
+            # 64 MiB is the most NATS allows for max_payload.
+            max_event_bytes=self.get(
+                "ALMANAC_MAX_EVENT_BYTES",
+                _int_between(64 * 1024, 64 * 1024 * 1024),
+                StoreSettings().max_event_bytes,
+            ),
             read_replica_urls=replica_urls,
             replica_max_lag=self.get("ALMANAC_REPLICA_MAX_LAG", _int_between(0, 10**9), 1000),
         )

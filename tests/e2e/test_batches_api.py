@@ -187,6 +187,22 @@ async def test_rejects_a_batch_larger_than_the_limit(api: Api) -> None:
     assert empty.status_code == 422
 
 
+async def test_rejects_a_batch_too_large_to_store_naming_items_and_starts_nothing(
+    api: Api,
+) -> None:
+    """Fewer than 10,000 items, but more than one event may hold (ALMANAC_MAX_EVENT_BYTES,
+    900 KiB by default): refused, where storing it would stop the relay at it."""
+    before = await api.event_count()
+    body = {"items": [item(label="x" * 200)] * 3000}  # ~1.1 MB as stored
+    response = await post_batch(api, api.alice, body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    [error] = response.json()["errors"]
+    assert error["field"] == "items"
+    assert "at most 921,600" in error["message"] and "split it" in error["message"]
+    assert await api.event_count() == before
+
+
 async def test_accepts_a_streamed_ndjson_body(api: Api) -> None:
     lines = b"".join(msgspec.json.encode(i) + b"\n" for i in items(5))
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from uuid import uuid4
 
+import msgspec
 import psycopg
 import pytest
 
 from almanac import eventstore
+from almanac.domain.batch import Batch, BatchItem
 from almanac.domain.chart import calculate_chart
 from almanac.domain.reading import Reading
 from almanac.errors import Unavailable
-from almanac.eventstore import ConcurrencyConflict, EventStore, GroupCommitWriter
+from almanac.eventstore import ConcurrencyConflict, EventStore, EventTooLarge, GroupCommitWriter
 from almanac.settings import Settings
 from tests.conftest import services_settings
 from tests.factories import birth, meta, new_reading
@@ -53,6 +56,33 @@ async def test_each_caller_gets_the_position_of_its_own_last_event(store: EventS
         (p1, "reading.requested"),
         (p2, "reading.chart_calculated"),
     ]
+
+
+async def test_an_event_over_the_size_limit_is_refused_alone_and_nothing_of_it_is_stored(
+    settings: Settings,
+) -> None:
+    settings = msgspec.structs.replace(
+        settings, store=msgspec.structs.replace(settings.store, max_event_bytes=64 * 1024)
+    )
+    store = EventStore(settings)
+    try:
+        items = [BatchItem(birth=birth())] * 500  # ~88 KB as JSON
+        big = Batch.start(batch_id=uuid4(), meta=meta(), items=items, label=None, request_hash="")
+        small = [new_reading() for _ in range(4)]
+        # Together, so that they share a group commit.
+        outcomes = await asyncio.gather(
+            *(store.append(a) for a in [small[0], small[1], big, small[2], small[3]]),
+            return_exceptions=True,
+        )
+        refused = outcomes.pop(2)
+        assert isinstance(refused, EventTooLarge), refused
+        assert refused.limit == 64 * 1024 < refused.size
+        assert [e.field for e in refused.errors] == ["body"]
+        assert all(isinstance(position, int) for position in outcomes), outcomes
+        stored = await store.read(0, 100)
+        assert sorted(str(e.aggregate_id) for e in stored) == sorted(str(r.id) for r in small)
+    finally:
+        store.close()
 
 
 def test_conflict_in_a_batch_fails_only_the_stale_command(settings: Settings) -> None:

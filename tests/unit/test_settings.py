@@ -393,3 +393,13 @@ def test_reports_every_bad_webhook_variable_at_once() -> None:
         "ALMANAC_WEBHOOK_TIMEOUT",
     ]
     assert "short" not in str(caught.value)
+
+
+def test_the_event_size_limit_defaults_to_900_kib_and_is_checked() -> None:
+    assert Settings.from_env({}).store.max_event_bytes == 900 * 1024
+    raised = Settings.from_env({"ALMANAC_MAX_EVENT_BYTES": "8388608"})
+    assert raised.store.max_event_bytes == 8 * 2**20
+    for bad in ("1000", "100000000", "1MB"):
+        with pytest.raises(SettingsError) as caught:
+            Settings.from_env({"ALMANAC_MAX_EVENT_BYTES": bad})
+        assert [var for var, _ in caught.value.problems] == ["ALMANAC_MAX_EVENT_BYTES"]

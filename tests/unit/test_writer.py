@@ -12,7 +12,7 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 
 from almanac import eventstore
 from almanac.errors import Unavailable
-from almanac.eventstore import ConcurrencyConflict, EventStore, GroupCommitWriter
+from almanac.eventstore import ConcurrencyConflict, EventStore, EventTooLarge, GroupCommitWriter
 from almanac.settings import Settings
 from tests.factories import new_reading
 
@@ -25,11 +25,15 @@ class FakeApplication:
         self.position = 0
         self.fail_with = fail_with
         self.conflicting: set[int] = set()
+        self.too_large: set[int] = set()
         self.lock = threading.Lock()
 
     def record(self, events: Any) -> list[int]:
         if self.fail_with is not None:
             raise self.fail_with
+        for event in events:
+            if id(event) in self.too_large:
+                raise EventTooLarge(event, size=2048, limit=1024)
         if any(id(e) in self.conflicting for e in events):
             raise IntegrityError("duplicate key")
         self.saves.append(len(events))
@@ -82,6 +86,21 @@ def test_a_conflict_fails_only_its_own_command() -> None:
     writer.stop()
     assert len(set(others)) == 4
     assert writer.fallbacks == 1
+
+
+def test_an_event_too_large_fails_only_its_own_command_and_the_rest_commit_together() -> None:
+    app = FakeApplication()
+    readings = [new_reading() for _ in range(5)]
+    app.too_large.add(id(readings[1].pending_events[0]))
+    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
+    futures = [writer.submit([r]) for r in readings]
+    writer.start()
+    with pytest.raises(EventTooLarge):
+        futures[1].result(timeout=5)
+    others = [f.result(timeout=5) for i, f in enumerate(futures) if i != 1]
+    writer.stop()
+    assert others == [1, 2, 3, 4]
+    assert app.saves == [4], "the others were saved in one transaction"
 
 
 def test_an_unreachable_database_is_reported_as_unavailable_to_every_caller() -> None:
