@@ -17,6 +17,12 @@ three rules rather than from the duplicate window alone:
 
 One relay publishes at a time, under a lease on the event store's database; others wait
 as hot standbys and take over when the lease comes free.
+
+An event too large for the NATS server (its message over the server's max_payload) is not
+skipped, which would leave a gap: the relay stops at it, says so in its log
+(``relay.event_too_large``) and health, and tries it again with its backoff until an
+operator raises max_payload. The event store refuses such events in the first place
+(``ALMANAC_MAX_EVENT_BYTES``); this is for a server whose max_payload is below that.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import msgspec
 import structlog
+from nats.errors import MaxPayloadError
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -58,6 +65,14 @@ _NOT_A_TOKEN = re.compile(r"[^a-z0-9_-]+")
 # Saving the checkpoint is a transaction on the event store; once a second is plenty, as
 # the stream itself holds the exact resume point.
 CHECKPOINT_INTERVAL = 1.0
+# What a message adds to an event's stored JSON: the envelope's own fields and the headers
+# (both a few hundred bytes). An event store limit within this of max_payload is too close.
+ENVELOPE_ROOM = 4096
+# The longest pause between two tries after a failure.
+MAX_PAUSE = 5.0
+# More than the headers of a message take besides their values: names, separators, and the
+# two numbers (Nats-Msg-Id, Nats-Expected-Last-Sequence) that are not in the payload.
+HEADER_NAMES = 1024
 
 
 def subject_for(prefix: str, event_type: str) -> str:
@@ -80,6 +95,12 @@ def headers_for(event: RecordedEvent) -> dict[str, str]:
         CORRELATION_ID: meta.correlation_id,
         CAUSATION_ID: meta.causation_id,
     }
+
+
+def header_bytes(headers: dict[str, str]) -> int:
+    """How many bytes ``headers`` take in a message, as nats-py writes them (``NATS/1.0``,
+    then ``key: value`` lines, then a blank line)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -106,6 +127,22 @@ class RelayOutOfStep(Exception):
     """JetStream refused or did not acknowledge a publish; resynchronise from the stream."""
 
 
+class EventTooLargeToPublish(Exception):
+    """The event's message is over the NATS server's max_payload: nothing after it can be
+    published until the server takes larger messages."""
+
+    def __init__(self, event: RecordedEvent, size: int, max_payload: int) -> None:
+        self.event = event
+        self.size = size
+        self.max_payload = max_payload
+        super().__init__(
+            f"the event at position {event.position} ({event.type}, aggregate "
+            f"{event.aggregate_key}) is a message of {size:,} bytes, over the NATS server's "
+            f"max_payload of {max_payload:,}: raise it in the server's configuration, then "
+            "restart the server (docs/events.md, Event size)"
+        )
+
+
 def _out_of_step(event: RecordedEvent, future: asyncio.Future[Any], want: int) -> Exception | None:
     error = future.exception()
     if error is not None:
@@ -128,6 +165,7 @@ class Relay(Stoppable):
         settings: RelaySettings,
         *,
         batch_size: int = 500,
+        max_event_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.feed = feed
@@ -135,13 +173,18 @@ class Relay(Stoppable):
         self.lease = lease
         self.settings = settings
         self.batch_size = batch_size
+        # The event store's limit, to compare with the server's max_payload.
+        self.max_event_bytes = max_event_bytes
         self.name = f"relay:{settings.stream}"
         # The last position known to be in the stream, and the stream's last sequence.
         self.position = 0
         self.sequence = 0
         self.published = 0
         self.leading = False
+        # Why the relay cannot go on (for health), or None.
+        self.problem: str | None = None
         self._client: Any = None
+        self._max_payload_seen = 0
         self._js: Any = None
         self._checkpointed = 0
         self._checkpointed_at = 0.0
@@ -167,6 +210,7 @@ class Relay(Stoppable):
                 finally:
                     follower.close()
                     self.leading = False
+                    self.problem = None
                     await self._checkpoint(force=True)
                     await self.lease.release()
         finally:
@@ -203,10 +247,19 @@ class Relay(Stoppable):
                 )
                 if events:
                     await self._publish(events)
+                    if self.problem is not None:
+                        log.info("relay.unblocked", position=self.position)
+                        self.problem = None
                 await self._checkpoint()
                 pause = 0.05
             except asyncio.CancelledError:
                 raise
+            except EventTooLargeToPublish as exc:
+                # Everything before it is published and the relay is in step; skipping it
+                # would leave a gap, so it is tried again until the server takes it.
+                self._stopped_at(exc, pause)
+                await self._sleep(pause)
+                pause = min(pause * 2, MAX_PAUSE)
             except Exception as exc:  # noqa: BLE001 - the relay outlives NATS and Postgres outages
                 log.warning(
                     "relay.publish_failed",
@@ -216,7 +269,20 @@ class Relay(Stoppable):
                 )
                 synced = False
                 await self._sleep(pause)
-                pause = min(pause * 2, 5.0)
+                pause = min(pause * 2, MAX_PAUSE)
+
+    def _stopped_at(self, refused: EventTooLargeToPublish, retry_in: float) -> None:
+        self.problem = str(refused)
+        log.error(
+            "relay.event_too_large",
+            position=refused.event.position,
+            aggregate_id=refused.event.aggregate_key,
+            event_type=refused.event.type,
+            size=refused.size,
+            max_payload=refused.max_payload,
+            retry_in=retry_in,
+            remedy="raise max_payload in the NATS server's configuration file and restart it",
+        )
 
     async def _jetstream(self) -> Any:
         client = await self.nats.connect()
@@ -232,6 +298,7 @@ class Relay(Stoppable):
     async def _synchronise(self) -> None:
         """Make sure the stream exists as configured; resume after its last message."""
         js = await self._jetstream()
+        self._compare_max_payload()
         await self._ensure_stream(js)
         info = await js.stream_info(self.settings.stream)
         state = info.state
@@ -285,6 +352,25 @@ class Relay(Stoppable):
             sequence=self.sequence,
         )
 
+    def _compare_max_payload(self) -> None:
+        """Warn, once per value the server gives, if the event store may hold events whose
+        messages this server would refuse."""
+        max_payload = int(self._client.max_payload)
+        if max_payload == self._max_payload_seen:
+            return
+        self._max_payload_seen = max_payload
+        if self.max_event_bytes is not None and self.max_event_bytes + ENVELOPE_ROOM > max_payload:
+            log.warning(
+                "relay.max_payload_below_event_limit",
+                max_payload=max_payload,
+                max_event_bytes=self.max_event_bytes,
+                remedy=(
+                    "raise max_payload in the NATS server's configuration file to at least "
+                    f"{self.max_event_bytes + ENVELOPE_ROOM} and restart it, or lower "
+                    "ALMANAC_MAX_EVENT_BYTES"
+                ),
+            )
+
     async def _ensure_stream(self, js: Any) -> None:
         config = stream_config(self.settings)
         try:
@@ -299,16 +385,18 @@ class Relay(Stoppable):
     async def _publish(self, events: list[RecordedEvent]) -> None:
         """Publish in windows; positions move on only as a window is acknowledged in full."""
         window = self.settings.window
-        for start in range(0, len(events), window):
+        start = 0
+        while start < len(events):
             chunk = events[start : start + window]
             futures = await self._send(chunk, self.sequence)
             try:
-                await self._settle(chunk, futures)
+                await self._settle(chunk[: len(futures)], futures)
             finally:
                 # Unanswered publishes give their slots back; the resync decides anew.
                 for future in futures:
                     if not future.done():
                         future.cancel()
+            start += len(futures)
         log.debug(
             "relay.published",
             events=len(events),
@@ -317,25 +405,50 @@ class Relay(Stoppable):
         )
 
     async def _send(self, events: list[RecordedEvent], after: int) -> list[asyncio.Future[Any]]:
+        """Publish ``events`` up to the first one too large for the server (raising
+        ``EventTooLargeToPublish`` if that is the first): the ones before it are settled
+        first, so the relay stops in step, right before it."""
         js = self._js
         prefix = self.settings.subject_prefix
+        max_payload = int(self._client.max_payload)
         futures: list[asyncio.Future[Any]] = []
+        too_large: EventTooLargeToPublish | None = None
         try:
             for expected, event in enumerate(events, start=after):
                 headers = headers_for(event)
                 headers[EXPECTED_LAST_SEQUENCE] = str(expected)
+                payload = encode_event(event)
+                # Checked here, headers included: nats-py checks the payload alone, and the
+                # server closes the connection of a client whose message (headers and
+                # payload) is over max_payload; and a publish_async that nats-py refuses
+                # keeps its slot of the pending window for good. Every header's value is in
+                # the payload too, so only a payload near half of max_payload needs its
+                # headers counted (3 µs an event otherwise).
+                size = len(payload)
+                if 2 * size + HEADER_NAMES > max_payload:
+                    size += header_bytes(headers)
+                    if size > max_payload:
+                        too_large = EventTooLargeToPublish(event, size, max_payload)
+                        break
                 # No stall timeout: one window is never more than nats-py's pending limit, so
                 # this never waits; and without a timeout it does not yield to the loop either,
                 # which lets the client write the whole window in a few socket sends.
-                futures.append(
-                    await js.publish_async(
-                        subject_for(prefix, event.type), encode_event(event), headers=headers
+                try:
+                    future = await js.publish_async(
+                        subject_for(prefix, event.type), payload, headers=headers
                     )
-                )
+                except MaxPayloadError:
+                    # The server's max_payload changed under the check (a reconnect).
+                    size = len(payload) + header_bytes(headers)
+                    too_large = EventTooLargeToPublish(event, size, int(self._client.max_payload))
+                    break
+                futures.append(future)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
+        if too_large is not None and not futures:
+            raise too_large
         return futures
 
     async def _settle(

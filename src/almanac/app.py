@@ -236,6 +236,10 @@ async def health_ready(container: NamedDependency[Container]) -> Response[dict[s
     # Without Redis or NATS the process still serves (degraded), so it stays in rotation.
     ready = all(v == "ok" for k, v in checks.items() if k not in DEGRADABLE)
     degraded = sorted(k for k, v in checks.items() if k in DEGRADABLE and v != "ok")
+    # So does a role that runs but cannot go on (a relay at an event NATS refuses).
+    troubled = container.role_problems()
+    checks.update(troubled)
+    degraded = sorted([*degraded, *troubled])
     body = {
         "status": ("degraded" if degraded else "ok") if ready else "unavailable",
         "degraded": degraded,

@@ -161,6 +161,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
                 relay_lease,
                 settings.relay,
                 batch_size=settings.feed.batch_size,
+                max_event_bytes=settings.store.max_event_bytes,
             )
         ]
     return Container(

@@ -181,6 +181,19 @@ class Container:
                 results[task.get_name()] = "stopped"
         return results
 
+    def role_problems(self) -> dict[str, str]:
+        """Running roles that cannot go on, each with why (a role's ``problem``, such as the
+        relay's at an event the NATS server refuses): the process still serves."""
+        problems: dict[str, str] = {}
+        for role_name, roles in self.background.items():
+            if role_name not in self.roles:
+                continue
+            for role in roles:
+                problem = getattr(role, "problem", None)
+                if problem is not None:
+                    problems[role.name] = str(problem)
+        return problems
+
 
 def serving(request: Request[Any, Any, Any]) -> Container:
     """The container of the app serving ``request``. For the hottest routes, which take it

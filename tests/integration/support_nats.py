@@ -140,13 +140,18 @@ def answers_ping(port: int) -> bool:
 
 
 class PrivateNats:
-    """One JetStream ``nats-server`` on a free port; killed and restarted with its store kept."""
+    """One JetStream ``nats-server`` on a free port; killed and restarted with its store kept.
+
+    ``max_payload`` (such as ``"2MB"``), when set, goes into a configuration file for the
+    next start: the server takes it from nowhere else."""
 
     def __init__(self, workdir: Path) -> None:
         self.binary = nats_server_binary()
         self.port = free_port()
         self.store_dir = workdir / f"nats-{self.port}"
         self.log = workdir / f"nats-{self.port}.log"
+        self.config = workdir / f"nats-{self.port}.conf"
+        self.max_payload: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -155,10 +160,15 @@ class PrivateNats:
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
+        options: list[str] = []
+        if self.max_payload is not None:
+            self.config.write_text(f"max_payload: {self.max_payload}\n")
+            options = ["-c", str(self.config)]
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 [
                     self.binary,
+                    *options,
                     "-a",
                     "127.0.0.1",
                     "-p",

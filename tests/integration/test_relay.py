@@ -10,19 +10,23 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import uuid4
 
 import msgspec
 import nats
 import pytest
+import structlog
 from nats.js.api import StreamConfig
 
+from almanac.app import health_ready
 from almanac.bootstrap import bootstrap
 from almanac.domain.access import hash_secret
+from almanac.domain.batch import Batch, BatchItem
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.settings import Profile, Settings
 from streams.relay import Relay, RelayOutOfStep, subject_for
 from tests.conftest import NATS_URL, embedded_settings, services_settings
-from tests.factories import new_reading
+from tests.factories import birth, meta, new_reading
 from tests.integration.support_containers import running, settled
 from tests.integration.support_eventlog import (
     CHART_CALCULATED,
@@ -400,3 +404,59 @@ async def test_a_stream_ahead_of_the_event_store_is_refused_not_skipped_over(
         if container.nats is not None:
             await container.nats.close()
         container.store.close()
+
+
+async def test_an_event_too_large_for_nats_stops_the_relay_at_it_loudly_until_nats_takes_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An event stored under a limit above the server's max_payload: the relay publishes
+    what comes before it, says why it stops (log and health), skips nothing, and goes on
+    once the server is configured to take larger messages."""
+    with PrivateNats(tmp_path) as server:  # max_payload: NATS's default, 1 MiB
+        settings = msgspec.structs.replace(
+            settings,
+            feed=msgspec.structs.replace(settings.feed, nats_url=server.url),
+            store=msgspec.structs.replace(settings.store, max_event_bytes=3 * 2**20 // 2),
+        )
+        items = [BatchItem(birth=birth())] * 7000  # ~1.2 MB as JSON
+        big = Batch.start(batch_id=uuid4(), meta=meta(), items=items, label=None, request_hash="")
+        with structlog.testing.capture_logs() as logs:
+            async with running(settings, roles=("relay",)) as container:
+                [relay] = container.background["relay"]
+                assert isinstance(relay, Relay)
+                before = await container.store.append(new_reading())
+                at = await container.store.append(big)
+                await container.store.append(new_reading())
+
+                await eventually(lambda: _too_large_logged(logs, 2), what="two tries, logged")
+                assert relay.position == before
+                assert await stream_message_count(server.url, settings.relay.stream) == 1
+                ready = await health_ready.fn(container)
+                assert (ready.status_code, ready.content["degraded"]) == (200, [relay.name])
+                problem = ready.content["checks"][relay.name]
+                assert f"position {at}" in problem and "max_payload of 1,048,576" in problem
+
+                server.kill()
+                server.max_payload = "2MB"
+                server.start()
+                async with reader_of(settings, server.url) as reader:
+                    received = await reader.until_count(3)
+                    await assert_every_event_once_in_order(
+                        received, container.store, settings, server.url
+                    )
+                assert container.role_problems() == {}
+    [warning] = [e for e in logs if e["event"] == "relay.max_payload_below_event_limit"]
+    assert warning["max_payload"] == 2**20
+    entry = next(e for e in logs if e["event"] == "relay.event_too_large")
+    assert (entry["position"], entry["event_type"], entry["max_payload"]) == (
+        at,
+        "batch.started",
+        2**20,
+    )
+    assert entry["size"] > 2**20
+    assert entry["aggregate_id"] == str(big.id)
+    assert "relay.unblocked" in [e["event"] for e in logs]
+
+
+async def _too_large_logged(logs: list[dict[str, object]], times: int) -> bool:
+    return sum(e["event"] == "relay.event_too_large" for e in logs) >= times

@@ -17,7 +17,7 @@ from almanac.domain.events import EventMeta
 from almanac.eventstore import RecordedEvent
 from almanac.settings import RelaySettings
 from streams.envelope import encode_event
-from streams.relay import headers_for, stream_config, subject_for
+from streams.relay import HEADER_NAMES, header_bytes, headers_for, stream_config, subject_for
 from tests.factories import birth, new_reading
 
 SUBJECT_TOKEN = st.from_regex(r"[a-z0-9_-]+", fullmatch=True)
@@ -157,3 +157,14 @@ def test_occurred_at_is_written_in_utc() -> None:
     event = requested_event()
     assert event.occurred_at.tzinfo is not None
     assert event.occurred_at.utcoffset() == datetime.now(UTC).utcoffset()
+
+
+@given(owner=st.text(min_size=1, max_size=300), sequence=st.integers(0, 2**63))
+def test_a_messages_headers_take_no_more_than_its_payload_and_their_names(
+    owner: str, sequence: int
+) -> None:
+    """What lets the relay count the headers of large messages only."""
+    [requested] = new_reading(owner=owner).collect_events()
+    event = recorded(requested, position=2**63 - 1)
+    headers = {**headers_for(event), "Nats-Expected-Last-Sequence": str(sequence)}
+    assert header_bytes(headers) <= len(encode_event(event)) + HEADER_NAMES
