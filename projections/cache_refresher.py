@@ -1,11 +1,15 @@
-"""Keeps the read cache in step with the readings read model after each projector commit."""
+"""Keeps the read cache in step with the readings read model after each projector commit,
+and across projector deaths, changes of leader and Redis outages."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+from uuid import uuid4
 
 import msgspec
 import structlog
@@ -13,14 +17,54 @@ import structlog
 from almanac.cache import Backoff, ReadCache, chart_key, encode_entry, reading_key
 from almanac.domain.reading import Reading
 from almanac.eventstore import RecordedEvent
-from almanac.readmodels import ReadDatabase, Row
+from almanac.readmodels import Dialect, ReadDatabase, Row
 from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
+from projections.status import now
 
 log = structlog.get_logger("almanac.cache")
 
 READING_EVENTS = f"{Reading.TOPIC}."
 # The chart columns of SELECT_CHART, without its one-hash condition.
 _SELECT_CHARTS = SELECT_CHART.partition(" WHERE ")[0]
+
+# Up to ``limit`` events of the log after a position, in order (``EventStore.read``).
+ReadLog = Callable[[int, int], Awaitable[list[RecordedEvent]]]
+
+# How far the shared cache has taken in a projection's commits: every change committed at or
+# before ``position`` is in it (refreshed) or out of it (evicted). ``lead`` is the refresher
+# that may move it: one that lost its lead without knowing it yet cannot.
+MARK_SCHEMA: dict[Dialect, list[str]] = {
+    "sqlite": [
+        (
+            "CREATE TABLE IF NOT EXISTS cache_positions (name TEXT PRIMARY KEY,"
+            " position INTEGER NOT NULL, lead TEXT NOT NULL, updated_at TEXT NOT NULL)"
+        )
+    ],
+    "postgres": [
+        (
+            "CREATE TABLE IF NOT EXISTS cache_positions (name TEXT PRIMARY KEY,"
+            " position BIGINT NOT NULL, lead TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
+        )
+    ],
+}
+_READ_MARK = "SELECT position FROM cache_positions WHERE name = :name"
+_TAKE_MARK = (
+    "INSERT INTO cache_positions (name, position, lead, updated_at)"
+    " VALUES (:name, :position, :lead, :at)"
+    " ON CONFLICT (name) DO UPDATE SET position = excluded.position, lead = excluded.lead,"
+    " updated_at = excluded.updated_at"
+)
+_MOVE_MARK = (
+    "UPDATE cache_positions SET position = :position, updated_at = :at"
+    " WHERE name = :name AND lead = :lead"
+)
+
+# The mark is stored at most this often while commits come, and when a lead ends: not a
+# write per batch. A projector killed in between leaves its successor the readings of up
+# to this long to evict, which a catch-up does in a few milliseconds.
+MARK_INTERVAL = 1.0
+# Events read from the log at a time when catching up.
+CATCH_UP_CHUNK = 2000
 
 
 # Only the chart's hash is needed: no chart is decoded whole to find it.
@@ -42,6 +86,11 @@ def _in_list(column: str, values: list[str]) -> tuple[str, dict[str, Any]]:
     return f"{column} IN ({', '.join(f':{name}' for name in params)})", params
 
 
+def _touched(events: list[RecordedEvent]) -> list[str]:
+    """The ids of the readings ``events`` changed."""
+    return [e.aggregate_key for e in events if e.type.startswith(READING_EVENTS)]
+
+
 class CacheRefresher:
     """The projector's after-commit hook for the cache.
 
@@ -52,71 +101,244 @@ class CacheRefresher:
     next batch and, should no batch come, on a timer of its own (backing off up to
     ``retry_max`` seconds), so that an entry left behind while Redis was unreachable does not
     serve its old state until it expires; L1 copies expire by themselves meanwhile.
+
+    What is owed outlives the process. With a shared cache, the refresher keeps in the read
+    database how far the cache has taken in the projection's commits (``cache_positions``),
+    and moves that mark only past commits whose every change the cache has taken. A lead
+    that begins (``take_over``) starts from the mark: the commits after it are those of a
+    projector that died, lost its lead or could not reach Redis before their refresh. Their
+    readings are found in the log and evicted from L2 and from every L1, so that the next
+    read of each takes it from the database; until Redis takes the evictions they are tried
+    again as a failed refresh is. When more than ``max_pending`` keys wait, they are let go
+    in the same way: the log says again which they were.
     """
 
     def __init__(
         self,
         cache: ReadCache,
         db: ReadDatabase,
+        read_log: ReadLog,
         *,
+        name: str = "readings",
         max_pending: int = 100_000,
         retry_initial: float = 0.5,
         retry_max: float = 10.0,
+        mark_interval: float = MARK_INTERVAL,
+        catch_up_chunk: int = CATCH_UP_CHUNK,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cache = cache
         self._db = db
+        self._read_log = read_log
+        self._name = name
         self._max_pending = max_pending
-        self._pending_readings: set[str] = set()
-        self._pending_charts: set[str] = set()
+        self._mark_interval = mark_interval
+        self._catch_up_chunk = catch_up_chunk
+        self._clock = clock
+        # Each key waiting for a refresh, with the position of the last commit that changed it.
+        self._pending_readings: dict[str, int] = {}
+        self._pending_charts: dict[str, int] = {}
+        # What the cache has taken in, by position (each at least the one before): every
+        # commit up to _gap_after; none known of those up to _gap_until, whose readings are
+        # to be read from the log; every commit after that up to _clean; and of the commits
+        # after that up to _seen, all but the changes to the pending keys.
+        self._gap_after = self._gap_until = self._clean = self._seen = 0
+        # One refresh at a time: the batches' and the timer's.
+        self._lock = asyncio.Lock()
         self._backoff = Backoff(retry_initial, retry_max)
         self._retrying: asyncio.Task[None] | None = None
+        # The lead this refresher stores the mark for (None: not leading, or no shared cache),
+        # the mark it stored last, and when.
+        self._lead: str | None = None
+        self._marked = 0
+        self._marked_at = -math.inf
 
     @property
     def pending(self) -> int:
         """Keys waiting for a refresh that failed."""
         return len(self._pending_readings) + len(self._pending_charts)
 
+    @property
+    def refreshed_through(self) -> int:
+        """Every change committed at or before this position is in the cache (or out of it)."""
+        return self._gap_after if self._catching_up else self._clean
+
+    @property
+    def _catching_up(self) -> bool:
+        return self._gap_after < self._gap_until
+
+    @property
+    def _owed(self) -> bool:
+        return self._catching_up or self.pending > 0
+
+    async def take_over(self, position: int) -> None:
+        """A lead begins, every commit up to ``position`` made: what earlier leads committed
+        and the cache never took in is evicted, in the background, until Redis takes it.
+
+        Raises if the read database fails: the lead is not to go on without knowing."""
+        await self._stop_retrying()
+        self._lead = None
+        if not self._cache.shared:
+            return  # an L1 of this process alone began empty with it
+        await self._db.migrate(MARK_SCHEMA[self._db.dialect])
+        row = await self._db.fetch_one(_READ_MARK, {"name": self._name})
+        # No mark: the cache may hold whatever a projector before this version left there.
+        # A mark beyond ``position``: the read model started again (a rebuild from 0, a backup
+        # restored); the commits after ``position`` are made again, and refreshed then.
+        start = 0 if row is None else min(int(row["position"]), position)
+        lead = uuid4().hex
+        params = {"name": self._name, "position": start, "lead": lead, "at": now()}
+        await self._db.write([(_TAKE_MARK, [params])])
+        self._lead = lead
+        self._marked, self._marked_at = start, self._clock()
+        # Keys an earlier lead of this process left waiting are after the mark too.
+        self._pending_readings.clear()
+        self._pending_charts.clear()
+        self._gap_after, self._gap_until = start, position
+        self._clean = self._seen = position
+        self._backoff.reset()
+        if self._catching_up:
+            log.info("cache.catching_up", after=start, until=position)
+            self._retry_later(at_once=True)
+
     async def __call__(self, events: list[RecordedEvent]) -> None:
-        readings, charts = set(self._pending_readings), set(self._pending_charts)
         for event in events:
             if event.type.startswith(READING_EVENTS):
-                readings.add(event.aggregate_key)
+                self._pending_readings[event.aggregate_key] = event.position
                 if event.type == Reading.ChartCalculated.TOPIC:
-                    charts.add(event.view(_ChartCalculated).chart.chart_hash)
-        if not readings and not charts:
+                    chart_hash = event.view(_ChartCalculated).chart.chart_hash
+                    self._pending_charts[chart_hash] = event.position
+        if events:
+            self._seen = max(self._seen, events[-1].position)
+        if self._lock.locked():
+            # The refresh under way (the timer's) takes these keys too before it ends: the
+            # projector's next batches are not kept waiting for a catch-up.
             return
-        try:
-            items = await self._entries(sorted(readings), sorted(charts))
-            refreshed = await self._cache.refresh(items)
-        except Exception as exc:  # noqa: BLE001 - the cache is derived; the projector goes on
-            log.warning(
-                "cache.refresh_failed",
-                readings=len(readings),
-                charts=len(charts),
-                error=str(exc) or type(exc).__name__,
-            )
-            refreshed = False
-        if refreshed:
-            # Only what this call refreshed: a failed call meanwhile may have added keys.
-            self._pending_readings -= readings
-            self._pending_charts -= charts
-            self._backoff.reset()
-        else:
-            self._retry_later(readings, charts)
+        await self._refresh()
 
     async def aclose(self) -> None:
-        """Stop retrying (the projector is no longer leading, or is stopping); what waits
-        is kept for the next lead's first batch."""
+        """The lead ends (the projector is no longer leading, or is stopping): stop retrying,
+        and store the mark as it stands, so that the next lead, here or in another process,
+        catches up from there."""
+        await self._stop_retrying()
+        await self._store_mark(force=True)
+        self._lead = None
+
+    async def _stop_retrying(self) -> None:
         if self._retrying is not None:
             self._retrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retrying
             self._retrying = None
 
-    async def _retry_until_refreshed(self) -> None:
-        while self.pending:
+    async def _refresh(self) -> None:
+        """Refresh the pending keys and evict the readings of the gap, a part at a time, the
+        live keys first so that a long catch-up does not hold them back."""
+        async with self._lock:
+            # Until something fails or nothing is owed: keys that batches added meanwhile
+            # (while this refresh held the lock) are taken on the next round.
+            while await self._refresh_pending():
+                if self._catching_up:
+                    if not await self._catch_up():
+                        break
+                elif not self.pending:
+                    self._backoff.reset()
+                    break
+            await self._store_mark()
+        if self._owed:
+            self._let_go_if_too_many()
+            self._retry_later()
+
+    async def _refresh_pending(self) -> bool:
+        """Refresh what waits now; False if that failed."""
+        seen = self._seen
+        readings, charts = dict(self._pending_readings), dict(self._pending_charts)
+        if readings or charts:
+            try:
+                items = await self._entries(sorted(readings), sorted(charts))
+                refreshed = await self._cache.refresh(items)
+            except Exception as exc:  # noqa: BLE001 - the cache is derived; the projector goes on
+                log.warning(
+                    "cache.refresh_failed",
+                    readings=len(readings),
+                    charts=len(charts),
+                    error=str(exc) or type(exc).__name__,
+                )
+                refreshed = False
+            if not refreshed:
+                return False
+            # Not a key a commit changed again meanwhile: its row may have been read before.
+            _done(self._pending_readings, readings)
+            _done(self._pending_charts, charts)
+        if not self.pending:
+            self._clean = max(self._clean, seen)
+        return True
+
+    async def _catch_up(self) -> bool:
+        """Evict the readings of the next run of the gap's commits; False if that failed."""
+        after, until = self._gap_after, self._gap_until
+        try:
+            events = await self._read_log(after, self._catch_up_chunk)
+            within = [e for e in events if e.position <= until]
+            readings = sorted(set(_touched(within)))
+            evicted = await self._cache.evict([reading_key(r) for r in readings])
+        except Exception as exc:  # noqa: BLE001 - tried again, as a failed refresh is
+            log.warning(
+                "cache.catch_up_failed",
+                after=after,
+                until=until,
+                error=str(exc) or type(exc).__name__,
+            )
+            return False
+        if not evicted:
+            return False
+        # A whole run within the gap may be followed by more of it; anything less ends it.
+        whole = len(within) == len(events) == self._catch_up_chunk
+        self._gap_after = within[-1].position if whole else until
+        if not self._catching_up:
+            log.info("cache.caught_up", position=until)
+        return True
+
+    async def _store_mark(self, *, force: bool = False) -> None:
+        mark = self.refreshed_through
+        if self._lead is None or mark == self._marked:
+            return
+        if not force and self._clock() - self._marked_at < self._mark_interval:
+            return
+        params = {"name": self._name, "position": mark, "lead": self._lead, "at": now()}
+        try:
+            await self._db.write([(_MOVE_MARK, [params])])
+        except Exception as exc:  # noqa: BLE001 - stored later; a successor starts further back
+            log.warning("cache.mark_not_stored", position=mark, error=str(exc) or repr(exc))
+            return
+        self._marked, self._marked_at = mark, self._clock()
+
+    async def _retry_until_refreshed(self, at_once: bool) -> None:
+        if at_once:
+            await self._refresh()
+        while self._owed:
             await asyncio.sleep(self._backoff.next())
-            await self([])
+            await self._refresh()
+
+    def _retry_later(self, *, at_once: bool = False) -> None:
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.create_task(
+                self._retry_until_refreshed(at_once), name="almanac-cache-refresh-retry"
+            )
+
+    def _let_go_if_too_many(self) -> None:
+        """Past ``max_pending`` waiting keys, keep only where they begin: the log has them."""
+        keys = self.pending
+        if keys <= self._max_pending:
+            return
+        if not self._catching_up:
+            self._gap_after = self._clean
+        self._gap_until = self._clean = self._seen
+        self._pending_readings.clear()
+        self._pending_charts.clear()
+        log.warning(
+            "cache.refresh_deferred", keys=keys, after=self._gap_after, until=self._gap_until
+        )
 
     async def _entries(self, reading_ids: list[str], hashes: list[str]) -> dict[str, bytes]:
         items: dict[str, bytes] = {}
@@ -135,17 +357,9 @@ class CacheRefresher:
             rows.extend(await self._db.fetch_all(f"{select} WHERE {condition}", params))
         return rows
 
-    def _retry_later(self, readings: Iterable[str], charts: Iterable[str]) -> None:
-        self._pending_readings.update(readings)
-        self._pending_charts.update(charts)
-        pending = self.pending
-        if pending > self._max_pending:
-            # Beyond this the entries are left to expire (l2_ttl) rather than held forever.
-            log.warning("cache.refresh_dropped", keys=pending)
-            self._pending_readings.clear()
-            self._pending_charts.clear()
-            return
-        if self._retrying is None or self._retrying.done():
-            self._retrying = asyncio.create_task(
-                self._retry_until_refreshed(), name="almanac-cache-refresh-retry"
-            )
+
+def _done(pending: dict[str, int], refreshed: dict[str, int]) -> None:
+    """Drop the refreshed keys from ``pending``, unless a later commit changed one since."""
+    for key, position in refreshed.items():
+        if pending.get(key) == position:
+            del pending[key]

@@ -62,7 +62,10 @@ log = structlog.get_logger("almanac.projection")
 # every projection, cost more of the projector's time than the batches that write.
 QUIET_SAVE_INTERVAL = 0.05
 
-# Called with each committed batch's events, after the commit (e.g. to refresh caches).
+# Called with each committed batch's events, after the commit (e.g. to refresh caches). A
+# hook may also have ``take_over(position)``, awaited when a lead begins at ``position`` (to
+# catch up with what an earlier lead committed and the hook never saw through), and
+# ``aclose()``, awaited when the lead ends.
 AfterCommit = Callable[[list[RecordedEvent]], Awaitable[None]]
 
 
@@ -295,6 +298,7 @@ class ProjectionRunner(Stoppable):
             await self._enter("parked")
         else:
             await self._resume()
+        await self._hooks_take_over()
         log.info("projection.started", projection=name, position=self.position)
 
     async def _apply(self, events: list[RecordedEvent]) -> None:
@@ -423,6 +427,19 @@ class ProjectionRunner(Stoppable):
                         position=events[-1].position,
                         error=repr(exc),
                     )
+
+    async def _hooks_take_over(self) -> None:
+        """Tell the hooks where this lead begins. The commits before it may include some an
+        earlier lead made and never handed to its hooks (it died first): the cache refresher
+        catches up with those from a mark of its own."""
+        try:
+            for hook in self.after_commit:
+                take_over = getattr(hook, "take_over", None)
+                if take_over is not None:
+                    await take_over(self.position)
+        except BaseException:
+            await self._hooks_done()  # a hook that took over may have started work of its own
+            raise
 
     async def _hooks_done(self) -> None:
         if self._hooks_task is not None:

@@ -129,7 +129,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     projector = runner(
         overrides.get("readings_projection") or ReadingsProjection(),
         lease,
-        [CacheRefresher(cache, read_db)],
+        [CacheRefresher(cache, read_db, store.read)],
     )
     batches_projector = runner(BatchesProjection(), batches_lease)
     manager = BatchProcessManager(

@@ -8,6 +8,8 @@ Who writes what:
 - The projector, after each commit, re-reads the changed rows from the primary and calls
   ``refresh``: the new values go to L2 and one pipelined PUBLISH makes every other process
   drop its L1 copy (they re-read L2 and find the new value, since the SETs ran first).
+  A projector that takes over calls ``evict`` for the rows its predecessor committed and
+  never refreshed: gone from L2 and, by the same channel, from every L1.
 - A query that had to read the database calls ``fill``: into L1 unless the key was
   invalidated while it was reading (``mark``), and into L2 only where L2 has nothing and
   for a short while (``fill_ttl``), so a possibly older row (from a replica, or a read that
@@ -171,6 +173,16 @@ class ReadCache(Protocol):
         """Drop ``keys`` from the L1 of every process (L2 is left to ``refresh``)."""
         ...
 
+    async def evict(self, keys: Iterable[str]) -> bool:
+        """Drop ``keys`` from every level, in every process: the next read of each goes to the
+        database. False if L2 could not drop them."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether values outlive this process (an L2 that other processes read too)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -252,7 +264,8 @@ _invalidation = msgspec.json.Decoder(_Invalidation)
 _RECENT_INVALIDATIONS = 4096
 # Distinct keys whose reads are counted between two flushes to the hot set.
 _COUNTED_KEYS = 10_000
-_MGET_CHUNK = 1000
+# Keys per MGET or DEL: one command of a pipeline never grows without bound.
+_KEYS_PER_COMMAND = 1000
 
 
 class TwoLevelCache:
@@ -420,6 +433,29 @@ class TwoLevelCache:
             message = _encode(_Invalidation(self._origin, unique))
             await self._pipeline(lambda pipe: pipe.publish(self._channel, message))
 
+    async def evict(self, keys: Iterable[str]) -> bool:
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return True
+        self._forget(unique)
+        self._sent += len(unique)
+        if self._redis is None:
+            return True
+        message = _encode(_Invalidation(self._origin, unique))
+
+        def build(pipe: Any) -> None:
+            for start in range(0, len(unique), _KEYS_PER_COMMAND):
+                pipe.delete(*[self._entry(k) for k in unique[start : start + _KEYS_PER_COMMAND]])
+            # After the DELs: a process that re-reads on this message misses, and asks the
+            # database.
+            pipe.publish(self._channel, message)
+
+        return await self._pipeline(build) is not None
+
+    @property
+    def shared(self) -> bool:
+        return self._redis is not None
+
     async def _store(
         self, items: Mapping[str, bytes], *, publish: bool, filling: bool = False
     ) -> bool:
@@ -570,8 +606,8 @@ class TwoLevelCache:
         mark = self._seq
 
         def build(pipe: Any) -> None:
-            for start in range(0, len(keys), _MGET_CHUNK):
-                pipe.mget([self._entry(k) for k in keys[start : start + _MGET_CHUNK]])
+            for start in range(0, len(keys), _KEYS_PER_COMMAND):
+                pipe.mget([self._entry(k) for k in keys[start : start + _KEYS_PER_COMMAND]])
 
         chunks = await self._pipeline(build)
         values = [value for chunk in chunks or [] for value in chunk]

@@ -1,4 +1,5 @@
-"""A private ``redis-server`` for outage tests: started, killed, restarted on the same port."""
+"""A private ``redis-server`` for outage tests: started, killed, restarted on the same port,
+or frozen and thawed with its data."""
 
 from __future__ import annotations
 
@@ -97,6 +98,21 @@ class PrivateRedis:
             lambda: not answers_ping(self.port),
             within=5,
             what=f"redis-server gone from port {self.port}",
+        )
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its data and its connections, and answers nothing (as
+        behind a network partition) until ``thaw``."""
+        assert self.process is not None and self.process.poll() is None, "not running"
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+        wait_until(
+            lambda: answers_ping(self.port),
+            within=10,
+            what=f"redis-server answering again on port {self.port}",
         )
 
     def _kill(self) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import msgspec
 import pytest
@@ -19,6 +19,7 @@ from redis import Redis as SyncRedis
 
 from almanac.adapters.redis import RedisConnection
 from almanac.app import create_app
+from almanac.auth import Principal
 from almanac.bootstrap import bootstrap
 from almanac.cache import (
     TwoLevelCache,
@@ -38,9 +39,13 @@ from almanac.settings import CacheSettings, Settings
 from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
 from projections.cache_refresher import CacheRefresher
 from projections.readings import ReadingsProjection
+from projections.runner import ProjectionRunner
+from queries.readings import get_reading
+from queries.routing import Reads
 from tests.conftest import REDIS_URL, services_settings
 from tests.factories import birth, birth_json, meta
 from tests.integration.support_databases import fresh_read_database
+from tests.integration.support_projection import CHART, TEXT, log_feed, request, watch_of
 from tests.integration.support_redis import PrivateRedis
 from tests.integration.support_waiting import eventually
 
@@ -79,10 +84,15 @@ async def redis(scrubbed: None) -> AsyncIterator[Any]:
 
 @asynccontextmanager
 async def started(
-    url: str | None, prefix: str, settings: CacheSettings = CACHE, **kwargs: Any
+    url: str | None,
+    prefix: str,
+    settings: CacheSettings = CACHE,
+    *,
+    socket_timeout: float = 2.0,
+    **kwargs: Any,
 ) -> AsyncIterator[TwoLevelCache]:
     """A started cache (as one process would have it); stopped and disconnected after."""
-    connection = RedisConnection(url) if url else None
+    connection = RedisConnection(url, socket_timeout=socket_timeout) if url else None
     cache = TwoLevelCache(settings, connection, prefix=prefix, **kwargs)
     try:
         await cache.start()
@@ -319,7 +329,7 @@ async def test_the_refresher_caches_each_changed_reading_as_the_read_database_ha
         started(url, prefix) as api,
     ):
         await db.migrate([*POSITIONS_SCHEMA[db.dialect], *ReadingsProjection.schema[db.dialect]])
-        refresher = CacheRefresher(projector, db)
+        refresher = CacheRefresher(projector, db, store.read)
         one = SELECT_READINGS + " WHERE r.id = :id"
 
         await project(db, first)
@@ -531,3 +541,143 @@ async def test_queries_answer_from_postgres_while_redis_is_down_and_use_it_again
 
             await eventually(recovered, within=15, what="the cache using Redis again")
             assert (await client.get(during, headers=auth(alice))).json() == generated
+
+
+# Taking over: what a projector committed and never refreshed (it was killed, lost its lead,
+# or could not reach Redis) is not served from the cache by any process after the next
+# projector takes over.
+
+OWNER = Principal(key_id="k1", owner="owner-a", role="client", name="owner-a")
+
+
+async def status_read(cache: TwoLevelCache, db: ReadDatabase, reading_id: UUID) -> str:
+    """The reading's status as a query of an API process reads it: through its cache."""
+    reads = Reads(db, watch_of(db), timeout=5.0)
+    view = await get_reading(
+        reading_id, reads=reads, principal=OWNER, min_position=None, cache=cache
+    )
+    return view.status
+
+
+@asynccontextmanager
+async def leading(
+    store: EventStore, db: ReadDatabase, cache: TwoLevelCache | None, **refresher: Any
+) -> AsyncIterator[ProjectionRunner]:
+    """A projector leading the readings projection (from its tracked position), once it has
+    applied the whole log; its cache refresher refreshes ``cache`` (None: the projector of a
+    process killed after its commits and before their refresh)."""
+    hooks = [] if cache is None else [CacheRefresher(cache, db, store.read, **refresher)]
+    end = await store.max_position()
+    async with log_feed(store) as feed:
+        runner = ProjectionRunner(ReadingsProjection(), feed, db, watch_of(db), after_commit=hooks)
+        await runner.prepare()
+        task = asyncio.create_task(runner.run())
+        try:
+
+            async def applied() -> bool:
+                return runner.caught_up.is_set() and runner.position >= end
+
+            await eventually(applied, within=20, what=f"the projector at position {end}")
+            yield runner
+        finally:
+            runner.stop()
+            await asyncio.wait_for(task, timeout=10)
+
+
+@pytest.fixture
+async def services_store(postgres_url: str) -> AsyncIterator[EventStore]:
+    store = EventStore(services_settings(postgres_url))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_a_projector_taking_over_evicts_what_a_killed_leader_committed_unrefreshed(
+    services_store: EventStore, postgres_url: str, tmp_path: Path, redis: Any, prefix: str
+) -> None:
+    store = services_store
+    settings = services_settings(postgres_url)
+    untouched, changed = request(label="untouched"), request(label="changed")
+    changed.record_chart(CHART, meta())
+    await store.append(untouched, changed)
+    async with fresh_read_database(settings, tmp_path) as db, started(REDIS_URL, prefix) as api:
+        async with started(REDIS_URL, prefix) as cache, leading(store, db, cache):
+            pass  # the leader before: applied and refreshed both, then stopped
+        assert await status_read(api, db, changed.id) == "chart_calculated"  # now in its L1
+        await subscribed(api)
+
+        changed.record_text(TEXT, meta())
+        await store.append(changed)
+        async with leading(store, db, None):
+            pass  # the killed leader: committed the generated reading, never refreshed it
+        row = await db.fetch_one(SELECT_READINGS + " WHERE r.id = :id", {"id": str(changed.id)})
+        assert row is not None and row["status"] == "generated"
+        assert await status_read(api, db, changed.id) == "chart_calculated"  # stale, so far
+        untouched_before = await redis.get(f"{prefix}almanac:{reading_key(untouched.id)}")
+        assert untouched_before is not None
+
+        async with started(REDIS_URL, prefix) as cache, leading(store, db, cache):
+
+            async def generated() -> bool:
+                return await status_read(api, db, changed.id) == "generated"
+
+            # Well within the L1 TTL (30 s) and the L2 TTL (60 s) of these caches.
+            await eventually(generated, within=10, what="the API process reads it generated")
+            held = decode_reading(await redis.get(f"{prefix}almanac:{reading_key(changed.id)}"))
+            assert held is None or held.view.status == "generated"
+        # The catch-up began at the mark the leader before left: what it refreshed stays.
+        untouched_after = await redis.get(f"{prefix}almanac:{reading_key(untouched.id)}")
+        assert untouched_after == untouched_before
+
+
+async def test_a_refresh_owed_when_redis_was_unreachable_is_made_after_restarts_once_it_answers(
+    services_store: EventStore, postgres_url: str, tmp_path: Path, prefix: str
+) -> None:
+    """Redis keeps its data but answers nothing while the projector that could not refresh
+    stops and the next one takes over; the entry is not served once Redis answers again."""
+    store = services_store
+    settings = services_settings(postgres_url)
+    quick: dict[str, Any] = {"socket_timeout": 0.3, **QUICK_BACKOFF}
+    retries: dict[str, Any] = {"retry_initial": 0.05, "retry_max": 0.4}
+    reading = request(label="owed")
+    reading.record_chart(CHART, meta())
+    await store.append(reading)
+    with PrivateRedis(tmp_path) as server:
+        async with (
+            fresh_read_database(settings, tmp_path) as db,
+            started(server.url, prefix, **quick) as api,
+        ):
+            async with (
+                started(server.url, prefix, **quick) as cache,
+                leading(store, db, cache, **retries),
+            ):
+                pass
+            assert await status_read(api, db, reading.id) == "chart_calculated"
+
+            server.freeze()
+            reading.record_text(TEXT, meta())
+            end = await store.append(reading)
+            async with (
+                started(server.url, prefix, **quick) as cache,
+                leading(store, db, cache, **retries),
+            ):
+                pass  # committed, and its refresh timed out: then it stopped
+            async with (
+                started(server.url, prefix, **quick) as cache,
+                leading(store, db, cache, **retries) as successor,
+            ):
+                [refresher] = successor.after_commit
+                assert isinstance(refresher, CacheRefresher)
+                assert refresher.refreshed_through < end  # Redis still answers nothing
+                server.thaw()
+
+                async def generated() -> bool:
+                    return await status_read(api, db, reading.id) == "generated"
+
+                await eventually(generated, within=15, what="the API process reads it generated")
+
+                async def marked() -> bool:
+                    return refresher.refreshed_through == end
+
+                await eventually(marked, within=5, what="the refresher caught up")

@@ -330,6 +330,65 @@ async def test_a_runner_closes_its_hooks_when_its_lead_ends(
     assert hook.closed == 1
 
 
+class TakingOverHook:
+    """An after-commit hook that notes, in order, each lead's beginning, its batches and its
+    end; its ``take_over`` fails as often as ``failures`` says."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.failures = failures
+
+    async def take_over(self, position: int) -> None:
+        self.calls.append(("take_over", position))
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("the hook could not take over")
+
+    async def __call__(self, events: list[RecordedEvent]) -> None:
+        self.calls.append(("batch", events[0].position))
+
+    async def aclose(self) -> None:
+        self.calls.append(("aclose", 0))
+
+
+async def test_a_runner_tells_its_hooks_where_each_lead_begins_before_any_batch(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The commits before that position may include some whose hooks never ran (the
+    projector before was killed): a hook catches up with those from there."""
+    async with (
+        store_with_history(settings) as (store, events),
+        fresh_read_database(settings, tmp_path) as db,
+        log_feed(store) as feed,
+    ):
+        end = events[-1].position
+        hook = TakingOverHook(failures=1)
+        for _ in range(2):
+            runner = ProjectionRunner(
+                ReadingsProjection(),
+                feed,
+                db,
+                watch_of(db),
+                batch_size=5,
+                after_commit=[hook],
+                settings=ProjectionSettings(standby_interval=0.05),
+            )
+            await runner.prepare()
+            task = asyncio.create_task(runner.run())
+            await asyncio.wait_for(runner.caught_up.wait(), timeout=30)
+            runner.stop()
+            await asyncio.wait_for(task, timeout=10)
+    # The first lead failed, as its hook could not take over, and the hook was closed with
+    # it; the next lead began at 0 again, before its first batch.
+    assert hook.calls[:3] == [("take_over", 0), ("aclose", 0), ("take_over", 0)]
+    lead_ended = hook.calls.index(("aclose", 0), 3)
+    batches = hook.calls[3:lead_ended]
+    assert batches[0] == ("batch", events[0].position)
+    assert {kind for kind, _ in batches} == {"batch"}
+    # The second runner began where the first had got to.
+    assert hook.calls[lead_ended:] == [("aclose", 0), ("take_over", end), ("aclose", 0)]
+
+
 READINGS_INDEXES = {"readings_owner_order", "readings_order"}
 
 

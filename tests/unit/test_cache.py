@@ -4,11 +4,11 @@ marks, the behaviour while Redis fails (against an in-memory stand-in), and the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import msgspec
 import pytest
@@ -36,8 +36,10 @@ from almanac.errors import Unavailable
 from almanac.eventstore import MsgspecMapper, RecordedEvent
 from almanac.settings import CacheSettings
 from almanac.views import CachedReading, ReadingView
+from projections import cache_refresher
 from projections.cache_refresher import CacheRefresher
 from tests.factories import birth
+from tests.integration.support_waiting import eventually
 
 
 class FakeClock:
@@ -311,6 +313,8 @@ class FakePipeline:
         if name == "publish":
             self.server.published.append((args[0], args[1]))
             return 0
+        if name == "delete":
+            return sum(data.pop(key, None) is not None for key in args)
         return 0
 
 
@@ -426,13 +430,34 @@ async def test_a_filled_value_stays_in_l2_for_less_time_than_a_refreshed_one(
     assert server.ttls_ms == {"almanac:filled": 60_000, "almanac:refreshed": 3_600_000}
 
 
+async def test_an_eviction_drops_keys_from_l2_then_publishes_them_for_every_l1(
+    clock: FakeClock,
+) -> None:
+    server = FakeRedis()
+    cache = two_level(clock, server, prefix="p:")
+    await cache.refresh({"reading:1": b"old", "reading:2": b"kept"})
+    server.published.clear()
+    assert await cache.evict(["reading:1"])
+    assert server.data == {"p:almanac:reading:2": b"kept"}
+    [(channel, message)] = server.published
+    assert channel == "p:almanac:cache:invalidate"
+    assert msgspec.json.decode(message)[1] == ["reading:1"]
+    assert await cache.get("reading:1") is None  # this process's L1 let go of it too
+    server.down = True
+    assert not await cache.evict(["reading:2"])
+
+
 # The refresher, against stand-ins for the read database and the cache.
 
 
 class RecordingCache:
-    def __init__(self, refreshes: bool = True) -> None:
+    """Records what it is given; ``refreshes`` says whether its L2 takes it (Redis answers)."""
+
+    def __init__(self, refreshes: bool = True, *, shared: bool = False) -> None:
         self.refreshed: list[dict[str, bytes]] = []
+        self.evicted: list[list[str]] = []
         self.refreshes = refreshes
+        self.shared = shared
         self.stored = asyncio.Event()
 
     async def refresh(self, items: Mapping[str, bytes]) -> bool:
@@ -441,13 +466,60 @@ class RecordingCache:
             self.stored.set()
         return self.refreshes
 
+    async def evict(self, keys: Iterable[str]) -> bool:
+        keys = list(keys)
+        if not keys:
+            return True
+        self.evicted.append(keys)
+        return self.refreshes
+
+    def all_evicted(self) -> set[str]:
+        return {key for keys in self.evicted for key in keys}
+
 
 class RowsDatabase:
-    """Answers the refresher's reading query with rows for the ids asked; can be down."""
+    """Answers the refresher's reading query with rows for the ids asked, and keeps its
+    cache mark as ``cache_positions`` would (``marks``: name -> (position, lead)); can be
+    down."""
+
+    dialect = "postgres"
 
     def __init__(self) -> None:
         self.queries: list[tuple[str, dict[str, Any]]] = []
         self.down = False
+        self.marks: dict[str, tuple[int, str]] = {}
+        self.migrated: list[str] = []
+
+    def mark(self, name: str = "readings") -> int | None:
+        found = self.marks.get(name)
+        return None if found is None else found[0]
+
+    async def migrate(self, statements: Sequence[str]) -> None:
+        self._answer()
+        self.migrated.extend(statements)
+
+    async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        self._answer()
+        assert sql.startswith("SELECT position FROM cache_positions"), sql
+        position = self.mark(params["name"])
+        return None if position is None else {"position": position}
+
+    async def write(self, writes: Sequence[Any]) -> None:
+        self._answer()
+        for sql, rows in writes:
+            for row in rows:
+                name, position, lead = row["name"], row["position"], row["lead"]
+                if sql.startswith("INSERT INTO cache_positions"):
+                    self.marks[name] = (position, lead)
+                elif sql.startswith("UPDATE cache_positions"):
+                    if name in self.marks and self.marks[name][1] == lead:
+                        self.marks[name] = (position, lead)
+                else:
+                    raise AssertionError(sql)
+
+    def _answer(self) -> None:
+        if self.down:
+            raise Unavailable("the read database is not answering")
 
     async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         self.queries.append((sql, dict(params)))
@@ -488,14 +560,34 @@ class _ChartCalculated:
     chart: _Chart
 
 
-def recorded(event_type: str, event: Any = None, aggregate_id: Any = None) -> RecordedEvent:
+def recorded(
+    event_type: str, event: Any = None, aggregate_id: Any = None, position: int = 1
+) -> RecordedEvent:
     """An event as the log returns it, with ``event`` (what the refresher reads) as its state."""
     state = msgspec.json.encode(event or {})
-    return RecordedEvent(1, event_type, str(aggregate_id or uuid4()), 1, state, MsgspecMapper())
+    key = str(aggregate_id or uuid4())
+    return RecordedEvent(position, event_type, key, 1, state, MsgspecMapper())
 
 
-def refresher_with(db: RowsDatabase, cache: RecordingCache) -> CacheRefresher:
-    return CacheRefresher(cast("Any", cache), cast("Any", db))
+class FakeLog:
+    """The event log, as ``EventStore.read`` hands it out; can be down."""
+
+    def __init__(self, events: Sequence[RecordedEvent] = ()) -> None:
+        self.events = list(events)
+        self.reads: list[tuple[int, int]] = []
+        self.down = False
+
+    async def __call__(self, after: int, limit: int) -> list[RecordedEvent]:
+        self.reads.append((after, limit))
+        if self.down:
+            raise Unavailable("the event store is not answering")
+        return [e for e in self.events if e.position > after][:limit]
+
+
+def refresher_with(
+    db: RowsDatabase, cache: RecordingCache, log: FakeLog | None = None, **kwargs: Any
+) -> CacheRefresher:
+    return CacheRefresher(cast("Any", cache), cast("Any", db), log or FakeLog(), **kwargs)
 
 
 async def test_the_refresher_reads_each_changed_reading_once_in_one_query() -> None:
@@ -585,7 +677,7 @@ async def test_the_refresher_retries_by_itself_when_no_batch_follows() -> None:
     """An entry Redis missed must not keep its old state until it expires because the log
     went quiet: the refresher tries again on a timer of its own."""
     db, cache = RowsDatabase(), RecordingCache(refreshes=False)
-    refresher = CacheRefresher(cast("Any", cache), cast("Any", db), retry_initial=0.01)
+    refresher = refresher_with(db, cache, retry_initial=0.01)
     missed = uuid4()
     await refresher([recorded(Reading.Requested.TOPIC, aggregate_id=missed)])
     assert refresher.pending == 1
@@ -596,12 +688,269 @@ async def test_the_refresher_retries_by_itself_when_no_batch_follows() -> None:
 
 
 async def test_the_refresher_stops_retrying_when_closed_and_keeps_what_waits() -> None:
-    """Its retries end with the projector's lead (``aclose``); the keys stay for the next."""
+    """Its retries end with the projector's lead (``aclose``); the keys stay for the next
+    (and with a shared cache, the mark stays before them)."""
     db, cache = RowsDatabase(), RecordingCache(refreshes=False)
-    refresher = CacheRefresher(cast("Any", cache), cast("Any", db), retry_initial=60)
+    refresher = refresher_with(db, cache, retry_initial=60)
     await refresher([recorded(Reading.Requested.TOPIC)])
     retrying = refresher._retrying
     assert retrying is not None and not retrying.done()
     await refresher.aclose()
     assert retrying.cancelled()
     assert refresher.pending == 1
+
+
+async def test_a_key_a_commit_changes_again_during_its_refresh_is_refreshed_again() -> None:
+    """The row read for the first refresh may be older than the second commit."""
+    db = RowsDatabase()
+    cache = GatedCache()
+    refresher = refresher_with(db, cache, retry_initial=60)
+    reading = uuid4()
+    first = asyncio.create_task(refresher([reading_event(1, reading)]))
+    await eventually(cache.waiting, within=5, what="the first refresh under way")
+    # The batch of the second commit does not wait for the refresh under way to end.
+    await asyncio.wait_for(refresher([reading_event(2, reading)]), timeout=5)
+    cache.gate.set()
+    await asyncio.wait_for(first, timeout=5)
+    assert [set(items) for items in cache.refreshed] == [{reading_key(reading)}] * 2
+    assert (refresher.pending, refresher.refreshed_through) == (0, 2)
+
+
+class GatedCache(RecordingCache):
+    """A cache whose L2 takes a refresh only once ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(shared=True)
+        self.gate = asyncio.Event()
+        self.entered = 0
+
+    async def waiting(self) -> bool:
+        return self.entered > 0
+
+    async def refresh(self, items: Mapping[str, bytes]) -> bool:
+        self.entered += 1
+        await self.gate.wait()
+        return await super().refresh(items)
+
+
+# The mark: how far the shared cache has taken in the projection's commits, kept in the read
+# database, so that a lead that begins evicts what an earlier one committed and never
+# refreshed (it died, lost its lead, or could not reach Redis).
+
+
+def reading_event(position: int, reading: UUID | None = None) -> RecordedEvent:
+    return recorded(Reading.Generated.TOPIC, aggregate_id=reading or uuid4(), position=position)
+
+
+async def mark_reaches(db: RowsDatabase, position: int) -> None:
+    async def there() -> bool:
+        return db.mark() == position
+
+    await eventually(there, within=5, what=f"the cache mark at {position}")
+
+
+async def test_a_lead_evicts_the_readings_committed_after_the_mark_and_then_moves_it() -> None:
+    before, after, again = uuid4(), uuid4(), uuid4()
+    log = FakeLog(
+        [
+            reading_event(1, before),
+            reading_event(2, after),
+            recorded("api_key.issued", position=3),
+            reading_event(4, again),
+            reading_event(5, after),
+        ]
+    )
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    db.marks["readings"] = (1, "a lead that died")
+    refresher = refresher_with(db, cache, log, mark_interval=0)
+    await refresher.take_over(5)
+    await mark_reaches(db, 5)
+    assert cache.all_evicted() == {reading_key(after), reading_key(again)}
+    # Evicted, not refreshed: the next read of each takes it from the database.
+    assert cache.refreshed == []
+    await refresher.aclose()
+
+
+async def test_a_catch_up_reads_the_log_a_run_at_a_time_and_stops_where_the_lead_began() -> None:
+    readings = [uuid4() for _ in range(6)]
+    log = FakeLog([reading_event(i + 1, reading) for i, reading in enumerate(readings)])
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    db.marks["readings"] = (0, "a lead that died")
+    refresher = refresher_with(db, cache, log, mark_interval=0, catch_up_chunk=2)
+    await refresher.take_over(5)
+    await mark_reaches(db, 5)
+    assert log.reads == [(0, 2), (2, 2), (4, 2)]
+    assert cache.all_evicted() == {reading_key(r) for r in readings[:5]}
+    await refresher.aclose()
+
+
+async def test_the_mark_stays_before_a_catch_up_redis_did_not_take_until_it_does() -> None:
+    readings = [uuid4(), uuid4()]
+    log = FakeLog([reading_event(1, readings[0]), reading_event(2, readings[1])])
+    db, cache = RowsDatabase(), RecordingCache(refreshes=False, shared=True)
+    db.marks["readings"] = (0, "a lead that died")
+    refresher = refresher_with(db, cache, log, mark_interval=0, retry_initial=0.01)
+    await refresher.take_over(2)
+
+    async def tried_twice() -> bool:
+        return len(cache.evicted) >= 2
+
+    await eventually(tried_twice, within=5, what="the catch-up tried again")
+    assert (db.mark(), refresher.refreshed_through) == (0, 0)
+    cache.refreshes = True
+    await mark_reaches(db, 2)
+    await refresher.aclose()
+
+
+async def test_what_a_lead_could_not_catch_up_with_is_owed_by_the_next() -> None:
+    """A projector restarted while Redis is away: the mark has not moved, and the next lead
+    evicts the same readings once Redis answers."""
+    reading = uuid4()
+    log = FakeLog([reading_event(1, reading)])
+    db = RowsDatabase()
+    db.marks["readings"] = (0, "a lead that died")
+    away = RecordingCache(refreshes=False, shared=True)
+    first = refresher_with(db, away, log, mark_interval=0, retry_initial=60)
+    await first.take_over(1)
+    await first.aclose()
+    assert db.mark() == 0
+    back = RecordingCache(shared=True)
+    second = refresher_with(db, back, log, mark_interval=0)
+    await second.take_over(1)
+    await mark_reaches(db, 1)
+    assert back.all_evicted() == {reading_key(reading)}
+    await second.aclose()
+
+
+async def test_the_mark_never_passes_a_commit_whose_refresh_failed() -> None:
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    refresher = refresher_with(db, cache, mark_interval=0, retry_initial=60)
+    await refresher.take_over(0)
+    await refresher([reading_event(1)])
+    assert db.mark() == 1
+    cache.refreshes = False
+    await refresher([reading_event(2)])
+    await refresher([recorded("api_key.issued", position=3)])
+    assert (db.mark(), refresher.refreshed_through) == (1, 1)
+    cache.refreshes = True
+    await refresher([recorded("api_key.issued", position=4)])
+    assert db.mark() == 4
+    await refresher.aclose()
+
+
+async def test_the_mark_is_stored_at_most_once_an_interval_and_when_the_lead_ends(
+    clock: FakeClock,
+) -> None:
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    refresher = refresher_with(db, cache, mark_interval=1.0, clock=clock)
+    await refresher.take_over(0)
+    await refresher([reading_event(1)])
+    assert db.mark() == 0
+    clock.advance(1.0)
+    await refresher([reading_event(2)])
+    assert db.mark() == 2
+    await refresher([reading_event(3)])
+    assert db.mark() == 2
+    await refresher.aclose()
+    assert db.mark() == 3
+
+
+async def test_a_refresher_whose_lead_was_taken_cannot_move_the_mark() -> None:
+    db = RowsDatabase()
+    old = refresher_with(db, RecordingCache(shared=True), mark_interval=0)
+    new = refresher_with(db, RecordingCache(shared=True), mark_interval=0)
+    await old.take_over(0)
+    await new.take_over(0)
+    await old([reading_event(1)])
+    await old.aclose()
+    assert db.mark() == 0
+    await new.aclose()
+
+
+async def test_a_mark_beyond_where_a_lead_begins_is_brought_back_to_it() -> None:
+    """The read model started again from 0 (a rebuild): its commits are made again, and
+    refreshed as they are."""
+    log = FakeLog([reading_event(1)])
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    db.marks["readings"] = (9, "the lead before the rebuild")
+    refresher = refresher_with(db, cache, log)
+    await refresher.take_over(0)
+    assert db.mark() == 0
+    assert (log.reads, cache.evicted) == ([], [])
+    await refresher.aclose()
+
+
+async def test_without_a_mark_a_lead_evicts_every_reading_before_it() -> None:
+    """The cache may hold whatever a projector of a version without marks left there."""
+    readings = [uuid4(), uuid4()]
+    log = FakeLog([reading_event(1, readings[0]), reading_event(2, readings[1])])
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    refresher = refresher_with(db, cache, log, mark_interval=0)
+    await refresher.take_over(2)
+    await mark_reaches(db, 2)
+    assert cache.all_evicted() == {reading_key(r) for r in readings}
+    await refresher.aclose()
+
+
+async def test_batches_during_a_catch_up_are_not_held_up_and_are_refreshed_by_it() -> None:
+    behind, live = uuid4(), uuid4()
+    log = GatedLog([reading_event(1, behind)])
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    db.marks["readings"] = (0, "a lead that died")
+    refresher = refresher_with(db, cache, log, mark_interval=0)
+    await refresher.take_over(1)
+
+    async def reading() -> bool:
+        return bool(log.reads)
+
+    await eventually(reading, within=5, what="the catch-up reading the log")
+    await asyncio.wait_for(refresher([reading_event(2, live)]), timeout=5)
+    log.gate.set()
+    await mark_reaches(db, 2)
+    assert cache.all_evicted() == {reading_key(behind)}
+    assert [set(items) for items in cache.refreshed] == [{reading_key(live)}]
+    await refresher.aclose()
+
+
+class GatedLog(FakeLog):
+    """A log whose reads answer only once ``gate`` is set."""
+
+    def __init__(self, events: Sequence[RecordedEvent]) -> None:
+        super().__init__(events)
+        self.gate = asyncio.Event()
+
+    async def __call__(self, after: int, limit: int) -> list[RecordedEvent]:
+        self.reads.append((after, limit))
+        await self.gate.wait()
+        return [e for e in self.events if e.position > after][:limit]
+
+
+async def test_more_keys_waiting_than_max_pending_are_left_to_the_log(
+    logs: list[MutableMapping[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not held in memory, and not left in Redis with their old state either: once Redis
+    answers again, the readings of those commits are found in the log and evicted."""
+    monkeypatch.setattr(cache_refresher, "log", structlog.get_logger("almanac.cache"))
+    readings = [uuid4() for _ in range(3)]
+    log = FakeLog([reading_event(i + 1, reading) for i, reading in enumerate(readings)])
+    db, cache = RowsDatabase(), RecordingCache(refreshes=False, shared=True)
+    refresher = refresher_with(db, cache, log, max_pending=1, mark_interval=0, retry_initial=0.01)
+    await refresher.take_over(0)
+    await refresher(log.events[:1])
+    await refresher(log.events[1:])
+    assert refresher.pending == 0
+    assert [e["event"] for e in logs if e["event"] == "cache.refresh_deferred"]
+    cache.refreshes = True
+    await mark_reaches(db, 3)
+    assert cache.all_evicted() == {reading_key(r) for r in readings}
+    await refresher.aclose()
+
+
+async def test_an_l1_only_cache_needs_no_mark() -> None:
+    """An L1 of this process alone begins empty with the process."""
+    log = FakeLog([reading_event(1)])
+    db, cache = RowsDatabase(), RecordingCache(shared=False)
+    refresher = refresher_with(db, cache, log)
+    await refresher.take_over(1)
+    assert (db.migrated, db.marks, log.reads) == ([], {}, [])
+    await refresher.aclose()
