@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,13 +129,21 @@ def run_benchmarks(
     pyspy: bool = False,
     disk_probe: bool = False,
 ) -> list[Path]:
-    """Run each named benchmark on ``profile`` (or on each of its profiles, for "all")."""
+    """Run each named benchmark on ``profile`` (or on each of its profiles, for "all").
+
+    A benchmark that fails does not stop the others: the failures are listed at the end, and
+    then the run exits non-zero. One that does not mean anything on ``profile`` is skipped.
+    """
     RESULTS.mkdir(exist_ok=True)
     saved: list[Path] = []
+    failures: list[str] = []
     for name in names or list(BENCHMARKS):
         bench = BENCHMARKS[name]
         profiles = bench.profiles if profile == "all" else (profile,)
         for each in profiles:
+            if each not in bench.profiles:
+                print(f"== {name} ({each}): skipped, {' and '.join(bench.profiles)} profile only")
+                continue
             options: dict[str, Any] = {"profile": each}
             if seconds is not None:
                 options["seconds"] = seconds
@@ -146,7 +155,13 @@ def run_benchmarks(
                 options.update(disk_probe=disk_probe)
             length = f"{seconds:g}s per measurement" if seconds else "default lengths"
             print(f"== {name} ({each}, {length})")
-            result = bench.run(**options)
+            try:
+                result = bench.run(**options)
+            except Exception as exc:  # noqa: BLE001 - reported, and the run goes on to the next
+                traceback.print_exc()
+                failures.append(f"{name} ({each}): {type(exc).__name__}: {exc}")
+                print(f"   {name} failed; going on with the next")
+                continue
             result["machine"] = {
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
@@ -157,6 +172,11 @@ def run_benchmarks(
             path.write_text(json.dumps(result, indent=2))
             print(f"   saved {path}")
             saved.append(path)
+    if failures:
+        print(f"{len(failures)} failed:")
+        for failure in failures:
+            print(f"   {failure}")
+        raise SystemExit(1)
     return saved
 
 

@@ -5,7 +5,7 @@ Servers (each its own process, on 127.0.0.1):
 - Almanac: ``almanac serve --roles api`` (or the same app under granian with ``--server
   granian``) on a fresh database. Before it starts, a full ``almanac serve`` generates one
   reading and stops, so the read model and the Redis cache hold a complete reading (chart
-  and text, ~5 kB of JSON) and the API process runs alone, with no worker or projector
+  and text, ~6.5 kB of JSON) and the API process runs alone, with no worker or projector
   taking CPU.
 - Baseline: ``benchmarks/bare_app.py`` under the same server with the same settings,
   returning the same bodies (the same command Struct validated, the same ``ReadingView``).

@@ -206,6 +206,8 @@ def _appender_env(settings: Settings) -> dict[str, str]:
 # projector whose connections, prepared statements and caches are all still cold (their
 # lags reached 40-100 ms, ~1-2 % of a 10 s run, which alone decided its p99).
 LAG_WARM_UP = 1.0
+# DESIGN: command -> read model visible, p99 <= 20 ms at 1,000 commands/s.
+LAG_TARGET_P99_MS = 20
 
 
 async def _append_elsewhere(settings: Settings, rate: int, seconds: float) -> dict[str, Any]:
@@ -290,11 +292,13 @@ def run_lag(
             started = time.monotonic()
             figures = asyncio.run(measure_lag(settings, rate, seconds))
             disk = probe.window(started, time.monotonic()) if probe else None
-        result.update(figures, target_p99_ms=20, disk=disk)
+        ratio = figures["p99_ms"] / LAG_TARGET_P99_MS
+        result.update(figures, target_p99_ms=LAG_TARGET_P99_MS, ratio_p99=ratio, disk=disk)
         print(
             f"projection lag at {figures['achieved_per_s']:,.0f} commands/s: "
             f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
-            f"max {figures['max_ms']:.1f} ms (target p99 <= 20 ms){describe(disk)}"
+            f"max {figures['max_ms']:.1f} ms (target p99 <= {LAG_TARGET_P99_MS} ms; "
+            f"ratio {ratio:.2f}){describe(disk)}"
         )
     finally:
         _drop(name)

@@ -36,6 +36,7 @@ from almanac.bootstrap import bootstrap
 from almanac.domain.chart import BirthData, ChartOptions
 from almanac.domain.events import EventMeta
 from almanac.domain.reading import Reading
+from almanac.readmodels import ReadDatabase
 from almanac.settings import (
     CacheSettings,
     FeedSettings,
@@ -143,6 +144,41 @@ def _settings(profile: str, data_dir: Path, url: str | None) -> Settings:
     )
 
 
+# Bounds on the wait for every message to succeed, only there to end a run that is stuck
+# (a message that never succeeds): a minute for the roles to get going, then 20 messages a
+# second, a quarter of the slowest rate measured here on a loaded host.
+SETTLE_GRACE = 60.0
+SLOWEST_RATE = 20.0
+
+
+async def all_succeeded(db: ReadDatabase, events: int, *, within: float) -> None:
+    """Wait until ``events`` messages have succeeded; past ``within`` seconds, fail with how
+    many had and where the rest were."""
+    deadline = time.monotonic() + within
+    while True:
+        row = await db.fetch_one(
+            "SELECT COUNT(*) AS n FROM webhook_messages WHERE status = 'succeeded'", {}
+        )
+        if row is not None and int(row["n"]) >= events:
+            return
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+    rows = await db.fetch_all(
+        "SELECT status, COUNT(*) AS n FROM webhook_messages GROUP BY status ORDER BY status", {}
+    )
+    counts = {str(r["status"]): int(r["n"]) for r in rows}
+    if counts.get("succeeded", 0) >= events:
+        return  # the last of them, just now
+    others = [f"{status} {n:,}" for status, n in counts.items() if status != "succeeded"]
+    if sum(counts.values()) < events:
+        others.append(f"not in the log yet {events - sum(counts.values()):,}")
+    raise RuntimeError(
+        f"{counts.get('succeeded', 0):,} of {events:,} webhook messages succeeded within"
+        f" {within:g} s; the others: {', '.join(others)}"
+    )
+
+
 async def deliveries(settings: Settings, url: str, events: int) -> tuple[float, str]:
     """Messages delivered per second, and one of the bodies sent (for the baseline)."""
     roles = ("projector", "deliver", "relay")
@@ -173,13 +209,7 @@ async def deliveries(settings: Settings, url: str, events: int) -> tuple[float, 
         for start in range(0, events, 256):
             await container.store.append(*readings[start : start + 256])
         db = container.read_db
-        while True:
-            row = await db.fetch_one(
-                "SELECT COUNT(*) AS n FROM webhook_messages WHERE status = 'succeeded'", {}
-            )
-            if row is not None and int(row["n"]) >= events:
-                break
-            await asyncio.sleep(0.02)
+        await all_succeeded(db, events, within=SETTLE_GRACE + events / SLOWEST_RATE)
         elapsed = time.monotonic() - started
         sample = await db.fetch_one("SELECT payload FROM webhook_messages LIMIT 1", {})
         assert sample is not None

@@ -6,11 +6,14 @@ that the baseline serves what Almanac serves, so that the ratios compare like wi
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from click.testing import CliRunner
 from litestar.testing import TestClient
 
@@ -138,3 +141,109 @@ async def test_the_in_process_posts_send_whole_commands_with_labels_of_their_own
     assert measured["requests"] == CONCURRENCY * 2
     assert posts.statuses == {202: CONCURRENCY * 2}
     assert len(set(labels)) == len(labels) == CONCURRENCY * 2
+
+
+def _suite(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **runs: tuple[Any, tuple[str, ...]]
+) -> Any:
+    """The suite's runner with ``runs`` (name: (run, profiles)) as its only benchmarks."""
+    from benchmarks import __main__ as suite
+
+    benchmarks = {
+        name: suite.Benchmark(run, f"fake {name}", profiles, 0.1)
+        for name, (run, profiles) in runs.items()
+    }
+    monkeypatch.setattr(suite, "BENCHMARKS", benchmarks)
+    monkeypatch.setattr(suite, "RESULTS", tmp_path)
+    return suite
+
+
+def test_a_failing_benchmark_does_not_stop_the_rest_and_the_run_exits_non_zero(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran: list[str] = []
+
+    def broken(profile: str) -> dict[str, Any]:
+        ran.append(f"broken {profile}")
+        raise RuntimeError("no receiver")
+
+    def fine(profile: str) -> dict[str, Any]:
+        ran.append(f"fine {profile}")
+        return {"benchmark": "fine", "profile": profile}
+
+    suite = _suite(
+        monkeypatch,
+        tmp_path,
+        broken=(broken, ("services", "embedded")),
+        fine=(fine, ("services", "embedded")),
+    )
+    with pytest.raises(SystemExit) as stopped:
+        suite.run_benchmarks([], profile="all")
+    assert stopped.value.code == 1
+    assert ran == ["broken services", "broken embedded", "fine services", "fine embedded"]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir()) == [
+        "fine-embedded",
+        "fine-services",
+    ]
+    out = capsys.readouterr().out
+    assert "2 failed:" in out
+    assert "broken (services): RuntimeError: no receiver" in out
+    assert "broken (embedded): RuntimeError: no receiver" in out
+
+
+def test_a_services_only_benchmark_is_skipped_on_the_embedded_profile(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran: list[str] = []
+
+    def run(profile: str) -> dict[str, Any]:
+        ran.append(profile)
+        return {"profile": profile}
+
+    suite = _suite(
+        monkeypatch, tmp_path, only=(run, ("services",)), both=(run, ("services", "embedded"))
+    )
+    saved = suite.run_benchmarks([], profile="embedded")
+    assert ran == ["embedded"]
+    assert [p.name.rsplit("-", 1)[0] for p in saved] == ["both-embedded"]
+    assert "only (embedded): skipped, services profile only" in capsys.readouterr().out
+
+
+class _DeliveryLog:
+    """The read database as the webhook benchmark sees it: messages that stop short."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    async def fetch_one(self, sql: str, params: Any) -> dict[str, Any]:
+        return {"n": self.counts.get("succeeded", 0)}
+
+    async def fetch_all(self, sql: str, params: Any) -> list[dict[str, Any]]:
+        return [{"status": s, "n": n} for s, n in sorted(self.counts.items())]
+
+
+async def test_the_webhook_benchmark_gives_up_naming_how_many_messages_succeeded() -> None:
+    from benchmarks.webhooks import all_succeeded
+
+    stuck = _DeliveryLog({"succeeded": 4_980, "pending": 15})
+    with pytest.raises(RuntimeError) as failed:
+        await all_succeeded(stuck, 5_000, within=0.05)  # type: ignore[arg-type]
+    assert str(failed.value) == (
+        "4,980 of 5,000 webhook messages succeeded within 0.05 s;"
+        " the others: pending 15, not in the log yet 5"
+    )
+    await all_succeeded(_DeliveryLog({"succeeded": 5_000}), 5_000, within=0.05)  # type: ignore[arg-type]
+
+
+async def test_the_load_generators_alarm_wakes_no_earlier_than_asked() -> None:
+    from benchmarks.loadgen import Alarm, _now
+
+    alarm = Alarm(asyncio.get_running_loop())
+    try:
+        for ahead in (0.0003, 0.002, 0.0):
+            when = _now() + ahead
+            await asyncio.wait_for(alarm.until(when), 10)
+            assert _now() >= when
+        await asyncio.wait_for(alarm.until(_now() - 1), 10)  # already past: at once
+    finally:
+        alarm.close()
