@@ -294,33 +294,44 @@ async def _true(value: bool) -> bool:
     return value
 
 
-class SlowGenerator(BuiltinGenerator):
-    """Takes 20 ms a reading, as a remote text generator might: the big batch then stays
-    in flight long enough for fairness to show. A modelled cost, not a wait for other work."""
+class HoldsBatchItems(BuiltinGenerator):
+    """Holds every batch item (labels ``item …``) until the test lets them go; any other
+    reading goes through at once."""
 
-    GENERATION_TIME = 0.02
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.held = 0
 
     async def generate(self, chart: Chart, kind: ReadingKind, label: str | None) -> ReadingText:
-        await asyncio.sleep(self.GENERATION_TIME)
+        if label is not None and label.startswith("item "):
+            self.held += 1
+            await self.gate.wait()
         return await super().generate(chart, kind, label)
 
 
 async def test_one_owners_big_batch_does_not_starve_anothers_reading(settings: Settings) -> None:
-    async with serving(with_window(settings, 8), generator=SlowGenerator()) as api:
-        response = await post_batch(api, api.alice, {"items": items(400)})
-        location = response.headers["location"]
-        await eventually(
-            lambda: _started(api, location), what="the batch got going before the reading"
-        )
-        single = await api.post_reading(api.bob, {"birth": birth_json()})
-        await api.wait_for_status(api.bob, single, {"generated"})
-        batch = (await api.client.get(location, headers=api.auth(api.alice))).json()
-        assert batch["status"] == "running" and batch["pending"] > 200, batch
-
-
-async def _started(api: Api, location: str) -> bool:
-    got = await api.client.get(location, headers=api.auth(api.alice))
-    return got.status_code == 200 and got.json()["succeeded"] > 0
+    """Only a window of the batch is with the workers at a time, so another owner's reading is
+    taken and generated while every item the batch has out is still held."""
+    window = 4
+    assert settings.worker.concurrency > window, "the workers have hands beyond the window"
+    generator = HoldsBatchItems()
+    async with serving(with_window(settings, window), generator=generator) as api:
+        try:
+            response = await post_batch(api, api.alice, {"items": items(400)})
+            location = response.headers["location"]
+            await eventually(
+                lambda: _true(generator.held >= window), what="a window of the batch held"
+            )
+            single = await api.post_reading(api.bob, {"birth": birth_json()})
+            await api.wait_for_status(api.bob, single, {"generated"})
+            batch = (await api.client.get(location, headers=api.auth(api.alice))).json()
+            held = generator.held
+        finally:
+            # On the app's loop, where the held items wait for it.
+            await asyncio.to_thread(api.client.blocking_portal.call, generator.gate.set)
+    assert held == window, "no more of the batch was released meanwhile"
+    assert (batch["status"], batch["succeeded"], batch["pending"]) == ("running", 0, 400), batch
 
 
 async def test_jobs_view_covers_readings_and_batches(api: Api) -> None:

@@ -20,6 +20,8 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     body: bytes = b"ok"
+    # Held until the test sets it: an endpoint that has not answered yet, for as long as needed.
+    gate: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Receiver:
         reply = script.pop(0) if script else self.default.get(path, Reply())
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        if reply.gate is not None:
+            await reply.gate.wait()
         await send(
             {
                 "type": "http.response.start",

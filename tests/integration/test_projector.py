@@ -499,8 +499,8 @@ async def test_wait_for_returns_as_soon_as_the_position_is_announced(
             return reads[-1]
 
         watch = PositionWatch(read_position)
-        started = time.monotonic()
-        waiting = asyncio.create_task(watch.wait_for(NAME, 7, timeout=30))
+        # Its own timeout is far beyond the test's: returning at all says it was woken.
+        waiting = asyncio.create_task(watch.wait_for(NAME, 7, timeout=3600))
 
         async def polling() -> bool:
             return len(reads) >= 2
@@ -508,8 +508,7 @@ async def test_wait_for_returns_as_soon_as_the_position_is_announced(
         await eventually(polling, what="the watch reads the position twice")
         assert not waiting.done()
         watch.announce(NAME, 7)
-        assert await asyncio.wait_for(waiting, timeout=5) == 7
-        assert time.monotonic() - started < 10, "returned long before its 30 s timeout"
+        assert await asyncio.wait_for(waiting, timeout=30) == 7
         assert await watch.wait_for(NAME, 5, timeout=30) == 7, "known positions answer at once"
 
 
