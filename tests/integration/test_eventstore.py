@@ -130,6 +130,22 @@ async def test_position_of_finds_the_first_event_of_an_aggregate(store: EventSto
     assert await store.position_of(reading.id, 2) is None
 
 
+async def test_first_event_is_the_event_that_began_an_aggregate_or_none(store: EventStore) -> None:
+    reading = new_reading(owner="owner-z")
+    position = await store.append(reading)
+    reading.record_chart(calculate_chart(birth()), meta("owner-z"))
+    await store.append(reading)
+    first = await store.first_event(reading.id)
+    assert first is not None
+    assert (first.position, first.type, first.aggregate_key) == (
+        position,
+        "reading.requested",
+        str(reading.id),
+    )
+    assert first.meta.owner == "owner-z"
+    assert await store.first_event(new_reading().id) is None
+
+
 async def test_consumer_positions_only_move_forward(store: EventStore) -> None:
     assert await store.consumer_position("c") == 0
     await store.save_consumer_position("c", 5)
