@@ -59,6 +59,7 @@ async def _serve(
     container: Container,
     topics: set[Topic],
     progress: Progress | None = None,
+    vouched: frozenset[Topic] = frozenset(),
 ) -> None:
     await socket.accept()
     raw_topics = [t for t in socket.query_params.get("topics", "").split(",") if t]
@@ -76,6 +77,7 @@ async def _serve(
         topics=topics,
         after=after,
         key=_key(socket),
+        vouched=vouched,
         progress=progress,
     )
     await session.run()
@@ -94,6 +96,8 @@ async def reading_socket(
     container: NamedDependency[Container],
     reading_id: FromPath[UUID],
 ) -> None:
+    # A reading of another owner, or none, closes with 4404 before the welcome (the session
+    # checks every aggregate's topic): its first event is stored before its id is known.
     await _serve(socket, container, {Topic("aggregate", str(reading_id))})
 
 
@@ -130,7 +134,10 @@ async def batch_socket(
             "eta_seconds": view.eta_seconds,
         }
 
-    await _serve(socket, container, {Topic("aggregate", str(batch_id))}, progress)
+    # The progress report says whether the key may see the batch (``not_found``, then 4404
+    # after the grace period), so its topic is not checked again as the session begins.
+    topic = Topic("aggregate", str(batch_id))
+    await _serve(socket, container, {topic}, progress, vouched=frozenset({topic}))
 
 
 handlers = [events_socket, reading_socket, batch_socket]

@@ -14,6 +14,8 @@ import msgspec
 import pytest
 import websockets
 
+from almanac.errors import Unavailable
+from almanac.eventstore import EventStore, RecordedEvent
 from almanac.settings import Settings
 from streams.http import hub_of
 from streams.websocket import event_frame
@@ -448,8 +450,9 @@ async def event_positions(client: Any) -> AsyncIterator[int]:
                 yield frame["position"]
 
 
-def some_readings(count: int) -> list[str]:
-    return [f"reading:{uuid.uuid4()}" for _ in range(count)]
+def some_topics(count: int) -> list[str]:
+    """Distinct topics that need no aggregate of the key's (those of others are refused)."""
+    return [f"event:reading.{uuid.uuid4().hex}" for _ in range(count)]
 
 
 async def test_topics_beyond_the_connections_limit_are_refused_and_the_rest_kept(
@@ -462,27 +465,27 @@ async def test_topics_beyond_the_connections_limit_are_refused_and_the_rest_kept
     async with live_server(few) as server:
         async with server.connect("/ws?topics=event:reading.*", server.alice) as socket:
             await next_frame(socket)
-            held = await subscribe(socket, *some_readings(2))
+            held = await subscribe(socket, *some_topics(2))
             assert len(held["topics"]) == 3
-            refused = await subscribe(socket, *some_readings(1))
+            refused = await subscribe(socket, *some_topics(1))
             assert refused["code"] == "too_many_topics"
             assert "at most 3" in refused["detail"]
             # Nothing of the refused message was taken; unsubscribing makes room again.
             left = await unsubscribe(socket, held["topics"][0])
             assert left["topics"] == held["topics"][1:]
-            assert len((await subscribe(socket, *some_readings(1)))["topics"]) == 3
+            assert len((await subscribe(socket, *some_topics(1)))["topics"]) == 3
             # Counted before any is parsed: four malformed topics are four too many.
             counted = await subscribe(socket, *["galaxy:9"] * 4)
             assert counted["code"] == "too_many_topics"
         for how in ("query", "first message"):
             if how == "query":
-                url = f"/ws?topics={','.join(some_readings(4))}"
+                url = f"/ws?topics={','.join(some_topics(4))}"
                 connection = server.connect(url, server.alice)
             else:
                 connection = server.connect("/ws")
             async with connection as socket:
                 if how == "first message":
-                    auth = {"type": "auth", "key": server.alice, "topics": some_readings(4)}
+                    auth = {"type": "auth", "key": server.alice, "topics": some_topics(4)}
                     await socket.send(json.dumps(auth))
                 close = await close_of(socket)
             assert close.code == 4400, how
@@ -495,3 +498,178 @@ async def test_a_topic_longer_than_any_event_type_glob_is_refused(server: LiveSe
         refused = await subscribe(socket, "event:" + "a" * 300)
     assert refused["code"] == "bad_topic"
     assert "at most 200 characters" in refused["detail"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [({"after": "41"}, "after"), ({"after": 4.5}, "after"), ({"topic": "*"}, "topic")],
+    ids=["after as text", "after not whole", "unknown field"],
+)
+async def test_an_auth_message_malformed_besides_a_valid_key_closes_with_4400_naming_the_field(
+    server: LiveServer, extra: dict[str, Any], named: str
+) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": server.alice, **extra}))
+        close = await close_of(socket)
+    assert close.code == 4400
+    assert named in close.reason
+    # Without a valid key, the same message says nothing but that.
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": "alm_wrong", **extra}))
+        close = await close_of(socket)
+    assert close.code == 4401
+
+
+async def test_a_message_over_64_kib_closes_with_1009(server: LiveServer) -> None:
+    async with server.connect("/ws", server.alice) as socket:
+        await next_frame(socket)
+        ping = json.dumps({"type": "ping", "padding": "x" * 64 * 1024})
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await socket.send(ping)
+        close = await close_of(socket)
+    assert close.code == 1009
+
+
+async def test_after_in_a_later_message_gets_an_error_frame_naming_it_not_ignored(
+    server: LiveServer,
+) -> None:
+    """Only the first message or the URL resumes; a client must not believe it resumed."""
+    async with server.connect("/ws", server.alice) as socket:
+        welcome = await next_frame(socket)
+        later = {"type": "subscribe", "topics": ["*"], "after": welcome["position"]}
+        await socket.send(json.dumps(later))
+        refused = await next_frame(socket)
+        assert refused["type"] == "error"
+        assert refused["code"] == "bad_message"
+        assert "`after`" in refused["detail"]
+        # Refused whole: the subscription did not change.
+        assert (await subscribe(socket, "event:reading.*"))["topics"] == ["event:reading.*"]
+
+
+async def test_a_binary_frame_gets_an_error_frame_saying_so_and_the_connection_stays(
+    server: LiveServer,
+) -> None:
+    async with server.connect("/ws", server.alice) as socket:
+        await next_frame(socket)
+        await socket.send(json.dumps({"type": "ping"}).encode())
+        refused = await next_frame(socket)
+        assert refused["code"] == "bad_message"
+        assert "binary frames are not accepted" in refused["detail"]
+        await socket.send(json.dumps({"type": "ping"}))
+        assert (await next_frame(socket))["type"] == "pong"
+
+
+async def test_a_binary_first_message_closes_with_4401(server: LiveServer) -> None:
+    async with server.connect("/ws") as socket:
+        await socket.send(json.dumps({"type": "auth", "key": server.alice}).encode())
+        close = await close_of(socket)
+    assert close.code == 4401
+    assert "text frame" in close.reason
+
+
+@pytest.mark.parametrize("whose", ["another owner's", "none"])
+@pytest.mark.parametrize("path", ["/ws/readings/{id}", "/ws?topics=reading:{id}"])
+async def test_following_a_reading_that_is_not_the_keys_own_closes_with_4404(
+    server: LiveServer, whose: str, path: str
+) -> None:
+    """As for a batch: nothing says whether it is another owner's or none at all."""
+    bobs = await server.post_reading(server.bob)
+    reading_id = bobs.headers["location"].rsplit("/", 1)[1] if whose != "none" else uuid.uuid4()
+    async with server.connect(path.format(id=reading_id), server.alice) as socket:
+        close = await close_of(socket)
+    assert close.code == 4404
+    assert close.reason == f"not found: aggregate:{reading_id}"
+
+
+async def test_subscribing_to_a_reading_that_is_not_the_keys_own_is_refused_as_not_found(
+    server: LiveServer,
+) -> None:
+    bobs = await server.post_reading(server.bob)
+    bob_id = bobs.headers["location"].rsplit("/", 1)[1]
+    alices = await server.post_reading(server.alice)
+    alice_id = alices.headers["location"].rsplit("/", 1)[1]
+    async with server.connect("/ws?topics=event:batch.*", server.alice) as socket:
+        await next_frame(socket)
+        for other in (bob_id, str(uuid.uuid4())):
+            # Refused whole, her own reading with it: the subscriptions stay as they were.
+            refused = await subscribe(socket, f"reading:{alice_id}", f"reading:{other}")
+            assert refused["type"] == "error"
+            assert refused["code"] == "not_found"
+            assert refused["detail"] == f"not found: aggregate:{other}"
+        held = await subscribe(socket, f"reading:{alice_id}")
+    assert held["topics"] == [f"aggregate:{alice_id}", "event:batch.*"]
+
+
+async def test_an_admin_may_follow_any_owners_reading(server: LiveServer) -> None:
+    bobs = await server.post_reading(server.bob)
+    bob_id = bobs.headers["location"].rsplit("/", 1)[1]
+    position = int(bobs.headers["almanac-position"])
+    path = f"/ws/readings/{bob_id}?after={position - 1}"
+    async with server.connect(path, server.admin) as socket:
+        assert (await next_frame(socket))["type"] == "welcome"
+        frames = await events_until(socket, generated)
+        assert types(frames) == PROGRESS
+        assert {f["aggregate_id"] for f in frames} == {bob_id}
+        assert (await subscribe(socket, f"reading:{uuid.uuid4()}"))["type"] == "subscribed"
+
+
+class OutageStore(EventStore):
+    """The event store, not answering ``load`` or ``read`` while they are in ``down`` (as
+    while Postgres restarts)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.down: set[str] = set()
+
+    def _answer(self, what: str) -> None:
+        if what in self.down:
+            raise Unavailable("the event store is not answering: the test's outage")
+
+    async def load(self, cls: Any, aggregate_id: uuid.UUID) -> Any:
+        self._answer("load")
+        return await super().load(cls, aggregate_id)
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        self._answer("read")
+        return await super().read(after, limit)
+
+
+@pytest.fixture
+async def outage(settings: Settings) -> AsyncIterator[tuple[LiveServer, OutageStore]]:
+    store = OutageStore(settings)
+    async with live_server(settings, store=store) as running:
+        yield running, store
+        store.down.clear()  # for the server's shutdown
+
+
+@pytest.mark.parametrize("how", ["header", "first message"])
+async def test_an_event_store_outage_while_authenticating_closes_with_1013_not_4401(
+    outage: tuple[LiveServer, OutageStore], how: str
+) -> None:
+    """4401 would tell the client its key is wrong, and it would stop reconnecting."""
+    server, store = outage
+    store.down.add("load")  # the key is not known yet: it must be loaded
+    async with server.connect("/ws", server.alice if how == "header" else None) as socket:
+        if how == "first message":
+            await socket.send(json.dumps({"type": "auth", "key": server.alice}))
+        close = await close_of(socket)
+    assert close.code == 1013
+    assert "not answering" in close.reason
+    store.down.clear()
+    async with server.connect("/ws", server.alice) as socket:
+        assert (await next_frame(socket))["type"] == "welcome"
+
+
+async def test_an_event_store_outage_during_a_resume_closes_with_1013_not_silently(
+    outage: tuple[LiveServer, OutageStore],
+) -> None:
+    server, store = outage
+    await server.post_reading(server.alice)
+    async with server.connect("/ws?topics=*", server.alice) as socket:
+        assert (await next_frame(socket))["type"] == "welcome"  # the key is known now
+    store.down.add("read")
+    async with server.connect("/ws?topics=*&after=0", server.alice) as socket:
+        assert (await next_frame(socket))["type"] == "welcome"
+        close = await close_of(socket)
+    assert close.code == 1013
+    assert "not answering" in close.reason

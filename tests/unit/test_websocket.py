@@ -12,17 +12,23 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.errors import ConnectionClosedError
 
 from almanac.auth import Principal
-from almanac.errors import Unauthorized
+from almanac.domain.access import ApiKey
+from almanac.errors import Unauthorized, Unavailable
 from almanac.eventstore import RecordedEvent
 from almanac.settings import WebSocketSettings
+from streams import websocket
 from streams.websocket import (
+    CLOSE_BAD_REQUEST,
     CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     BadTopic,
     Hub,
@@ -35,7 +41,7 @@ from streams.websocket import (
     live_event,
 )
 from streams.wsserver import DIRECT_SEND, text_frame
-from tests.factories import new_reading
+from tests.factories import meta, new_reading
 from tests.integration.support_waiting import eventually
 
 READING = str(uuid4())
@@ -183,6 +189,11 @@ def test_a_listener_skips_what_it_already_got_by_replay() -> None:
     assert listener.queue.get_nowait().position == 6
 
 
+def text_message(text: str) -> dict[str, Any]:
+    """The ASGI message of a text frame from the client."""
+    return {"type": "websocket.receive", "text": text}
+
+
 class StuckSocket:
     """A client that reads the welcome frame, then nothing more."""
 
@@ -197,10 +208,10 @@ class StuckSocket:
         if len(self.sent) > 1:
             await self._never.wait()
 
-    async def receive_text(self) -> str:
+    async def receive(self) -> dict[str, Any]:
         if self.first is not None:
             first, self.first = self.first, None
-            return first
+            return text_message(first)
         await self._never.wait()
         raise AssertionError("unreachable")
 
@@ -239,6 +250,44 @@ async def test_a_wrong_key_in_the_first_message_closes_with_4401() -> None:
     await asyncio.wait_for(Session(socket, h, h.settings, allow, set()).run(), timeout=5)
     assert socket.closed is not None
     assert socket.closed[0] == CLOSE_UNAUTHORIZED
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [({"after": "12"}, "after"), ({"after": 1.5}, "after"), ({"bogus": 1}, "bogus")],
+)
+@pytest.mark.parametrize("key", ["good", "bad"])
+async def test_an_auth_message_malformed_besides_its_key_closes_with_4400_once_the_key_is_valid(
+    extra: dict[str, object], named: str, key: str
+) -> None:
+    """The field is named to a client with a valid key; one without learns only 4401."""
+    h = hub()
+    socket = StuckSocket(first=json.dumps({"type": "auth", "key": key, **extra}))
+    await asyncio.wait_for(Session(socket, h, h.settings, allow, set()).run(), timeout=5)
+    assert socket.closed is not None
+    code, reason = socket.closed
+    if key == "good":
+        assert code == CLOSE_BAD_REQUEST
+        assert named in (reason or "")
+    else:
+        assert code == CLOSE_UNAUTHORIZED
+
+
+async def store_down(key: str | None) -> Principal:
+    raise Unavailable("the event store is not answering: connection refused")
+
+
+async def test_an_event_store_outage_during_authentication_closes_with_1013_not_4401() -> None:
+    """4401 tells a client its key is wrong, and it stops reconnecting; the key may be fine."""
+    h = hub()
+    socket = StuckSocket(first=json.dumps({"type": "auth", "key": "good"}))
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(Session(socket, h, h.settings, store_down, set()).run(), timeout=5)
+    assert socket.closed is not None
+    code, reason = socket.closed
+    assert code == CLOSE_TRY_AGAIN_LATER
+    assert "not answering" in (reason or "")
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["websocket.unavailable"]
 
 
 def test_credential_events_reach_admins_only_even_of_the_clients_own_owner() -> None:
@@ -301,7 +350,7 @@ class RecordingSocket:
         self.sent.append(json.loads(data))
         self._changed.set()
 
-    async def receive_text(self) -> str:
+    async def receive(self) -> dict[str, Any]:
         await self._never.wait()
         raise AssertionError("unreachable")
 
@@ -423,10 +472,10 @@ class WelcomeGate(RecordingSocket):
         self.closed: tuple[int, str | None] | None = None
         self.gone = False  # its disconnect is already there to be read
 
-    async def receive_text(self) -> str:
+    async def receive(self) -> dict[str, Any]:
         if self.gone:
             raise ConnectionResetError("the client went")
-        return await super().receive_text()
+        return await super().receive()
 
     async def send_text(self, data: str) -> None:
         if not self.sent:
@@ -527,21 +576,150 @@ class GrowingStore:
     def __init__(self) -> None:
         self.events: list[RecordedEvent] = []
 
-    def append(self, count: int) -> list[LiveEvent]:
-        """Store ``count`` more of alice's events; each as the hub then gets it live."""
-        added = []
-        for _ in range(count):
-            domain_event = new_reading(owner="alice").pending_events[0]
-            event = RecordedEvent.of(domain_event, len(self.events) + 1)
-            self.events.append(event)
-            added.append(live_event(event))
-        return added
+    def append(self, count: int, owner: str = "alice") -> list[LiveEvent]:
+        """Store ``count`` more readings of ``owner`` (alice's unless said); each event as the
+        hub then gets it live."""
+        return [self.add(new_reading(owner=owner).pending_events[0]) for _ in range(count)]
+
+    def add(self, domain_event: Any) -> LiveEvent:
+        event = RecordedEvent.of(domain_event, len(self.events) + 1)
+        self.events.append(event)
+        return live_event(event)
 
     async def max_position(self) -> int:
         return len(self.events)
 
     async def read(self, after: int, limit: int) -> list[RecordedEvent]:
         return self.events[after : after + limit]
+
+    async def first_event(self, aggregate_id: Any) -> RecordedEvent | None:
+        key = str(aggregate_id)
+        return next((e for e in self.events if e.aggregate_key == key), None)
+
+
+def mixed_store() -> GrowingStore:
+    """Readings of alice and bob, interleaved, and an API key of alice's."""
+    store = GrowingStore()
+    for _ in range(3):
+        store.append(2, owner="alice")
+        store.append(2, owner="bob")
+    key = ApiKey.issue(secret="alm_" + "x" * 40, name="k", role="client", meta=meta("alice"))
+    store.add(key.pending_events[0])
+    return store
+
+
+def frames_built(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The positions of the stored events the hub builds a frame of, from now on."""
+    built: list[int] = []
+
+    def counted(event: RecordedEvent) -> LiveEvent:
+        built.append(event.position)
+        return live_event(event)
+
+    monkeypatch.setattr(websocket, "live_event", counted)
+    return built
+
+
+@pytest.mark.parametrize(
+    "listener",
+    [
+        Listener(principal("alice"), 10, topics={Topic("all")}),
+        Listener(principal("alice"), 10, topics={Topic("event", "api_key.*")}),
+        Listener(principal("bob"), 10, topics={Topic("event", "reading.*")}),
+        Listener(principal("carol"), 10, topics={Topic("all")}),
+        Listener(principal("root", "admin"), 10, topics={Topic("all")}),
+    ],
+    ids=["alice all", "alice credentials", "bob readings", "carol all", "admin all"],
+)
+async def test_a_resume_sends_what_the_live_stream_would_and_frames_only_that(
+    listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Owner, topic and credential events filter the replay as they do live frames; an
+    event that is not sent is never decoded whole and framed (the loop's time per position
+    of a resume)."""
+    store = mixed_store()
+    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    framed = frames_built(monkeypatch)
+    replayed = [e.position async for e in h.missed(listener, 0, len(store.events))]
+    live_would = [e.position for e in store.events if listener.wants(live_event(e))]
+    assert replayed == live_would
+    assert framed == replayed
+
+
+async def test_a_resume_follows_one_aggregate_without_framing_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = mixed_store()
+    one = store.events[3]  # bob's second reading
+    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    framed = frames_built(monkeypatch)
+    listener = Listener(principal("bob"), 10, topics={Topic("aggregate", one.aggregate_key)})
+    assert [e.position async for e in h.missed(listener, 0, len(store.events))] == [4]
+    assert framed == [4]
+
+
+async def test_only_an_aggregate_of_the_keys_own_owner_may_be_followed_and_any_by_an_admin() -> (
+    None
+):
+    store = mixed_store()
+    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    alices, bobs, key = (store.events[i].aggregate_key for i in (0, 2, 12))
+    alice, admin = principal("alice"), principal("root", "admin")
+
+    def topics(*ids: str) -> set[Topic]:
+        return {Topic("aggregate", i) for i in ids} | {Topic("all"), Topic("event", "x.*")}
+
+    assert await h.hidden(alice, topics(alices)) is None
+    assert await h.hidden(alice, topics(alices, bobs)) == Topic("aggregate", bobs)
+    missing = str(uuid4())
+    assert await h.hidden(alice, topics(missing)) == Topic("aggregate", missing)
+    assert await h.hidden(alice, topics(key)) == Topic("aggregate", key)  # credentials
+    assert await h.hidden(admin, topics(alices, bobs, missing, key)) is None
+
+
+class FailingStore(GrowingStore):
+    """A store whose reads fail with ``error`` (a resume's replay meets it)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "logged"),
+    [
+        (RuntimeError("a bug"), CLOSE_INTERNAL_ERROR, ("error", "websocket.session_failed")),
+        (
+            Unavailable("the event store is not answering: test"),
+            CLOSE_TRY_AGAIN_LATER,
+            ("warning", "websocket.unavailable"),
+        ),
+    ],
+    ids=["unexpected", "store unavailable"],
+)
+async def test_a_resume_that_fails_is_logged_and_closed_with_a_code_never_dropped_silently(
+    error: Exception, code: int, logged: tuple[str, str]
+) -> None:
+    store = FailingStore(error)
+    store.append(3)
+    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    h._started.set()
+    socket = WelcomeGate()
+    socket.gate.set()
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(session.run(), timeout=5)
+    assert socket.closed is not None and socket.closed[0] == code
+    [entry] = [e for e in logs if e["log_level"] in {"warning", "error"}]
+    assert (entry["log_level"], entry["event"]) == logged
+    assert entry["owner"] == "alice"
+    if code == CLOSE_INTERNAL_ERROR:
+        assert entry["exc_info"] is True  # with the exception and its traceback
+    assert h.connections == 0
+    assert session._failure is None
 
 
 class ResumingSocket(RecordingSocket):
