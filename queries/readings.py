@@ -120,12 +120,7 @@ async def list_readings(
     readings only ever appear at the head, so paging on is unaffected by concurrent inserts."""
     if not 1 <= limit <= MAX_PAGE:
         raise ValidationFailed([FieldError("limit", f"must be from 1 to {MAX_PAGE}")])
-    if (
-        filters.created_after
-        and filters.created_before
-        and filters.created_after >= filters.created_before
-    ):
-        raise ValidationFailed([FieldError("created_before", "must be after created_after")])
+    created = _created_bounds(filters)
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
@@ -140,12 +135,12 @@ async def list_readings(
     if filters.kind is not None:
         where.append("r.kind = :kind")
         params["kind"] = filters.kind
-    if filters.created_after is not None:
+    if "created_after" in created:
         where.append("r.created_at >= :created_after")
-        params["created_after"] = _utc(filters.created_after, "created_after")
-    if filters.created_before is not None:
+        params["created_after"] = created["created_after"].isoformat()
+    if "created_before" in created:
         where.append("r.created_at < :created_before")
-        params["created_before"] = _utc(filters.created_before, "created_before")
+        params["created_before"] = created["created_before"].isoformat()
     sql = SELECT_READINGS.replace(
         " FROM readings r", ", r.requested_position AS rp FROM readings r", 1
     )
@@ -164,10 +159,31 @@ async def list_readings(
     return [reading_from_row(r).view for r in rows], next_cursor, position
 
 
-def _utc(moment: datetime, field: str) -> str:
-    if moment.tzinfo is None:
-        raise ValidationFailed([FieldError(field, "give a time zone, e.g. 2026-01-01T00:00:00Z")])
-    try:
-        return moment.astimezone(UTC).isoformat()
-    except OverflowError:
-        raise ValidationFailed([FieldError(field, "is outside the representable range")]) from None
+def _created_bounds(filters: ReadingFilters) -> dict[str, datetime]:
+    """The creation-time bounds given, in UTC, keyed by their parameter.
+
+    Each bound is checked on its own before the two are compared: a time without a zone
+    cannot be ordered against one with (Python raises TypeError), so comparing first turned
+    a client's mistake into a 500. Every bad bound is reported at once.
+    """
+    bounds: dict[str, datetime] = {}
+    errors: list[FieldError] = []
+    for field, moment in (
+        ("created_after", filters.created_after),
+        ("created_before", filters.created_before),
+    ):
+        if moment is None:
+            continue
+        if moment.utcoffset() is None:
+            errors.append(FieldError(field, "give a time zone, e.g. 2026-01-01T00:00:00Z"))
+            continue
+        try:
+            bounds[field] = moment.astimezone(UTC)
+        except OverflowError:
+            errors.append(FieldError(field, "is outside the representable range"))
+    if errors:
+        raise ValidationFailed(errors)
+    after, before = bounds.get("created_after"), bounds.get("created_before")
+    if after is not None and before is not None and after >= before:
+        raise ValidationFailed([FieldError("created_before", "must be after created_after")])
+    return bounds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -172,12 +173,7 @@ async def list_deliveries(
         where += " AND status = :status"
         params["status"] = status
     if cursor is not None:
-        created, _, last_id = cursor.partition("~")
-        try:
-            params["c_at"] = float(created)
-        except ValueError:
-            raise ValidationFailed([FieldError("cursor", "not a cursor of this list")]) from None
-        params["c_id"] = last_id
+        params["c_at"], params["c_id"] = _delivery_cursor(cursor)
         where += " AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))"
     rows = await db.fetch_all(
         f"SELECT {_DELIVERY_COLUMNS} FROM webhook_messages WHERE {where}"
@@ -191,6 +187,24 @@ async def list_deliveries(
     return page, position
 
 
+def _delivery_cursor(cursor: str) -> tuple[float, str]:
+    """The creation time and id a deliveries ``next_cursor`` holds, or a 422 naming it."""
+    created, _, last_id = cursor.partition("~")
+    try:
+        at = float(created)
+    except ValueError:
+        at = math.nan
+    if not math.isfinite(at) or not last_id or not _storable(last_id):
+        raise ValidationFailed([FieldError("cursor", "not a cursor of this list")])
+    return at, last_id
+
+
+def _storable(text: str) -> bool:
+    """Whether ``text`` could be stored in a text column at all: Postgres refuses a NUL in
+    a parameter, an error of the query rather than an answer, so a NUL names nothing."""
+    return "\x00" not in text
+
+
 async def get_delivery(
     reads: Reads,
     principal: Principal,
@@ -202,10 +216,14 @@ async def get_delivery(
     """The delivery with every attempt, and the endpoints' position."""
     db, position = await reads.on_primary().read((ENDPOINTS,), min_position)
     await _endpoint_row(db, principal, endpoint_id)
-    row = await db.fetch_one(
-        f"SELECT {_DELIVERY_COLUMNS}, payload FROM webhook_messages"
-        " WHERE id = :id AND endpoint_id = :endpoint_id",
-        {"id": delivery_id, "endpoint_id": str(endpoint_id)},
+    row = (
+        await db.fetch_one(
+            f"SELECT {_DELIVERY_COLUMNS}, payload FROM webhook_messages"
+            " WHERE id = :id AND endpoint_id = :endpoint_id",
+            {"id": delivery_id, "endpoint_id": str(endpoint_id)},
+        )
+        if _storable(delivery_id)
+        else None
     )
     if row is None:
         raise NotFound(f"no delivery {delivery_id} to webhook endpoint {endpoint_id}")

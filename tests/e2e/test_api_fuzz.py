@@ -10,6 +10,7 @@ so that a run is repeatable; ``ALMANAC_FUZZ_EXAMPLES`` asks for more cases per o
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,53 @@ def test_no_request_the_schema_describes_or_breaks_gets_a_server_error(tmp_path:
 
             send()
         assert len(answered) == len(operations)
+
+
+# A moment with or without a zone; zones of whole minutes, as ISO 8601 offsets are written.
+moments = st.datetimes(
+    timezones=st.none()
+    | st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
+)
+
+
+def in_utc(moment: datetime) -> bool:
+    """Whether ``moment`` can be written in UTC (a year-1 or year-9999 one may not)."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
+
+
+def test_creation_bounds_with_and_without_zones_are_answered_or_422_naming_them(
+    tmp_path: Path,
+) -> None:
+    """A bound without a zone is named in a 422; two bounds with zones out of order name
+    ``created_before``; anything else is answered. Never a 500 (a bound without a zone
+    beside one with was compared, and Python refuses to order the two)."""
+    base = embedded_settings(tmp_path / "var")
+    container = bootstrap(base)
+    with TestClient(create_app(base, container)) as client:
+        key = container.keyring.issue(name="fuzz", role="admin", owner="admin").secret
+        auth = {"Authorization": f"Bearer {key}"}
+
+        @settings(max_examples=150, derandomize=True, database=None, deadline=None)
+        @given(after=st.none() | moments, before=st.none() | moments)
+        def send(after: datetime | None, before: datetime | None) -> None:
+            bounds = {"created_after": after, "created_before": before}
+            params = {k: v.isoformat() for k, v in bounds.items() if v is not None}
+            response = client.get("/api/v1/readings", params=params, headers=auth)
+            naive = {k for k, v in bounds.items() if v is not None and v.tzinfo is None}
+            if response.status_code == 200:
+                assert not naive, response.text
+                assert after is None or before is None or after < before
+                return
+            assert response.status_code == 422, (params, response.text)
+            assert response.headers["content-type"].startswith(PROBLEM)
+            named = {e["field"] for e in response.json()["errors"]}
+            assert naive <= named <= set(bounds), (params, response.text)
+            if after is not None and before is not None and not naive and after >= before:
+                # Unless a bound is past what UTC can hold, which is named instead.
+                assert "created_before" in named or not all(map(in_utc, (after, before)))
+
+        send()

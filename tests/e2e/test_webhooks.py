@@ -295,6 +295,33 @@ async def test_a_spent_schedule_fails_the_message_and_recover_sends_it_again(
         assert missing.status_code == 404
 
 
+async def test_a_delivery_cursor_or_id_that_names_nothing_is_a_4xx_not_a_500(
+    hooks: Hooks,
+) -> None:
+    """A NUL cannot be a parameter of a Postgres query: sent on, it failed the query."""
+    api = hooks.api
+    created = await api.client.post(
+        "/api/v1/webhooks", json={"url": hooks.receiver.url("/any")}, headers=api.auth(api.alice)
+    )
+    assert created.status_code == 201, created.text
+    deliveries = f"/api/v1/webhooks/{created.json()['id']}/deliveries"
+    known = {"min_position": created.headers["almanac-position"]}
+    for cursor in ("1.5~msg_\x00", "nan~msg_a", "inf~msg_a", "1.5~", "soon~msg_a"):
+        got = await api.client.get(
+            deliveries, params={**known, "cursor": cursor}, headers=api.auth(api.alice)
+        )
+        assert got.status_code == 422, (cursor, got.text)
+        assert got.headers["content-type"].startswith("application/problem+json")
+        assert [e["field"] for e in got.json()["errors"]] == ["cursor"], cursor
+    for delivery_id in ("%00", "msg_%00"):
+        got = await api.client.get(f"{deliveries}/{delivery_id}", headers=api.auth(api.alice))
+        assert got.status_code == 404, (delivery_id, got.text)
+        resent = await api.client.post(
+            f"{deliveries}/{delivery_id}/resend", headers=api.auth(api.alice)
+        )
+        assert resent.status_code == 404, (delivery_id, resent.text)
+
+
 async def test_a_410_disables_the_endpoint_at_once(hooks: Hooks) -> None:
     api, receiver = hooks.api, hooks.receiver
     receiver.default["/gone"] = Reply(410)
