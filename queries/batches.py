@@ -13,8 +13,9 @@ from uuid import UUID
 import msgspec
 
 from almanac.auth import Principal
-from almanac.errors import FieldError, NotFound, ValidationFailed
+from almanac.errors import NotFound
 from almanac.readmodels import ReadDatabase, Row
+from queries.paging import Cursor, decode_cursor, encode_cursor, floor, read_at, scope_of
 from queries.routing import Reads
 
 PROJECTION = "batches"
@@ -154,17 +155,6 @@ async def download_results(
     return batch_from_row(row), stream_results(batch_id, db=source)
 
 
-def cursor_number(raw: str | None, field: str = "cursor") -> int:
-    """The number a ``next_cursor`` carries (-1 for none)."""
-    if raw is None:
-        return -1
-    # ASCII digits within a 64-bit integer: anything else was not made here (and ``int``
-    # would refuse a superscript digit, or the database a number too large).
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
-        raise ValidationFailed([FieldError(field, "use next_cursor as given")])
-    return int(raw)
-
-
 async def list_batches(
     *,
     reads: Reads,
@@ -175,24 +165,28 @@ async def list_batches(
     min_position: int | None,
 ) -> BatchPage:
     """The owner's batches (an admin's: everyone's), newest first."""
-    source, position = await reads.read((PROJECTION,), min_position)
+    scope = scope_of("batches", status, principal.owner)
+    after = decode_cursor(cursor, scope)
+    source, position = await reads.read((PROJECTION,), floor(min_position, after))
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
         where.append("owner = :owner")
         params["owner"] = principal.owner
-    if cursor is not None:
+    if after is not None:
         where.append("started_position < :before")
-        params["before"] = cursor_number(cursor)
+        params["before"] = after.key
     if status is not None:
         where.append("status = :status")
         params["status"] = status
     sql = _SELECT_BATCH + (" WHERE " + " AND ".join(where) if where else "")
     rows = await source.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
     more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = str(rows[-1]["started_position"]) if more else None
-    return BatchPage([batch_from_row(r) for r in rows], more, next_cursor, position)
+    next_cursor = None
+    if more:
+        at = read_at(position, (int(r["position"]) for r in rows))
+        next_cursor = encode_cursor(Cursor(int(rows[limit - 1]["started_position"]), at, scope))
+    return BatchPage([batch_from_row(r) for r in rows[:limit]], more, next_cursor, position)
 
 
 async def batch_results(
@@ -205,13 +199,20 @@ async def batch_results(
     min_position: int | None,
 ) -> ResultPage:
     """A page of the batch's items in index order, each with its outcome so far."""
-    source, position = await reads.read((PROJECTION,), min_position)
-    await _visible_row(batch_id, source, principal)
-    params = {"batch_id": str(batch_id), "after": cursor_number(cursor), "limit": limit + 1}
+    scope = scope_of("batch_results", str(batch_id))
+    after = decode_cursor(cursor, scope)
+    source, position = await reads.read((PROJECTION,), floor(min_position, after))
+    batch = await _visible_row(batch_id, source, principal)
+    start = -1 if after is None else after.key
+    params = {"batch_id": str(batch_id), "after": start, "limit": limit + 1}
     rows = await source.fetch_all(_SELECT_ITEMS, params)
     more = len(rows) > limit
     items = [_item(r) for r in rows[:limit]]
-    next_cursor = str(items[-1].index) if more else None
+    next_cursor = None
+    if more:
+        # The batch row was read from the same source: its projection had got that far.
+        at = read_at(position, (int(batch["position"]),))
+        next_cursor = encode_cursor(Cursor(items[-1].index, at, scope))
     return ResultPage(items, more, next_cursor, position)
 
 

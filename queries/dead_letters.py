@@ -10,7 +10,8 @@ from uuid import UUID
 import msgspec
 
 from almanac.readmodels import Row
-from queries.batches import cursor_number, parse_time
+from queries.batches import parse_time
+from queries.paging import Cursor, decode_cursor, encode_cursor, floor, read_at, scope_of
 from queries.routing import Reads
 
 PROJECTION = "dead_letters"
@@ -70,17 +71,22 @@ async def list_dead_letters(
 ) -> DeadLetterPage:
     """A page of dead letters, the most recently recorded first (admins only: the caller
     checks)."""
-    before = cursor_number(cursor)
-    source, position = await reads.read((PROJECTION,), min_position)
+    scope = scope_of("dead_letters")
+    after = decode_cursor(cursor, scope)
+    source, position = await reads.read((PROJECTION,), floor(min_position, after))
     params: dict[str, Any] = {"limit": limit + 1}
     where = ""
-    if cursor is not None:
+    if after is not None:
         where = " WHERE failed_position < :before"
-        params["before"] = before
+        params["before"] = after.key
     rows = await source.fetch_all(
         _SELECT + where + " ORDER BY failed_position DESC LIMIT :limit", params
     )
     more = len(rows) > limit
     views = [_view(r) for r in rows[:limit]]
-    next_cursor = str(views[-1].failed_position) if more else None
+    next_cursor = None
+    if more:
+        # A dead letter is recorded at its failed_position, by this listing's projection.
+        at = read_at(position, (int(r["failed_position"]) for r in rows))
+        next_cursor = encode_cursor(Cursor(views[-1].failed_position, at, scope))
     return DeadLetterPage(views, more, next_cursor, position)

@@ -13,7 +13,8 @@ import msgspec
 from almanac.auth import Principal
 from almanac.errors import NotFound
 from almanac.readmodels import Row
-from queries.batches import cursor_number, parse_time
+from queries.batches import parse_time
+from queries.paging import Cursor, decode_cursor, encode_cursor, floor, read_at, scope_of
 from queries.routing import Reads
 
 JobKind = Literal["reading", "batch"]
@@ -132,18 +133,21 @@ async def list_jobs(
     cursor: str | None,
     min_position: int | None,
 ) -> JobPage:
-    before = cursor_number(cursor)
-    source, position = await reads.read(PROJECTIONS, min_position)
+    scope = scope_of("jobs", kind, state, principal.owner)
+    after = decode_cursor(cursor, scope)
+    source, position = await reads.read(PROJECTIONS, floor(min_position, after))
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
         where.append("owner = :owner")
         params["owner"] = principal.owner
-    if cursor is not None:
+    if after is not None:
         # Positions are one global order, so one cursor pages through both kinds at once.
         where.append("{pos} < :before")
-        params["before"] = before
+        params["before"] = after.key
     found: list[tuple[int, JobView]] = []
+    # The latest position each projection's rows show (see ``read_at``).
+    seen = dict.fromkeys(PROJECTIONS, 0)
     if kind in {None, "reading"}:
         clauses = [w.format(pos="requested_position") for w in where]
         if state is not None:
@@ -154,6 +158,7 @@ async def list_jobs(
             sql + " ORDER BY requested_position DESC LIMIT :limit", params
         )
         found.extend((int(r["pos"]), _reading_job(r)) for r in rows)
+        seen["readings"] = max([0, *(int(r["position"]) for r in rows)])
     if kind in {None, "batch"}:
         clauses = [w.format(pos="started_position") for w in where]
         if state is not None:
@@ -162,8 +167,13 @@ async def list_jobs(
         sql = _BATCHES + (" WHERE " + " AND ".join(clauses) if clauses else "")
         rows = await source.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
         found.extend((int(r["pos"]), _batch_job(r)) for r in rows)
+        seen["batches"] = max([0, *(int(r["position"]) for r in rows)])
     found.sort(key=lambda pair: pair[0], reverse=True)
     more = len(found) > limit
     page = found[:limit]
-    next_cursor = str(page[-1][0]) if more else None
+    next_cursor = None
+    if more:
+        # One floor holds for both projections: only as far as both are shown to have got.
+        at = read_at(position, (min(seen.values()),))
+        next_cursor = encode_cursor(Cursor(page[-1][0], at, scope))
     return JobPage([job for _, job in page], more, next_cursor, position)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -15,6 +12,7 @@ from almanac.auth import Principal
 from almanac.cache import ReadCache, decode_reading, encode_entry, position_of, reading_key
 from almanac.errors import FieldError, NotFound, ValidationFailed
 from almanac.views import SELECT_READINGS, ReadingView, reading_from_row
+from queries.paging import Cursor, decode_cursor, encode_cursor, floor, read_at, scope_of
 from queries.routing import READINGS, Reads
 
 MAX_PAGE = 200
@@ -30,41 +28,12 @@ class ReadingFilters(msgspec.Struct, frozen=True):
     created_after: datetime | None = None
     created_before: datetime | None = None
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
-
 
 class ReadingPage(msgspec.Struct, frozen=True):
     data: list[Any]
     has_more: bool
     next_cursor: str | None
     position: int
-
-
-class _Cursor(msgspec.Struct, frozen=True):
-    # Within a 64-bit integer, as positions are: a larger number, which only a forged
-    # cursor carries, would overflow SQLite's INTEGER parameter.
-    before: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-    filters: str
-    owner: str
-
-
-def encode_cursor(cursor: _Cursor) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
-
-
-def decode_cursor(raw: str, filters: ReadingFilters, owner: str) -> _Cursor:
-    def bad(message: str) -> ValidationFailed:
-        return ValidationFailed([FieldError("cursor", message)])
-
-    try:
-        padded = raw + "=" * (-len(raw) % 4)
-        cursor = msgspec.json.decode(base64.urlsafe_b64decode(padded), type=_Cursor)
-    except (ValueError, binascii.Error, msgspec.DecodeError):
-        raise bad("is not a cursor from this API; use next_cursor as given") from None
-    if cursor.filters != filters.fingerprint() or cursor.owner != owner:
-        raise bad("belongs to a listing with other filters; repeat the filters it was made with")
-    return cursor
 
 
 def _older_than(held: bytes, position: int) -> bool:
@@ -121,14 +90,16 @@ async def list_readings(
     if not 1 <= limit <= MAX_PAGE:
         raise ValidationFailed([FieldError("limit", f"must be from 1 to {MAX_PAGE}")])
     created = _created_bounds(filters)
+    scope = scope_of("readings", filters, principal.owner)
+    after = decode_cursor(cursor, scope)
     where: list[str] = []
     params: dict[str, Any] = {"limit": limit + 1}
     if not principal.is_admin:
         where.append("r.owner = :owner")
         params["owner"] = principal.owner
-    if cursor is not None:
+    if after is not None:
         where.append("r.requested_position < :before")
-        params["before"] = decode_cursor(cursor, filters, principal.owner).before
+        params["before"] = after.key
     if filters.status is not None:
         where.append("r.status = :status")
         params["status"] = filters.status
@@ -147,16 +118,14 @@ async def list_readings(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY r.requested_position DESC LIMIT :limit"
-    source, position = await reads.read(READINGS, min_position)
+    source, position = await reads.read(READINGS, floor(min_position, after))
     rows = await source.fetch_all(sql, params)
     more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = (
-        encode_cursor(_Cursor(int(rows[-1]["rp"]), filters.fingerprint(), principal.owner))
-        if more
-        else None
-    )
-    return [reading_from_row(r).view for r in rows], next_cursor, position
+    next_cursor = None
+    if more:
+        at = read_at(position, (int(r["position"]) for r in rows))
+        next_cursor = encode_cursor(Cursor(int(rows[limit - 1]["rp"]), at, scope))
+    return [reading_from_row(r).view for r in rows[:limit]], next_cursor, position
 
 
 def _created_bounds(filters: ReadingFilters) -> dict[str, datetime]:

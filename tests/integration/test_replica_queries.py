@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -18,7 +20,13 @@ from almanac.settings import Settings, StoreSettings
 from tests.conftest import services_settings
 from tests.factories import birth_json
 from tests.integration.support_app import on_app_loop
-from tests.integration.support_replica import StreamingPair, require_server_binaries, streaming_pair
+from tests.integration.support_replica import (
+    Server,
+    StreamingPair,
+    require_server_binaries,
+    streaming_pair,
+)
+from tests.integration.support_waiting import eventually
 
 DATABASE = "almanac_read"
 
@@ -147,6 +155,84 @@ async def test_batch_job_webhook_and_dead_letter_queries_are_routed_to_a_fresh_r
             headers=admin,
             holds=lambda body: body["data"] == [],
         )
+
+
+@contextlib.asynccontextmanager
+async def replay_paused(standby: Server) -> AsyncIterator[None]:
+    """The standby answering queries but replaying no more WAL: it stays where it is."""
+    async with await psycopg.AsyncConnection.connect(standby.url(), autocommit=True) as conn:
+        await conn.execute("SELECT pg_wal_replay_pause()")
+
+        async def paused() -> bool:
+            cursor = await conn.execute("SELECT pg_get_wal_replay_pause_state()")
+            row = await cursor.fetchone()
+            return row is not None and row[0] == "paused"
+
+        await eventually(paused, what="the standby's replay paused")
+        try:
+            yield
+        finally:
+            await conn.execute("SELECT pg_wal_replay_resume()")
+
+
+async def test_paging_on_never_reads_from_a_standby_behind_the_page_before(
+    pair: StreamingPair, postgres_url: str
+) -> None:
+    """Page one is read from the primary while the standby's replay is paused behind it.
+    The standby is within ``max_lag``, so reads naming no position may go there; had it
+    served page two, the readings between its position and the cursor would be missing."""
+    settings = replicated_settings(pair, postgres_url)
+    settings = msgspec.structs.replace(
+        settings,
+        store=msgspec.structs.replace(
+            settings.store,
+            read_postgres_url=pair.primary.url(f"{DATABASE}_3"),
+            read_replica_urls=(pair.standby.url(f"{DATABASE}_3"),),
+            replica_max_lag=10_000,
+        ),
+    )
+    container = bootstrap(settings)
+    router = container.read_router
+    assert router is not None
+    async with AsyncTestClient(create_app(settings, container)) as client:
+        key = (
+            await asyncio.to_thread(container.keyring.issue, name="a", role="client", owner="a")
+        ).secret
+        auth = {"Authorization": f"Bearer {key}"}
+
+        async def post() -> Any:
+            posted = await client.post(
+                "/api/v1/readings", json={"birth": birth_json()}, headers=auth
+            )
+            assert posted.status_code == 202, posted.text
+            return posted
+
+        older = [await post() for _ in range(2)]
+        await served_by_replica(
+            client,
+            router,
+            "/api/v1/readings",
+            min_position=int(older[-1].headers["almanac-position"]),
+            headers=auth,
+            holds=lambda body: len(body["data"]) == 2,
+        )
+        async with replay_paused(pair.standby):
+            newer = [await post() for _ in range(3)]
+            url = f"/api/v1/readings?limit=2&min_position={newer[-1].headers['almanac-position']}"
+            seen: list[str] = []
+            positions: list[int] = []
+            while url:
+                got = await client.get(url, headers=auth)
+                assert got.status_code == 200, got.text
+                page = got.json()
+                seen += [r["id"] for r in page["data"]]
+                positions.append(page["position"])
+                cursor = page["next_cursor"]
+                url = cursor and f"/api/v1/readings?limit=2&cursor={cursor}"
+            standby = {s.role: s for s in router.stats()}["replica"]
+            assert standby.healthy, "the standby answered all along; it was only behind"
+        assert seen == [r.json()["id"] for r in reversed(older + newer)], "none skipped"
+        assert positions == sorted(positions), "no page reads from further back than the one before"
 
 
 async def served_by_replica(

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
-from queries.batches import download_results
+from queries.batches import download_results, list_batches
 from queries.routing import Reads
 
 BATCH = uuid4()
@@ -133,3 +133,71 @@ async def test_a_page_from_the_primary_reads_its_position_once() -> None:
             ("batches",), min_position
         )
         assert (source, position, watch.reads) == (primary, 9, reads)
+
+
+class BatchLog:
+    """A read database holding one batch started at each position up to its own, as the
+    primary or a standby that has replayed that far would."""
+
+    dialect = "postgres"
+
+    def __init__(self, name: str, position: int) -> None:
+        self.url = f"postgresql://{name}/read"
+        self.position = position
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]:
+        if "projection_positions" in sql:
+            return [{"name": "batches", "position": self.position}]
+        started = range(min(self.position, int(params.get("before", 2**62)) - 1), 0, -1)
+        at = "2026-11-29T06:00:00+00:00"
+        return [
+            {
+                "id": str(UUID(int=start)),
+                "owner": "alice",
+                "status": "running",
+                "label": None,
+                "total": 1,
+                "succeeded": 0,
+                "failed": 0,
+                "created_at": at,
+                "updated_at": at,
+                "finished_at": None,
+                "started_position": start,
+                "position": start,
+            }
+            for start in started[: int(params["limit"])]
+        ]
+
+
+async def test_paging_on_never_reads_from_a_standby_behind_the_page_before() -> None:
+    """Page one read from the primary at 20; the standby, at 12, is within ``max_lag`` and
+    may serve reads that name no position. Had it served page two, the batches started at
+    13 to 17, below the cursor but past the standby, would have been skipped."""
+    primary, standby = BatchLog("primary", 20), BatchLog("standby", 12)
+    router = ReadRouter(
+        cast("ReadDatabase", primary),
+        [cast("ReadDatabase", standby)],
+        max_lag=100,
+        clock=lambda: 1000.0,
+    )
+    reads = Reads(cast("ReadDatabase", primary), as_watch(Positions(20)), 1.0, router)
+    assert router.applied_position(await router.source(None, ("batches",))) == 12
+    started: list[int] = []
+    positions: list[int] = []
+    cursor, min_position = None, 20
+    while True:
+        page = await list_batches(
+            reads=reads,
+            principal=ALICE,
+            status=None,
+            limit=3,
+            cursor=cursor,
+            min_position=min_position,
+        )
+        started += [view.position for view in page.data]
+        positions.append(page.position)
+        if page.next_cursor is None:
+            break
+        cursor, min_position = page.next_cursor, None
+    assert started == list(range(20, 0, -1))
+    assert positions == sorted(positions), "no page reads from further back than the one before"
