@@ -120,6 +120,7 @@ class BatchProcessManager(Stoppable):
                 finally:
                     await self.lease.release()
         finally:
+            await self.lease.release()  # a standby's connection, kept for its next try
             log.info("batches.stopped", position=self.position, recorded=self.recorded)
 
     async def _lead(self) -> None:

@@ -229,6 +229,7 @@ class ProjectionRunner(Stoppable):
                 finally:
                     await self.lease.release()
         finally:
+            await self.lease.release()  # a standby's connection, kept for its next try
             self.state = "stopped"
             log.info("projection.stopped", projection=name, position=self.position)
 

@@ -214,6 +214,7 @@ class Relay(Stoppable):
                     await self._checkpoint(force=True)
                     await self.lease.release()
         finally:
+            await self.lease.release()  # a standby's connection, kept for its next try
             log.info(
                 "relay.stopped",
                 stream=self.settings.stream,

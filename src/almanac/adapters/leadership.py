@@ -36,7 +36,9 @@ class Lease(Protocol):
         """Whether the lease is still ours (False once its connection is gone)."""
         ...
 
-    async def release(self) -> None: ...
+    async def release(self) -> None:
+        """Give the lease up if it is held, and let go of what trying for it keeps open."""
+        ...
 
 
 def lock_key(name: str) -> int:
@@ -46,18 +48,38 @@ def lock_key(name: str) -> int:
 
 
 class PostgresLease:
+    """A session-level advisory lock, taken and held on a connection of its own.
+
+    A standby keeps that connection between its tries and asks again on it: opening one
+    for every try meant a new backend each ``standby_interval`` for every standby lease of
+    every process (each projection, the batch manager, the relay), for as long as it waits.
+    The connection is replaced only once it fails. Holding is the lock's alone: a
+    connection lost while leading is the lease lost, as Postgres releases the lock with
+    the session.
+    """
+
     def __init__(self, url: str, name: str) -> None:
         self.url = url
         self.name = name
         self.key = lock_key(name)
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        # Whether the lock was won on ``_conn``; a standby's connection holds nothing.
+        self._holding = False
 
     async def acquire(self) -> bool:
-        if self._conn is not None and await self.held():
+        if self._holding and await self.held():
             return True
+        kept = self._conn
+        if kept is not None and not kept.closed:
+            try:
+                return await self._try(kept)
+            except (psycopg.Error, TimeoutError) as exc:
+                # The connection kept for trying has failed (a restart, a dropped link): a
+                # new one tries at once rather than a standby interval later.
+                log.debug("leadership.reconnecting", lease=self.name, error=str(exc))
         await self._drop()
         try:
-            conn = await psycopg.AsyncConnection.connect(
+            self._conn = await psycopg.AsyncConnection.connect(
                 self.url,
                 autocommit=True,
                 connect_timeout=5,
@@ -68,26 +90,25 @@ class PostgresLease:
                 keepalives_interval=2,
                 keepalives_count=3,
             )
-        except psycopg.OperationalError as exc:
+            return await self._try(self._conn)
+        except (psycopg.Error, TimeoutError) as exc:
             log.warning("leadership.unreachable", lease=self.name, error=str(exc))
+            await self._drop()
             return False
-        try:
-            row = await (
-                await conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,))
-            ).fetchone()
-        except psycopg.Error as exc:
-            log.warning("leadership.unreachable", lease=self.name, error=str(exc))
-            await conn.close()
-            return False
-        if row is None or not row[0]:
-            await conn.close()
-            return False
-        self._conn = conn
-        return True
+
+    async def _try(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Ask for the lock on ``conn``; whether it was won."""
+        cursor = await within(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)), 5)
+        row = await cursor.fetchone()
+        self._holding = row is not None and bool(row[0])
+        return self._holding
 
     async def held(self) -> bool:
         conn = self._conn
+        if not self._holding:
+            return False
         if conn is None or conn.closed:
+            await self._drop()
             return False
         try:
             await within(conn.execute("SELECT 1"), 5)
@@ -98,13 +119,13 @@ class PostgresLease:
 
     async def release(self) -> None:
         conn = self._conn
-        if conn is not None and not conn.closed:
+        if self._holding and conn is not None and not conn.closed:
             with contextlib.suppress(psycopg.Error):
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
         await self._drop()
 
     async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._holding = self._conn, None, False
         if conn is not None:
             with contextlib.suppress(psycopg.Error, OSError):
                 await conn.close()
