@@ -116,3 +116,25 @@ async def test_a_leader_whose_connection_is_lost_has_lost_the_lease(
     await eventually(standby.acquire, what="the standby winning the lock let go")
     assert await standby.held()
     assert not await leader.acquire(), "the old leader is now a standby"
+
+
+async def test_the_server_probes_a_holder_s_session_so_a_vanished_host_frees_the_lock(
+    leases: tuple[PostgresLease, PostgresLease, Sessions],
+) -> None:
+    """A holder whose host died sends no reset: only the server's own keepalives end its
+    session, and with it the lock (by default after two hours)."""
+    leader, _, _ = leases
+    assert await leader.acquire()
+    conn = leader._conn  # the setting is the session's own, seen only from it
+    assert conn is not None
+    shown = {}
+    for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count"):
+        row = await (await conn.execute(f"SHOW {name}")).fetchone()
+        assert row is not None
+        shown[name] = int(row[0])
+    # Gone within ~11 s of silence: 5 s idle, then 3 probes 2 s apart.
+    assert shown == {
+        "tcp_keepalives_idle": 5,
+        "tcp_keepalives_interval": 2,
+        "tcp_keepalives_count": 3,
+    }

@@ -89,6 +89,12 @@ class PostgresLease:
                 keepalives_idle=5,
                 keepalives_interval=2,
                 keepalives_count=3,
+                # And by the server: the lock is the server's, and it lets go of it only once
+                # it sees the session gone. A holder whose host died or was cut off sends no
+                # reset; the server's own keepalives (by default after two hours) would keep
+                # every standby waiting that long.
+                options="-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
+                " -c tcp_keepalives_count=3",
             )
             return await self._try(self._conn)
         except (psycopg.Error, TimeoutError) as exc:
