@@ -39,7 +39,7 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "appends": Benchmark(
         appends.run,
-        "group-commit appends, 1 and 64 writers, vs psycopg single-row inserts (1/8 clients)",
+        "group-commit appends, 1 and 64 writers, vs pgbench single-row inserts (1/8 clients)",
         ("services", "embedded"),
         0.5,
     ),
@@ -100,7 +100,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "webhooks": Benchmark(
         webhooks.run,
-        "webhook deliveries to a local receiver vs a bare httpx POST loop",
+        "webhook deliveries to a local receiver vs bare httpx and aiohttp POST loops",
         ("services", "embedded"),
         1.0,
         sized=True,
