@@ -21,6 +21,8 @@ received messages is a ``Mailbox`` rather than an ``asyncio.Queue``, and the wri
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +82,30 @@ class Flag:
                     self._waiters.remove(waiter)
 
 
+# A client that vanished without closing (its host or network gone) is dropped once data
+# sent to it has gone unacknowledged this long (``TCP_USER_TIMEOUT``; the hub's heartbeats
+# keep sending), or, on a connection nothing is sent on, after keepalive probes: about a
+# minute either way, where the kernel's defaults would keep it ~15 minutes or two hours.
+DEAD_PEER_MS = 60_000
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+
+
+def notice_dead_peers(sock: Any) -> None:
+    """Set ``sock`` (a TCP socket) to drop a peer that stopped answering within a minute."""
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), DEAD_PEER_MS),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            # Not every platform has every option: what it has is set.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+
+
 class Protocol(WebSocketsSansIOProtocol):
     """Configured as uvicorn's ``ws`` protocol by ``almanac.server``. Per-message deflate
     must stay off: with it, a frame's bytes would differ from one connection to the next."""
@@ -88,6 +114,12 @@ class Protocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = Mailbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            notice_dead_peers(sock)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)

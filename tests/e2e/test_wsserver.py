@@ -4,6 +4,7 @@ settings of ``almanac serve``, spoken to by a real client."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +13,14 @@ import uvicorn
 import websockets
 
 from almanac.server import config
-from streams.wsserver import DIRECT_SEND, Protocol, direct_send, text_frame
+from streams.wsserver import (
+    DEAD_PEER_MS,
+    DIRECT_SEND,
+    KEEPALIVE_IDLE,
+    Protocol,
+    direct_send,
+    text_frame,
+)
 from tests.integration.support_waiting import until_started
 
 
@@ -87,3 +95,17 @@ async def test_a_connection_that_cannot_take_a_frame_now_is_written_nothing() ->
         assert not direct(text_frame(b"too late"))
     # The connection is gone: its scope no longer holds it (no cycle left for the collector).
     assert DIRECT_SEND not in scope["extensions"]
+
+
+async def test_a_client_that_vanishes_without_closing_is_dropped_within_about_a_minute() -> None:
+    """Its host gone, it sends no FIN nor reset: only the kernel can tell, by the
+    unacknowledged heartbeats (``TCP_USER_TIMEOUT``) or by keepalive probes."""
+    async with serving() as (app, url), websockets.connect(url, open_timeout=10):
+        scope, _, _ = await asyncio.wait_for(app.ready.get(), 10)
+        direct = direct_send(scope)
+        assert direct is not None
+        protocol = direct.__self__  # type: ignore[attr-defined]
+        sock = protocol.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == DEAD_PEER_MS
