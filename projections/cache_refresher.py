@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from uuid import uuid4
 
@@ -341,21 +341,32 @@ class CacheRefresher:
         )
 
     async def _entries(self, reading_ids: list[str], hashes: list[str]) -> dict[str, bytes]:
-        items: dict[str, bytes] = {}
-        for row in await self._fetch(SELECT_READINGS, "r.id", reading_ids):
-            cached = reading_from_row(row)
-            items[reading_key(cached.view.id)] = encode_entry(cached)
-        for row in await self._fetch(_SELECT_CHARTS, "chart_hash", hashes):
-            chart = chart_from_row(row)
-            items[chart_key(chart.chart_hash)] = encode_entry(chart)
-        return items
+        return await read_entries(self._db, reading_ids, hashes)
 
-    async def _fetch(self, select: str, column: str, values: list[str]) -> list[Row]:
-        rows: list[Row] = []
-        for start in range(0, len(values), CHUNK):
-            condition, params = _in_list(column, values[start : start + CHUNK])
-            rows.extend(await self._db.fetch_all(f"{select} WHERE {condition}", params))
-        return rows
+
+async def read_entries(
+    db: ReadDatabase, reading_ids: Sequence[str], hashes: Sequence[str]
+) -> dict[str, bytes]:
+    """The cache's entries of these readings and charts, as ``db`` has them now, by key: what
+    a query reads, encoded as the cache holds it. Rows ``db`` does not have are left out.
+
+    The refresher's reads after a commit, and the cache's when it warms (``Load``)."""
+    items: dict[str, bytes] = {}
+    for row in await _fetch(db, SELECT_READINGS, "r.id", reading_ids):
+        cached = reading_from_row(row)
+        items[reading_key(cached.view.id)] = encode_entry(cached)
+    for row in await _fetch(db, _SELECT_CHARTS, "chart_hash", hashes):
+        chart = chart_from_row(row)
+        items[chart_key(chart.chart_hash)] = encode_entry(chart)
+    return items
+
+
+async def _fetch(db: ReadDatabase, select: str, column: str, values: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    for start in range(0, len(values), CHUNK):
+        condition, params = _in_list(column, list(values[start : start + CHUNK]))
+        rows.extend(await db.fetch_all(f"{select} WHERE {condition}", params))
+    return rows
 
 
 def _done(pending: dict[str, int], refreshed: dict[str, int]) -> None:

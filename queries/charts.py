@@ -34,7 +34,9 @@ async def get_chart(
             raise NotFound(f"no chart {chart_hash}")
         view = chart_from_row(row)
         if cache is not None:
-            await cache.fill(key, encode_entry(view), mark=mark)
+            # Whichever database answered, its row is the primary's: a chart is written once
+            # and never changes, so even a standby's copy may be shared.
+            await cache.fill(key, encode_entry(view), mark=mark, shared=True)
     if not principal.is_admin:
         owns = await source.fetch_one(_OWNS, {"chart_hash": chart_hash, "owner": principal.owner})
         if owns is None:

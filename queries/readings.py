@@ -63,14 +63,18 @@ async def get_reading(
         raise NotFound(f"no reading {reading_id}")
     entry = reading_from_row(row)
     position = entry.view.position
+    shared = reads.as_new_as_primary(source)
     if cached is not None and position > cached.view.position:
         # The cache gave an earlier state than this one: replace it there, so a later read
         # without min_position does not step back to it.
         await cache.supersede(
-            key, encode_entry(entry), stale=lambda held: _older_than(held, position)
+            key,
+            encode_entry(entry),
+            stale=lambda held: _older_than(held, position),
+            shared=shared,
         )
     else:
-        await cache.fill(key, encode_entry(entry), mark=mark)
+        await cache.fill(key, encode_entry(entry), mark=mark, shared=shared)
     if not principal.may_see(entry.owner):
         raise NotFound(f"no reading {reading_id}")
     return entry.view

@@ -48,6 +48,16 @@ class Reads:
         """These reads with no standby: for what no projection position can vouch for."""
         return replace(self, router=None)
 
+    def as_new_as_primary(self, source: ReadDatabase) -> bool:
+        """Whether what ``source`` (from ``route`` or ``read``) answers is certainly as new as
+        the primary's state: only then may a query put it where every process reads (L2).
+
+        A standby's answer may trail the primary by up to the router's ``max_lag``; in Redis
+        it would serve that earlier state to every process, and no commit would come to make
+        the projector put the later one back. (A standby that fails hands its read to the
+        primary, and is still counted a standby here: the safe side.)"""
+        return self.router is None or self.router.applied_position(source) is None
+
     async def route(self, projections: Sequence[str], min_position: int | None) -> ReadDatabase:
         """The database to read ``projections`` from, once each has reached
         ``min_position``."""

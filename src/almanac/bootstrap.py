@@ -6,6 +6,7 @@ Tests pass ``**overrides`` to swap a collaborator (a generator, a chart calculat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from almanac.settings import Profile, Settings, WorkerSettings
 from commands.batch_process import BatchProcessManager
 from commands.worker import ReadingWorker
 from projections.batches import BatchesProjection
-from projections.cache_refresher import CacheRefresher
+from projections.cache_refresher import CacheRefresher, read_entries
 from projections.dead_letters import DeadLettersProjection
 from projections.readings import ReadingsProjection
 from projections.runner import AfterCommit, Projection, ProjectionRunner
@@ -92,7 +93,11 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     )
     # Tests isolate their Redis keys (and invalidation channel) with a prefix.
     cache: ReadCache = TwoLevelCache(
-        settings.cache, redis, prefix=overrides.get("cache_prefix", "")
+        settings.cache,
+        redis,
+        prefix=overrides.get("cache_prefix", ""),
+        # Warming reads what Redis lacks from the primary, as the refresher does.
+        load=functools.partial(read_entries, read_db),
     )
     watch = PositionWatch(lambda name: projection_position(read_db, name))
     generator: ReadingGenerator = overrides.get("generator") or BuiltinGenerator()

@@ -12,8 +12,17 @@ Who writes what:
   never refreshed: gone from L2 and, by the same channel, from every L1.
 - A query that had to read the database calls ``fill``: into L1 unless the key was
   invalidated while it was reading (``mark``), and into L2 only where L2 has nothing and
-  for a short while (``fill_ttl``), so a possibly older row (from a replica, or a read that
-  raced a commit) never overwrites what the projector wrote and never outlives it for long.
+  for a short while (``fill_ttl``), so a row from a read that raced a commit never
+  overwrites what the projector wrote and never outlives it for long.
+- Only what is as new as the primary read database's state of its key goes into L2 from a
+  query (``shared=False`` otherwise): a row from a hot standby may trail the primary by up
+  to the router's ``max_lag``, and in L2 every process would serve that earlier state, with
+  no commit to come that makes the projector put the later one back. Such a row goes into
+  this process's L1 alone, where it lives ``l1_ttl`` seconds.
+- An API process, as it starts, ``warm``s the keys read most of late (read counts per
+  window of ``hot_window`` seconds, the previous window's fading out as the current one
+  passes): each that Redis lacks is read from the primary read database (``load``, the
+  refresher's own reads) and put there as a fill is, and all of them go into its L1.
 
 L1 entries live ``l1_ttl`` seconds, which bounds how long a lost invalidation can matter.
 While Redis is away nothing is asked of it for a backoff that grows from 1 s to 10 s; once
@@ -28,7 +37,7 @@ import contextlib
 import functools
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from uuid import UUID, uuid4
 
@@ -44,20 +53,26 @@ from almanac.views import CachedReading, ChartView
 log = structlog.get_logger("almanac.cache")
 
 Clock = Callable[[], float]
+# The cache's entries of the given readings (ids) and charts (hashes), as the primary read
+# database has them now; a row it does not have is left out.
+Load = Callable[[Sequence[str], Sequence[str]], Awaitable[dict[str, bytes]]]
 # Redis names under the (per-deployment or per-test) prefix.
 ENTRY_NAMESPACE = "almanac:"
 INVALIDATE_CHANNEL = "almanac:cache:invalidate"
+# Read counts of one window, named by its number (``hot_window``): ``almanac:cache:hot:<n>``.
 HOT_KEYS = "almanac:cache:hot"
+READING_PREFIX = "reading:"
+CHART_PREFIX = "chart:"
 
 
 def reading_key(reading_id: UUID | str) -> str:
     """The key of a reading; its value is a ``CachedReading`` as JSON."""
-    return f"reading:{reading_id}"
+    return f"{READING_PREFIX}{reading_id}"
 
 
 def chart_key(chart_hash: str) -> str:
     """The key of a chart; its value is a ``ChartView`` as JSON."""
-    return f"chart:{chart_hash}"
+    return f"{CHART_PREFIX}{chart_hash}"
 
 
 _encode = msgspec.json.Encoder().encode
@@ -118,6 +133,48 @@ def decode_chart(data: bytes | None) -> ChartView | None:
         return None
 
 
+def hot_window(now: float, length: float) -> tuple[int, float]:
+    """The number of the read-count window ``now`` (wall-clock seconds, the same in every
+    process) falls in, and how much of it (0 to 1) has passed."""
+    number, into = divmod(now, length)
+    return int(number), into / length
+
+
+def rank_hot(
+    current: Iterable[tuple[str, float]],
+    previous: Iterable[tuple[str, float]],
+    passed: float,
+    limit: int,
+) -> list[str]:
+    """The ``limit`` keys read most in about the last window's length, most read first.
+
+    The reads of the window under way count whole, those of the window before it in the
+    part of it that the current one has not yet replaced (``1 - passed``), so that a key's
+    popularity fades out within two windows of its last read: counts only ever grow within
+    a window, and a key hot long ago would otherwise rank above every key hot now.
+    """
+    scores: dict[str, float] = {}
+    for key, count in previous:
+        scores[key] = scores.get(key, 0.0) + count * (1.0 - passed)
+    for key, count in current:
+        scores[key] = scores.get(key, 0.0) + count
+    # Ties by key, so that every process warms the same keys.
+    ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    return [key for key, score in ranked[:limit] if score > 0]
+
+
+def split_keys(keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The reading ids and the chart hashes that ``keys`` name (other keys are skipped)."""
+    readings: list[str] = []
+    charts: list[str] = []
+    for key in keys:
+        if key.startswith(READING_PREFIX):
+            readings.append(key.removeprefix(READING_PREFIX))
+        elif key.startswith(CHART_PREFIX):
+            charts.append(key.removeprefix(CHART_PREFIX))
+    return readings, charts
+
+
 class CacheStats(msgspec.Struct, frozen=True):
     """Counters since the process started, and the current state."""
 
@@ -160,13 +217,19 @@ class ReadCache(Protocol):
         """Taken before a database read, handed to ``fill`` with what was read."""
         ...
 
-    async def fill(self, key: str, value: bytes, *, mark: int) -> None:
-        """Cache a value read from the database, unless it may be older than the cache's."""
+    async def fill(self, key: str, value: bytes, *, mark: int, shared: bool = True) -> None:
+        """Cache a value read from the database, unless it may be older than the cache's.
+
+        ``shared=False``: the value may be older than the primary's (a standby read it), so
+        it goes into this process's L1 only, never where other processes would read it."""
         ...
 
-    async def supersede(self, key: str, value: bytes, *, stale: Callable[[bytes], bool]) -> None:
+    async def supersede(
+        self, key: str, value: bytes, *, stale: Callable[[bytes], bool], shared: bool = True
+    ) -> None:
         """Put ``value`` in place of a cached value that ``stale`` finds older than it (or of
-        none): the cache answered an earlier state than the database has since shown."""
+        none): the cache answered an earlier state than the database has since shown.
+        ``shared`` as for ``fill``."""
         ...
 
     async def invalidate(self, keys: Iterable[str]) -> None:
@@ -184,6 +247,10 @@ class ReadCache(Protocol):
         ...
 
     async def start(self) -> None: ...
+
+    async def warm(self) -> int:
+        """Make sure the keys read most of late are cached; how many are (never fails)."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -277,20 +344,28 @@ class TwoLevelCache:
         redis: RedisConnection | None,
         *,
         prefix: str = "",
+        load: Load | None = None,
         clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
         backoff_initial: float = 1.0,
         backoff_max: float = 10.0,
         log_interval: float = 10.0,
         flush_interval: float = 1.0,
         fill_ttl: float = 60.0,
+        hot_window: float = 3600.0,
     ) -> None:
         self._l1 = L1Cache(settings.l1_size, settings.l1_ttl, clock)
         self._redis = redis
+        self._load = load
         self._clock = clock
+        self._wall_clock = wall_clock
         self._l2_ttl_ms = max(1, int(settings.l2_ttl * 1000))
         self._fill_ttl_ms = max(1, int(min(fill_ttl, settings.l2_ttl) * 1000))
-        self._warm_limit = min(settings.warm_keys, self._l1.capacity)
+        self._warm_limit = settings.warm_keys
         self._hot_capacity = max(4 * settings.warm_keys, 1000)
+        self._hot_window = hot_window
+        # A window's counts are read while it is the current one and the one after.
+        self._hot_ttl_ms = max(1, int(2 * hot_window * 1000))
         self._entry_prefix = f"{prefix}{ENTRY_NAMESPACE}"
         self._channel = f"{prefix}{INVALIDATE_CHANNEL}"
         self._hot = f"{prefix}{HOT_KEYS}"
@@ -396,15 +471,20 @@ class TwoLevelCache:
     def mark(self) -> int:
         return self._seq
 
-    async def fill(self, key: str, value: bytes, *, mark: int) -> None:
+    async def fill(self, key: str, value: bytes, *, mark: int, shared: bool = True) -> None:
         self._fill_l1(key, value, mark)
-        await self._store({key: value}, publish=False, filling=True)
+        if shared:
+            await self._store({key: value}, publish=False, filling=True)
 
-    async def supersede(self, key: str, value: bytes, *, stale: Callable[[bytes], bool]) -> None:
+    async def supersede(
+        self, key: str, value: bytes, *, stale: Callable[[bytes], bool], shared: bool = True
+    ) -> None:
         held = self._l1.get(key)
         if held is None or stale(held):
             self._l1.put(key, value)
-        if self._redis is None or (self._failing and self._clock() < self._skip_until):
+        if not shared or self._redis is None:
+            return
+        if self._failing and self._clock() < self._skip_until:
             return
         entry = self._entry(key)
         try:
@@ -511,7 +591,7 @@ class TwoLevelCache:
     # Lifecycle: the invalidation subscriber, the hot-key counts, warming.
 
     async def start(self) -> None:
-        """Subscribe to invalidations and warm L1 with the hottest keys (never fails)."""
+        """Subscribe to invalidations and start sending the read counts (never fails)."""
         if self._running:
             return
         self._running = True
@@ -522,7 +602,6 @@ class TwoLevelCache:
             asyncio.create_task(self._listen(), name="cache-invalidations"),
             asyncio.create_task(self._flush_periodically(), name="cache-hot-keys"),
         ]
-        await self._warm()
 
     async def stop(self) -> None:
         """End the subscriber; save the read counts so the next start warms the same keys."""
@@ -582,25 +661,37 @@ class TwoLevelCache:
         if self._count_reads and (key in self._reads or len(self._reads) < _COUNTED_KEYS):
             self._reads[key] += 1
 
+    def _hot_key(self, window: int) -> str:
+        return f"{self._hot}:{window}"
+
     async def _flush_reads(self) -> None:
         if not self._reads:
             return
         reads, self._reads = self._reads, Counter()
+        hot = self._hot_key(hot_window(self._wall_clock(), self._hot_window)[0])
 
         def build(pipe: Any) -> None:
             for key, count in reads.items():
-                pipe.zincrby(self._hot, count, key)
-            pipe.zremrangebyrank(self._hot, 0, -(self._hot_capacity + 1))
+                pipe.zincrby(hot, count, key)
+            pipe.zremrangebyrank(hot, 0, -(self._hot_capacity + 1))
+            pipe.pexpire(hot, self._hot_ttl_ms)
 
         await self._pipeline(build)
 
-    async def _warm(self) -> int:
-        if not self._warm_limit:
+    async def warm(self) -> int:
+        """Make sure the ``warm_keys`` keys read most of late are in L2 and in this L1.
+
+        Bounded work, done once as an API process starts: one pipeline for the ranking, one
+        of MGETs, one query per 500 keys that Redis lacks (after a restart of Redis, or an
+        expiry or eviction there), read from the primary read database as the refresher
+        reads them, and one pipeline that puts those into L2 as ``fill`` would (only where
+        L2 has nothing, for ``fill_ttl``: a commit may land between the read and the write).
+        Without Redis there is nothing to do: the read counts live there, and an L1 filled
+        alone would expire ``l1_ttl`` seconds later, before it served much.
+        """
+        if self._redis is None or not self._warm_limit:
             return 0
-        ranked = await self._pipeline(
-            lambda pipe: pipe.zrevrange(self._hot, 0, self._warm_limit - 1)
-        )
-        keys = [k.decode() for k in ranked[0]] if ranked else []
+        keys = await self._hottest()
         if not keys:
             return 0
         mark = self._seq
@@ -610,15 +701,55 @@ class TwoLevelCache:
                 pipe.mget([self._entry(k) for k in keys[start : start + _KEYS_PER_COMMAND]])
 
         chunks = await self._pipeline(build)
-        values = [value for chunk in chunks or [] for value in chunk]
-        warmed = 0
-        for key, value in zip(keys, values, strict=False):
+        if chunks is None:
+            return 0  # Redis is away: what was loaded could not be shared anyway
+        values = [value for chunk in chunks for value in chunk]
+        cached = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        loaded = await self._load_missing([k for k in keys if k not in cached])
+        if loaded:
+            await self._store(loaded, publish=False, filling=True)
+        # The coldest first: an L1 smaller than the list keeps the hottest.
+        for key in reversed(keys):
+            value = cached.get(key) or loaded.get(key)
             if value is not None:
                 self._fill_l1(key, value, mark)
-                warmed += 1
+        warmed = len(cached) + len(loaded)
         self._warmed += warmed
-        log.info("cache.warmed", keys=warmed, hottest=len(keys))
+        log.info(
+            "cache.warmed",
+            keys=len(keys),
+            from_redis=len(cached),
+            from_database=len(loaded),
+            missing=len(keys) - warmed,
+        )
         return warmed
+
+    async def _hottest(self) -> list[str]:
+        window, passed = hot_window(self._wall_clock(), self._hot_window)
+        last = self._hot_capacity - 1
+        ranked = await self._pipeline(
+            lambda pipe: (
+                pipe.zrevrange(self._hot_key(window), 0, last, withscores=True),
+                pipe.zrevrange(self._hot_key(window - 1), 0, last, withscores=True),
+            )
+        )
+        if ranked is None:
+            return []
+        current, previous = (((k.decode(), float(n)) for k, n in scores) for scores in ranked)
+        return rank_hot(current, previous, passed, self._warm_limit)
+
+    async def _load_missing(self, keys: list[str]) -> dict[str, bytes]:
+        """The entries of ``keys`` from the primary read database; none if it failed."""
+        if not keys or self._load is None:
+            return {}
+        readings, charts = split_keys(keys)
+        try:
+            loaded = await self._load(readings, charts)
+        except Exception as exc:  # noqa: BLE001 - warming is an optimisation; start-up goes on
+            log.warning("cache.warm_failed", keys=len(keys), error=str(exc) or repr(exc))
+            return {}
+        wanted = set(keys)
+        return {k: v for k, v in loaded.items() if k in wanted}
 
     # Redis, and what happens when it is away.
 

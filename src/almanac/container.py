@@ -99,6 +99,9 @@ class Container:
             for role in roles:
                 if hasattr(role, "prepare"):
                     await role.prepare()
+        if "api" in self.roles:
+            # Only processes that answer queries gain from it, and the tables exist by now.
+            await self.cache.warm()
         await self.feed.start()
         for role_name, roles in self.background.items():
             if role_name in self.roles:

@@ -5,6 +5,7 @@ outage of a private redis-server (killed, then restarted on the same port)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,9 +15,11 @@ from uuid import UUID, uuid4
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from litestar.testing import AsyncTestClient
 from redis import Redis as SyncRedis
 
+import almanac.cache
 from almanac.adapters.redis import RedisConnection
 from almanac.app import create_app
 from almanac.auth import Principal
@@ -37,7 +40,7 @@ from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import POSITIONS_SCHEMA, ReadDatabase
 from almanac.settings import CacheSettings, Settings
 from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
-from projections.cache_refresher import CacheRefresher
+from projections.cache_refresher import CacheRefresher, read_entries
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
 from queries.readings import get_reading
@@ -260,27 +263,63 @@ async def test_a_refresh_reaches_every_process(redis: Any, prefix: str) -> None:
         await eventually(api_reads_v2, within=10, what="the refreshed value in the other L1")
 
 
-async def test_warming_loads_the_hottest_keys_into_l1(redis: Any, prefix: str) -> None:
-    counting = CacheSettings(l1_size=100, l1_ttl=30.0, l2_ttl=60.0, warm_keys=2)
-    reads = {"reading:a": 5, "reading:b": 3, "reading:c": 2, "reading:d": 1}
-    async with started(REDIS_URL, prefix, counting) as first:
-        await first.put_many({key: key.encode() for key in [*reads, "reading:unread"]})
-        for key, times in reads.items():
-            for _ in range(times):
-                assert await first.get(key) == key.encode()
-    # Stopping saved the read counts; a new process warms its L1 with the two hottest.
-    async with started(REDIS_URL, prefix, counting) as second:
-        assert second.stats().warmed == 2
-        assert second.stats().l1_size == 2
-        assert await second.get_many(["reading:a", "reading:b"]) == {
-            "reading:a": b"reading:a",
-            "reading:b": b"reading:b",
-        }
-        assert await second.get("reading:c") == b"reading:c"
-        stats = second.stats()
-        assert (stats.l1_hits, stats.l2_hits) == (2, 1)
-    hot = await redis.zrevrange(f"{prefix}almanac:cache:hot", 0, -1, withscores=True)
-    assert hot[:2] == [(b"reading:a", 6.0), (b"reading:b", 4.0)]
+async def test_warming_puts_the_hottest_keys_into_redis_from_the_read_database_and_into_l1(
+    postgres_url: str, tmp_path: Path, redis: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis has lost the hot readings (restarted, or they expired there); a new API process
+    finds them in the primary read database and puts them back where every process reads."""
+    settings = services_settings(postgres_url)
+    hot, warm, lukewarm, cold = (request(label=label) for label in ("hot", "warm", "lw", "cold"))
+    store = EventStore(settings)
+    try:
+        for reading in (hot, warm, lukewarm, cold):
+            await store.append(reading)
+        events = await store.read(0, 100)
+    finally:
+        store.close()
+    never_projected = reading_key(uuid4())
+    counting = CacheSettings(l1_size=100, l1_ttl=30.0, l2_ttl=60.0, warm_keys=4)
+    reads = {
+        reading_key(hot.id): 5,
+        reading_key(warm.id): 4,
+        never_projected: 3,
+        reading_key(lukewarm.id): 2,
+        reading_key(cold.id): 1,
+    }
+    async with fresh_read_database(settings, tmp_path) as db:
+        await db.migrate([*POSITIONS_SCHEMA[db.dialect], *ReadingsProjection.schema[db.dialect]])
+        await project(db, events)
+        rows = await read_entries(db, [str(r.id) for r in (hot, warm, lukewarm, cold)], [])
+        async with started(REDIS_URL, prefix, counting) as first:
+            # The one entry Redis still holds.
+            await first.put_many({reading_key(lukewarm.id): rows[reading_key(lukewarm.id)]})
+            for key, times in reads.items():
+                for _ in range(times):
+                    await first.get(key)
+        # Stopping sent the read counts.
+        entries = [f"{prefix}almanac:{key}" for key in reads]
+        assert await redis.mget(entries) == [None, None, None, rows[reading_key(lukewarm.id)], None]
+
+        load = functools.partial(read_entries, db)
+        with structlog.testing.capture_logs() as logs:
+            # A logger of its own: one bound elsewhere would not be captured.
+            monkeypatch.setattr(almanac.cache, "log", structlog.get_logger("almanac.cache"))
+            async with started(REDIS_URL, prefix, counting, load=load) as second:
+                assert await second.warm() == 3
+                assert second.stats().l1_size == 3
+                assert await second.get(reading_key(hot.id)) == rows[reading_key(hot.id)]
+                assert second.stats().l1_hits == 1
+
+    # Read back from Redis itself: another process finds them there.
+    assert await redis.mget(entries) == [
+        rows[reading_key(hot.id)],
+        rows[reading_key(warm.id)],
+        None,
+        rows[reading_key(lukewarm.id)],
+        None,
+    ]
+    [warmed] = [line for line in logs if line["event"] == "cache.warmed"]
+    assert (warmed["from_redis"], warmed["from_database"], warmed["missing"]) == (1, 2, 1)
 
 
 # The refresher: after a commit, the cache holds what the read database holds.

@@ -19,6 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 import almanac.cache
 from almanac.adapters.redis import RedisConnection
+from almanac.adapters.replicas import ReadRouter
+from almanac.auth import Principal
 from almanac.cache import (
     Backoff,
     CacheStats,
@@ -28,16 +30,20 @@ from almanac.cache import (
     decode_chart,
     decode_reading,
     encode_entry,
+    rank_hot,
     reading_key,
 )
 from almanac.domain.chart import ChartOptions
 from almanac.domain.reading import Reading
 from almanac.errors import Unavailable
 from almanac.eventstore import MsgspecMapper, RecordedEvent
+from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.settings import CacheSettings
-from almanac.views import CachedReading, ReadingView
+from almanac.views import CachedReading, ReadingView, reading_from_row
 from projections import cache_refresher
 from projections.cache_refresher import CacheRefresher
+from queries.readings import get_reading
+from queries.routing import Reads
 from tests.factories import birth
 from tests.integration.support_waiting import eventually
 
@@ -276,6 +282,7 @@ class FakeRedis:
     data: dict[str, bytes] = field(default_factory=dict)
     published: list[tuple[str, bytes]] = field(default_factory=list)
     ttls_ms: dict[str, int] = field(default_factory=dict)
+    sorted_sets: dict[str, dict[bytes, float]] = field(default_factory=dict)
     executed: int = 0
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
@@ -315,18 +322,58 @@ class FakePipeline:
             return 0
         if name == "delete":
             return sum(data.pop(key, None) is not None for key in args)
-        return 0
+        return self._run_sorted_set(name, args)
+
+    def _run_sorted_set(self, name: str, args: tuple[Any, ...]) -> Any:
+        if name == "pexpire":
+            self.server.ttls_ms[args[0]] = args[1]
+            return 1
+        scores = self.server.sorted_sets.setdefault(args[0], {})
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        if name == "zincrby":
+            member = args[2].encode()
+            scores[member] = scores.get(member, 0.0) + args[1]
+            return scores[member]
+        if name == "zremrangebyrank":  # keeps the highest ranked (as used: 0, -(n + 1))
+            keep = -args[2] - 1
+            self.server.sorted_sets[args[0]] = dict(ranked[:keep])
+            return len(ranked) - keep
+        if name == "zrevrange":
+            return ranked[args[1] : args[2] + 1 if args[2] >= 0 else None]
+        raise AssertionError(f"FakeRedis has no {name}")
+
+
+class FakePubSub:
+    """A subscription on which nothing is ever published."""
+
+    async def subscribe(self, channel: str) -> None:
+        return None
+
+    async def get_message(self, timeout: float) -> dict[str, Any] | None:
+        await asyncio.sleep(timeout)
+        return None
+
+    async def aclose(self) -> None:
+        return None
 
 
 @dataclass
 class FakeConnection:
     client: FakeRedis
 
+    def pubsub(self) -> FakePubSub:
+        return FakePubSub()
 
-def two_level(clock: FakeClock, server: FakeRedis, **kwargs: Any) -> TwoLevelCache:
+
+def two_level(
+    clock: FakeClock, server: FakeRedis, *, warm_keys: int = 0, **kwargs: Any
+) -> TwoLevelCache:
     connection = cast("RedisConnection", FakeConnection(server))
     return TwoLevelCache(
-        CacheSettings(l1_size=100, l1_ttl=5.0, warm_keys=0), connection, clock=clock, **kwargs
+        CacheSettings(l1_size=100, l1_ttl=5.0, warm_keys=warm_keys),
+        connection,
+        clock=clock,
+        **kwargs,
     )
 
 
@@ -447,6 +494,240 @@ async def test_an_eviction_drops_keys_from_l2_then_publishes_them_for_every_l1(
     assert not await cache.evict(["reading:2"])
 
 
+# Warming: the keys read most of late, from Redis or else from the read database.
+
+HOUR = 3600.0
+
+
+class WallClock(FakeClock):
+    """Wall-clock seconds, as every process reads them (read-count windows go by these)."""
+
+    def __init__(self, at: float) -> None:
+        self.now = at
+
+
+class LoadFromDatabase:
+    """The primary read database's entries by key, as ``read_entries`` would give them."""
+
+    def __init__(self, rows: Mapping[str, bytes], *, down: bool = False) -> None:
+        self.rows = dict(rows)
+        self.down = down
+        self.asked: list[tuple[list[str], list[str]]] = []
+
+    async def __call__(self, readings: Sequence[str], charts: Sequence[str]) -> dict[str, bytes]:
+        self.asked.append((list(readings), list(charts)))
+        if self.down:
+            raise Unavailable("the read database is not answering")
+        wanted = {reading_key(r) for r in readings} | {chart_key(c) for c in charts}
+        return {key: value for key, value in self.rows.items() if key in wanted}
+
+
+async def count_reads(
+    server: FakeRedis, clock: FakeClock, wall: WallClock, reads: Mapping[str, int]
+) -> None:
+    """``reads`` made in a process that then stops, sending its read counts to Redis."""
+    cache = two_level(clock, server, warm_keys=10, wall_clock=wall)
+    await cache.start()
+    for key, times in reads.items():
+        for _ in range(times):
+            await cache.get(key)
+    await cache.stop()
+
+
+def test_reads_of_the_window_before_count_less_as_the_current_one_passes() -> None:
+    previous, current = [("reading:old", 10.0)], [("reading:new", 6.0)]
+    assert rank_hot(current, previous, passed=0.1, limit=2) == ["reading:old", "reading:new"]
+    assert rank_hot(current, previous, passed=0.5, limit=2) == ["reading:new", "reading:old"]
+    assert rank_hot(current, previous, passed=1.0, limit=2) == ["reading:new"]
+
+
+async def test_a_key_read_most_long_ago_is_warmed_after_keys_read_less_but_lately(
+    clock: FakeClock,
+) -> None:
+    """Read counts only grow: without windows the key read 1,000 times yesterday would be
+    warmed first for ever, whatever is read now."""
+    server = FakeRedis()
+    wall = WallClock(100 * HOUR)
+    await count_reads(server, clock, wall, {"reading:yesterday": 1000, "reading:lately": 1})
+    wall.advance(24 * HOUR)
+    await count_reads(server, clock, wall, {"reading:now": 3, "reading:lately": 1})
+    for key in ["reading:now", "reading:lately", "reading:yesterday"]:
+        server.data[f"almanac:{key}"] = key.encode()
+
+    cache = two_level(clock, server, warm_keys=2, wall_clock=wall)
+    assert await cache.warm() == 2
+    assert await cache.get_many(["reading:now", "reading:lately", "reading:yesterday"]) == {
+        "reading:now": b"reading:now",
+        "reading:lately": b"reading:lately",
+        "reading:yesterday": b"reading:yesterday",
+    }
+    stats = cache.stats()
+    assert (stats.l1_hits, stats.l2_hits) == (2, 1), "yesterday's key was not warmed"
+    # No window's counts outlive the window after it.
+    assert {ttl for key, ttl in server.ttls_ms.items() if ":hot:" in key} == {int(2 * HOUR * 1000)}
+
+
+async def test_warming_loads_hot_keys_redis_lacks_from_the_database_into_redis_and_l1(
+    clock: FakeClock, logs: list[MutableMapping[str, Any]]
+) -> None:
+    server = FakeRedis()
+    wall = WallClock(100 * HOUR)
+    a, b, gone = reading_key(uuid4()), chart_key("c" * 64), reading_key(uuid4())
+    await count_reads(server, clock, wall, {a: 4, b: 3, gone: 2, "reading:cold": 1})
+    server.data[f"almanac:{a}"] = b"a in redis"
+    load = LoadFromDatabase({a: b"a in the database", b: b"b in the database"})
+
+    cache = two_level(clock, server, warm_keys=3, wall_clock=wall, load=load, fill_ttl=60.0)
+    logs.clear()
+    assert await cache.warm() == 2
+    # Only what Redis lacked is read, in one go: readings and charts by their ids.
+    assert load.asked == [([gone.removeprefix("reading:")], ["c" * 64])]
+    assert server.data[f"almanac:{a}"] == b"a in redis"
+    assert server.data[f"almanac:{b}"] == b"b in the database"
+    assert server.ttls_ms[f"almanac:{b}"] == 60_000  # as a fill: a commit may have raced it
+    assert f"almanac:{gone}" not in server.data
+    assert "almanac:reading:cold" not in server.data
+    assert (cache.stats().l1_size, cache.stats().warmed) == (2, 2)
+    [warmed] = [line for line in logs if line["event"] == "cache.warmed"]
+    assert (warmed["from_redis"], warmed["from_database"], warmed["missing"]) == (1, 1, 1)
+
+
+async def test_warming_goes_on_without_the_database_or_redis_and_never_fails(
+    clock: FakeClock, logs: list[MutableMapping[str, Any]]
+) -> None:
+    server = FakeRedis()
+    wall = WallClock(100 * HOUR)
+    await count_reads(server, clock, wall, {"reading:a": 2, "reading:b": 1})
+    server.data["almanac:reading:a"] = b"a"
+    down = LoadFromDatabase({}, down=True)
+    assert await two_level(clock, server, warm_keys=2, wall_clock=wall, load=down).warm() == 1
+    assert "cache.warm_failed" in [line["event"] for line in logs]
+    server.down = True
+    assert await two_level(clock, server, warm_keys=2, wall_clock=wall, load=down).warm() == 0
+
+
+async def test_an_l1_only_cache_warms_nothing(clock: FakeClock) -> None:
+    """Read counts live in Redis, and an L1 filled alone would expire before serving much."""
+    cache = TwoLevelCache(
+        CacheSettings(l1_size=100, l1_ttl=5.0, warm_keys=10),
+        None,
+        clock=clock,
+        load=LoadFromDatabase({"reading:a": b"a"}),
+    )
+    assert await cache.warm() == 0
+    assert cache.stats().l1_size == 0
+
+
+# A reading a lagging standby served: this process's L1 may keep it, Redis may not.
+
+READING = uuid4()
+ALICE = Principal(key_id="k", owner="alice", role="client", name="alice")
+
+
+class ReadingSource:
+    """A read database with one reading, at ``position`` in ``status``, whose
+    ``projection_positions`` say it has applied ``position``: a primary or a standby."""
+
+    dialect = "postgres"
+
+    def __init__(self, name: str, position: int, status: str) -> None:
+        self.url = f"postgresql://{name}/read"
+        self.position = position
+        self.status = status
+        self.reads = 0
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        assert "projection_positions" in sql, sql
+        return [{"name": "readings", "position": self.position}]
+
+    async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        assert "FROM readings" in sql, sql
+        self.reads += 1
+        return {**reading_row(), "status": self.status, "position": self.position}
+
+
+def reading_row() -> dict[str, Any]:
+    return RowsDatabase.row(str(READING))
+
+
+class Reached:
+    """A position watch whose projections have all reached ``position``."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+    async def current(self, name: str) -> int:
+        return self.position
+
+    async def wait_for(self, name: str, position: int, timeout: float) -> int:
+        return self.position
+
+
+def reads_via(primary: ReadingSource, *standbys: ReadingSource) -> Reads:
+    router = ReadRouter(
+        cast("ReadDatabase", primary),
+        [cast("ReadDatabase", s) for s in standbys],
+        max_lag=100,
+        clock=lambda: 1000.0,
+    )
+    watch = cast("PositionWatch", Reached(primary.position))
+    return Reads(cast("ReadDatabase", primary), watch, 1.0, router)
+
+
+async def test_a_reading_a_lagging_standby_served_is_cached_in_this_process_only(
+    clock: FakeClock,
+) -> None:
+    """The standby, 2 behind and so within max_lag, has not applied the reading's text yet.
+    In Redis its state would be served by every process, some of which may have answered
+    "generated" already, until the entry expired: the reading would step back for all."""
+    primary = ReadingSource("primary", 10, "generated")
+    standby = ReadingSource("standby", 8, "chart_calculated")
+    reads = reads_via(primary, standby)
+    server = FakeRedis()
+    cache = two_level(clock, server)
+
+    view = await get_reading(READING, reads=reads, principal=ALICE, min_position=None, cache=cache)
+    assert (view.status, standby.reads, primary.reads) == ("chart_calculated", 1, 0)
+    assert server.data == {}
+    again = await get_reading(READING, reads=reads, principal=ALICE, min_position=None, cache=cache)
+    assert again == view
+    assert standby.reads == 1, "the second read was answered by this process's L1"
+
+    # What the primary answers is as new as there is: every process may be given it.
+    other = two_level(clock, server)
+    view = await get_reading(
+        READING, reads=reads.on_primary(), principal=ALICE, min_position=None, cache=other
+    )
+    assert view.status == "generated"
+    held = decode_reading(server.data[f"almanac:{reading_key(READING)}"])
+    assert held is not None
+    assert (held.view.status, held.view.position) == ("generated", 10)
+
+
+async def test_a_standbys_later_state_does_not_replace_an_earlier_one_in_redis(
+    clock: FakeClock,
+) -> None:
+    """A client asks for position 8: the standby has it, Redis holds 5. The standby's row
+    answers and replaces 5 in this process's L1; Redis is left to the projector's refresh,
+    as nothing says the standby's row is the primary's latest."""
+    primary = ReadingSource("primary", 10, "generated")
+    standby = ReadingSource("standby", 8, "chart_calculated")
+    server = FakeRedis()
+    key = f"almanac:{reading_key(READING)}"
+    server.data[key] = encode_entry(reading_from_row({**reading_row(), "position": 5}))
+    cache = two_level(clock, server)
+    view = await get_reading(
+        READING, reads=reads_via(primary, standby), principal=ALICE, min_position=8, cache=cache
+    )
+    assert (view.status, view.position) == ("chart_calculated", 8)
+    held = decode_reading(server.data[key])
+    assert held is not None
+    assert held.view.position == 5
+    cached = decode_reading(await cache.get(reading_key(READING)))
+    assert cached is not None
+    assert cached.view.position == 8
+
+
 # The refresher, against stand-ins for the read database and the cache.
 
 
@@ -527,10 +808,10 @@ class RowsDatabase:
             raise Unavailable("the read database is not answering")
         if "FROM readings" not in sql:
             return []
-        return [self._row(reading_id) for reading_id in params.values()]
+        return [self.row(reading_id) for reading_id in params.values()]
 
     @staticmethod
-    def _row(reading_id: str) -> dict[str, Any]:
+    def row(reading_id: str) -> dict[str, Any]:
         now = datetime.now(UTC).isoformat()
         return {
             "id": reading_id,
