@@ -1,4 +1,5 @@
-"""The log feed on Postgres: LISTEN only while something follows, and woken across processes."""
+"""The log feed on Postgres: LISTEN only while something follows, woken across processes, and
+LISTENing again after its connection is lost."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ def listeners(url: str, since: object) -> int:
             (LISTENER_NAME, since),
         ).fetchone()
         return 0 if row is None else int(row[0])
+
+
+def listening_backends(url: str) -> set[int]:
+    """The server pids of this database's feed connections that have run their LISTEN."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = %s AND state = 'idle' AND query LIKE 'LISTEN %%'",
+            (LISTENER_NAME,),
+        ).fetchall()
+        return {int(row[0]) for row in rows}
+
+
+def terminate_backend(url: str, pid: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+        assert row is not None
+        assert row[0], f"backend {pid} was not terminated"
 
 
 def server_now(url: str) -> object:
@@ -71,4 +90,47 @@ async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
         elsewhere.close()
     assert not unfollowed, "nothing followed the feed yet"
     assert followed
+    assert [e.position for e in events] == [position]
+
+
+async def test_a_feed_listens_again_after_its_connection_is_dropped(postgres_url: str) -> None:
+    """Once the LISTEN connection's backend is terminated (a database restart, an idle-session
+    timeout, an administrator), another writer's commits still wake the follower at once."""
+    settings = services_settings(postgres_url)
+    url = settings.store.postgres_url
+    assert url is not None
+    # ``elsewhere`` is a writer of its own (its commit hooks are not the feed's): its
+    # commits reach the feed only by NOTIFY, or by polling, which would take 60 s.
+    store, elsewhere = EventStore(settings), EventStore(settings)
+    feed = LogFeed(store, poll_interval=60, listen_dsn=url)
+    try:
+        await feed.start()
+        follower = feed.follow()
+
+        async def first_listener() -> set[int]:
+            return listening_backends(url)
+
+        [dropped] = await eventually(first_listener, what="the feed LISTENs once followed")
+        terminate_backend(url, dropped)
+
+        async def listening_again() -> set[int]:
+            return listening_backends(url) - {dropped}
+
+        await eventually(listening_again, what="the feed LISTENs again on a new connection")
+        after = await store.max_position()
+
+        async def next_events() -> list[RecordedEvent]:
+            # A wake-up that finds nothing yet (the reconnection's own) just waits again.
+            while not (events := await follower.next_batch(after, 10, timeout=60)):
+                pass
+            return events
+
+        waiting = asyncio.create_task(next_events())
+        position = await elsewhere.append(request(label="after the drop"))
+        events = await asyncio.wait_for(waiting, timeout=10)
+        follower.close()
+    finally:
+        await feed.stop()
+        store.close()
+        elsewhere.close()
     assert [e.position for e in events] == [position]
