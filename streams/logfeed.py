@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import time
 
 import psycopg
 import stamina
@@ -303,13 +304,19 @@ class LogFeed:
 
     async def _listen(self) -> None:
         channel = self.store.notify_channel
+        pause = 0.1
         while True:
+            started = time.monotonic()
             try:
                 await self._listen_once(channel)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any failure
                 log.warning("feed.listen_lost", error=str(exc))
+            # Lost connections are retried inside ``_listen_once``; what comes here again and
+            # again at once (a LISTEN refused, say) waits longer each time, up to 5 s.
+            pause = 0.1 if time.monotonic() - started > 30 else min(pause * 2, 5.0)
+            await asyncio.sleep(pause)
 
     @stamina.retry(on=psycopg.OperationalError, attempts=None, timeout=None, wait_max=5.0)
     async def _listen_once(self, channel: str) -> None:
