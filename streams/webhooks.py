@@ -374,42 +374,48 @@ class WebhookDeliverer(Stoppable):
         slot = self._slots.setdefault(
             endpoint_id, asyncio.Semaphore(self.settings.per_endpoint_concurrency)
         )
+        holding, needing = False, True
+
+        def done_with_endpoint() -> None:
+            # Once the endpoint has answered, the attempt needs it no more while its outcome
+            # is written (outcomes written together share a transaction): the slot goes to
+            # the endpoint's next attempt, and the endpoint may be claimed for again.
+            nonlocal holding, needing
+            if holding:
+                holding = False
+                slot.release()
+            if needing:
+                needing = False
+                self._leave(endpoint_id)
+
         try:
             await slot.acquire()
-            taken = True
-
-            def free_slot() -> None:
-                # Once the endpoint has answered: its outcome is written while the endpoint's
-                # next attempt is already under way, and outcomes written together share a
-                # transaction (``DeliveryLog.settle``).
-                nonlocal taken
-                if taken:
-                    taken = False
-                    slot.release()
-
+            holding = True
             task = asyncio.current_task()
             assert task is not None
             self._under_way.add(task)
             try:
-                await self._attempt_now(message, free_slot)
+                await self._attempt_now(message, done_with_endpoint)
             finally:
                 self._under_way.discard(task)
-                free_slot()
         except asyncio.CancelledError:
             raise
         except Exception:
             # Left claimed: the message falls due again when its lease runs out.
             log.exception("webhook.attempt_crashed", message_id=message.id)
         finally:
-            left = self._busy[endpoint_id] = self._busy[endpoint_id] - 1
-            if not left:
-                del self._busy[endpoint_id]
-                self._slots.pop(endpoint_id, None)
-            if left == self._claimed_per_endpoint - 1:
-                # The endpoint is claimable again. Waking the dispatcher after every attempt
-                # instead cost a claim and a look for the next due message per delivery, both
-                # finding nothing while the endpoint still held its claimed messages.
-                self._wake.set()
+            done_with_endpoint()
+
+    def _leave(self, endpoint_id: str) -> None:
+        left = self._busy[endpoint_id] = self._busy[endpoint_id] - 1
+        if not left:
+            del self._busy[endpoint_id]
+            self._slots.pop(endpoint_id, None)
+        if left == self._claimed_per_endpoint - 1:
+            # The endpoint is claimable again. Waking the dispatcher after every attempt
+            # instead cost a claim and a look for the next due message per delivery, both
+            # finding nothing while the endpoint still held its claimed messages.
+            self._wake.set()
 
     async def _attempt_now(self, message: Claimed, answered: Callable[[], None]) -> None:
         settings = self.settings
