@@ -8,7 +8,7 @@ import asyncio
 import psycopg
 
 from almanac.eventstore import EventStore, RecordedEvent
-from streams.logfeed import LISTENER_NAME, LogFeed
+from streams.logfeed import LISTENER_NAME, LogFeed, LogFollower
 from tests.conftest import services_settings
 from tests.integration.support_projection import request
 from tests.integration.support_waiting import eventually
@@ -50,6 +50,25 @@ def server_now(url: str) -> object:
         return row[0]
 
 
+async def appended_elsewhere(
+    store: EventStore, elsewhere: EventStore, follower: LogFollower, label: str
+) -> tuple[int, list[RecordedEvent]]:
+    """A reading appended through ``elsewhere``, and the events the follower of ``store``'s
+    feed is handed next, within 10 s: far less than the feed's polling takes."""
+    after = await store.max_position()
+
+    async def next_events() -> list[RecordedEvent]:
+        # The listener wakes its followers once when it (re)connects: such a wake-up may
+        # find nothing yet, and the follower simply waits again.
+        while not (events := await follower.next_batch(after, 10, timeout=60)):
+            pass
+        return events
+
+    waiting = asyncio.create_task(next_events())
+    position = await elsewhere.append(request(label=label))
+    return position, await asyncio.wait_for(waiting, timeout=10)
+
+
 async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
     postgres_url: str,
 ) -> None:
@@ -70,19 +89,8 @@ async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
             return listeners(url, since) >= 1
 
         await eventually(listening, what="the feed LISTENs once followed")
-        after = await store.max_position()
-
-        async def next_events() -> list[RecordedEvent]:
-            # The listener wakes its followers once when it (re)connects: such a wake-up
-            # may find nothing yet, and the follower simply waits again.
-            while not (events := await follower.next_batch(after, 10, timeout=30)):
-                pass
-            return events
-
-        waiting = asyncio.create_task(next_events())
         # Another process's writer: its commits reach this process only by NOTIFY.
-        position = await elsewhere.append(request(label="elsewhere"))
-        events = await asyncio.wait_for(waiting, timeout=10)
+        position, events = await appended_elsewhere(store, elsewhere, follower, "elsewhere")
         follower.close()
     finally:
         await feed.stop()
@@ -117,17 +125,7 @@ async def test_a_feed_listens_again_after_its_connection_is_dropped(postgres_url
             return listening_backends(url) - {dropped}
 
         await eventually(listening_again, what="the feed LISTENs again on a new connection")
-        after = await store.max_position()
-
-        async def next_events() -> list[RecordedEvent]:
-            # A wake-up that finds nothing yet (the reconnection's own) just waits again.
-            while not (events := await follower.next_batch(after, 10, timeout=60)):
-                pass
-            return events
-
-        waiting = asyncio.create_task(next_events())
-        position = await elsewhere.append(request(label="after the drop"))
-        events = await asyncio.wait_for(waiting, timeout=10)
+        position, events = await appended_elsewhere(store, elsewhere, follower, "after the drop")
         follower.close()
     finally:
         await feed.stop()
