@@ -409,7 +409,7 @@ class Relay(Stoppable):
         """Publish ``events`` up to the first one too large for the server (raising
         ``EventTooLargeToPublish`` if that is the first): the ones before it are settled
         first, so the relay stops in step, right before it."""
-        js = self._js
+        js = self._js if self._js is not None else await self._jetstream()
         prefix = self.settings.subject_prefix
         max_payload = int(self._client.max_payload)
         futures: list[asyncio.Future[Any]] = []
@@ -442,6 +442,9 @@ class Relay(Stoppable):
                     # The server's max_payload changed under the check (a reconnect).
                     size = len(payload) + header_bytes(headers)
                     too_large = EventTooLargeToPublish(event, size, int(self._client.max_payload))
+                    # nats-py took a slot of the context's pending window for this publish
+                    # and never gives it back: the next window starts on a fresh context.
+                    self._client = self._js = None
                     break
                 futures.append(future)
         except BaseException:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from almanac.errors import Unavailable
 from almanac.readmodels import Dialect, ReadDatabase, Row, Write
 
 _REAL = {"sqlite": "REAL", "postgres": "DOUBLE PRECISION"}
@@ -80,6 +81,8 @@ class Claimed(msgspec.Struct, frozen=True):
     attempts: int
     created_at: float
     claim: str
+    # When the claim's lease runs out: the message is due again, for any deliverer.
+    leased_until: float
 
 
 class AttemptRecord(msgspec.Struct, frozen=True):
@@ -175,7 +178,8 @@ class DeliveryLog:
             " PARTITION BY endpoint_id ORDER BY next_attempt_at) AS n FROM webhook_messages"
             " WHERE status = 'pending' AND next_attempt_at <= :now" + excluded + ") AS due"
             " WHERE n <= :per ORDER BY next_attempt_at LIMIT :limit)"
-            " RETURNING id, endpoint_id, owner, event_type, payload, attempts, created_at, claim"
+            " RETURNING id, endpoint_id, owner, event_type, payload, attempts, created_at, claim,"
+            " next_attempt_at AS leased_until"
         )
         # fetch_all commits: the pool commits a clean block (Postgres), SQLite autocommits.
         rows = await self.db.fetch_all(sql, params)
@@ -201,29 +205,64 @@ class DeliveryLog:
             "next_attempt_at": next_attempt_at,
             "now": time.time(),
         }
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._settles.append((row, attempt, done))
-        if self._settling is None or self._settling.done():
-            self._settling = asyncio.create_task(self._write_settles(), name="webhook-settles")
+        writing = self._settling
+        if writing is None or writing.done() or writing.get_loop() is not loop:
+            self._settling = loop.create_task(self._write_settles(), name="webhook-settles")
         await done
 
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the settles being written (a deliverer stopping)."""
+        writing = self._settling
+        if writing is not None and not writing.done():
+            await asyncio.wait({writing}, timeout=timeout)
+
     async def _write_settles(self) -> None:
-        while self._settles:
-            taken, self._settles = self._settles, []
-            writes: list[Write] = [(_SETTLE, [row for row, _, _ in taken])]
-            records = [msgspec.structs.asdict(a) for _, a, _ in taken if a is not None]
-            if records:
-                writes.append((_RECORD, records))
-            try:
-                await self.db.write(self._durable(writes))
-            except Exception as exc:  # noqa: BLE001 - each caller learns of it
-                for _, _, done in taken:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for _, _, done in taken:
-                    if not done.done():
-                        done.set_result(None)
+        taken: list[tuple[dict[str, Any], AttemptRecord | None, asyncio.Future[None]]] = []
+        try:
+            while self._settles:
+                taken, self._settles = self._settles, []
+                try:
+                    await self._write(taken)
+                except Exception:  # noqa: BLE001 - each caller learns of its own failure
+                    # One row the database refuses must not fail the others' settles: each
+                    # is written again on its own.
+                    for one in taken:
+                        await self._write_one(one)
+                else:
+                    for _, _, done in taken:
+                        if not done.done():
+                            done.set_result(None)
+                taken = []
+        finally:
+            # Cancelled (the loop closing): no caller is left waiting for ever.
+            for _, _, done in [*taken, *self._settles]:
+                if not done.done():
+                    done.set_exception(Unavailable("the delivery log was not written"))
+            self._settles = [s for s in self._settles if not s[2].done()]
+
+    async def _write_one(
+        self, one: tuple[dict[str, Any], AttemptRecord | None, asyncio.Future[None]]
+    ) -> None:
+        try:
+            await self._write([one])
+        except Exception as exc:  # noqa: BLE001 - the caller learns of it
+            if not one[2].done():
+                one[2].set_exception(exc)
+        else:
+            if not one[2].done():
+                one[2].set_result(None)
+
+    async def _write(
+        self, taken: list[tuple[dict[str, Any], AttemptRecord | None, asyncio.Future[None]]]
+    ) -> None:
+        writes: list[Write] = [(_SETTLE, [row for row, _, _ in taken])]
+        records = [msgspec.structs.asdict(a) for _, a, _ in taken if a is not None]
+        if records:
+            writes.append((_RECORD, records))
+        await self.db.write(self._durable(writes))
 
     async def resend(self, endpoint_id: str, message_id: str, requested_at: int) -> None:
         """Make one message due again with a fresh schedule (once per request)."""

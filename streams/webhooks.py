@@ -62,6 +62,8 @@ HEALTH_INTERVAL = 60.0
 STOP_GRACE = 5.0
 # How many rounds of an endpoint's concurrent attempts are claimed ahead.
 CLAIM_ROUNDS = 3
+# An attempt starts only with this long to spare beyond its timeout before its lease ends.
+LEASE_MARGIN = 2.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -209,6 +211,8 @@ class WebhookDeliverer(Stoppable):
                 await asyncio.wait(self._in_flight, timeout=min(self.settings.timeout, STOP_GRACE))
                 for task in self._in_flight:
                     task.cancel()
+            # Outcomes of attempts that finished are written before the session closes.
+            await self.log.drain(STOP_GRACE)
             await self._session.close()
             log.info("webhook.deliverer_stopped", delivered=self.delivered)
 
@@ -420,6 +424,13 @@ class WebhookDeliverer(Stoppable):
     async def _attempt_now(self, message: Claimed, answered: Callable[[], None]) -> None:
         settings = self.settings
         log_ = log.bind(message_id=message.id, endpoint_id=message.endpoint_id)
+        if time.time() + settings.timeout + LEASE_MARGIN > message.leased_until:
+            # Its turn came too late to finish within the lease (a slow endpoint, a deep
+            # backlog): sent now, it could also be sent by whoever claims it when the lease
+            # runs out. It is handed back, due at once, to be claimed afresh.
+            log_.debug("webhook.lease_too_short", leased_until=message.leased_until)
+            await self._postpone(message, time.time())
+            return
         endpoint = await self._endpoint(message.endpoint_id)
         now = time.time()
         if endpoint is None or endpoint["status"] != "enabled":
@@ -575,6 +586,7 @@ class WebhookDeliverer(Stoppable):
         return Outcome(code, elapsed(), error, excerpt, wait)
 
     def _record(self, message: Claimed, at: float, outcome: Outcome) -> AttemptRecord:
+        # An endpoint's answer may hold NUL, which a Postgres text column refuses.
         return AttemptRecord(
             id=f"atmpt_{new_uuid().hex}",
             message_id=message.id,
@@ -582,8 +594,9 @@ class WebhookDeliverer(Stoppable):
             attempted_at=at,
             status_code=outcome.status_code,
             latency_ms=outcome.latency_ms,
-            error=outcome.error,
-            response=outcome.response,
+            # An endpoint's answer may hold NUL, which a Postgres text column refuses.
+            error=_without_nul(outcome.error),
+            response=_without_nul(outcome.response),
             outcome="succeeded" if outcome.ok else "failed",
             trigger="scheduled" if message.attempts == 0 else "retry",
         )
@@ -606,6 +619,10 @@ class WebhookDeliverer(Stoppable):
                 position=position,
             )
             return
+
+
+def _without_nul(text: str | None) -> str | None:
+    return None if text is None else text.replace("\x00", "\ufffd")
 
 
 async def _excerpt(body: aiohttp.StreamReader) -> str:

@@ -259,6 +259,18 @@ async def test_retries_on_the_schedule_with_a_stable_webhook_id(hooks: Hooks) ->
     assert verified(endpoint["secret"], tries[2])["type"] == "webhook.test"
 
 
+async def test_an_answer_holding_nul_is_recorded_and_settles_the_message(hooks: Hooks) -> None:
+    """A Postgres text column refuses NUL: the answer is kept with NUL replaced, and the
+    message settles instead of staying claimed (and going out again at every lease)."""
+    api, receiver = hooks.api, hooks.receiver
+    receiver.default["/binary"] = Reply(200, body=b"ok\x00\x01binary")
+    endpoint = await hooks.register(api.alice, "/binary")
+    message_id = await hooks.test(api.alice, endpoint)
+    detail = await hooks.settled(api.alice, endpoint, message_id)
+    assert detail["attempts"] == 1
+    assert [a["response"] for a in detail["attempt_log"]] == ["ok\ufffd\x01binary"]
+
+
 async def test_a_spent_schedule_fails_the_message_and_recover_sends_it_again(
     settings: Settings,
 ) -> None:

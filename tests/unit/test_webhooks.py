@@ -3,9 +3,12 @@ the circuit breaker and secrets at rest."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
+import time
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 from uuid import uuid4
 
 import pytest
@@ -26,9 +29,18 @@ from almanac.domain.webhook import (
 )
 from almanac.errors import ValidationFailed
 from almanac.eventstore import RecordedEvent
+from almanac.readmodels import ReadDatabase
 from almanac.settings import WebhookSettings
 from streams.envelope import envelope_of
-from streams.webhooks import Breaker, message_id_for, retry_after, retry_delay, sign
+from streams.webhook_log import Claimed, DeliveryLog
+from streams.webhooks import (
+    Breaker,
+    WebhookDeliverer,
+    message_id_for,
+    retry_after,
+    retry_delay,
+    sign,
+)
 
 META = EventMeta.for_request("alice")
 
@@ -179,3 +191,71 @@ def test_the_envelope_leaves_sealed_secrets_out() -> None:
         data = envelope_of(RecordedEvent.of(event, i)).data
         assert "secret_sealed" not in data
         assert "previous_secret_sealed" not in data
+
+
+class RefusingDb:
+    """A read database that refuses any write holding the message ``bad``, and keeps the
+    settles it took."""
+
+    dialect = "sqlite"
+
+    def __init__(self) -> None:
+        self.settled: list[str] = []
+        self.writes = 0
+
+    async def write(self, writes: list[Any]) -> None:
+        self.writes += 1
+        ids = [row["id"] for sql, rows in writes if sql.startswith("UPDATE") for row in rows]
+        if "bad" in ids:
+            raise ValueError("a row the database refuses")
+        self.settled += ids
+
+
+def claimed(message_id: str, *, leased_until: float = 1e12) -> Claimed:
+    return Claimed(
+        id=message_id,
+        endpoint_id="e",
+        owner="alice",
+        event_type="reading.requested",
+        payload="{}",
+        attempts=0,
+        created_at=0.0,
+        claim="token",
+        leased_until=leased_until,
+    )
+
+
+async def test_settles_written_together_fail_only_for_the_row_the_database_refuses() -> None:
+    db = RefusingDb()
+    deliveries = DeliveryLog(cast("ReadDatabase", db))
+    outcomes = await asyncio.gather(
+        *(
+            deliveries.settle(
+                claimed(i), status="succeeded", attempts=1, next_attempt_at=None, attempt=None
+            )
+            for i in ("one", "bad", "two")
+        ),
+        return_exceptions=True,
+    )
+    assert [type(o).__name__ for o in outcomes] == ["NoneType", "ValueError", "NoneType"]
+    assert sorted(db.settled) == ["one", "two"]
+
+
+async def test_an_attempt_whose_lease_would_run_out_first_is_handed_back_unsent() -> None:
+    """Sent this late, it could also be sent by whoever claims it once the lease runs out."""
+    db = RefusingDb()
+    settings = WebhookSettings(timeout=15.0)
+    deliverer = WebhookDeliverer(
+        cast("Any", None),
+        cast("Any", None),
+        DeliveryLog(cast("ReadDatabase", db)),
+        cast("Any", None),
+        cast("Any", None),
+        TargetGuard(settings),
+        settings,
+    )
+    answered: list[bool] = []
+    late = claimed("late", leased_until=time.time() + 10.0)
+    # No endpoint, store or client is set up: anything past the lease check would fail.
+    await deliverer._attempt_now(late, lambda: answered.append(True))
+    assert db.settled == ["late"] and not answered
