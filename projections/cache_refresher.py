@@ -182,10 +182,13 @@ class CacheRefresher:
             return  # an L1 of this process alone began empty with it
         await self._db.migrate(MARK_SCHEMA[self._db.dialect])
         row = await self._db.fetch_one(_READ_MARK, {"name": self._name})
-        # No mark: the cache may hold whatever a projector before this version left there.
+        # No mark (the first start of a version that keeps one): the tracked position is
+        # trusted. What a projector before this version left in Redis expires within the L2
+        # TTL, as it did before there was a mark; evicting every reading of the whole log
+        # instead would empty the cache and, stopped partway, begin again from 0.
         # A mark beyond ``position``: the read model started again (a rebuild from 0, a backup
         # restored); the commits after ``position`` are made again, and refreshed then.
-        start = 0 if row is None else min(int(row["position"]), position)
+        start = position if row is None else min(int(row["position"]), position)
         lead = uuid4().hex
         params = {"name": self._name, "position": start, "lead": lead, "at": now()}
         await self._db.write([(_TAKE_MARK, [params])])
@@ -214,7 +217,9 @@ class CacheRefresher:
             # The refresh under way (the timer's) takes these keys too before it ends: the
             # projector's next batches are not kept waiting for a catch-up.
             return
-        await self._refresh()
+        # Only the timer's task catches up: a gap read and evicted here, a run at a time,
+        # would hold the projector's next batches (and serve stale states) until its end.
+        await self._refresh(catch_up=False)
 
     async def aclose(self) -> None:
         """The lead ends (the projector is no longer leading, or is stopping): stop retrying,
@@ -231,18 +236,23 @@ class CacheRefresher:
                 await self._retrying
             self._retrying = None
 
-    async def _refresh(self) -> None:
-        """Refresh the pending keys and evict the readings of the gap, a part at a time, the
-        live keys first so that a long catch-up does not hold them back."""
+    async def _refresh(self, *, catch_up: bool) -> None:
+        """Refresh the pending keys and, with ``catch_up``, evict the readings of the gap, a
+        part at a time, the live keys first so that a long catch-up does not hold them back."""
         async with self._lock:
             # Until something fails or nothing is owed: keys that batches added meanwhile
             # (while this refresh held the lock) are taken on the next round.
             while await self._refresh_pending():
-                if self._catching_up:
+                # Within the loop: batches that keep it busy must not keep the mark still.
+                await self._store_mark()
+                if catch_up and self._catching_up:
                     if not await self._catch_up():
                         break
+                    # Each run evicted is stored at once: a restart goes on from there.
+                    await self._store_mark(force=True)
                 elif not self.pending:
-                    self._backoff.reset()
+                    if not self._catching_up:
+                        self._backoff.reset()
                     break
             await self._store_mark()
         if self._owed:
@@ -266,13 +276,20 @@ class CacheRefresher:
                 )
                 refreshed = False
             if not refreshed:
+                self._move_clean(seen)
                 return False
             # Not a key a commit changed again meanwhile: its row may have been read before.
             _done(self._pending_readings, readings)
             _done(self._pending_charts, charts)
-        if not self.pending:
-            self._clean = max(self._clean, seen)
+        self._move_clean(seen)
         return True
+
+    def _move_clean(self, seen: int) -> None:
+        """Past the commits up to ``seen`` that changed no key still waiting: never up to one
+        that did (its refresh failed, or is yet to come)."""
+        waiting = [*self._pending_readings.values(), *self._pending_charts.values()]
+        below = min(waiting) - 1 if waiting else seen
+        self._clean = max(self._clean, min(seen, below))
 
     async def _catch_up(self) -> bool:
         """Evict the readings of the next run of the gap's commits; False if that failed."""
@@ -315,10 +332,10 @@ class CacheRefresher:
 
     async def _retry_until_refreshed(self, at_once: bool) -> None:
         if at_once:
-            await self._refresh()
+            await self._refresh(catch_up=True)
         while self._owed:
             await asyncio.sleep(self._backoff.next())
-            await self._refresh()
+            await self._refresh(catch_up=True)
 
     def _retry_later(self, *, at_once: bool = False) -> None:
         if self._retrying is None or self._retrying.done():

@@ -4,7 +4,15 @@ marks, the behaviour while Redis fails (against an in-memory stand-in), and the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -1161,15 +1169,113 @@ async def test_a_mark_beyond_where_a_lead_begins_is_brought_back_to_it() -> None
     await refresher.aclose()
 
 
-async def test_without_a_mark_a_lead_evicts_every_reading_before_it() -> None:
-    """The cache may hold whatever a projector of a version without marks left there."""
-    readings = [uuid4(), uuid4()]
-    log = FakeLog([reading_event(1, readings[0]), reading_event(2, readings[1])])
+async def test_without_a_mark_a_lead_trusts_its_tracked_position() -> None:
+    """The first start of a version that keeps a mark neither reads the whole log nor empties
+    the cache: what an earlier version left in Redis expires within the L2 TTL, as before."""
+    log = FakeLog([reading_event(1), reading_event(2)])
     db, cache = RowsDatabase(), RecordingCache(shared=True)
     refresher = refresher_with(db, cache, log, mark_interval=0)
     await refresher.take_over(2)
-    await mark_reaches(db, 2)
-    assert cache.all_evicted() == {reading_key(r) for r in readings}
+    assert (db.mark(), refresher.refreshed_through) == (2, 2)
+    assert (log.reads, cache.evicted, refresher._retrying) == ([], [], None)
+    await refresher.aclose()
+
+
+class FailingLog(FakeLog):
+    """A log that answers its first ``answers`` reads and then stops answering."""
+
+    def __init__(self, events: Sequence[RecordedEvent], answers: int) -> None:
+        super().__init__(events)
+        self.answers = answers
+
+    async def __call__(self, after: int, limit: int) -> list[RecordedEvent]:
+        self.down = len(self.reads) >= self.answers
+        return await super().__call__(after, limit)
+
+
+async def test_a_catch_up_stores_the_mark_after_each_run_it_evicted(clock: FakeClock) -> None:
+    """A projector killed partway through a catch-up leaves its successor the rest, not all."""
+    log = FailingLog([reading_event(i + 1) for i in range(4)], answers=2)
+    db, cache = RowsDatabase(), RecordingCache(shared=True)
+    db.marks["readings"] = (0, "a lead that died")
+    refresher = refresher_with(
+        db, cache, log, catch_up_chunk=1, mark_interval=60, retry_initial=60, clock=clock
+    )
+    await refresher.take_over(4)
+
+    async def stopped() -> bool:
+        return len(log.reads) == 3 and not refresher._lock.locked()
+
+    await eventually(stopped, within=5, what="the catch-up stopped by the log")
+    assert db.mark() == 2
+    await refresher.aclose()
+
+
+async def test_a_batch_leaves_the_catch_up_to_the_background_while_it_backs_off() -> None:
+    """The projector's after-commit call refreshes its own batch and returns: it never reads
+    and evicts the gap itself, however long that is."""
+    log = FakeLog([reading_event(i + 1) for i in range(3)])
+    db, cache = RowsDatabase(), RecordingCache(refreshes=False, shared=True)
+    db.marks["readings"] = (0, "a lead that died")
+    refresher = refresher_with(db, cache, log, catch_up_chunk=1, mark_interval=0, retry_initial=60)
+    await refresher.take_over(3)
+
+    async def backing_off() -> bool:
+        return bool(cache.evicted) and not refresher._lock.locked()
+
+    await eventually(backing_off, within=5, what="the first run of the catch-up failed")
+    cache.refreshes = True
+    live = uuid4()
+    await asyncio.wait_for(refresher([reading_event(4, live)]), timeout=5)
+    assert log.reads == [(0, 1)]
+    assert [set(items) for items in cache.refreshed] == [{reading_key(live)}]
+    assert (db.mark(), refresher.refreshed_through) == (0, 0)
+    retrying = refresher._retrying
+    assert retrying is not None and not retrying.done()
+    await refresher.aclose()
+
+
+class SteppedCache(RecordingCache):
+    """A shared cache whose L2 takes each refresh only once a step is let through."""
+
+    def __init__(self) -> None:
+        super().__init__(shared=True)
+        self.steps = asyncio.Semaphore(0)
+        self.entered = 0
+
+    async def refresh(self, items: Mapping[str, bytes]) -> bool:
+        self.entered += 1
+        await self.steps.acquire()
+        return await super().refresh(items)
+
+
+async def test_the_mark_moves_while_batches_keep_a_refresh_busy() -> None:
+    """Under sustained load a round never ends with nothing waiting: the mark still moves,
+    up to the first commit whose keys wait, while the refresh goes on."""
+    db, cache = RowsDatabase(), SteppedCache()
+    refresher = refresher_with(db, cache, mark_interval=0, retry_initial=60)
+    await refresher.take_over(0)
+
+    def rounds(count: int) -> Callable[[], Awaitable[bool]]:
+        async def entered() -> bool:
+            return cache.entered == count
+
+        return entered
+
+    busy = asyncio.create_task(refresher([reading_event(1)]))
+    await eventually(rounds(1), within=5, what="the first round under way")
+    await asyncio.wait_for(refresher([reading_event(2)]), timeout=5)
+    await asyncio.wait_for(refresher([reading_event(3)]), timeout=5)
+    cache.steps.release()
+    await eventually(rounds(2), within=5, what="the second round under way")
+    assert db.mark() == 1
+    await asyncio.wait_for(refresher([reading_event(4)]), timeout=5)
+    cache.steps.release()
+    await eventually(rounds(3), within=5, what="the third round under way")
+    assert (db.mark(), busy.done()) == (3, False)
+    cache.steps.release()
+    await asyncio.wait_for(busy, timeout=5)
+    assert db.mark() == 4
     await refresher.aclose()
 
 
