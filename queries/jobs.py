@@ -146,8 +146,10 @@ async def list_jobs(
         where.append("{pos} < :before")
         params["before"] = after.key
     found: list[tuple[int, JobView]] = []
-    # The latest position each projection's rows show (see ``read_at``).
-    seen = dict.fromkeys(PROJECTIONS, 0)
+    # The latest position each projection's rows show (see ``read_at``). A projection that
+    # was not read (the other kind was asked for) or showed no rows is not in it: it puts no
+    # constraint on how far the next page's source must have got.
+    seen: dict[str, int] = {}
     if kind in {None, "reading"}:
         clauses = [w.format(pos="requested_position") for w in where]
         if state is not None:
@@ -158,7 +160,8 @@ async def list_jobs(
             sql + " ORDER BY requested_position DESC LIMIT :limit", params
         )
         found.extend((int(r["pos"]), _reading_job(r)) for r in rows)
-        seen["readings"] = max([0, *(int(r["position"]) for r in rows)])
+        if rows:
+            seen["readings"] = max(int(r["position"]) for r in rows)
     if kind in {None, "batch"}:
         clauses = [w.format(pos="started_position") for w in where]
         if state is not None:
@@ -167,13 +170,15 @@ async def list_jobs(
         sql = _BATCHES + (" WHERE " + " AND ".join(clauses) if clauses else "")
         rows = await source.fetch_all(sql + " ORDER BY started_position DESC LIMIT :limit", params)
         found.extend((int(r["pos"]), _batch_job(r)) for r in rows)
-        seen["batches"] = max([0, *(int(r["position"]) for r in rows)])
+        if rows:
+            seen["batches"] = max(int(r["position"]) for r in rows)
     found.sort(key=lambda pair: pair[0], reverse=True)
     more = len(found) > limit
     page = found[:limit]
     next_cursor = None
     if more:
-        # One floor holds for both projections: only as far as both are shown to have got.
+        # One floor holds for both projections: only as far as all those whose rows were
+        # shown are shown to have got (``more`` means at least one showed rows).
         at = read_at(position, (min(seen.values()),))
         next_cursor = encode_cursor(Cursor(page[-1][0], at, scope))
     return JobPage([job for _, job in page], more, next_cursor, position)

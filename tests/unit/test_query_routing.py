@@ -8,10 +8,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 from uuid import UUID, uuid4
 
+import pytest
+
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 from queries.batches import download_results, list_batches
+from queries.jobs import JobKind, list_jobs
+from queries.paging import decode_cursor, scope_of
 from queries.routing import Reads
 
 BATCH = uuid4()
@@ -201,3 +205,51 @@ async def test_paging_on_never_reads_from_a_standby_behind_the_page_before() -> 
         cursor, min_position = page.next_cursor, None
     assert started == list(range(20, 0, -1))
     assert positions == sorted(positions), "no page reads from further back than the one before"
+
+
+class ReadingsOnly:
+    """A read database holding readings requested at positions 1 to ``count``, each last
+    updated at ``updated``, and no batches."""
+
+    def __init__(self, count: int, updated: int) -> None:
+        self.count = count
+        self.updated = updated
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Row]:
+        if "FROM readings" not in sql:
+            return []
+        at = "2026-11-29T06:00:00+00:00"
+        return [
+            {
+                "id": str(UUID(int=requested)),
+                "owner": "alice",
+                "status": "generated",
+                "created_at": at,
+                "updated_at": at,
+                "pos": requested,
+                "position": self.updated,
+            }
+            for requested in range(self.count, 0, -1)[: int(params["limit"])]
+        ]
+
+
+@pytest.mark.parametrize("kind", ["reading", None])
+async def test_the_next_jobs_page_is_held_to_the_readings_shown_when_no_batch_is(
+    kind: JobKind | None,
+) -> None:
+    """The read reported 5, its rows show the readings at 30: the next page is read from
+    a source at 30 at least, whether batches were filtered out or had no rows to show."""
+    source = cast("ReadDatabase", ReadingsOnly(count=3, updated=30))
+    reads = Reads(source, as_watch(Positions(5)), 1.0)
+    page = await list_jobs(
+        reads=reads,
+        principal=ALICE,
+        kind=kind,
+        state=None,
+        limit=2,
+        cursor=None,
+        min_position=None,
+    )
+    assert page.position == 5 and page.next_cursor is not None
+    cursor = decode_cursor(page.next_cursor, scope_of("jobs", kind, None, "alice"))
+    assert cursor.at == 30
