@@ -59,6 +59,8 @@ CLOSE_SLOW_CONSUMER = 4429
 
 # Events about credentials stay with operators, even those of the client's own owner.
 ADMIN_ONLY = ("api_key.", "installation.")
+# How many aggregates a connection remembers it may follow, at least (see ``Hub.hidden``).
+FOLLOWABLE_KEPT = 512
 
 
 class LiveEvent(msgspec.Struct, frozen=True):
@@ -693,17 +695,38 @@ class Hub:
                     yield live_event(event)
             position = batch[-1].position
 
-    async def hidden(self, principal: Principal, topics: Iterable[Topic]) -> Topic | None:
+    async def hidden(
+        self,
+        principal: Principal,
+        topics: Iterable[Topic],
+        followable: dict[str, None] | None = None,
+    ) -> Topic | None:
         """The first of ``topics`` naming an aggregate that ``principal`` may not follow: one
-        of another owner, or none at all (the two are not told apart). Admins follow any."""
+        of another owner, or none at all (the two are not told apart). Admins follow any.
+
+        ``followable`` is the connection's memory of the aggregates already found followable
+        (oldest first): one the client subscribes to again costs no query. Only those are
+        kept: an aggregate's owner never changes, but one not found may yet begin, and
+        remembering another owner's while still asking about missing ones would tell the two
+        apart by how long the answer takes. A refusal stops at the first hidden topic, so
+        a message costs at most one query beyond aggregates not checked before."""
         if principal.is_admin:
             return None
         for topic in sorted(topics, key=str):
             if topic.kind != "aggregate":
                 continue
+            if followable is not None and topic.value in followable:
+                del followable[topic.value]  # to the newest end: kept longest
+                followable[topic.value] = None
+                continue
             first = await self.store.first_event(UUID(topic.value))
             if first is None or not may_see_stored(principal, first):
                 return topic
+            if followable is not None:
+                followable[topic.value] = None
+                # Enough for every topic a connection may hold, twice over.
+                while len(followable) > max(FOLLOWABLE_KEPT, 2 * self.settings.max_topics):
+                    del followable[next(iter(followable))]
         return None
 
     def stop(self) -> None:
@@ -828,6 +851,8 @@ class Session:
     _sender: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _interrupted: bool = field(default=False, init=False, repr=False)
     _failure: BaseException | None = field(default=None, init=False, repr=False)
+    # The aggregates this connection's key was found to follow (see ``Hub.hidden``).
+    _followable: dict[str, None] = field(default_factory=dict, init=False, repr=False)
 
     async def run(self) -> None:
         try:
@@ -886,7 +911,7 @@ class Session:
             check_topic_count(len(self.topics), self.settings.max_topics)
         except TooManyTopics as exc:  # the URL's and the auth message's together
             raise Closed(CLOSE_BAD_REQUEST, close_reason(str(exc))) from None
-        hidden = await self.hub.hidden(principal, self.topics - self.vouched)
+        hidden = await self.hub.hidden(principal, self.topics - self.vouched, self._followable)
         if hidden is not None:
             raise Closed(CLOSE_NOT_FOUND, close_reason(f"not found: {hidden}"))
         return principal
@@ -1122,7 +1147,9 @@ class Session:
                     self._reply(listener, type="error", code="bad_topic", detail=str(exc))
                     continue
                 if message.type == "subscribe":
-                    hidden = await self.hub.hidden(listener.principal, topics - listener.topics)
+                    hidden = await self.hub.hidden(
+                        listener.principal, topics - listener.topics, self._followable
+                    )
                     if hidden is not None:
                         # Refused whole too; said alike whether it is another owner's or none.
                         detail = f"not found: {hidden}"

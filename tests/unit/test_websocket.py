@@ -677,6 +677,82 @@ async def test_only_an_aggregate_of_the_keys_own_owner_may_be_followed_and_any_b
     assert await h.hidden(admin, topics(alices, bobs, missing, key)) is None
 
 
+class CountingStore(GrowingStore):
+    """A store that counts the aggregates it is asked for the first event of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    async def first_event(self, aggregate_id: Any) -> RecordedEvent | None:
+        self.asked.append(str(aggregate_id))
+        return await super().first_event(aggregate_id)
+
+
+class TalkingSocket(RecordingSocket):
+    """A client that sends ``messages`` one by one, each once the server has answered the
+    one before (the welcome, first)."""
+
+    def __init__(self, messages: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.messages = messages
+        self.said = 0
+
+    async def receive(self) -> dict[str, Any]:
+        if self.said == len(self.messages):
+            return await super().receive()
+        await self.frames(self.said + 1)
+        self.said += 1
+        return {"type": "websocket.receive", "text": json.dumps(self.messages[self.said - 1])}
+
+
+async def test_subscribing_again_to_the_keys_own_aggregates_asks_the_store_once_per_aggregate() -> (
+    None
+):
+    """Alternating unsubscribe and subscribe costs no store query once an aggregate was found
+    to be the key's; one not found is asked about again (it may yet begin)."""
+    store = CountingStore()
+    own = [store.add(new_reading(owner="alice").pending_events[0]).aggregate_id for _ in range(5)]
+    missing = str(uuid4())
+    topics = [f"reading:{i}" for i in own]
+    messages = [
+        {"type": "subscribe", "topics": topics},
+        {"type": "unsubscribe", "topics": topics},
+        {"type": "subscribe", "topics": topics},
+        {"type": "subscribe", "topics": [f"reading:{missing}"]},
+        {"type": "subscribe", "topics": [f"reading:{missing}"]},
+    ]
+    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    h._started.set()
+    socket = TalkingSocket(messages)
+    session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
+    task = asyncio.create_task(session.run())
+    try:
+        kinds = await socket.frames(1 + len(messages))
+        assert kinds == ["welcome", "subscribed", "subscribed", "subscribed", "error", "error"]
+        assert sorted(socket.sent[3]["topics"]) == sorted(["*", *(f"aggregate:{i}" for i in own)])
+        assert sorted(store.asked) == sorted([*own, missing, missing])
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_connection_remembers_a_bounded_number_of_followable_aggregates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = CountingStore()
+    own = [store.add(new_reading(owner="alice").pending_events[0]).aggregate_id for _ in range(3)]
+    h = Hub(store, NoSource(), WebSocketSettings(max_topics=1))  # type: ignore[arg-type]
+    monkeypatch.setattr(websocket, "FOLLOWABLE_KEPT", 2)
+    followable: dict[str, None] = {}
+    for aggregate in (*own, own[1]):
+        topic = Topic("aggregate", aggregate)
+        assert await h.hidden(principal("alice"), {topic}, followable) is None
+    assert list(followable) == [own[2], own[1]]  # the oldest went; the one used again is newest
+    assert store.asked == own
+
+
 class FailingStore(GrowingStore):
     """A store whose reads fail with ``error`` (a resume's replay meets it)."""
 
