@@ -20,7 +20,13 @@ from almanac.readmodels import PositionWatch, ReadDatabase, Write, projection_po
 from almanac.settings import ProjectionSettings, Settings
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
-from projections.status import REQUEST, open_parking, projection_status, schema_version
+from projections.status import (
+    REQUEST,
+    ProjectionStatus,
+    open_parking,
+    projection_status,
+    schema_version,
+)
 from tests.conftest import services_settings
 from tests.integration.support_databases import fresh_read_database
 from tests.integration.support_eventlog import whole_log
@@ -93,6 +99,16 @@ async def reached(runner: ProjectionRunner, position: int) -> None:
     await eventually(there, what=f"the runner reaches position {position}")
 
 
+async def shown(db: ReadDatabase, state: str, *, head: int) -> ProjectionStatus:
+    """The projection's status once it shows ``state``."""
+
+    async def showing() -> ProjectionStatus | None:
+        status = await projection_status(db, NAME, head=head)
+        return status if status.state == state else None
+
+    return await eventually(showing, what=f"the status shows {state}")
+
+
 async def parked_at(db: ReadDatabase, position: int) -> dict[str, Any]:
     async def parked() -> dict[str, Any] | None:
         row = await open_parking(db, NAME)
@@ -118,6 +134,8 @@ async def parked_on_the_eighth_event(
             _,
         ):
             parked = await parked_at(db, events[7].position)
+            # The parking is written a moment before the state that shows it.
+            await shown(db, "parked", head=events[-1].position)
             assert runner.state == "parked"
             yield db, runner, events, parked
         # The batch, then the event alone (and, where folding fails, the fold as it was read).
@@ -220,11 +238,11 @@ async def test_a_parked_event_retried_after_a_fix_lets_the_projection_finish(
             await ask(db, poisoned, "retry")
             await reached(runner, end)
             rows = normalised(await db.fetch_all(ALL_ROWS, {}))
-            status = await projection_status(db, NAME, head=end)
+            # The runner's state changes a moment before the row that shows it.
+            status = await shown(db, "running", head=end)
         assert rows == await rebuilt_rows(store, settings, tmp_path)
     finally:
         store.close()
-    assert status.state == "running"
     assert [(p.position, p.resolution) for p in status.parked] == [(poisoned, "retried")]
 
 
