@@ -89,8 +89,9 @@ async def test_an_address_literal_is_checked_before_the_request() -> None:
 
 async def test_the_lookup_counts_against_the_attempt_s_one_timeout() -> None:
     async def never(host: str, port: int) -> list[str]:
-        await asyncio.sleep(3600)
-        return []
+        # A lookup that never answers: only the attempt's own timeout ends it.
+        answer: list[str] = await asyncio.get_running_loop().create_future()
+        return answer
 
     guard = TargetGuard(LOOPBACK_ALLOWED, resolver=never)
     async with session(guard, timeout=0.2) as client:
