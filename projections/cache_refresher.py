@@ -17,7 +17,7 @@ import structlog
 from almanac.cache import Backoff, ReadCache, chart_key, encode_entry, reading_key
 from almanac.domain.reading import Reading
 from almanac.eventstore import RecordedEvent
-from almanac.readmodels import Dialect, ReadDatabase, Row
+from almanac.readmodels import ReadDatabase, Row
 from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
 from projections.status import now
 
@@ -30,23 +30,8 @@ _SELECT_CHARTS = SELECT_CHART.partition(" WHERE ")[0]
 # Up to ``limit`` events of the log after a position, in order (``EventStore.read``).
 ReadLog = Callable[[int, int], Awaitable[list[RecordedEvent]]]
 
-# How far the shared cache has taken in a projection's commits: every change committed at or
-# before ``position`` is in it (refreshed) or out of it (evicted). ``lead`` is the refresher
-# that may move it: one that lost its lead without knowing it yet cannot.
-MARK_SCHEMA: dict[Dialect, list[str]] = {
-    "sqlite": [
-        (
-            "CREATE TABLE IF NOT EXISTS cache_positions (name TEXT PRIMARY KEY,"
-            " position INTEGER NOT NULL, lead TEXT NOT NULL, updated_at TEXT NOT NULL)"
-        )
-    ],
-    "postgres": [
-        (
-            "CREATE TABLE IF NOT EXISTS cache_positions (name TEXT PRIMARY KEY,"
-            " position BIGINT NOT NULL, lead TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
-        )
-    ],
-}
+# The mark, in ``cache_positions`` (a bookkeeping table: ``projections.status``), made with
+# the projection's other bookkeeping when its runner prepares.
 _READ_MARK = "SELECT position FROM cache_positions WHERE name = :name"
 _TAKE_MARK = (
     "INSERT INTO cache_positions (name, position, lead, updated_at)"
@@ -180,7 +165,6 @@ class CacheRefresher:
         self._lead = None
         if not self._cache.shared:
             return  # an L1 of this process alone began empty with it
-        await self._db.migrate(MARK_SCHEMA[self._db.dialect])
         row = await self._db.fetch_one(_READ_MARK, {"name": self._name})
         # No mark (the first start of a version that keeps one): the tracked position is
         # trusted. What a projector before this version left in Redis expires within the L2

@@ -43,6 +43,14 @@ def bookkeeping_schema(dialect: Dialect) -> list[str]:
             f" parked_at {at} NOT NULL, request TEXT, resolution TEXT, resolved_at {at},"
             " PRIMARY KEY (name, position))"
         ),
+        # How far the shared cache has taken in a projection's commits: every change
+        # committed at or before ``position`` is in it (refreshed) or out of it (evicted).
+        # ``lead`` is the refresher that may move it (``projections/cache_refresher.py``):
+        # one that lost its lead without knowing it yet cannot.
+        (
+            "CREATE TABLE IF NOT EXISTS cache_positions (name TEXT PRIMARY KEY,"
+            f" position {big} NOT NULL, lead TEXT NOT NULL, updated_at {at} NOT NULL)"
+        ),
     ]
 
 
