@@ -334,6 +334,30 @@ _COUNTED_KEYS = 10_000
 # Keys per MGET or DEL: one command of a pipeline never grows without bound.
 _KEYS_PER_COMMAND = 1000
 
+# A refresh's write to Redis: each entry is set unless Redis holds a later state of it.
+# KEYS are the entries; ARGV[1] the TTL in ms, then each entry's value and its position
+# (empty when it has none). A held value's position is the last field of its JSON (a
+# reading's view ends with it, as does a chart), so it is read off its last 48 bytes, not
+# decoded (matching the whole of a 6.5 kB entry cost Redis ~45 µs a key). Redis spends
+# ~30 µs of CPU a 6.5 kB entry on this (moving the values in and out of Lua), against ~2
+# for a plain SET; one command instead of one per key, the projector's round trip is
+# shorter (53 against 67 µs a key, 500 keys a refresh).
+# This keeps a projector that lost its lease without noticing yet, and so refreshes rows
+# it read before its successor's commits, from putting them over the successor's.
+_REFRESH_SCRIPT = """
+local written = 0
+for i, key in ipairs(KEYS) do
+  local value, at = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  local held = redis.call('GET', key)
+  local held_at = held and tonumber(string.match(string.sub(held, -48), '"position":(%d+)}+$'))
+  if not (at and held_at and held_at > at) then
+    redis.call('SET', key, value, 'PX', ARGV[1])
+    written = written + 1
+  end
+end
+return written
+"""
+
 
 class TwoLevelCache:
     """L1 in this process, L2 in Redis (``redis=None``: L1 only, the embedded profile)."""
@@ -544,11 +568,20 @@ class TwoLevelCache:
         ttl_ms = self._fill_ttl_ms if filling else self._l2_ttl_ms
 
         def build(pipe: Any) -> None:
+            if publish:  # a refresh, which must not put an older state over a newer one
+                keys = list(items)
+                for start in range(0, len(keys), _KEYS_PER_COMMAND):
+                    part = keys[start : start + _KEYS_PER_COMMAND]
+                    args: list[Any] = [ttl_ms]
+                    for key in part:
+                        at = position_of(items[key])
+                        args += [items[key], "" if at is None else at]
+                    pipe.eval(_REFRESH_SCRIPT, len(part), *map(self._entry, part), *args)
+                # After the writes: a process that re-reads on this message finds them.
+                pipe.publish(self._channel, _encode(_Invalidation(self._origin, keys)))
+                return
             for key, value in items.items():
                 pipe.set(self._entry(key), value, px=ttl_ms, nx=filling)
-            # After the SETs: a process that re-reads on this message finds the new values.
-            if publish:
-                pipe.publish(self._channel, _encode(_Invalidation(self._origin, list(items))))
 
         return await self._pipeline(build) is not None
 

@@ -8,6 +8,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -39,7 +40,15 @@ from almanac.domain.reading import Reading
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.readmodels import POSITIONS_SCHEMA, ReadDatabase
 from almanac.settings import CacheSettings, Settings
-from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
+from almanac.views import (
+    SELECT_CHART,
+    SELECT_READINGS,
+    CachedReading,
+    ChartView,
+    ReadingView,
+    chart_from_row,
+    reading_from_row,
+)
 from projections.cache_refresher import CacheRefresher, read_entries
 from projections.readings import ReadingsProjection
 from projections.runner import ProjectionRunner
@@ -261,6 +270,59 @@ async def test_a_refresh_reaches_every_process(redis: Any, prefix: str) -> None:
             return await api.get("reading:a") == b"v2"
 
         await eventually(api_reads_v2, within=10, what="the refreshed value in the other L1")
+
+
+async def a_reading_at(position: int) -> CachedReading:
+    """A generated reading (chart and text) as the cache holds it, as of ``position``."""
+    chart = calculate_chart(birth())
+    now = datetime.now(UTC)
+    view = ReadingView(
+        id=READING_ID,
+        status="generated",
+        kind="natal",
+        label=f"as of {position}",
+        birth=birth(),
+        options=ChartOptions(),
+        chart_hash=chart.chart_hash,
+        chart=chart,
+        text=await BuiltinGenerator().generate(chart, "natal", None),
+        failure=None,
+        created_at=now,
+        updated_at=now,
+        position=position,
+    )
+    return CachedReading(owner="alice", view=view)
+
+
+READING_ID = uuid4()
+
+
+async def test_a_refresh_never_puts_an_older_state_over_a_newer_one_in_redis(
+    redis: Any, prefix: str
+) -> None:
+    """As when a projector that lost its lease without noticing yet refreshes a row it read
+    before its successor's commit, after the successor's own refresh."""
+    key = reading_key(READING_ID)
+    chart = calculate_chart(birth())
+    charts = {at: ChartView(chart.chart_hash, chart, datetime.now(UTC), at) for at in (4, 8)}
+    async with started(REDIS_URL, prefix) as successor, started(REDIS_URL, prefix) as stale:
+        await successor.refresh({key: encode_entry(await a_reading_at(9))})
+        await successor.refresh({chart_key(chart.chart_hash): encode_entry(charts[8])})
+        await stale.refresh(
+            {
+                key: encode_entry(await a_reading_at(5)),
+                chart_key(chart.chart_hash): encode_entry(charts[4]),
+            }
+        )
+        held = decode_reading(await redis.get(f"{prefix}almanac:{key}"))
+        assert held is not None and held.view.position == 9
+        held_chart = decode_chart(await redis.get(f"{prefix}almanac:chart:{chart.chart_hash}"))
+        assert held_chart is not None and held_chart.position == 8
+        # A later state goes in, with the TTL of a refresh.
+        await stale.refresh({key: encode_entry(await a_reading_at(12))})
+        held = decode_reading(await redis.get(f"{prefix}almanac:{key}"))
+        assert held is not None and held.view.position == 12
+        assert 0 < await redis.pttl(f"{prefix}almanac:{key}") <= CACHE.l2_ttl * 1000
 
 
 async def test_warming_puts_the_hottest_keys_into_redis_from_the_read_database_and_into_l1(

@@ -38,6 +38,7 @@ from almanac.cache import (
     decode_chart,
     decode_reading,
     encode_entry,
+    position_of,
     rank_hot,
     reading_key,
 )
@@ -313,7 +314,12 @@ class FakePipeline:
         self.server.executed += 1
         if self.server.down:
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
-        return [self._run(name, args, kwargs) for name, args, kwargs in self.commands]
+        return [
+            self._refresh(args[2 : 2 + args[1]], args[2 + args[1] :])
+            if name == "eval"  # only the refresh's script is evaluated
+            else self._run(name, args, kwargs)
+            for name, args, kwargs in self.commands
+        ]
 
     def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         data = self.server.data
@@ -331,6 +337,19 @@ class FakePipeline:
         if name == "delete":
             return sum(data.pop(key, None) is not None for key in args)
         return self._run_sorted_set(name, args)
+
+    def _refresh(self, keys: tuple[str, ...], argv: tuple[Any, ...]) -> int:
+        """The refresh's script: set each entry unless a later state is held."""
+        written = 0
+        for i, key in enumerate(keys):
+            value, at = argv[1 + 2 * i], argv[2 + 2 * i]
+            held = self.server.data.get(key)
+            held_at = position_of(held) if held is not None else None
+            if at == "" or held_at is None or held_at <= at:
+                self.server.data[key] = value
+                self.server.ttls_ms[key] = argv[0]
+                written += 1
+        return written
 
     def _run_sorted_set(self, name: str, args: tuple[Any, ...]) -> Any:
         if name == "pexpire":
