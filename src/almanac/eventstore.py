@@ -19,7 +19,7 @@ import fcntl
 import queue
 import threading
 import typing
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -546,7 +546,55 @@ def _settle_one(future: Future[int] | asyncio.Future[int], outcome: Outcome) -> 
         future.set_result(outcome)
 
 
-class GroupCommitWriter:
+# Saving a batch, as both writers do it: yields the events to record next and is sent
+# their positions, or the error recording them gave; returns every caller's outcome.
+SavePlan = Generator[list[Any], list[int] | BaseException, list[tuple[_Job, Outcome]]]
+
+
+class _BatchOutcomes:
+    """How a batch's callers learn how their saves ended, for a writer that records (a
+    thread's calls or a loop's awaits) and drives ``_plan`` with what each record gave."""
+
+    _on_commit: Callable[[int], None]
+
+    def __init__(self, on_commit: Callable[[int], None]) -> None:
+        self._on_commit = on_commit
+        self.batches = 0
+        self.fallbacks = 0
+
+    def _plan(self, batch: list[_Job]) -> SavePlan:
+        refused: list[tuple[_Job, Outcome]] = []
+        positions = yield _events_of(batch)
+        while isinstance(positions, EventTooLarge) and len(batch) > 1:
+            # Refused while encoding, before anything was sent: one command's oversized
+            # event must not fail its neighbours either, who are saved without it.
+            batch, too_large = _apart(batch, positions)
+            if not too_large or not batch:
+                batch += too_large
+                break
+            refused += [(job, positions) for job in too_large]
+            positions = yield _events_of(batch)
+        if isinstance(positions, ConcurrencyConflict) and len(batch) > 1:
+            # One stale command must not fail its neighbours: save each on its own.
+            log.debug("writer.batch_conflict", size=len(batch))
+            self.fallbacks += 1
+            for job in batch:
+                refused.append((job, self._alone((yield job.events))))
+            return refused
+        if isinstance(positions, BaseException):
+            return refused + [(job, positions) for job in batch]
+        self.batches += 1
+        self._on_commit(positions[-1])
+        return refused + _split(batch, positions)
+
+    def _alone(self, positions: list[int] | BaseException) -> Outcome:
+        if isinstance(positions, BaseException):
+            return positions
+        self._on_commit(positions[-1])
+        return max(positions)
+
+
+class GroupCommitWriter(_BatchOutcomes):
     """One thread that saves queued events from many callers in one transaction each."""
 
     def __init__(
@@ -555,15 +603,13 @@ class GroupCommitWriter:
         max_batch: int,
         on_commit: Callable[[int], None],
     ) -> None:
+        super().__init__(on_commit)
         self._app = app
         self._max_batch = max_batch
-        self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="almanac-writer", daemon=True)
         self._lock = threading.Lock()
         self._stopped = False
-        self.batches = 0
-        self.fallbacks = 0
 
     def start(self) -> None:
         with self._lock:
@@ -621,13 +667,6 @@ class GroupCommitWriter:
         except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
             return exc
 
-    def _save_alone(self, job: _Job) -> Outcome:
-        positions = self._record(job.events)
-        if isinstance(positions, BaseException):
-            return positions
-        self._on_commit(positions[-1])
-        return max(positions)
-
     def _run(self) -> None:
         while True:
             first = self._queue.get()
@@ -659,27 +698,13 @@ class GroupCommitWriter:
             _deliver(self._outcomes(batch))
 
     def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
-        refused: list[tuple[_Job, Outcome]] = []
-        positions = self._record(_events_of(batch))
-        while isinstance(positions, EventTooLarge) and len(batch) > 1:
-            # Refused while encoding, before anything was sent: one command's oversized
-            # event must not fail its neighbours either, who are saved without it.
-            batch, too_large = _apart(batch, positions)
-            if not too_large or not batch:
-                batch += too_large
-                break
-            refused += [(job, positions) for job in too_large]
-            positions = self._record(_events_of(batch))
-        if isinstance(positions, ConcurrencyConflict) and len(batch) > 1:
-            # One stale command must not fail its neighbours: save each on its own.
-            log.debug("writer.batch_conflict", size=len(batch))
-            self.fallbacks += 1
-            return refused + [(job, self._save_alone(job)) for job in batch]
-        if isinstance(positions, BaseException):
-            return refused + [(job, positions) for job in batch]
-        self.batches += 1
-        self._on_commit(positions[-1])
-        return refused + _split(batch, positions)
+        plan = self._plan(batch)
+        events = next(plan)
+        while True:
+            try:
+                events = plan.send(self._record(events))
+            except StopIteration as done:
+                return typing.cast("list[tuple[_Job, Outcome]]", done.value)
 
 
 def _events_of(batch: list[_Job]) -> list[Any]:
@@ -828,7 +853,7 @@ class LoopConnection:
         conn.pgconn.finish()
 
 
-class LoopWriter:
+class LoopWriter(_BatchOutcomes):
     """Group commit on the event loop, for Postgres: the commands of one loop queue their
     events here, and one task sends everything queued in one statement on an async
     connection of its own, while the next batch gathers behind it.
@@ -847,16 +872,14 @@ class LoopWriter:
     def __init__(
         self, app: AlmanacApplication, max_batch: int, on_commit: Callable[[int], None]
     ) -> None:
+        super().__init__(on_commit)
         recorder: Any = app.recorder
         self.connection = LoopConnection(app)
         self._mapper = app.mapper
         self._sql: str = recorder.append_statement
         self._max_batch = max_batch
-        self._on_commit = on_commit
         self._pending: list[_Job] = []
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.fallbacks = 0
 
     def submit(
         self, aggregates: Iterable[Aggregate], loop: asyncio.AbstractEventLoop
@@ -930,32 +953,13 @@ class LoopWriter:
             self._task = None
 
     async def _outcomes(self, batch: list[_Job]) -> list[tuple[_Job, Outcome]]:
-        # As the thread writer's, with the same care for oversized events and conflicts.
-        refused: list[tuple[_Job, Outcome]] = []
-        positions = await self._record(_events_of(batch))
-        while isinstance(positions, EventTooLarge) and len(batch) > 1:
-            batch, too_large = _apart(batch, positions)
-            if not too_large or not batch:
-                batch += too_large
-                break
-            refused += [(job, positions) for job in too_large]
-            positions = await self._record(_events_of(batch))
-        if isinstance(positions, ConcurrencyConflict) and len(batch) > 1:
-            log.debug("writer.batch_conflict", size=len(batch))
-            self.fallbacks += 1
-            return refused + [(job, await self._save_alone(job)) for job in batch]
-        if isinstance(positions, BaseException):
-            return refused + [(job, positions) for job in batch]
-        self.batches += 1
-        self._on_commit(positions[-1])
-        return refused + _split(batch, positions)
-
-    async def _save_alone(self, job: _Job) -> Outcome:
-        positions = await self._record(job.events)
-        if isinstance(positions, BaseException):
-            return positions
-        self._on_commit(positions[-1])
-        return max(positions)
+        plan = self._plan(batch)
+        events = next(plan)
+        while True:
+            try:
+                events = plan.send(await self._record(events))
+            except StopIteration as done:
+                return typing.cast("list[tuple[_Job, Outcome]]", done.value)
 
     async def _record(self, events: list[Any]) -> list[int] | BaseException:
         try:
