@@ -176,6 +176,7 @@ class WebhookDeliverer(Stoppable):
         # The attempts of ``_in_flight`` past their endpoint's slot, so under way.
         self._under_way: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._full = False  # every attempt slot taken: the dispatcher waits for one to end
         self._claimed_per_endpoint = CLAIM_ROUNDS * settings.per_endpoint_concurrency
         super().__init__()
         self._session: aiohttp.ClientSession | None = None
@@ -344,7 +345,10 @@ class WebhookDeliverer(Stoppable):
             self._wake.clear()
             free = settings.concurrency - len(self._in_flight)
             if free <= 0:
-                await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                # Until an attempt ends (``_ended`` wakes this) or the deliverer stops: a
+                # stop must not wait for an endpoint's answer, up to ``timeout`` away.
+                self._full = True
+                await self._wake.wait()
                 continue
             busy = [e for e, n in self._busy.items() if n >= per_endpoint]
             try:
@@ -359,7 +363,7 @@ class WebhookDeliverer(Stoppable):
                 self._busy[message.endpoint_id] = self._busy.get(message.endpoint_id, 0) + 1
                 task = asyncio.create_task(self._attempt(message))
                 self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+                task.add_done_callback(self._ended)
             if len(claimed) >= free:
                 continue
             # Nothing more may be claimed now: sleep until new messages come in, an endpoint
@@ -372,6 +376,12 @@ class WebhookDeliverer(Stoppable):
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.005))
             await wait_event(self._wake, wait)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self._full:
+            self._full = False
+            self._wake.set()
 
     async def _attempt(self, message: Claimed) -> None:
         endpoint_id = message.endpoint_id

@@ -397,6 +397,32 @@ async def test_a_slow_endpoint_does_not_delay_a_fast_one(hooks: Hooks) -> None:
     assert not [d for d in slow_ones if d.get("status") == "succeeded"], slow_ones
 
 
+async def test_a_deliverer_with_every_slot_waiting_on_an_endpoint_stops_without_its_answer(
+    settings: Settings,
+) -> None:
+    """Stopping does not wait for the endpoint's timeout (a minute here): attempts under way
+    get a short grace, then are given up; their messages fall due again with their lease."""
+    settings = with_webhooks(settings, concurrency=2, per_endpoint_concurrency=2, timeout=60.0)
+    answering = asyncio.Event()
+    async with receiving() as receiver, serving(settings) as api:
+        hooks = Hooks(api, receiver)
+        receiver.default["/hangs"] = Reply(gate=answering)
+        endpoint = await hooks.register(api.alice, "/hangs")
+        try:
+            for _ in range(3):
+                await hooks.test(api.alice, endpoint)
+            await eventually(
+                lambda: _async(len(receiver.at("/hangs")) >= 2), what="both slots sending"
+            )
+            (deliverer,) = api.container.background["deliver"]
+            (running,) = [t for t in api.container._tasks if t.get_name() == deliverer.name]
+            # The app runs on a loop of its own (the test client's).
+            running.get_loop().call_soon_threadsafe(deliverer.stop)
+            await eventually(lambda: _async(running.done()), within=30, what="the stop")
+        finally:
+            answering.set()
+
+
 async def test_a_rate_limit_spreads_deliveries_out(hooks: Hooks) -> None:
     api, receiver = hooks.api, hooks.receiver
     endpoint = await hooks.register(api.alice, "/limited", rate_limit=2)
