@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -155,10 +155,16 @@ class DeliveryLog:
         await self.db.write(self._durable([(_INSERT, rows)]))
 
     async def claim(
-        self, limit: int, per_endpoint: int, lease: float, busy: Sequence[str], token: str
+        self,
+        limit: int,
+        per_endpoint: int,
+        lease: float,
+        held: Mapping[str, int],
+        token: str,
     ) -> list[Claimed]:
-        """Up to ``limit`` due messages (at most ``per_endpoint`` of one endpoint, none of the
-        ``busy`` ones), leased for ``lease`` seconds under ``token``."""
+        """Up to ``limit`` due messages, leased for ``lease`` seconds under ``token``: of one
+        endpoint at most ``per_endpoint``, less the ``held`` messages the caller has of it
+        still (none of an endpoint that holds ``per_endpoint`` or more)."""
         now = time.time()
         params: dict[str, Any] = {
             "now": now,
@@ -167,17 +173,21 @@ class DeliveryLog:
             "per": per_endpoint,
             "claim": token,
         }
-        excluded_params, excluded = _excluding(busy)
+        excluded_params, excluded = _excluding([e for e, n in held.items() if n >= per_endpoint])
         params.update(excluded_params)
+        room_params, room = _room(
+            {e: n for e, n in held.items() if 0 < n < per_endpoint}, per_endpoint
+        )
+        params.update(room_params)
         # The outer condition is checked again on the row being updated, so of deliverers
         # racing for one message only the first claims it.
         sql = (
             "UPDATE webhook_messages SET next_attempt_at = :lease, claim = :claim"
             " WHERE status = 'pending' AND next_attempt_at <= :now AND id IN ("
-            " SELECT id FROM (SELECT id, next_attempt_at, ROW_NUMBER() OVER ("
+            " SELECT id FROM (SELECT id, endpoint_id, next_attempt_at, ROW_NUMBER() OVER ("
             " PARTITION BY endpoint_id ORDER BY next_attempt_at) AS n FROM webhook_messages"
             " WHERE status = 'pending' AND next_attempt_at <= :now" + excluded + ") AS due"
-            " WHERE n <= :per ORDER BY next_attempt_at LIMIT :limit)"
+            " WHERE n <= " + room + " ORDER BY next_attempt_at LIMIT :limit)"
             " RETURNING id, endpoint_id, owner, event_type, payload, attempts, created_at, claim,"
             " next_attempt_at AS leased_until"
         )
@@ -354,6 +364,19 @@ class DeliveryLog:
             params,
         )
         return None if row is None or row["due"] is None else float(row["due"])
+
+
+def _room(held: Mapping[str, int], per_endpoint: int) -> tuple[dict[str, Any], str]:
+    """How many more of an endpoint's messages may be claimed (``due.endpoint_id``), as SQL:
+    ``per_endpoint`` less what is ``held`` of it."""
+    if not held:
+        return {}, ":per"
+    params: dict[str, Any] = {}
+    cases = []
+    for i, (endpoint_id, count) in enumerate(held.items()):
+        params[f"h{i}"], params[f"r{i}"] = endpoint_id, per_endpoint - count
+        cases.append(f" WHEN :h{i} THEN :r{i}")
+    return params, "CASE due.endpoint_id" + "".join(cases) + " ELSE :per END"
 
 
 def _excluding(busy: Sequence[str]) -> tuple[dict[str, Any], str]:

@@ -60,8 +60,9 @@ ENDPOINT_TTL = 1.0
 HEALTH_INTERVAL = 60.0
 # How long attempts under way may go on finishing once the deliverer is told to stop.
 STOP_GRACE = 5.0
-# How many rounds of an endpoint's concurrent attempts are claimed ahead.
-CLAIM_ROUNDS = 3
+# How many rounds of an endpoint's concurrent attempts are held at most: claimed ahead, so
+# that an endpoint is claimed for once every CLAIM_ROUNDS - 1 rounds of its attempts.
+CLAIM_ROUNDS = 4
 # An attempt starts only with this long to spare beyond its timeout before its lease ends.
 LEASE_MARGIN = 2.0
 _encoder = msgspec.json.Encoder()
@@ -178,6 +179,9 @@ class WebhookDeliverer(Stoppable):
         self._wake = asyncio.Event()
         self._full = False  # every attempt slot taken: the dispatcher waits for one to end
         self._claimed_per_endpoint = CLAIM_ROUNDS * settings.per_endpoint_concurrency
+        # Holding this many of an endpoint's messages or fewer (one round of its slots), it
+        # is claimed for again, for the rounds it has room for.
+        self._claimable = settings.per_endpoint_concurrency
         super().__init__()
         self._session: aiohttp.ClientSession | None = None
         self._endpoints: dict[str, tuple[float, Any]] = {}
@@ -334,10 +338,11 @@ class WebhookDeliverer(Stoppable):
 
     async def _dispatch(self) -> None:
         settings = self.settings
-        # Up to ``CLAIM_ROUNDS`` rounds of an endpoint's slots are claimed at once (fewer
-        # claims, each covering more), so an attempt may wait two rounds for its slot before
-        # its own: the lease outlasts that, and a message claimed by a deliverer that died is
-        # due again when it runs out.
+        # Up to ``CLAIM_ROUNDS`` rounds of an endpoint's slots are held at once (fewer
+        # claims, each covering more), so an attempt may wait ``CLAIM_ROUNDS - 1`` rounds for
+        # its slot before its own: the lease outlasts that, and a message claimed by a
+        # deliverer that died is due again when it runs out. An endpoint is claimed for only
+        # up to that, less what it holds, and only once it holds just a round (``_claimable``).
         lease = CLAIM_ROUNDS * settings.timeout + 5.0
         per_endpoint = self._claimed_per_endpoint
         pause = 0.05
@@ -350,9 +355,10 @@ class WebhookDeliverer(Stoppable):
                 self._full = True
                 await self._wake.wait()
                 continue
-            busy = [e for e, n in self._busy.items() if n >= per_endpoint]
             try:
-                claimed = await self.log.claim(free, per_endpoint, lease, busy, new_uuid().hex)
+                claimed = await self.log.claim(
+                    free, per_endpoint, lease, self._held(), new_uuid().hex
+                )
                 pause = 0.05
             except Exception as exc:  # noqa: BLE001 - the log's database may come back
                 log.warning("webhook.claim_failed", error=str(exc) or type(exc).__name__)
@@ -369,13 +375,19 @@ class WebhookDeliverer(Stoppable):
             # Nothing more may be claimed now: sleep until new messages come in, an endpoint
             # has room again or a message is rescheduled (each sets ``_wake``), or until the
             # next message of an endpoint with room falls due.
-            busy = [e for e, n in self._busy.items() if n >= per_endpoint]
+            busy = [e for e, n in self._busy.items() if n > self._claimable]
             wait = settings.poll_interval
             with contextlib.suppress(Exception):
                 due = await self.log.next_due(busy)
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.005))
             await wait_event(self._wake, wait)
+
+    def _held(self) -> dict[str, int]:
+        """What this deliverer holds of each endpoint, as the claim counts it: an endpoint
+        not yet claimable again counts as full."""
+        full = self._claimed_per_endpoint
+        return {e: n if n <= self._claimable else full for e, n in self._busy.items()}
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -425,10 +437,10 @@ class WebhookDeliverer(Stoppable):
         if not left:
             del self._busy[endpoint_id]
             self._slots.pop(endpoint_id, None)
-        if left == self._claimed_per_endpoint - 1:
-            # The endpoint is claimable again. Waking the dispatcher after every attempt
-            # instead cost a claim and a look for the next due message per delivery, both
-            # finding nothing while the endpoint still held its claimed messages.
+        if left == self._claimable:
+            # The endpoint is claimable again, for the rounds it has room for. Waking the
+            # dispatcher after every attempt instead cost a claim and a look for the next due
+            # message per delivery, each finding room for one message at most.
             self._wake.set()
 
     async def _attempt_now(self, message: Claimed, answered: Callable[[], None]) -> None:
