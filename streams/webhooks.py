@@ -21,10 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid5
 
-import aiohttp
 import msgspec
 import structlog
 from limits import RateLimitItemPerSecond
@@ -33,7 +32,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from standardwebhooks.webhooks import Webhook
 
 from almanac.adapters.secretbox import SecretBox
-from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_session
+from almanac.adapters.webhook_targets import TargetGuard, TargetRefused
 from almanac.container import Stoppable
 from almanac.domain.events import EventMeta
 from almanac.domain.webhook import TEST_EVENT_TYPE, WebhookEndpoint, matches
@@ -44,6 +43,9 @@ from almanac.ids import new_uuid
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
 from almanac.timeouts import cancel_and_wait, wait_event
+
+if TYPE_CHECKING:
+    import aiohttp
 from streams.envelope import envelope_of
 from streams.webhook_log import AttemptRecord, Claimed, DeliveryLog, NewMessage
 
@@ -195,6 +197,9 @@ class WebhookDeliverer(Stoppable):
         self._wake.set()
 
     async def run(self) -> None:
+        # Here, not at import: only a process that delivers loads the HTTP client.
+        from almanac.adapters.webhook_client import guarded_session
+
         self._session = guarded_session(
             self.guard,
             connections=self.settings.concurrency,
@@ -569,6 +574,8 @@ class WebhookDeliverer(Stoppable):
 
     async def _send(self, message: Claimed, endpoint: Any) -> Outcome:
         assert self._session is not None
+        from aiohttp import ClientError  # loaded by ``run`` already
+
         url = str(endpoint["url"])
         started = time.monotonic()
 
@@ -598,7 +605,7 @@ class WebhookDeliverer(Stoppable):
             return Outcome(None, elapsed(), exc.detail, None)
         except TimeoutError:
             return Outcome(None, elapsed(), f"no answer within {self.settings.timeout:g} s", None)
-        except aiohttp.ClientError as exc:
+        except ClientError as exc:
             return Outcome(None, elapsed(), f"{type(exc).__name__}: {exc}"[:500], None)
         error = None
         if 300 <= code < 400:

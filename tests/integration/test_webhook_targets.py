@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 import aiohttp
 import pytest
 
-from almanac.adapters.webhook_targets import TargetGuard, TargetRefused, guarded_session
+from almanac.adapters.webhook_client import guarded_session
+from almanac.adapters.webhook_targets import TargetGuard, TargetRefused
 from almanac.settings import WebhookSettings
 from tests.integration.support_receiver import receiving
 

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
+from urllib.parse import urlsplit
 
-import nats
-import structlog
-from nats.errors import Error as NatsError
 
-from almanac.errors import Unavailable
+def _import_nats_without_aiohttp() -> None:
+    """Import nats-py without the aiohttp it loads (~14 MB of RSS in every process) for
+    servers reached over WebSocket, which a URL of ``ws``/``wss`` asks for
+    (``_websocket_transport``). Only the first import of nats-py in a process decides; a
+    process that delivers webhooks loads aiohttp for that, later, all the same."""
+    if "nats" in sys.modules or "aiohttp" in sys.modules:
+        return
+    sys.modules["aiohttp"] = None  # type: ignore[assignment] # an import of it fails
+    try:
+        import nats.aio.transport  # noqa: F401 - its ``aiohttp`` is then None
+    finally:
+        del sys.modules["aiohttp"]
+
+
+_import_nats_without_aiohttp()
+
+import nats  # noqa: E402 - after the above
+import structlog  # noqa: E402
+from nats.errors import Error as NatsError  # noqa: E402
+
+from almanac.errors import Unavailable  # noqa: E402
 
 log = structlog.get_logger("almanac.nats")
 
@@ -25,6 +44,8 @@ class NatsConnection:
     async def connect(self) -> Any:
         async with self._lock:
             if self.client is None or self.client.is_closed:
+                if urlsplit(self.url).scheme in {"ws", "wss"}:
+                    _websocket_transport()
                 try:
                     self.client = await nats.connect(
                         self.url,
@@ -50,3 +71,13 @@ class NatsConnection:
     async def close(self) -> None:
         if self.client is not None and not self.client.is_closed:
             await self.client.drain()
+
+
+def _websocket_transport() -> None:
+    """Give nats-py the aiohttp it goes without since ``_import_nats_without_aiohttp``."""
+    import aiohttp  # only for a NATS server reached over WebSocket
+    from nats.aio import transport
+
+    module: Any = transport  # its ``aiohttp`` is typed as always there
+    if module.aiohttp is None:
+        module.aiohttp = aiohttp

@@ -4,7 +4,8 @@ A URL is refused unless it is ``https`` (or ``http`` when allowed) and every add
 host resolves to is public, or inside a network the operator allowed. It is checked when
 an endpoint is registered or changed, and again by every new connection a delivery makes,
 since what a name resolves to can change: the connection goes to an address of the lookup
-that was checked (``guarded_session``), never to a second lookup's, so a name that
+that was checked (``almanac.adapters.webhook_client.guarded_session``), never to a second
+lookup's, so a name that
 answered with a public address at registration and a private one later (DNS rebinding)
 cannot carry a delivery inside.
 """
@@ -14,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from almanac.errors import AlmanacError
 from almanac.settings import WebhookSettings
@@ -122,55 +120,3 @@ class TargetGuard:
                     f"the host {host!r} resolves to {address}, a private or reserved address"
                 )
         return [str(a) for a in addresses]
-
-
-class GuardedResolver(AbstractResolver):
-    """aiohttp's name lookup for new connections: the host is resolved and checked here, and
-    the connection is made to those addresses, in the resolver's order. (TLS still verifies,
-    and names, the host itself.)"""
-
-    def __init__(self, guard: TargetGuard) -> None:
-        self._guard = guard
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-            for address in await self._guard.addresses(host, port)
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
-def guarded_session(
-    guard: TargetGuard, *, connections: int, timeout: float, headers: Mapping[str, str]
-) -> aiohttp.ClientSession:
-    """An aiohttp session whose new connections go to addresses ``guard`` accepted in the
-    connection's own lookup (``GuardedResolver``).
-
-    aiohttp asks no resolver for an address literal: ``TargetGuard.check_send`` checks it
-    before each request. Nothing goes through a proxy (it would be the proxy that is
-    checked and connected to), none is taken from the environment, and no cookie an
-    endpoint sets is kept or sent to another.
-    """
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            resolver=GuardedResolver(guard),
-            # A fresh, checked lookup for every new connection, as the guard's own.
-            use_dns_cache=False,
-            limit=connections,
-        ),
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        headers=dict(headers),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
