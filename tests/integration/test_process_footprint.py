@@ -45,6 +45,7 @@ def test_an_api_process_does_not_load_aiohttp_until_it_delivers_webhooks(
 
         _websocket_transport()
         print("for ws:", transport.aiohttp is sys.modules["aiohttp"])
+        print("its headers:", transport.multidict is sys.modules["multidict"])
         container.store.close()
         """,
         tmp_path,
@@ -52,3 +53,4 @@ def test_an_api_process_does_not_load_aiohttp_until_it_delivers_webhooks(
     assert done.returncode == 0, done.stderr
     assert "after the app: False" in done.stdout, done.stdout
     assert "for ws: True" in done.stdout, done.stdout
+    assert "its headers: True" in done.stdout, done.stdout

@@ -76,8 +76,9 @@ class NatsConnection:
 def _websocket_transport() -> None:
     """Give nats-py the aiohttp it goes without since ``_import_nats_without_aiohttp``."""
     import aiohttp  # only for a NATS server reached over WebSocket
+    import multidict  # for its headers; nats-py imports the two together
     from nats.aio import transport
 
     module: Any = transport  # its ``aiohttp`` is typed as always there
     if module.aiohttp is None:
-        module.aiohttp = aiohttp
+        module.aiohttp, module.multidict = aiohttp, multidict
