@@ -347,18 +347,20 @@ _KEYS_PER_SCRIPT = 64
 # shorter (53 against 67 µs a key, 500 keys a refresh).
 # This keeps a projector that lost its lease without noticing yet, and so refreshes rows
 # it read before its successor's commits, from putting them over the successor's.
+# It answers the (1-based) numbers of the entries it left alone.
 _REFRESH_SCRIPT = """
-local written = 0
+local refused = {}
 for i, key in ipairs(KEYS) do
   local value, at = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
   local held = redis.call('GET', key)
   local held_at = held and tonumber(string.match(string.sub(held, -48), '"position":(%d+)}+$'))
-  if not (at and held_at and held_at > at) then
+  if at and held_at and held_at > at then
+    refused[#refused + 1] = i
+  else
     redis.call('SET', key, value, 'PX', ARGV[1])
-    written = written + 1
   end
 end
-return written
+return refused
 """
 
 
@@ -473,7 +475,7 @@ class TwoLevelCache:
     async def put_many(self, items: Mapping[str, bytes]) -> bool:
         for key, value in items.items():
             self._l1.put(key, value)
-        return await self._store(items, publish=False)
+        return await self._store(items)
 
     async def refresh(self, items: Mapping[str, bytes]) -> bool:
         if not items:
@@ -486,7 +488,14 @@ class TwoLevelCache:
         for key, value in items.items():
             self._l1.put(key, value)
         self._sent += len(items)
-        return await self._store(items, publish=True)
+        refused = await self._store_refresh(items)
+        if refused is None:
+            return False
+        # Redis holds a later state of these (this process's lease may have passed on): this
+        # L1 lets its older one go too, and reads the key again.
+        for key in refused:
+            self._l1.discard(key)
+        return True
 
     def _later_in_l1(self, key: str, value: bytes) -> bool:
         held = self._l1.get(key)
@@ -501,7 +510,7 @@ class TwoLevelCache:
     async def fill(self, key: str, value: bytes, *, mark: int, shared: bool = True) -> None:
         self._fill_l1(key, value, mark)
         if shared:
-            await self._store({key: value}, publish=False, filling=True)
+            await self._store({key: value}, filling=True)
 
     async def supersede(
         self, key: str, value: bytes, *, stale: Callable[[bytes], bool], shared: bool = True
@@ -563,30 +572,41 @@ class TwoLevelCache:
     def shared(self) -> bool:
         return self._redis is not None
 
-    async def _store(
-        self, items: Mapping[str, bytes], *, publish: bool, filling: bool = False
-    ) -> bool:
+    async def _store(self, items: Mapping[str, bytes], *, filling: bool = False) -> bool:
         if self._redis is None or not items:
             return True
         ttl_ms = self._fill_ttl_ms if filling else self._l2_ttl_ms
 
         def build(pipe: Any) -> None:
-            if publish:  # a refresh, which must not put an older state over a newer one
-                keys = list(items)
-                for start in range(0, len(keys), _KEYS_PER_SCRIPT):
-                    part = keys[start : start + _KEYS_PER_SCRIPT]
-                    args: list[Any] = [ttl_ms]
-                    for key in part:
-                        at = position_of(items[key])
-                        args += [items[key], "" if at is None else at]
-                    pipe.eval(_REFRESH_SCRIPT, len(part), *map(self._entry, part), *args)
-                # After the writes: a process that re-reads on this message finds them.
-                pipe.publish(self._channel, _encode(_Invalidation(self._origin, keys)))
-                return
             for key, value in items.items():
                 pipe.set(self._entry(key), value, px=ttl_ms, nx=filling)
 
         return await self._pipeline(build) is not None
+
+    async def _store_refresh(self, items: Mapping[str, bytes]) -> list[str] | None:
+        """A refresh's write, which never puts an older state over a newer one: the keys
+        Redis kept a later state of; None if Redis failed."""
+        if self._redis is None or not items:
+            return []
+        keys = list(items)
+        parts = [keys[i : i + _KEYS_PER_SCRIPT] for i in range(0, len(keys), _KEYS_PER_SCRIPT)]
+
+        def build(pipe: Any) -> None:
+            for part in parts:
+                args: list[Any] = [self._l2_ttl_ms]
+                for key in part:
+                    at = position_of(items[key])
+                    args += [items[key], "" if at is None else at]
+                pipe.eval(_REFRESH_SCRIPT, len(part), *map(self._entry, part), *args)
+            # After the writes: a process that re-reads on this message finds them.
+            pipe.publish(self._channel, _encode(_Invalidation(self._origin, keys)))
+
+        answers = await self._pipeline(build)
+        if answers is None:
+            return None
+        return [
+            part[int(i) - 1] for part, refused in zip(parts, answers, strict=False) for i in refused
+        ]
 
     # L1 and invalidations.
 
@@ -743,7 +763,7 @@ class TwoLevelCache:
         cached = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
         loaded = await self._load_missing([k for k in keys if k not in cached])
         if loaded:
-            await self._store(loaded, publish=False, filling=True)
+            await self._store(loaded, filling=True)
         # The coldest first: an L1 smaller than the list keeps the hottest.
         for key in reversed(keys):
             value = cached.get(key) or loaded.get(key)

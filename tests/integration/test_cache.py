@@ -318,6 +318,9 @@ async def test_a_refresh_never_puts_an_older_state_over_a_newer_one_in_redis(
         assert held is not None and held.view.position == 9
         held_chart = decode_chart(await redis.get(f"{prefix}almanac:chart:{chart.chart_hash}"))
         assert held_chart is not None and held_chart.position == 8
+        # Nor does the stale process's own L1 keep the older state: it reads Redis's.
+        served = decode_reading(await stale.get(key))
+        assert served is not None and served.view.position == 9
         # A later state goes in, with the TTL of a refresh.
         await stale.refresh({key: encode_entry(await a_reading_at(12))})
         held = decode_reading(await redis.get(f"{prefix}almanac:{key}"))

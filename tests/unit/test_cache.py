@@ -338,9 +338,10 @@ class FakePipeline:
             return sum(data.pop(key, None) is not None for key in args)
         return self._run_sorted_set(name, args)
 
-    def _refresh(self, keys: tuple[str, ...], argv: tuple[Any, ...]) -> int:
-        """The refresh's script: set each entry unless a later state is held."""
-        written = 0
+    def _refresh(self, keys: tuple[str, ...], argv: tuple[Any, ...]) -> list[int]:
+        """The refresh's script: set each entry unless a later state is held; the (1-based)
+        numbers of those left alone."""
+        refused = []
         for i, key in enumerate(keys):
             value, at = argv[1 + 2 * i], argv[2 + 2 * i]
             held = self.server.data.get(key)
@@ -348,8 +349,9 @@ class FakePipeline:
             if at == "" or held_at is None or held_at <= at:
                 self.server.data[key] = value
                 self.server.ttls_ms[key] = argv[0]
-                written += 1
-        return written
+            else:
+                refused.append(i + 1)
+        return refused
 
     def _run_sorted_set(self, name: str, args: tuple[Any, ...]) -> Any:
         if name == "pexpire":
