@@ -67,7 +67,7 @@ def baseline_inserts(url: str, clients: int, seconds: float) -> float:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS bench_rows (id bigserial PRIMARY KEY, body jsonb NOT NULL)"
         )
-    if shutil.which("pgbench"):
+    if baseline_tool() == "pgbench":
         return _pgbench(url, clients, seconds)
     counts = [0] * clients
     deadline = time.perf_counter() + seconds

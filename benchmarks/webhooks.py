@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,48 +105,50 @@ def _start_receiver(port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("the receiver did not start")
 
 
-async def baseline(url: str, body: bytes, concurrency: int, seconds: float) -> float:
-    """POSTs per second from ``concurrency`` tasks sharing one client."""
+JSON = {"content-type": "application/json"}
+
+
+async def _posts_per_second(
+    post: Callable[[], Awaitable[None]], concurrency: int, seconds: float
+) -> float:
+    """Calls of ``post`` per second from ``concurrency`` tasks for ``seconds``."""
     done = 0
+    end = time.monotonic() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.monotonic() < end:
+            await post()
+            done += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return done / (time.monotonic() - started)
+
+
+async def baseline(url: str, body: bytes, concurrency: int, seconds: float) -> float:
+    """POSTs per second from ``concurrency`` tasks sharing one httpx client."""
     async with httpx.AsyncClient(
         limits=httpx.Limits(max_connections=concurrency), trust_env=False
     ) as client:
-        end = time.monotonic() + seconds
 
-        async def loop() -> None:
-            nonlocal done
-            while time.monotonic() < end:
-                response = await client.post(
-                    url, content=body, headers={"content-type": "application/json"}
-                )
-                response.raise_for_status()
-                done += 1
+        async def post() -> None:
+            (await client.post(url, content=body, headers=JSON)).raise_for_status()
 
-        started = time.monotonic()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return done / (time.monotonic() - started)
+        return await _posts_per_second(post, concurrency, seconds)
 
 
 async def baseline_aiohttp(url: str, body: bytes, concurrency: int, seconds: float) -> float:
     """The same loop through aiohttp, the deliverer's own client."""
-    done = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
-        end = time.monotonic() + seconds
 
-        async def loop() -> None:
-            nonlocal done
-            while time.monotonic() < end:
-                async with session.post(
-                    url, data=body, headers={"content-type": "application/json"}
-                ) as response:
-                    await response.read()
-                    response.raise_for_status()
-                done += 1
+        async def post() -> None:
+            async with session.post(url, data=body, headers=JSON) as response:
+                await response.read()
+                response.raise_for_status()
 
-        started = time.monotonic()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return done / (time.monotonic() - started)
+        return await _posts_per_second(post, concurrency, seconds)
 
 
 def _settings(profile: str, data_dir: Path, url: str | None) -> Settings:

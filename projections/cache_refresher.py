@@ -249,7 +249,7 @@ class CacheRefresher:
         readings, charts = dict(self._pending_readings), dict(self._pending_charts)
         if readings or charts:
             try:
-                items = await self._entries(sorted(readings), sorted(charts))
+                items = await read_entries(self._db, sorted(readings), sorted(charts))
                 refreshed = await self._cache.refresh(items)
             except Exception as exc:  # noqa: BLE001 - the cache is derived; the projector goes on
                 log.warning(
@@ -340,9 +340,6 @@ class CacheRefresher:
         log.warning(
             "cache.refresh_deferred", keys=keys, after=self._gap_after, until=self._gap_until
         )
-
-    async def _entries(self, reading_ids: list[str], hashes: list[str]) -> dict[str, bytes]:
-        return await read_entries(self._db, reading_ids, hashes)
 
 
 async def read_entries(

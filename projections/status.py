@@ -1,4 +1,5 @@
-"""Bookkeeping every projection shares: its lease, its schema version and its parked events.
+"""Bookkeeping every projection shares: its lease, its schema version and its parked events,
+and the read cache's mark (``cache_positions``: every commit up to it is refreshed in Redis).
 
 The active runner writes these rows in the read database; the admin API reads them and
 files requests (retry or skip a parked event) that the runner picks up, in whichever

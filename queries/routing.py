@@ -56,7 +56,7 @@ class Reads:
         it would serve that earlier state to every process, and no commit would come to make
         the projector put the later one back. (A standby that fails hands its read to the
         primary, and is still counted a standby here: the safe side.)"""
-        return self.router is None or self.router.applied_position(source) is None
+        return self._applied(source) is None
 
     async def route(self, projections: Sequence[str], min_position: int | None) -> ReadDatabase:
         """The database to read ``projections`` from, once each has reached
@@ -70,12 +70,16 @@ class Reads:
         """``route``, and the position the chosen database's answer reflects: every event
         up to it is in what it returns."""
         source, reached = await self._route(projections, min_position)
-        applied = None if self.router is None else self.router.applied_position(source)
+        applied = self._applied(source)
         if applied is not None:
             return source, applied  # a standby's answer reflects its own positions
         if min(reached) > 0:
             return source, min(reached)  # the wait has read the positions already
         return source, min([await self.watch.current(p) for p in projections])
+
+    def _applied(self, source: ReadDatabase) -> int | None:
+        """The position a standby ``source`` has replayed; None for the primary."""
+        return None if self.router is None else self.router.applied_position(source)
 
     async def _route(
         self, projections: Sequence[str], min_position: int | None

@@ -236,6 +236,11 @@ class DeliveryLog:
                 taken, self._settles = self._settles, []
                 try:
                     await self._write(taken)
+                except Unavailable as exc:
+                    # The database is away: every row would wait out the pool on its own.
+                    for _, _, done in taken:
+                        if not done.done():
+                            done.set_exception(exc)
                 except Exception:  # noqa: BLE001 - each caller learns of its own failure
                     # One row the database refuses must not fail the others' settles: each
                     # is written again on its own.

@@ -380,7 +380,7 @@ class WebhookDeliverer(Stoppable):
             # Nothing more may be claimed now: sleep until new messages come in, an endpoint
             # has room again or a message is rescheduled (each sets ``_wake``), or until the
             # next message of an endpoint with room falls due.
-            busy = [e for e, n in self._busy.items() if n > self._claimable]
+            busy = [e for e, n in self._held().items() if n >= per_endpoint]
             wait = settings.poll_interval
             with contextlib.suppress(Exception):
                 due = await self.log.next_due(busy)
@@ -529,7 +529,7 @@ class WebhookDeliverer(Stoppable):
             attempt=record,
         )
         if delay is not None:
-            self._rescheduled()
+            self._rescheduled(now + delay)
         self._success_noted.pop(message.endpoint_id, None)
         failing_since = await self.log.health(message.endpoint_id, succeeded=False)
         if failing_since is not None and now - failing_since >= settings.disable_after:
@@ -551,11 +551,13 @@ class WebhookDeliverer(Stoppable):
         await self.log.settle(
             message, status="pending", attempts=message.attempts, next_attempt_at=at, attempt=None
         )
-        self._rescheduled()
+        self._rescheduled(at)
 
-    def _rescheduled(self) -> None:
-        # The dispatcher may be asleep until a later due time than this message's new one.
-        self._wake.set()
+    def _rescheduled(self, at: float) -> None:
+        # The dispatcher may be asleep until a later due time than this message's new one;
+        # it looks again within a poll interval anyway (a retry's delay is seconds at least).
+        if at < time.time() + self.settings.poll_interval:
+            self._wake.set()
 
     async def _admit(self, endpoint_id: str, rate: int) -> bool:
         item = RateLimitItemPerSecond(rate)
@@ -574,7 +576,7 @@ class WebhookDeliverer(Stoppable):
 
     async def _send(self, message: Claimed, endpoint: Any) -> Outcome:
         assert self._session is not None
-        from aiohttp import ClientError  # loaded by ``run`` already
+        from aiohttp import ClientError  # loaded by ``run`` already: a lookup in sys.modules
 
         url = str(endpoint["url"])
         started = time.monotonic()

@@ -86,13 +86,17 @@ class _Owned(msgspec.Struct):
     meta: _Owner
 
 
-def may_see_stored(principal: Principal, event: RecordedEvent) -> bool:
-    """``Listener.may_see`` of a stored event, decoding no more of it than its owner."""
-    if principal.is_admin:
-        return True
-    if event.type.startswith(ADMIN_ONLY):
+def visible(principal: Principal, event_type: str, owner: str) -> bool:
+    """Whether ``principal`` may see an event of ``event_type`` and ``owner``."""
+    if event_type.startswith(ADMIN_ONLY) and not principal.is_admin:
         return False
-    return principal.may_see(event.view(_Owned).meta.owner)
+    return principal.may_see(owner)
+
+
+def may_see_stored(principal: Principal, event: RecordedEvent) -> bool:
+    """``visible`` of a stored event, decoding no more of it than its owner (and not even
+    that for an admin)."""
+    return principal.is_admin or visible(principal, event.type, event.view(_Owned).meta.owner)
 
 
 def live_event(event: RecordedEvent) -> LiveEvent:
@@ -247,9 +251,7 @@ class Listener:
     held: list[LiveEvent] = field(default_factory=list)
 
     def may_see(self, event: LiveEvent) -> bool:
-        if event.type.startswith(ADMIN_ONLY) and not self.principal.is_admin:
-            return False
-        return self.principal.may_see(event.owner)
+        return visible(self.principal, event.type, event.owner)
 
     def wants(self, event: LiveEvent, verdicts: dict[Topic, bool] | None = None) -> bool:
         """Whether a topic matches and the key may see it; ``verdicts`` remembers each topic's

@@ -210,7 +210,8 @@ class ReadCache(Protocol):
         ...
 
     async def refresh(self, items: Mapping[str, bytes]) -> bool:
-        """New values of changed rows: store them and make every other L1 drop its copy."""
+        """New values of changed rows: store them, unless Redis holds a later state of one
+        (then this L1 drops its copy too), and make every other L1 drop its copy."""
         ...
 
     def mark(self) -> int:
@@ -480,15 +481,17 @@ class TwoLevelCache:
     async def refresh(self, items: Mapping[str, bytes]) -> bool:
         if not items:
             return True
+        # Each value's position, read once: the checks here and in Redis compare by it.
+        positions = {key: position_of(value) for key, value in items.items()}
         # Not where this process's L1 already holds a later state: a refresher reads its rows,
         # then writes them, and a read of a later commit may have filled the key in between.
-        items = {k: v for k, v in items.items() if not self._later_in_l1(k, v)}
+        items = {k: v for k, v in items.items() if not self._later_in_l1(k, positions[k])}
         # This process's L1 takes the new values at once; fills already under way are stale.
         self._forget(items)
         for key, value in items.items():
             self._l1.put(key, value)
         self._sent += len(items)
-        refused = await self._store_refresh(items)
+        refused = await self._store_refresh(items, positions)
         if refused is None:
             return False
         # Redis holds a later state of these (this process's lease may have passed on): this
@@ -497,12 +500,12 @@ class TwoLevelCache:
             self._l1.discard(key)
         return True
 
-    def _later_in_l1(self, key: str, value: bytes) -> bool:
+    def _later_in_l1(self, key: str, value_at: int | None) -> bool:
         held = self._l1.get(key)
-        if held is None:
+        if held is None or value_at is None:
             return False
-        held_at, value_at = position_of(held), position_of(value)
-        return held_at is not None and value_at is not None and held_at > value_at
+        held_at = position_of(held)
+        return held_at is not None and held_at > value_at
 
     def mark(self) -> int:
         return self._seq
@@ -540,16 +543,14 @@ class TwoLevelCache:
             self._report_error(exc, "supersede", retry_in=0.0)
 
     async def invalidate(self, keys: Iterable[str]) -> None:
-        unique = list(dict.fromkeys(keys))
-        if not unique:
-            return
-        self._forget(unique)
-        self._sent += len(unique)
-        if self._redis is not None:
-            message = _encode(_Invalidation(self._origin, unique))
-            await self._pipeline(lambda pipe: pipe.publish(self._channel, message))
+        await self._drop(keys, from_redis=False)
 
     async def evict(self, keys: Iterable[str]) -> bool:
+        return await self._drop(keys, from_redis=True)
+
+    async def _drop(self, keys: Iterable[str], *, from_redis: bool) -> bool:
+        """Drop ``keys`` from this L1 and tell every other process to drop them from theirs,
+        and, ``from_redis``, delete them from Redis first; False if Redis failed."""
         unique = list(dict.fromkeys(keys))
         if not unique:
             return True
@@ -560,8 +561,10 @@ class TwoLevelCache:
         message = _encode(_Invalidation(self._origin, unique))
 
         def build(pipe: Any) -> None:
-            for start in range(0, len(unique), _KEYS_PER_COMMAND):
-                pipe.delete(*[self._entry(k) for k in unique[start : start + _KEYS_PER_COMMAND]])
+            if from_redis:
+                for start in range(0, len(unique), _KEYS_PER_COMMAND):
+                    part = unique[start : start + _KEYS_PER_COMMAND]
+                    pipe.delete(*[self._entry(k) for k in part])
             # After the DELs: a process that re-reads on this message misses, and asks the
             # database.
             pipe.publish(self._channel, message)
@@ -583,7 +586,9 @@ class TwoLevelCache:
 
         return await self._pipeline(build) is not None
 
-    async def _store_refresh(self, items: Mapping[str, bytes]) -> list[str] | None:
+    async def _store_refresh(
+        self, items: Mapping[str, bytes], positions: Mapping[str, int | None]
+    ) -> list[str] | None:
         """A refresh's write, which never puts an older state over a newer one: the keys
         Redis kept a later state of; None if Redis failed."""
         if self._redis is None or not items:
@@ -595,7 +600,7 @@ class TwoLevelCache:
             for part in parts:
                 args: list[Any] = [self._l2_ttl_ms]
                 for key in part:
-                    at = position_of(items[key])
+                    at = positions[key]
                     args += [items[key], "" if at is None else at]
                 pipe.eval(_REFRESH_SCRIPT, len(part), *map(self._entry, part), *args)
             # After the writes: a process that re-reads on this message finds them.
@@ -660,7 +665,8 @@ class TwoLevelCache:
         ]
 
     async def stop(self) -> None:
-        """End the subscriber; save the read counts so the next start warms the same keys."""
+        """End the subscriber; save the read counts, which ``warm`` ranks by in API processes
+        started later."""
         if not self._running:
             return
         self._stopping.set()
@@ -738,10 +744,11 @@ class TwoLevelCache:
         """Make sure the ``warm_keys`` keys read most of late are in L2 and in this L1.
 
         Bounded work, done once as an API process starts: one pipeline for the ranking, one
-        of MGETs, one query per 500 keys that Redis lacks (after a restart of Redis, or an
-        expiry or eviction there), read from the primary read database as the refresher
-        reads them, and one pipeline that puts those into L2 as ``fill`` would (only where
-        L2 has nothing, for ``fill_ttl``: a commit may land between the read and the write).
+        of MGETs, queries (per 500 keys, readings and charts apart) for the keys Redis lacks
+        (after a restart of Redis, or an expiry or eviction there), read from the primary
+        read database as the refresher reads them, and one pipeline that puts those into L2
+        as ``fill`` would (only where L2 has nothing, for ``fill_ttl``: a commit may land
+        between the read and the write).
         Without Redis there is nothing to do: the read counts live there, and an L1 filled
         alone would expire ``l1_ttl`` seconds later, before it served much.
         """
@@ -758,7 +765,7 @@ class TwoLevelCache:
 
         chunks = await self._pipeline(build)
         if chunks is None:
-            return 0  # Redis is away: what was loaded could not be shared anyway
+            return 0  # Redis is away: nothing read now could be shared
         values = [value for chunk in chunks for value in chunk]
         cached = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
         loaded = await self._load_missing([k for k in keys if k not in cached])

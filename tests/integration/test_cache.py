@@ -272,9 +272,8 @@ async def test_a_refresh_reaches_every_process(redis: Any, prefix: str) -> None:
         await eventually(api_reads_v2, within=10, what="the refreshed value in the other L1")
 
 
-async def a_reading_at(position: int) -> CachedReading:
+def a_reading_at(position: int) -> CachedReading:
     """A generated reading (chart and text) as the cache holds it, as of ``position``."""
-    chart = calculate_chart(birth())
     now = datetime.now(UTC)
     view = ReadingView(
         id=READING_ID,
@@ -283,9 +282,9 @@ async def a_reading_at(position: int) -> CachedReading:
         label=f"as of {position}",
         birth=birth(),
         options=ChartOptions(),
-        chart_hash=chart.chart_hash,
-        chart=chart,
-        text=await BuiltinGenerator().generate(chart, "natal", None),
+        chart_hash=CHART.chart_hash,
+        chart=CHART,
+        text=TEXT,
         failure=None,
         created_at=now,
         updated_at=now,
@@ -303,26 +302,25 @@ async def test_a_refresh_never_puts_an_older_state_over_a_newer_one_in_redis(
     """As when a projector that lost its lease without noticing yet refreshes a row it read
     before its successor's commit, after the successor's own refresh."""
     key = reading_key(READING_ID)
-    chart = calculate_chart(birth())
-    charts = {at: ChartView(chart.chart_hash, chart, datetime.now(UTC), at) for at in (4, 8)}
+    charts = {at: ChartView(CHART.chart_hash, CHART, datetime.now(UTC), at) for at in (4, 8)}
     async with started(REDIS_URL, prefix) as successor, started(REDIS_URL, prefix) as stale:
-        await successor.refresh({key: encode_entry(await a_reading_at(9))})
-        await successor.refresh({chart_key(chart.chart_hash): encode_entry(charts[8])})
+        await successor.refresh({key: encode_entry(a_reading_at(9))})
+        await successor.refresh({chart_key(CHART.chart_hash): encode_entry(charts[8])})
         await stale.refresh(
             {
-                key: encode_entry(await a_reading_at(5)),
-                chart_key(chart.chart_hash): encode_entry(charts[4]),
+                key: encode_entry(a_reading_at(5)),
+                chart_key(CHART.chart_hash): encode_entry(charts[4]),
             }
         )
         held = decode_reading(await redis.get(f"{prefix}almanac:{key}"))
         assert held is not None and held.view.position == 9
-        held_chart = decode_chart(await redis.get(f"{prefix}almanac:chart:{chart.chart_hash}"))
+        held_chart = decode_chart(await redis.get(f"{prefix}almanac:chart:{CHART.chart_hash}"))
         assert held_chart is not None and held_chart.position == 8
         # Nor does the stale process's own L1 keep the older state: it reads Redis's.
         served = decode_reading(await stale.get(key))
         assert served is not None and served.view.position == 9
         # A later state goes in, with the TTL of a refresh.
-        await stale.refresh({key: encode_entry(await a_reading_at(12))})
+        await stale.refresh({key: encode_entry(a_reading_at(12))})
         held = decode_reading(await redis.get(f"{prefix}almanac:{key}"))
         assert held is not None and held.view.position == 12
         assert 0 < await redis.pttl(f"{prefix}almanac:{key}") <= CACHE.l2_ttl * 1000

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from almanac.adapters.leadership import PostgresLease
+from tests.integration.support_databases import end_sessions
 from tests.integration.support_waiting import eventually
 
 
@@ -36,12 +37,6 @@ class Sessions:
 
     def standing_by(self) -> set[int]:
         return self.all() - self.holder()
-
-    def terminate(self, pids: set[int]) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(pids),)
-            )
 
 
 @pytest.fixture
@@ -92,7 +87,7 @@ async def test_a_standby_whose_connection_was_cut_connects_again_on_its_next_try
     assert await leader.acquire()
     assert not await standby.acquire()
     cut = sessions.standing_by()
-    sessions.terminate(cut)
+    assert await end_sessions(sessions.url, list(cut)) == 1
     assert not await standby.acquire()
 
     async def on_a_new_connection() -> bool:
@@ -111,7 +106,7 @@ async def test_a_leader_whose_connection_is_lost_has_lost_the_lease(
     leader, standby, sessions = leases
     assert await leader.acquire()
     assert not await standby.acquire()
-    sessions.terminate(sessions.holder())
+    assert await end_sessions(sessions.url, list(sessions.holder())) == 1
     assert not await leader.held()
     await eventually(standby.acquire, what="the standby winning the lock let go")
     assert await standby.held()

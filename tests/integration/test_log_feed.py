@@ -10,6 +10,7 @@ import psycopg
 from almanac.eventstore import EventStore, RecordedEvent
 from streams.logfeed import LISTENER_NAME, LogFeed, LogFollower
 from tests.conftest import services_settings
+from tests.integration.support_databases import end_sessions
 from tests.integration.support_projection import request
 from tests.integration.support_waiting import eventually
 
@@ -34,13 +35,6 @@ def listening_backends(url: str) -> set[int]:
             (LISTENER_NAME,),
         ).fetchall()
         return {int(row[0]) for row in rows}
-
-
-def terminate_backend(url: str, pid: int) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
-        assert row is not None
-        assert row[0], f"backend {pid} was not terminated"
 
 
 def server_now(url: str) -> object:
@@ -119,7 +113,7 @@ async def test_a_feed_listens_again_after_its_connection_is_dropped(postgres_url
             return listening_backends(url)
 
         [dropped] = await eventually(first_listener, what="the feed LISTENs once followed")
-        terminate_backend(url, dropped)
+        assert await end_sessions(url, [dropped]) == 1
 
         async def listening_again() -> set[int]:
             return listening_backends(url) - {dropped}

@@ -38,16 +38,19 @@ def pair() -> Iterator[StreamingPair]:
         yield built
 
 
-def replicated_settings(pair: StreamingPair, postgres_url: str) -> Settings:
-    """Services settings whose read database is the pair's primary, with its standby as the
-    one replica, usable only when level with the primary (``max_lag`` 0)."""
+def replicated_settings(
+    pair: StreamingPair, postgres_url: str, database: str = DATABASE, max_lag: int = 0
+) -> Settings:
+    """Services settings whose read database is ``database`` on the pair's primary, with its
+    standby as the one replica, usable only within ``max_lag`` of the primary (by default
+    only when level with it)."""
     return msgspec.structs.replace(
         services_settings(postgres_url),
         store=StoreSettings(
             postgres_url=postgres_url,
-            read_postgres_url=pair.primary.url(DATABASE),
-            read_replica_urls=(pair.standby.url(DATABASE),),
-            replica_max_lag=0,
+            read_postgres_url=pair.primary.url(database),
+            read_replica_urls=(pair.standby.url(database),),
+            replica_max_lag=max_lag,
             pool_size=4,
         ),
     )
@@ -92,15 +95,7 @@ async def test_batch_job_webhook_and_dead_letter_queries_are_routed_to_a_fresh_r
     """Each query is routed by its own projection's position on the standby, and with
     ``min_position`` a standby serves it only once it has replayed that far."""
     # A database of its own: the standby replays it from the start, as it does the first.
-    settings = replicated_settings(pair, postgres_url)
-    settings = msgspec.structs.replace(
-        settings,
-        store=msgspec.structs.replace(
-            settings.store,
-            read_postgres_url=pair.primary.url(f"{DATABASE}_2"),
-            read_replica_urls=(pair.standby.url(f"{DATABASE}_2"),),
-        ),
-    )
+    settings = replicated_settings(pair, postgres_url, f"{DATABASE}_2")
     container = bootstrap(settings)
     router = container.read_router
     assert router is not None
@@ -181,16 +176,7 @@ async def test_paging_on_never_reads_from_a_standby_behind_the_page_before(
     """Page one is read from the primary while the standby's replay is paused behind it.
     The standby is within ``max_lag``, so reads naming no position may go there; had it
     served page two, the readings between its position and the cursor would be missing."""
-    settings = replicated_settings(pair, postgres_url)
-    settings = msgspec.structs.replace(
-        settings,
-        store=msgspec.structs.replace(
-            settings.store,
-            read_postgres_url=pair.primary.url(f"{DATABASE}_3"),
-            read_replica_urls=(pair.standby.url(f"{DATABASE}_3"),),
-            replica_max_lag=10_000,
-        ),
-    )
+    settings = replicated_settings(pair, postgres_url, f"{DATABASE}_3", max_lag=10_000)
     container = bootstrap(settings)
     router = container.read_router
     assert router is not None

@@ -822,7 +822,9 @@ class RowsDatabase:
                 if sql.startswith("INSERT INTO cache_positions"):
                     self.marks[name] = (position, lead)
                 elif sql.startswith("UPDATE cache_positions"):
-                    if name in self.marks and self.marks[name][1] == lead:
+                    # As the statement says: only the lead that took the mark moves it.
+                    guarded = "AND lead = :lead" in sql
+                    if name in self.marks and (not guarded or self.marks[name][1] == lead):
                         self.marks[name] = (position, lead)
                 else:
                     raise AssertionError(sql)

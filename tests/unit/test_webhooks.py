@@ -27,7 +27,7 @@ from almanac.domain.webhook import (
     matches,
     new_signing_secret,
 )
-from almanac.errors import ValidationFailed
+from almanac.errors import Unavailable, ValidationFailed
 from almanac.eventstore import RecordedEvent
 from almanac.readmodels import ReadDatabase
 from almanac.settings import WebhookSettings
@@ -202,9 +202,12 @@ class RefusingDb:
     def __init__(self) -> None:
         self.settled: list[str] = []
         self.writes = 0
+        self.down = False
 
     async def write(self, writes: list[Any]) -> None:
         self.writes += 1
+        if self.down:
+            raise Unavailable("the read database is not answering")
         ids = [row["id"] for sql, rows in writes if sql.startswith("UPDATE") for row in rows]
         if "bad" in ids:
             raise ValueError("a row the database refuses")
@@ -239,6 +242,24 @@ async def test_settles_written_together_fail_only_for_the_row_the_database_refus
     )
     assert [type(o).__name__ for o in outcomes] == ["NoneType", "ValueError", "NoneType"]
     assert sorted(db.settled) == ["one", "two"]
+
+
+async def test_settles_written_together_while_the_database_is_away_fail_at_once() -> None:
+    """Not row by row: each would wait out the pool's timeout on its own."""
+    db = RefusingDb()
+    db.down = True
+    deliveries = DeliveryLog(cast("ReadDatabase", db))
+    outcomes = await asyncio.gather(
+        *(
+            deliveries.settle(
+                claimed(i), status="succeeded", attempts=1, next_attempt_at=None, attempt=None
+            )
+            for i in ("one", "two", "three")
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert db.writes == 1
 
 
 async def test_an_attempt_whose_lease_would_run_out_first_is_handed_back_unsent() -> None:

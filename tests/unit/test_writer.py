@@ -42,11 +42,17 @@ class FakeApplication:
         return list(range(start + 1, self.position + 1))
 
 
-def queued(app: FakeApplication, count: int) -> tuple[GroupCommitWriter, list[Any], list[int]]:
-    """A writer with ``count`` jobs queued before its thread starts (so they batch)."""
+def queued(
+    app: FakeApplication, count: int, *, marked: int | None = None, marks: set[int] | None = None
+) -> tuple[GroupCommitWriter, list[Any], list[int]]:
+    """A writer with ``count`` jobs queued before its thread starts (so they batch); the
+    event of job ``marked`` goes into ``marks`` (one of ``app``'s sets of refused events)."""
     commits: list[int] = []
     writer = GroupCommitWriter(app, max_batch=64, on_commit=commits.append)  # type: ignore[arg-type]
-    futures = [writer.submit([new_reading()]) for _ in range(count)]
+    readings = [new_reading() for _ in range(count)]
+    if marked is not None and marks is not None:
+        marks.add(id(readings[marked].pending_events[0]))
+    futures = [writer.submit([r]) for r in readings]
     return writer, futures, commits
 
 
@@ -74,11 +80,7 @@ def test_batches_are_capped_at_max_batch() -> None:
 
 def test_a_conflict_fails_only_its_own_command() -> None:
     app = FakeApplication()
-    readings = [new_reading() for _ in range(5)]
-    events = [r.pending_events[0] for r in readings]
-    app.conflicting.add(id(events[2]))
-    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
-    futures = [writer.submit([r]) for r in readings]
+    writer, futures, _ = queued(app, 5, marked=2, marks=app.conflicting)
     writer.start()
     with pytest.raises(ConcurrencyConflict):
         futures[2].result(timeout=5)
@@ -90,10 +92,7 @@ def test_a_conflict_fails_only_its_own_command() -> None:
 
 def test_an_event_too_large_fails_only_its_own_command_and_the_rest_commit_together() -> None:
     app = FakeApplication()
-    readings = [new_reading() for _ in range(5)]
-    app.too_large.add(id(readings[1].pending_events[0]))
-    writer = GroupCommitWriter(app, max_batch=64, on_commit=lambda _p: None)  # type: ignore[arg-type]
-    futures = [writer.submit([r]) for r in readings]
+    writer, futures, _ = queued(app, 5, marked=1, marks=app.too_large)
     writer.start()
     with pytest.raises(EventTooLarge):
         futures[1].result(timeout=5)

@@ -9,9 +9,10 @@ from urllib.parse import urlsplit
 
 
 def _import_nats_without_aiohttp() -> None:
-    """Import nats-py without the aiohttp it loads (~14 MB of RSS in every process) for
+    """Import nats-py without the aiohttp it loads (~9 MB of RSS in every process) for
     servers reached over WebSocket, which a URL of ``ws``/``wss`` asks for
-    (``_websocket_transport``). Only the first import of nats-py in a process decides; a
+    (``_websocket_transport``). Only the first import of nats-py in a process decides, so
+    the ``streams`` package imports this module before its own modules import nats-py; a
     process that delivers webhooks loads aiohttp for that, later, all the same."""
     if "nats" in sys.modules or "aiohttp" in sys.modules:
         return
