@@ -4,6 +4,8 @@ LISTENing again after its connection is lost."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import psycopg
 
@@ -63,18 +65,33 @@ async def appended_elsewhere(
     return position, await asyncio.wait_for(waiting, timeout=10)
 
 
-async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
-    postgres_url: str,
-) -> None:
+@asynccontextmanager
+async def feed_and_another_writer(
+    postgres_url: str, poll_interval: float
+) -> AsyncIterator[tuple[str, EventStore, EventStore, LogFeed]]:
+    """A started LISTENing feed of one store, and a second store: a writer of its own (its
+    commit hooks are not the feed's), whose commits reach the feed only by NOTIFY, or by
+    polling every ``poll_interval`` s."""
     settings = services_settings(postgres_url)
     url = settings.store.postgres_url
     assert url is not None
-    since = server_now(url)
     store, elsewhere = EventStore(settings), EventStore(settings)
-    # Polling alone would take 30 s: only the notification can wake the follower in time.
-    feed = LogFeed(store, poll_interval=30, listen_dsn=url)
+    feed = LogFeed(store, poll_interval=poll_interval, listen_dsn=url)
     try:
         await feed.start()
+        yield url, store, elsewhere, feed
+    finally:
+        await feed.stop()
+        store.close()
+        elsewhere.close()
+
+
+async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
+    postgres_url: str,
+) -> None:
+    since = server_now(postgres_url)
+    # Polling alone would take 30 s: only the notification can wake the follower in time.
+    async with feed_and_another_writer(postgres_url, 30) as (url, store, elsewhere, feed):
         unfollowed = feed.listening
         follower = feed.follow()
         followed = feed.listening
@@ -86,10 +103,6 @@ async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
         # Another process's writer: its commits reach this process only by NOTIFY.
         position, events = await appended_elsewhere(store, elsewhere, follower, "elsewhere")
         follower.close()
-    finally:
-        await feed.stop()
-        store.close()
-        elsewhere.close()
     assert not unfollowed, "nothing followed the feed yet"
     assert followed
     assert [e.position for e in events] == [position]
@@ -98,15 +111,8 @@ async def test_a_feed_listens_once_followed_and_is_woken_by_another_writer(
 async def test_a_feed_listens_again_after_its_connection_is_dropped(postgres_url: str) -> None:
     """Once the LISTEN connection's backend is terminated (a database restart, an idle-session
     timeout, an administrator), another writer's commits still wake the follower at once."""
-    settings = services_settings(postgres_url)
-    url = settings.store.postgres_url
-    assert url is not None
-    # ``elsewhere`` is a writer of its own (its commit hooks are not the feed's): its
-    # commits reach the feed only by NOTIFY, or by polling, which would take 60 s.
-    store, elsewhere = EventStore(settings), EventStore(settings)
-    feed = LogFeed(store, poll_interval=60, listen_dsn=url)
-    try:
-        await feed.start()
+    # Polling would take 60 s.
+    async with feed_and_another_writer(postgres_url, 60) as (url, store, elsewhere, feed):
         follower = feed.follow()
 
         async def first_listener() -> set[int]:
@@ -121,8 +127,4 @@ async def test_a_feed_listens_again_after_its_connection_is_dropped(postgres_url
         await eventually(listening_again, what="the feed LISTENs again on a new connection")
         position, events = await appended_elsewhere(store, elsewhere, follower, "after the drop")
         follower.close()
-    finally:
-        await feed.stop()
-        store.close()
-        elsewhere.close()
     assert [e.position for e in events] == [position]

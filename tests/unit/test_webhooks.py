@@ -7,6 +7,7 @@ import asyncio
 import base64
 import ipaddress
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from uuid import uuid4
@@ -228,18 +229,23 @@ def claimed(message_id: str, *, leased_until: float = 1e12) -> Claimed:
     )
 
 
-async def test_settles_written_together_fail_only_for_the_row_the_database_refuses() -> None:
-    db = RefusingDb()
+async def settled_together(db: RefusingDb, ids: Sequence[str]) -> list[Any]:
+    """The outcomes of settling messages ``ids`` at once (so in one transaction, if any)."""
     deliveries = DeliveryLog(cast("ReadDatabase", db))
-    outcomes = await asyncio.gather(
+    return await asyncio.gather(
         *(
             deliveries.settle(
                 claimed(i), status="succeeded", attempts=1, next_attempt_at=None, attempt=None
             )
-            for i in ("one", "bad", "two")
+            for i in ids
         ),
         return_exceptions=True,
     )
+
+
+async def test_settles_written_together_fail_only_for_the_row_the_database_refuses() -> None:
+    db = RefusingDb()
+    outcomes = await settled_together(db, ("one", "bad", "two"))
     assert [type(o).__name__ for o in outcomes] == ["NoneType", "ValueError", "NoneType"]
     assert sorted(db.settled) == ["one", "two"]
 
@@ -248,16 +254,7 @@ async def test_settles_written_together_while_the_database_is_away_fail_at_once(
     """Not row by row: each would wait out the pool's timeout on its own."""
     db = RefusingDb()
     db.down = True
-    deliveries = DeliveryLog(cast("ReadDatabase", db))
-    outcomes = await asyncio.gather(
-        *(
-            deliveries.settle(
-                claimed(i), status="succeeded", attempts=1, next_attempt_at=None, attempt=None
-            )
-            for i in ("one", "two", "three")
-        ),
-        return_exceptions=True,
-    )
+    outcomes = await settled_together(db, ("one", "two", "three"))
     assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
     assert db.writes == 1
 
