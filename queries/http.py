@@ -67,7 +67,8 @@ MinPosition = Annotated[
     QueryParameter(
         ge=0,
         description="Wait (bounded) until the read model has reached this position; "
-        "use the `Almanac-Position` of your command to read your own write.",
+        "use the `Almanac-Position` of your command to read your own write. Not reached "
+        "in time: 503 with Retry-After; past the last stored event: 422.",
     ),
 ]
 # A list, so that a repeated ``fields`` is merged rather than all but its last value lost.

@@ -3,12 +3,12 @@ database or a hot standby that the router finds fresh enough for what the query 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from almanac.adapters.replicas import READINGS, ReadRouter
 from almanac.container import Container
-from almanac.errors import NotYetVisible
+from almanac.errors import AlmanacError, FieldError, NotYetVisible, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase
 
 __all__ = ["READINGS", "Reads", "reads_of"]
@@ -36,13 +36,15 @@ async def _wait_for_position(
 @dataclass(frozen=True, slots=True)
 class Reads:
     """What every query reads with: the primary read database, the router to its hot
-    standbys (None without any), the projections' positions, and how long a query may wait
-    for a ``min_position``."""
+    standbys (None without any), the projections' positions, how long a query may wait
+    for a ``min_position``, and the event store's last position (``head``), which tells a
+    position not reached yet from one that was never given out."""
 
     db: ReadDatabase
     watch: PositionWatch
     timeout: float
     router: ReadRouter | None = None
+    head: Callable[[], Awaitable[int]] | None = None
 
     def on_primary(self) -> Reads:
         """These reads with no standby: for what no projection position can vouch for."""
@@ -77,6 +79,20 @@ class Reads:
             return source, min(reached)  # the wait has read the positions already
         return source, min([await self.watch.current(p) for p in projections])
 
+    async def _given_out(self, position: int) -> None:
+        """Raise a 422 naming ``min_position`` if no command has been answered with
+        ``position`` yet: no wait would reach it, where a 503 would have the client retry."""
+        if self.head is None:
+            return
+        try:
+            head = await self.head()
+        except AlmanacError:
+            return  # the event store is away too: the 503 stands
+        if position > head:
+            raise ValidationFailed(
+                [FieldError("min_position", f"is past the last stored position ({head})")]
+            ) from None
+
     def _applied(self, source: ReadDatabase) -> int | None:
         """The position a standby ``source`` has replayed; None for the primary."""
         return None if self.router is None else self.router.applied_position(source)
@@ -84,9 +100,14 @@ class Reads:
     async def _route(
         self, projections: Sequence[str], min_position: int | None
     ) -> tuple[ReadDatabase, list[int]]:
-        reached = [
-            await _wait_for_position(self.watch, min_position, self.timeout, p) for p in projections
-        ]
+        try:
+            reached = [
+                await _wait_for_position(self.watch, min_position, self.timeout, p)
+                for p in projections
+            ]
+        except NotYetVisible as late:
+            await self._given_out(late.wanted)
+            raise
         if self.router is None:
             return self.db, reached
         return await self.router.source(min_position, projections), reached
@@ -99,4 +120,5 @@ def reads_of(container: Container) -> Reads:
         container.watch,
         container.settings.http.min_position_timeout,
         container.read_router,
+        container.store.max_position,
     )

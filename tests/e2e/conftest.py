@@ -111,3 +111,11 @@ async def impatient_api(settings: Settings) -> AsyncIterator[Api]:
     """An app whose ``min_position`` reads give up after 0.3 s."""
     async with serving(settings, min_position_timeout=0.3) as api:
         yield api
+
+
+@pytest.fixture
+async def api_without_projectors(settings: Settings) -> AsyncIterator[Api]:
+    """An impatient app with the API role alone: its commands are stored, and no read model
+    ever reaches their positions."""
+    async with serving(settings, min_position_timeout=0.3, roles=("api",)) as api:
+        yield api

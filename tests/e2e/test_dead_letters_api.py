@@ -128,14 +128,9 @@ async def test_dead_letters_are_for_admins_and_bad_parameters_are_422(impatient_
         (f"cursor={'9' * 30}", "cursor"),
         ("min_position=-1", "min_position"),
         ("min_position=soon", "min_position"),
+        (f"min_position={10**9}", "min_position"),  # past every stored event
     ):
         got = await api.client.get(f"/api/v1/dead-letters?{query}", headers=api.auth(api.admin))
         assert got.status_code == 422, (query, got.text)
         assert got.headers["content-type"].startswith(PROBLEM)
         assert [e["field"] for e in got.json()["errors"]] == [field], query
-    far = 10**9
-    waited = await api.client.get(
-        f"/api/v1/dead-letters?min_position={far}", headers=api.auth(api.admin)
-    )
-    assert waited.status_code == 503
-    assert waited.json()["min_position"] == far

@@ -46,22 +46,38 @@ async def test_min_position_reads_your_own_write(api: Api) -> None:
 
 
 async def test_min_position_not_reached_in_time_is_a_problem_with_the_current_position(
-    impatient_api: Api,
+    api_without_projectors: Api,
 ) -> None:
-    response = await impatient_api.post_reading(impatient_api.alice, body())
+    api = api_without_projectors
+    response = await api.post_reading(api.alice, body())
     position = int(response.headers["almanac-position"])
-    # The read model reaches the request first, so the problem has a position to show.
-    await impatient_api.on_app(impatient_api.container.watch.wait_for, "readings", position, 30.0)
-    got = await impatient_api.client.get(
-        f"{response.headers['location']}?min_position=1000000000",
-        headers=impatient_api.auth(impatient_api.alice),
+    got = await api.client.get(
+        f"{response.headers['location']}?min_position={position}", headers=api.auth(api.alice)
     )
     assert got.status_code == 503
     assert got.headers["content-type"].startswith(PROBLEM)
     assert got.headers["retry-after"] == "1"
     problem = got.json()
-    assert problem["min_position"] == 1_000_000_000
-    assert position <= problem["current_position"] < 1_000_000_000
+    assert problem["min_position"] == position
+    assert 0 <= problem["current_position"] < position
+
+
+async def test_min_position_past_every_stored_event_is_a_422_naming_it(
+    impatient_api: Api,
+) -> None:
+    """No wait would reach a position no command has been answered with: the client is told
+    so, where a 503 would have it retry for ever."""
+    api = impatient_api
+    response = await api.post_reading(api.alice, body())
+    past = int(response.headers["almanac-position"]) + 1_000
+    got = await api.client.get(
+        f"{response.headers['location']}?min_position={past}", headers=api.auth(api.alice)
+    )
+    assert got.status_code == 422, got.text
+    assert got.headers["content-type"].startswith(PROBLEM)
+    [error] = got.json()["errors"]
+    assert error["field"] == "min_position"
+    assert "past the last stored position" in error["message"]
 
 
 async def test_repeated_idempotency_key_returns_the_original_response_and_appends_nothing(

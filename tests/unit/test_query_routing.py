@@ -12,6 +12,7 @@ import pytest
 
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
+from almanac.errors import NotYetVisible, Unavailable, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
 from queries.batches import download_results, list_batches
 from queries.jobs import JobKind, list_jobs
@@ -253,3 +254,27 @@ async def test_the_next_jobs_page_is_held_to_the_readings_shown_when_no_batch_is
     assert page.position == 5 and page.next_cursor is not None
     cursor = decode_cursor(page.next_cursor, scope_of("jobs", kind, None, "alice"))
     assert cursor.at == 30
+
+
+@pytest.mark.parametrize(
+    ("head", "raised"),
+    [(20, NotYetVisible), (19, ValidationFailed), (None, NotYetVisible)],
+    ids=["stored, not yet read", "never given out", "store away"],
+)
+async def test_a_position_not_reached_in_time_is_told_apart_from_one_never_given_out(
+    head: int | None, raised: type[Exception]
+) -> None:
+    """The read models are at 5 and the wait runs out: a 503 for a position the store has
+    (or when the store cannot say), a 422 naming ``min_position`` for one past its last."""
+
+    async def last_stored() -> int:
+        if head is None:
+            raise Unavailable("the event store is not answering")
+        return head
+
+    source = cast("ReadDatabase", ReadingsOnly(count=1, updated=5))
+    reads = Reads(source, as_watch(Positions(5)), 0.01, head=last_stored)
+    with pytest.raises(raised) as caught:
+        await reads.route(("readings",), 20)
+    if isinstance(caught.value, ValidationFailed):
+        assert [e.field for e in caught.value.errors] == ["min_position"]
