@@ -14,10 +14,11 @@ from uuid import uuid4
 import msgspec
 import structlog
 
-from almanac.cache import Backoff, ReadCache, chart_key, encode_entry, reading_key
+from almanac.cache import ReadCache, chart_key, encode_entry, reading_key
 from almanac.domain.reading import Reading
 from almanac.eventstore import RecordedEvent
 from almanac.readmodels import ReadDatabase, Row
+from almanac.timeouts import Backoff
 from almanac.views import SELECT_CHART, SELECT_READINGS, chart_from_row, reading_from_row
 from projections.status import now
 

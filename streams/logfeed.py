@@ -26,7 +26,7 @@ import structlog
 
 from almanac.eventstore import EventStore, RecordedEvent, running_on
 from almanac.feed import Prepare
-from almanac.timeouts import Pulse, wait_event
+from almanac.timeouts import SETTLED_AFTER, Backoff, Pulse, wait_event
 
 log = structlog.get_logger("almanac.feed")
 
@@ -304,7 +304,7 @@ class LogFeed:
 
     async def _listen(self) -> None:
         channel = self.store.notify_channel
-        pause = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             started = time.monotonic()
             try:
@@ -315,8 +315,9 @@ class LogFeed:
                 log.warning("feed.listen_lost", error=str(exc))
             # Lost connections are retried inside ``_listen_once``; what comes here again and
             # again at once (a LISTEN refused, say) waits longer each time, up to 5 s.
-            pause = 0.1 if time.monotonic() - started > 30 else min(pause * 2, 5.0)
-            await asyncio.sleep(pause)
+            if time.monotonic() - started > SETTLED_AFTER:
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     @stamina.retry(on=psycopg.OperationalError, attempts=None, timeout=None, wait_max=5.0)
     async def _listen_once(self, channel: str) -> None:

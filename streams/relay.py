@@ -45,6 +45,7 @@ from almanac.container import Stoppable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed, Follower
 from almanac.settings import RelaySettings
+from almanac.timeouts import Backoff
 from streams.envelope import encode_event
 
 log = structlog.get_logger("almanac.relay")
@@ -231,7 +232,7 @@ class Relay(Stoppable):
 
     async def _lead(self, follower: Follower) -> None:
         synced = False
-        pause = 0.05
+        backoff = Backoff(0.05, MAX_PAUSE)
         lease_checked = time.monotonic()
         while not self._stopping.is_set():
             try:
@@ -252,15 +253,15 @@ class Relay(Stoppable):
                         log.info("relay.unblocked", position=self.position)
                         self.problem = None
                 await self._checkpoint()
-                pause = 0.05
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except EventTooLargeToPublish as exc:
                 # Everything before it is published and the relay is in step; skipping it
                 # would leave a gap, so it is tried again until the server takes it.
+                pause = backoff.next()
                 self._stopped_at(exc, pause)
                 await self._sleep(pause)
-                pause = min(pause * 2, MAX_PAUSE)
             except Exception as exc:  # noqa: BLE001 - the relay outlives NATS and Postgres outages
                 log.warning(
                     "relay.publish_failed",
@@ -269,8 +270,7 @@ class Relay(Stoppable):
                     error=str(exc) or type(exc).__name__,
                 )
                 synced = False
-                await self._sleep(pause)
-                pause = min(pause * 2, MAX_PAUSE)
+                await self._sleep(backoff.next())
 
     def _stopped_at(self, refused: EventTooLargeToPublish, retry_in: float) -> None:
         self.problem = str(refused)

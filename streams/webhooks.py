@@ -42,7 +42,7 @@ from almanac.feed import Delivery, WorkFeed
 from almanac.ids import new_uuid
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
-from almanac.timeouts import cancel_and_wait, wait_event
+from almanac.timeouts import Backoff, cancel_and_wait, wait_event
 
 if TYPE_CHECKING:
     import aiohttp
@@ -229,7 +229,7 @@ class WebhookDeliverer(Stoppable):
     # -- intake ----------------------------------------------------------------------------
 
     async def _intake(self) -> None:
-        pause = 0.05
+        backoff = Backoff(0.05, 5.0)
         opened = False
         try:
             while not self._stopping.is_set():
@@ -240,13 +240,12 @@ class WebhookDeliverer(Stoppable):
                     deliveries = await self.feed.fetch(self.batch_size, timeout=1.0)
                     if deliveries:
                         await self._take(deliveries)
-                    pause = 0.05
+                    backoff.reset()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the deliverer outlives outages
                     log.warning("webhook.intake_failed", error=str(exc) or type(exc).__name__)
-                    await self._sleep(pause)
-                    pause = min(pause * 2, 5.0)
+                    await self._sleep(backoff.next())
         finally:
             if opened:
                 with contextlib.suppress(Exception):
@@ -350,7 +349,7 @@ class WebhookDeliverer(Stoppable):
         # up to that, less what it holds, and only once it holds just a round (``_claimable``).
         lease = CLAIM_ROUNDS * settings.timeout + 5.0
         per_endpoint = self._claimed_per_endpoint
-        pause = 0.05
+        backoff = Backoff(0.05, 5.0)
         while not self._stopping.is_set():
             self._wake.clear()
             free = settings.concurrency - len(self._in_flight)
@@ -364,11 +363,10 @@ class WebhookDeliverer(Stoppable):
                 claimed = await self.log.claim(
                     free, per_endpoint, lease, self._held(), new_uuid().hex
                 )
-                pause = 0.05
+                backoff.reset()
             except Exception as exc:  # noqa: BLE001 - the log's database may come back
                 log.warning("webhook.claim_failed", error=str(exc) or type(exc).__name__)
-                await self._sleep(pause)
-                pause = min(pause * 2, 5.0)
+                await self._sleep(backoff.next())
                 continue
             for message in claimed:
                 self._busy[message.endpoint_id] = self._busy.get(message.endpoint_id, 0) + 1

@@ -39,7 +39,7 @@ from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import WebSocketSettings
-from almanac.timeouts import cancel_and_wait, wait_event, within
+from almanac.timeouts import SETTLED_AFTER, Backoff, cancel_and_wait, wait_event, within
 from streams.envelope import encode_event
 from streams.mailbox import Mailbox
 from streams.relay import AGGREGATE_ID, EVENT_TYPE, OWNER, POSITION
@@ -571,18 +571,20 @@ class Hub:
         return len(self._admins) + sum(len(s) for s in self._by_owner.values())
 
     async def run(self) -> None:
-        pause = 0.05
+        backoff = Backoff(0.05, 5.0)
         beats = asyncio.ensure_future(self._beat())
         try:
             while not self._stopping.is_set():
+                started = time.monotonic()
                 try:
                     await self._follow()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the source dropped; resume there
                     log.warning("websocket.source_failed", position=self.position, error=repr(exc))
-                    await wait_event(self._stopping, pause)
-                    pause = min(pause * 2, 5.0)
+                    if time.monotonic() - started > SETTLED_AFTER:
+                        backoff.reset()  # it had been following: a new failure, not the same
+                    await wait_event(self._stopping, backoff.next())
         finally:
             await cancel_and_wait(beats)
         log.info("websocket.hub_stopped", position=self.position, connections=self.connections)

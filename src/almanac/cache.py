@@ -47,7 +47,7 @@ from redis.exceptions import WatchError
 
 from almanac.adapters.redis import REDIS_ERRORS, RedisConnection
 from almanac.settings import CacheSettings
-from almanac.timeouts import wait_event
+from almanac.timeouts import Backoff, wait_event
 from almanac.views import CachedReading, ChartView
 
 log = structlog.get_logger("almanac.cache")
@@ -302,23 +302,6 @@ class L1Cache:
         count = len(self._entries)
         self._entries.clear()
         return count
-
-
-class Backoff:
-    """Pauses that double from ``initial`` up to ``maximum``; ``reset`` after a success."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self._next = initial
-
-    def next(self) -> float:
-        pause = self._next
-        self._next = min(pause * 2, self.maximum)
-        return pause
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 class _Invalidation(msgspec.Struct, array_like=True):

@@ -31,6 +31,30 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+# A loop that ran this long before failing had recovered: its backoff starts again.
+SETTLED_AFTER = 30.0
+
+
+class Backoff:
+    """Pauses that double from ``initial`` up to ``maximum``; ``reset`` after a success.
+
+    For the supervision loops of long-running roles, which retry for as long as they run
+    (stamina's retries, bounded in attempts or time, are for single calls)."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def next(self) -> float:
+        pause = self._next
+        self._next = min(pause * 2, self.maximum)
+        return pause
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
 class Pulse:
     """Wakes every task waiting on it when it fires, and none that comes after."""
 

@@ -30,7 +30,6 @@ from almanac.adapters.redis import RedisConnection
 from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.cache import (
-    Backoff,
     CacheStats,
     L1Cache,
     TwoLevelCache,
@@ -48,6 +47,7 @@ from almanac.errors import Unavailable
 from almanac.eventstore import MsgspecMapper, RecordedEvent
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.settings import CacheSettings
+from almanac.timeouts import Backoff
 from almanac.views import CachedReading, ReadingView, reading_from_row
 from projections import cache_refresher
 from projections.cache_refresher import CacheRefresher
