@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
 
 from almanac.settings import LogSettings
+
+# A browser's WebSocket carries its API key in the URL (``?key=``), and uvicorn logs every
+# handshake with the path and its query: the key must not reach the log.
+_KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s\"']+")
+
+
+def redact_keys(text: str) -> str:
+    return _KEY_IN_QUERY.sub(r"\1[redacted]", text)
+
+
+class _RedactKeys(logging.Filter):
+    """Blanks ``key=`` query values in library records (structlog's are dicts, left alone)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "key=" in record.msg:
+            record.msg = redact_keys(record.msg)
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                redact_keys(a) if isinstance(a, str) and "key=" in a else a for a in record.args
+            )
+        return True
 
 
 def configure_logging(settings: LogSettings) -> None:
@@ -43,6 +65,7 @@ def configure_logging(settings: LogSettings) -> None:
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
+    handler.addFilter(_RedactKeys())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -70,3 +70,20 @@ def test_an_exception_is_logged_with_its_traceback(
     assert line["level"] == "error"
     assert line["correlation_id"] == "c-1"
     assert "ZeroDivisionError: boom" in str(line["exception"])
+
+
+def test_an_api_key_in_a_websocket_url_never_reaches_the_log(
+    restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn logs each handshake's path with its query, where a browser's key is."""
+    configure_logging(LogSettings(level="INFO", format="json"))
+    handshakes = logging.getLogger("uvicorn.error")
+    handshakes.info(
+        '%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", "/ws?after=3&key=alm_secret1&topics=x"
+    )
+    handshakes.info('%s - "WebSocket %s" 403', "127.0.0.1:5001", "/ws/readings/r-1?key=alm_secret2")
+    said = [str(line["event"]) for line in lines(capsys.readouterr().out)]
+    assert said == [
+        '127.0.0.1:5000 - "WebSocket /ws?after=3&key=[redacted]&topics=x" [accepted]',
+        '127.0.0.1:5001 - "WebSocket /ws/readings/r-1?key=[redacted]" 403',
+    ]
