@@ -29,9 +29,9 @@ from almanac.domain.interpretation import GenerationFailed, ReadingGenerator, Re
 from almanac.domain.reading import DeadLetter, Reading
 from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import ConcurrencyConflict, EventStore
-from almanac.feed import Delivery, EventRef, WorkFeed
+from almanac.feed import Delivery, EventRef, FeedNotReady, WorkFeed
 from almanac.settings import WorkerSettings
-from almanac.timeouts import unless
+from almanac.timeouts import Backoff, unless
 
 log = structlog.get_logger("almanac.worker")
 
@@ -86,7 +86,7 @@ class ReadingWorker(Stoppable):
         super().__init__()
 
     async def run(self) -> None:
-        pause = 0.05
+        backoff = Backoff(0.05, 5.0)
         opened = False
         try:
             while not self._stopping.is_set():
@@ -109,17 +109,18 @@ class ReadingWorker(Stoppable):
                         task = asyncio.create_task(self._work_on(delivery))
                         self._in_flight.add(task)
                         task.add_done_callback(self._in_flight.discard)
-                    pause = 0.05
+                    backoff.reset()
                 except asyncio.CancelledError:
                     raise
+                except FeedNotReady:
+                    await self._sleep(backoff.next())  # the feed has said so, once
                 except Exception as exc:  # noqa: BLE001 - the worker outlives feed outages
                     log.warning(
                         "worker.feed_unavailable",
                         worker=self.name,
                         error=str(exc) or type(exc).__name__,
                     )
-                    await self._sleep(pause)
-                    pause = min(pause * 2, 5.0)
+                    await self._sleep(backoff.next())
         finally:
             try:
                 # Finish what was taken; if shutdown runs out of patience and cancels, each

@@ -22,8 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from almanac.adapters.nats import NatsConnection
 from almanac.domain.events import EventMeta
-from almanac.errors import Unavailable
-from almanac.feed import Delivery
+from almanac.feed import Delivery, FeedNotReady
 from almanac.settings import RelaySettings, WorkerSettings
 from streams.relay import (
     AGGREGATE_ID,
@@ -144,7 +143,7 @@ class JetStreamWorkFeed:
             if not self._waiting_logged:
                 log.info("workfeed.waiting_for_stream", stream=self.relay.stream)
                 self._waiting_logged = True
-            raise Unavailable(
+            raise FeedNotReady(
                 f"stream {self.relay.stream} does not exist yet (a relay creates it)"
             ) from exc
         # A subscription bound before (on a replaced connection, or before a failed fetch)

@@ -38,7 +38,7 @@ from almanac.domain.events import EventMeta
 from almanac.domain.webhook import TEST_EVENT_TYPE, WebhookEndpoint, matches
 from almanac.errors import AlmanacError
 from almanac.eventstore import ConcurrencyConflict, EventStore, RecordedEvent
-from almanac.feed import Delivery, WorkFeed
+from almanac.feed import Delivery, FeedNotReady, WorkFeed
 from almanac.ids import new_uuid
 from almanac.readmodels import PositionWatch
 from almanac.settings import WebhookSettings
@@ -243,6 +243,8 @@ class WebhookDeliverer(Stoppable):
                     backoff.reset()
                 except asyncio.CancelledError:
                     raise
+                except FeedNotReady:
+                    await self._sleep(backoff.next())  # the feed has said so, once
                 except Exception as exc:  # noqa: BLE001 - the deliverer outlives outages
                     log.warning("webhook.intake_failed", error=str(exc) or type(exc).__name__)
                     await self._sleep(backoff.next())

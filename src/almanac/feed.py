@@ -8,6 +8,7 @@ from typing import Protocol
 from uuid import UUID
 
 from almanac.domain.events import EventMeta
+from almanac.errors import Unavailable
 from almanac.eventstore import RecordedEvent
 
 
@@ -92,6 +93,11 @@ class Delivery(Protocol):
         ...
 
 
+class FeedNotReady(Unavailable):
+    """What a feed is read from does not exist yet (the stream a relay creates): usual while
+    a deployment starts, so the feed says so once, and its consumers wait without warning."""
+
+
 class WorkFeed(Protocol):
     """Events of one type shared out as work among competing consumers, at least once.
 
@@ -103,7 +109,8 @@ class WorkFeed(Protocol):
     """
 
     async def open(self) -> None:
-        """Connect and resume; raises if the feed is not available yet (try again later)."""
+        """Connect and resume; raises ``FeedNotReady`` (or another error) if the feed is not
+        available yet: try again later."""
         ...
 
     async def fetch(self, limit: int, timeout: float) -> list[Delivery]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ import pytest
 from almanac.adapters.nats import NatsConnection
 from almanac.domain.chart import calculate_chart
 from almanac.eventstore import EventStore
-from almanac.feed import Delivery, WorkFeed
+from almanac.feed import Delivery, FeedNotReady, WorkFeed
 from almanac.settings import Settings, WorkerSettings
 from streams.jetstream import JetStreamWorkFeed
 from streams.logfeed import LogFeed
@@ -360,3 +361,17 @@ async def opened_when_the_stream_exists(feed: WorkFeed) -> None:
         return True
 
     await eventually(opened, within=30, what="the work feed opens on the relay's stream")
+
+
+async def test_a_feed_on_a_stream_no_relay_has_created_is_not_ready(postgres_url: str) -> None:
+    """Its consumers wait for it without warning (see the worker's tests)."""
+    settings: Settings = services_settings(postgres_url)
+    assert settings.feed.nats_url is not None
+    relay = msgspec.structs.replace(settings.relay, stream=f"NEVER_{uuid.uuid4().hex[:8]}")
+    nats = NatsConnection(settings.feed.nats_url)
+    try:
+        feed = JetStreamWorkFeed(nats, relay, WORKER, event_type=REQUESTED)
+        with pytest.raises(FeedNotReady, match=f"stream {relay.stream} does not exist yet"):
+            await feed.open()
+    finally:
+        await nats.close()

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import structlog
+
 from almanac.container import Container
 from almanac.domain.chart import BirthData, Chart, ChartOptions, calculate_chart
 from almanac.domain.interpretation import BuiltinGenerator, GenerationFailed, ReadingText
@@ -15,7 +17,7 @@ from almanac.domain.kinds import ReadingKind
 from almanac.domain.reading import DeadLetter, Reading
 from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
-from almanac.feed import Delivery
+from almanac.feed import Delivery, FeedNotReady
 from almanac.settings import Settings
 from commands.worker import UNANSWERED, ReadingWorker
 from tests.conftest import embedded_settings
@@ -527,3 +529,36 @@ async def test_an_exhausted_delivery_after_an_unanswered_last_try_fails_the_read
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class NotReadyAtFirst(ScriptedFeed):
+    """A feed whose stream no relay has created for its first ``refusals`` opens."""
+
+    def __init__(self, deliveries: list[Delivery], refusals: int) -> None:
+        super().__init__(deliveries)
+        self.refusals = refusals
+        self.opens = 0
+
+    async def open(self) -> None:
+        self.opens += 1
+        if self.opens <= self.refusals:
+            raise FeedNotReady("stream ALMANAC_EVENTS does not exist yet (a relay creates it)")
+
+
+async def test_a_worker_started_before_the_stream_waits_for_it_without_warning(
+    tmp_path: Path,
+) -> None:
+    """Usual while a deployment starts: the feed says so once; the worker is not failing."""
+    settings = embedded_settings(tmp_path / "var")
+    store = EventStore(settings)
+    reading = new_reading()
+    await store.append(reading)
+    [requested] = await store.read(0, 1)
+    delivery = ScriptedDelivery(requested, 1, exhausted=False)
+    feed = NotReadyAtFirst([delivery], refusals=2)
+    with structlog.testing.capture_logs() as logs:
+        async with running(settings, store=store, work_feed=feed) as container:
+            [done] = await settled(container, [reading.id])
+    assert done.status == "generated"
+    assert feed.opens == 3
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == []
