@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+from uuid import UUID
 
 import msgspec
 
@@ -131,6 +132,18 @@ class KeyRing:
         key = ApiKey.issue(secret=secret, name=name, role=role, meta=EventMeta.for_request(owner))
         self._store.append_sync(key)
         return IssuedKey(secret, _principal(key))
+
+    def revoke(self, key_id: UUID) -> ApiKey | None:
+        """Revoke a key (blocking; for the command line): the key, revoked (now or before),
+        or None if there is no such key. A process that took the key within the last
+        ``cache_ttl`` seconds may still take it until then."""
+        key = self._store.load_sync(ApiKey, key_id)
+        if key is None or key.revoked:
+            return key
+        key.revoke(EventMeta.for_request(key.owner))
+        self._store.append_sync(key)
+        self._cache.clear()
+        return key
 
     def issue_first_admin(self) -> IssuedKey | None:
         """On a new installation, create the admin key and return it; otherwise None."""

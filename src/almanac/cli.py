@@ -165,8 +165,10 @@ def keys_create(name: str, role: str, owner: str | None) -> None:
     from uuid import uuid4
 
     from almanac.bootstrap import bootstrap
+    from almanac.logs import configure_logging
 
     settings = load_settings()
+    configure_logging(settings.log, stream=sys.stderr)  # stdout is the key alone
     container = bootstrap(settings, roles=())
     try:
         issued = container.keyring.issue(
@@ -178,7 +180,47 @@ def keys_create(name: str, role: str, owner: str | None) -> None:
         container.store.close()
     console.print(f"[bold]{issued.secret}[/]", highlight=False)
     Console(stderr=True).print(
-        f"key for owner {issued.principal.owner} (role {role}); it is shown only this once",
+        f"key {issued.principal.key_id} for owner {issued.principal.owner} (role {role}); "
+        "it is shown only this once",
+        highlight=False,
+    )
+
+
+@keys.command("revoke")
+@click.argument("key")
+def keys_revoke(key: str) -> None:
+    """Revoke KEY, given as the key itself (alm_...) or as its id.
+
+    Running servers refuse it once their check of it has expired: within
+    ALMANAC_KEY_CACHE_TTL seconds (30 by default).
+    """
+    from uuid import UUID
+
+    from almanac.bootstrap import bootstrap
+    from almanac.domain.access import KEY_PREFIX, key_id_for
+    from almanac.logs import configure_logging
+
+    if key.startswith(KEY_PREFIX):
+        key_id = key_id_for(key)
+    else:
+        try:
+            key_id = UUID(key)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected an API key ({KEY_PREFIX}...) or a key id (a UUID), got {key!r}",
+                param_hint="KEY",
+            ) from None
+    settings = load_settings()
+    configure_logging(settings.log, stream=sys.stderr)
+    container = bootstrap(settings, roles=())
+    try:
+        revoked = container.keyring.revoke(key_id)
+    finally:
+        container.store.close()
+    if revoked is None:
+        raise click.ClickException(f"there is no API key {key_id}")
+    console.print(
+        f"key {key_id} ({revoked.name!r}, owner {revoked.owner}, role {revoked.role}) is revoked",
         highlight=False,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -32,7 +33,9 @@ class _RedactKeys(logging.Filter):
         return True
 
 
-def configure_logging(settings: LogSettings) -> None:
+def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+    """Log lines go to ``stream``: stdout for the roles, stderr for commands whose output is
+    meant to be captured (``KEY=$(almanac keys create ...)``)."""
     level = getattr(logging, settings.level)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -63,7 +66,7 @@ def configure_logging(settings: LogSettings) -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(formatter)
     handler.addFilter(_RedactKeys())
     root = logging.getLogger()
