@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.panel import Panel
 
-from almanac.container import ROLES
-from almanac.settings import Settings, SettingsError
+from almanac.container import ROLES, SERVICES_ROLES
+from almanac.settings import Profile, Settings, SettingsError
 
 console = Console()
 
@@ -110,10 +110,13 @@ def _this_command() -> str:
 def _welcome(settings: Settings, roles: tuple[str, ...], admin_key: str | None) -> None:
     base = settings.http.public_url or f"http://{settings.http.host}:{settings.http.port}"
     where = ", ".join(f"{k} {v}" for k, v in settings.locations().items())
-    lines = [
-        f"[bold]Almanac[/] · {settings.profile.value} profile · roles: {', '.join(roles)}",
-        f"data: {where}",
-    ]
+    # The relay publishes to NATS: on the embedded profile there is nothing for it to do.
+    idle = [r for r in roles if r in SERVICES_ROLES and settings.profile is Profile.EMBEDDED]
+    running = ", ".join(r for r in roles if r not in idle)
+    lines = [f"[bold]Almanac[/] · {settings.profile.value} profile · roles: {running}"]
+    if idle:
+        lines.append(f"not on this profile: {', '.join(idle)} (services profile only)")
+    lines.append(f"data: {where}")
     if "api" in roles:
         lines += [f"API:  {base}/api/v1", f"Docs: {base}/docs", f"Health: {base}/health/ready"]
     follow_up: list[str] = []
