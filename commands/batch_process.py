@@ -27,7 +27,7 @@ from uuid import UUID
 import msgspec
 import structlog
 
-from almanac.adapters.leadership import Lease
+from almanac.adapters.leadership import Lease, take_turns
 from almanac.container import Stoppable
 from almanac.domain.batch import Batch
 from almanac.domain.events import EventMeta
@@ -100,27 +100,17 @@ class BatchProcessManager(Stoppable):
         super().__init__()
 
     async def run(self) -> None:
-        waiting_logged = False
         try:
-            while not self._stopping.is_set():
-                if not await self.lease.acquire():
-                    if not waiting_logged:
-                        log.info("batches.standby", manager=self.name)
-                        waiting_logged = True
-                    await self._sleep(self.settings.standby_interval)
-                    continue
-                waiting_logged = False
-                try:
-                    await self._lead()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - give the lease up, resume from the log
-                    log.warning("batches.lead_failed", error=repr(exc))
-                    await self._sleep(self.settings.standby_interval)
-                finally:
-                    await self.lease.release()
+            # A lead that fails gives the lease up and resumes from the log when it next wins.
+            await take_turns(
+                self.lease,
+                self._lead,
+                role="batches",
+                interval=self.settings.standby_interval,
+                stopping=self._stopping,
+                manager=self.name,
+            )
         finally:
-            await self.lease.release()  # a standby's connection, kept for its next try
             log.info("batches.stopped", position=self.position, recorded=self.recorded)
 
     async def _lead(self) -> None:

@@ -25,7 +25,7 @@ from typing import Protocol, cast
 import stamina
 import structlog
 
-from almanac.adapters.leadership import Lease
+from almanac.adapters.leadership import Lease, take_turns
 from almanac.container import Stoppable
 from almanac.eventstore import RecordedEvent
 from almanac.feed import EventFeed, Follower
@@ -208,28 +208,22 @@ class ProjectionRunner(Stoppable):
 
     async def run(self) -> None:
         name = self.projection.name
-        waiting_logged = False
+
+        def standing_by() -> None:
+            self.state = "standby"
+
         try:
-            while not self._stopping.is_set():
-                if not await self.lease.acquire():
-                    if not waiting_logged:
-                        log.info("projection.standby", projection=name, holder=self.holder)
-                        waiting_logged = True
-                    self.state = "standby"
-                    await self._sleep(self.settings.standby_interval)
-                    continue
-                waiting_logged = False
-                try:
-                    await self._lead()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - give the lease up and try again
-                    log.warning("projection.lead_failed", projection=name, error=repr(exc))
-                    await self._sleep(self.settings.standby_interval)
-                finally:
-                    await self.lease.release()
+            await take_turns(
+                self.lease,
+                self._lead,
+                role="projection",
+                interval=self.settings.standby_interval,
+                stopping=self._stopping,
+                standing_by=standing_by,
+                projection=name,
+                holder=self.holder,
+            )
         finally:
-            await self.lease.release()  # a standby's connection, kept for its next try
             self.state = "stopped"
             log.info("projection.stopped", projection=name, position=self.position)
 

@@ -39,7 +39,7 @@ from nats.errors import MaxPayloadError
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from almanac.adapters.leadership import Lease
+from almanac.adapters.leadership import Lease, take_turns
 from almanac.adapters.nats import NatsConnection
 from almanac.container import Stoppable
 from almanac.eventstore import EventStore, RecordedEvent
@@ -192,30 +192,16 @@ class Relay(Stoppable):
         super().__init__()
 
     async def run(self) -> None:
-        waiting = False
         try:
-            while not self._stopping.is_set():
-                if not await self._acquire():
-                    if not waiting:
-                        log.info("relay.standby", stream=self.settings.stream)
-                        waiting = True
-                    await self._sleep(self.settings.standby_interval)
-                    continue
-                waiting = False
-                self.leading = True
-                log.info("relay.leading", stream=self.settings.stream)
-                # Only the leader follows the log: a standby is woken by no commit.
-                follower = self.feed.follow()
-                try:
-                    await self._lead(follower)
-                finally:
-                    follower.close()
-                    self.leading = False
-                    self.problem = None
-                    await self._checkpoint(force=True)
-                    await self.lease.release()
+            await take_turns(
+                self.lease,
+                self._leading,
+                role="relay",
+                interval=self.settings.standby_interval,
+                stopping=self._stopping,
+                stream=self.settings.stream,
+            )
         finally:
-            await self.lease.release()  # a standby's connection, kept for its next try
             log.info(
                 "relay.stopped",
                 stream=self.settings.stream,
@@ -223,12 +209,18 @@ class Relay(Stoppable):
                 published=self.published,
             )
 
-    async def _acquire(self) -> bool:
+    async def _leading(self) -> None:
+        self.leading = True
+        log.info("relay.leading", stream=self.settings.stream)
+        # Only the leader follows the log: a standby is woken by no commit.
+        follower = self.feed.follow()
         try:
-            return await self.lease.acquire()
-        except Exception as exc:  # noqa: BLE001 - a standby keeps trying, whatever went wrong
-            log.warning("relay.lease_unavailable", error=str(exc))
-            return False
+            await self._lead(follower)
+        finally:
+            follower.close()
+            self.leading = False
+            self.problem = None
+            await self._checkpoint(force=True)
 
     async def _lead(self, follower: Follower) -> None:
         synced = False

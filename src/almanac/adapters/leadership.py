@@ -12,17 +12,19 @@ must therefore stay idempotent: projector writes are guarded by positions.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
 import structlog
 
-from almanac.timeouts import within
+from almanac.timeouts import wait_event, within
 
 log = structlog.get_logger("almanac.leadership")
 
@@ -39,6 +41,55 @@ class Lease(Protocol):
     async def release(self) -> None:
         """Give the lease up if it is held, and let go of what trying for it keeps open."""
         ...
+
+
+async def take_turns(
+    lease: Lease,
+    lead: Callable[[], Awaitable[None]],
+    *,
+    role: str,
+    interval: float,
+    stopping: asyncio.Event,
+    standing_by: Callable[[], None] | None = None,
+    **context: Any,
+) -> None:
+    """Run ``lead`` whenever this process holds ``lease``, and stand by while another does,
+    asking again every ``interval`` seconds, until ``stopping`` is set.
+
+    ``lead`` returns once it finds the lease lost (or stopping set); the lease is then given
+    up and asked for again. A ``lead`` that raises is logged (``<role>.lead_failed``) and
+    the lease given up for an interval, so that a standby may take over. A standby logs
+    ``<role>.standby`` once per wait, and ``<role>.lease_unavailable`` when the lease could
+    not even be asked for; ``standing_by`` is called on every try that did not win it.
+    """
+    waiting = False
+    try:
+        while not stopping.is_set():
+            try:
+                won = await lease.acquire()
+            except Exception as exc:  # noqa: BLE001 - a standby keeps trying, whatever went wrong
+                log.warning(f"{role}.lease_unavailable", error=str(exc) or repr(exc), **context)
+                won = False
+            if not won:
+                if not waiting:
+                    log.info(f"{role}.standby", **context)
+                    waiting = True
+                if standing_by is not None:
+                    standing_by()
+                await wait_event(stopping, interval)
+                continue
+            waiting = False
+            try:
+                await lead()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - give the lease up and try again
+                log.warning(f"{role}.lead_failed", error=repr(exc), **context)
+                await wait_event(stopping, interval)
+            finally:
+                await lease.release()
+    finally:
+        await lease.release()  # a standby's connection, kept for its next try
 
 
 def lock_key(name: str) -> int:
