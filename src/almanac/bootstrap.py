@@ -201,7 +201,10 @@ def _deliverer(  # noqa: PLR0917 - the collaborators bootstrap has made
     box = (
         SecretBox(hooks.secret_key)
         if hooks.secret_key
-        else SecretBox.from_key_file(settings.store.data_dir / "webhook-secret.key")
+        else SecretBox.from_key_file(
+            settings.store.data_dir / "webhook-secret.key",
+            shared=settings.profile is Profile.SERVICES,
+        )
     )
     guard = TargetGuard(
         hooks, **({"resolver": overrides["resolver"]} if "resolver" in overrides else {})

@@ -37,8 +37,11 @@ class SecretBox:
             ) from None
 
     @classmethod
-    def from_key_file(cls, path: Path) -> SecretBox:
-        """The key in ``path``, made (readable by this user only) if there is none yet."""
+    def from_key_file(cls, path: Path, *, shared: bool = False) -> SecretBox:
+        """The key in ``path``, made (readable by this user only) if there is none yet.
+
+        ``shared``: other machines read the same secrets (the services profile), and a key
+        of this machine's own would not open theirs: making one is then a warning."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -46,7 +49,7 @@ class SecretBox:
             return cls(path.read_bytes().strip())
         with os.fdopen(fd, "wb") as sink:
             sink.write(Fernet.generate_key())
-        log.warning(
+        (log.warning if shared else log.info)(
             "webhook.secret_key_created",
             path=str(path),
             hint="set ALMANAC_WEBHOOK_SECRET_KEY to share one key among machines",
