@@ -380,7 +380,9 @@ class TwoLevelCache:
         # A window's counts are read while it is the current one and the one after.
         self._hot_ttl_ms = max(1, int(2 * hot_window * 1000))
         self._entry_prefix = f"{prefix}{ENTRY_NAMESPACE}"
-        self._channel = f"{prefix}{INVALIDATE_CHANNEL}"
+        # Per database, as the keys are: deployments sharing a Redis server in databases of
+        # their own must not drop each other's L1 entries.
+        self._channel = f"{prefix}{INVALIDATE_CHANNEL}:{redis.db if redis else 0}"
         self._hot = f"{prefix}{HOT_KEYS}"
         self._origin = uuid4().hex
         self._backoff_initial = backoff_initial

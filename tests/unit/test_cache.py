@@ -389,6 +389,7 @@ class FakePubSub:
 @dataclass
 class FakeConnection:
     client: FakeRedis
+    db = 3
 
     def pubsub(self) -> FakePubSub:
         return FakePubSub()
@@ -484,7 +485,7 @@ async def test_a_refresh_publishes_after_storing_so_others_reread_the_new_value(
     assert await cache.refresh({"reading:1": b"v"})
     assert server.data == {"p:almanac:reading:1": b"v"}
     [(channel, message)] = server.published
-    assert channel == "p:almanac:cache:invalidate"
+    assert channel == "p:almanac:cache:invalidate:3"
     assert msgspec.json.decode(message)[1] == ["reading:1"]
 
 
@@ -516,7 +517,7 @@ async def test_an_eviction_drops_keys_from_l2_then_publishes_them_for_every_l1(
     assert await cache.evict(["reading:1"])
     assert server.data == {"p:almanac:reading:2": b"kept"}
     [(channel, message)] = server.published
-    assert channel == "p:almanac:cache:invalidate"
+    assert channel == "p:almanac:cache:invalidate:3"
     assert msgspec.json.decode(message)[1] == ["reading:1"]
     assert await cache.get("reading:1") is None  # this process's L1 let go of it too
     server.down = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
@@ -18,6 +19,8 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
 class RedisConnection:
     def __init__(self, url: str, *, socket_timeout: float = 2.0) -> None:
         self.url = url
+        # Keys live in this database; pub/sub channels are the server's, shared by all.
+        self.db = int(parse_url(url).get("db", 0))
         self._socket_timeout = socket_timeout
         self.client: Any = aioredis.Redis.from_url(
             url,
