@@ -712,22 +712,23 @@ class Hub:
         (oldest first): one the client subscribes to again costs no query. Only those are
         kept: an aggregate's owner never changes, but one not found may yet begin, and
         remembering another owner's while still asking about missing ones would tell the two
-        apart by how long the answer takes. A refusal stops at the first hidden topic, so
-        a message costs at most one query beyond aggregates not checked before."""
+        apart by how long the answer takes. A message costs one query at most, for all its
+        aggregates not checked before."""
         if principal.is_admin:
             return None
-        for topic in sorted(topics, key=str):
-            if topic.kind != "aggregate":
-                continue
-            if followable is not None and topic.value in followable:
-                del followable[topic.value]  # to the newest end: kept longest
-                followable[topic.value] = None
-                continue
-            first = await self.store.first_event(UUID(topic.value))
-            if first is None or not may_see_stored(principal, first):
-                return topic
+        aggregates = sorted((t for t in topics if t.kind == "aggregate"), key=str)
+        # Taken before any is remembered: remembering one may let an older one go.
+        known = {t.value for t in aggregates if followable is not None and t.value in followable}
+        unchecked = [UUID(t.value) for t in aggregates if t.value not in known]
+        firsts = await self.store.first_events(unchecked) if unchecked else {}
+        for topic in aggregates:
+            if topic.value not in known:
+                first = firsts.get(UUID(topic.value))
+                if first is None or not may_see_stored(principal, first):
+                    return topic
             if followable is not None:
-                followable[topic.value] = None
+                followable.pop(topic.value, None)
+                followable[topic.value] = None  # the newest end: kept longest
                 # Enough for every topic a connection may hold, twice over.
                 while len(followable) > max(FOLLOWABLE_KEPT, 2 * self.settings.max_topics):
                     del followable[next(iter(followable))]

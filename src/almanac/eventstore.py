@@ -1208,16 +1208,19 @@ class EventStore:
             found = cursor.fetchone()
         return None if found is None else int(found[0])
 
-    async def first_event(self, aggregate_id: UUID) -> RecordedEvent | None:
-        """The event that began an aggregate (whose owner it names), or None if there is no
-        such aggregate. One query either way: an access check built on it takes as long for
-        another owner's aggregate as for one that does not exist."""
-        return await self._run(self._first_event, aggregate_id)
+    async def first_events(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, RecordedEvent]:
+        """The events that began these aggregates (each names its owner), by aggregate id;
+        those with no such aggregate are left out. One query for the lot: an access check
+        built on it takes as long for another owner's aggregate as for one that does not
+        exist."""
+        if not aggregate_ids:
+            return {}
+        return await self._run(self._first_events, list(dict.fromkeys(aggregate_ids)))
 
-    def _first_event(self, aggregate_id: UUID) -> RecordedEvent | None:
+    def _first_events(self, aggregate_ids: list[UUID]) -> dict[UUID, RecordedEvent]:
         recorder: Any = self.app.recorder
         table = recorder.events_table_name
-        row: tuple[int, str, str, int, bytes] | None
+        rows: list[tuple[int, str, str, int, bytes]] = []
         try:
             if self._is_postgres:
                 with (
@@ -1226,29 +1229,31 @@ class EventStore:
                 ):
                     cur.execute(
                         "SELECT notification_id, topic, originator_id::text, originator_version,"
-                        f" state FROM {table} WHERE originator_id = %s AND originator_version = 1",
-                        (aggregate_id,),
+                        f" state FROM {table}"
+                        " WHERE originator_id = ANY(%s) AND originator_version = 1",
+                        (aggregate_ids,),
                     )
-                    row = cur.fetchone()
+                    rows = cur.fetchall()
             else:
                 with recorder.datastore.transaction(commit=False) as cursor:
-                    cursor.execute(
-                        f"SELECT rowid, topic, originator_version, state FROM {table}"
-                        " WHERE originator_id = ? AND originator_version = 1",
-                        (aggregate_id.hex,),
-                    )
-                    found = cursor.fetchone()
-                if found is not None:
-                    # SQLite keeps ids as bare hex; consumers get the canonical form either way.
-                    row = (found[0], found[1], str(aggregate_id), found[2], found[3])
-                else:
-                    row = None
+                    # SQLite binds at most 32,766 parameters (999 before 3.32) a statement.
+                    for start in range(0, len(aggregate_ids), 500):
+                        chunk = [a.hex for a in aggregate_ids[start : start + 500]]
+                        cursor.execute(
+                            f"SELECT rowid, topic, originator_id, originator_version, state"
+                            f" FROM {table} WHERE originator_version = 1"
+                            f" AND originator_id IN ({', '.join('?' * len(chunk))})",
+                            chunk,
+                        )
+                        # SQLite keeps ids as bare hex; consumers get the canonical form.
+                        found = cursor.fetchall()
+                        rows += [(p, t, str(UUID(k)), v, st) for p, t, k, v, st in found]
         except (OperationalError, InterfaceError, psycopg.OperationalError) as exc:
             raise Unavailable(f"the event store is not answering: {exc}") from exc
-        if row is None:
-            return None
-        position, topic, key, version, state = row
-        return RecordedEvent(position, topic, key, version, state, self.app.mapper)
+        return {
+            UUID(key): RecordedEvent(position, topic, key, version, state, self.app.mapper)
+            for position, topic, key, version, state in rows
+        }
 
     @property
     def notify_channel(self) -> str:

@@ -130,20 +130,28 @@ async def test_position_of_finds_the_first_event_of_an_aggregate(store: EventSto
     assert await store.position_of(reading.id, 2) is None
 
 
-async def test_first_event_is_the_event_that_began_an_aggregate_or_none(store: EventStore) -> None:
-    reading = new_reading(owner="owner-z")
-    position = await store.append(reading)
-    reading.record_chart(calculate_chart(birth()), meta("owner-z"))
-    await store.append(reading)
-    first = await store.first_event(reading.id)
-    assert first is not None
-    assert (first.position, first.type, first.aggregate_key) == (
-        position,
-        "reading.requested",
-        str(reading.id),
-    )
-    assert first.meta.owner == "owner-z"
-    assert await store.first_event(new_reading().id) is None
+async def test_first_events_are_the_events_that_began_the_aggregates_found(
+    store: EventStore,
+) -> None:
+    readings = [new_reading(owner=f"owner-{i}") for i in range(3)]
+    positions = [await store.append(r) for r in readings]
+    for i, reading in enumerate(readings):
+        reading.record_chart(calculate_chart(birth()), meta(f"owner-{i}"))
+        await store.append(reading)
+    missing = new_reading().id
+    asked = [readings[2].id, missing, readings[0].id, readings[0].id]
+    firsts = await store.first_events(asked)
+    assert sorted(firsts) == sorted([readings[0].id, readings[2].id])
+    for i in (0, 2):
+        first = firsts[readings[i].id]
+        assert (first.position, first.type, first.aggregate_key) == (
+            positions[i],
+            "reading.requested",
+            str(readings[i].id),
+        )
+        assert first.meta.owner == f"owner-{i}"
+    assert await store.first_events([missing]) == {}
+    assert await store.first_events([]) == {}
 
 
 async def test_consumer_positions_only_move_forward(store: EventStore) -> None:

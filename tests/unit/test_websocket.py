@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 import structlog
@@ -592,9 +592,13 @@ class GrowingStore:
     async def read(self, after: int, limit: int) -> list[RecordedEvent]:
         return self.events[after : after + limit]
 
-    async def first_event(self, aggregate_id: Any) -> RecordedEvent | None:
-        key = str(aggregate_id)
-        return next((e for e in self.events if e.aggregate_key == key), None)
+    async def first_events(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, RecordedEvent]:
+        wanted = {str(a) for a in aggregate_ids}
+        firsts: dict[UUID, RecordedEvent] = {}
+        for e in self.events:
+            if e.aggregate_key in wanted:
+                firsts.setdefault(UUID(e.aggregate_key), e)
+        return firsts
 
 
 def mixed_store() -> GrowingStore:
@@ -678,15 +682,20 @@ async def test_only_an_aggregate_of_the_keys_own_owner_may_be_followed_and_any_b
 
 
 class CountingStore(GrowingStore):
-    """A store that counts the aggregates it is asked for the first event of."""
+    """A store that notes the aggregates it is asked for the first events of, a list a query."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.asked: list[str] = []
+        self.queries: list[list[str]] = []
 
-    async def first_event(self, aggregate_id: Any) -> RecordedEvent | None:
-        self.asked.append(str(aggregate_id))
-        return await super().first_event(aggregate_id)
+    @property
+    def asked(self) -> list[str]:
+        return [aggregate for query in self.queries for aggregate in query]
+
+    async def first_events(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, RecordedEvent]:
+        if aggregate_ids:
+            self.queries.append([str(a) for a in aggregate_ids])
+        return await super().first_events(aggregate_ids)
 
 
 class TalkingSocket(RecordingSocket):
@@ -732,6 +741,7 @@ async def test_subscribing_again_to_the_keys_own_aggregates_asks_the_store_once_
         assert kinds == ["welcome", "subscribed", "subscribed", "subscribed", "error", "error"]
         assert sorted(socket.sent[3]["topics"]) == sorted(["*", *(f"aggregate:{i}" for i in own)])
         assert sorted(store.asked) == sorted([*own, missing, missing])
+        assert [len(query) for query in store.queries] == [5, 1, 1]  # one a message
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -751,6 +761,28 @@ async def test_a_connection_remembers_a_bounded_number_of_followable_aggregates(
         assert await h.hidden(principal("alice"), {topic}, followable) is None
     assert list(followable) == [own[2], own[1]]  # the oldest went; the one used again is newest
     assert store.asked == own
+
+
+async def test_an_aggregate_found_followable_stays_so_when_a_new_one_pushes_it_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Remembering a new aggregate may let an older one go in the middle of a message; the
+    older one was found followable all the same, and is not asked about again."""
+    store = CountingStore()
+    first, second, third = sorted(
+        store.add(new_reading(owner="alice").pending_events[0]).aggregate_id for _ in range(3)
+    )
+    h = Hub(store, NoSource(), WebSocketSettings(max_topics=1))  # type: ignore[arg-type]
+    monkeypatch.setattr(websocket, "FOLLOWABLE_KEPT", 2)
+    followable: dict[str, None] = {}
+    alice = principal("alice")
+    for aggregate in (third, second):
+        assert await h.hidden(alice, {Topic("aggregate", aggregate)}, followable) is None
+    # ``first`` is checked (and remembered) before ``third``, which then goes from the memory.
+    both = {Topic("aggregate", first), Topic("aggregate", third)}
+    assert await h.hidden(alice, both, followable) is None
+    assert store.queries == [[third], [second], [first]]
+    assert list(followable) == [first, third]
 
 
 class FailingStore(GrowingStore):
