@@ -210,10 +210,10 @@ class Relay(Stoppable):
             )
 
     async def _leading(self) -> None:
-        self.leading = True
-        log.info("relay.leading", stream=self.settings.stream)
         # Only the leader follows the log: a standby is woken by no commit.
         follower = self.feed.follow()
+        self.leading = True
+        log.info("relay.leading", stream=self.settings.stream)
         try:
             await self._lead(follower)
         finally:

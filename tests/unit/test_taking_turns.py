@@ -10,6 +10,7 @@ import pytest
 import structlog
 
 from almanac.adapters.leadership import take_turns
+from tests.integration.support_waiting import eventually
 
 
 class ScriptedLease:
@@ -33,7 +34,7 @@ class ScriptedLease:
 
 
 async def test_a_standby_outlives_an_unreachable_lease_and_a_failed_lead() -> None:
-    lease = ScriptedLease([OSError("no lock file"), False, True, True])
+    lease = ScriptedLease([OSError("no lock file"), OSError("no lock file"), False, True, True])
     stopping = asyncio.Event()
     leads: list[str] = []
     standbys: list[None] = []
@@ -58,10 +59,10 @@ async def test_a_standby_outlives_an_unreachable_lease_and_a_failed_lead() -> No
             timeout=10,
         )
     assert leads == ["lead", "lead"]
-    assert len(standbys) == 2  # the unreachable try and the refused one
+    assert len(standbys) == 3  # the two unreachable tries and the refused one
     said = [(e["event"], e.get("stream")) for e in logs]
     assert said == [
-        ("relay.lease_unavailable", "S"),
+        ("relay.lease_unavailable", "S"),  # once for the run of failed tries
         ("relay.standby", "S"),  # once for the whole wait
         ("relay.lead_failed", "S"),
     ]
@@ -91,3 +92,25 @@ async def test_a_cancelled_role_gives_its_lease_up(cancel_in: str) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert lease.releases == (2 if cancel_in == "lead" else 1)
+
+
+async def test_a_failed_lead_gives_the_lease_up_before_its_pause() -> None:
+    """So that a standby may take over in the pause, rather than find it held throughout."""
+    lease = ScriptedLease([True] * 10)
+    stopping = asyncio.Event()
+
+    async def lead() -> None:
+        raise RuntimeError("the log went away")
+
+    turns = asyncio.ensure_future(
+        take_turns(lease, lead, role="projection", interval=60.0, stopping=stopping)
+    )
+    try:
+
+        async def released() -> bool:
+            return lease.releases >= 1
+
+        await eventually(released, within=5, what="the lease given up in the pause")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(turns, timeout=5)

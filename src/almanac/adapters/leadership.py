@@ -57,18 +57,22 @@ async def take_turns(
     asking again every ``interval`` seconds, until ``stopping`` is set.
 
     ``lead`` returns once it finds the lease lost (or stopping set); the lease is then given
-    up and asked for again. A ``lead`` that raises is logged (``<role>.lead_failed``) and
-    the lease given up for an interval, so that a standby may take over. A standby logs
-    ``<role>.standby`` once per wait, and ``<role>.lease_unavailable`` when the lease could
-    not even be asked for; ``standing_by`` is called on every try that did not win it.
+    up and asked for again. A ``lead`` that raises is logged (``<role>.lead_failed``), and
+    the lease is given up before a pause of an interval, in which a standby may take over.
+    A standby logs ``<role>.standby`` once per wait, and ``<role>.lease_unavailable`` once
+    per run of tries that could not even ask for the lease; ``standing_by`` is called on
+    every try that did not win it.
     """
-    waiting = False
+    waiting = unreachable = False
     try:
         while not stopping.is_set():
             try:
                 won = await lease.acquire()
+                unreachable = False
             except Exception as exc:  # noqa: BLE001 - a standby keeps trying, whatever went wrong
-                log.warning(f"{role}.lease_unavailable", error=str(exc) or repr(exc), **context)
+                if not unreachable:
+                    log.warning(f"{role}.lease_unavailable", error=str(exc) or repr(exc), **context)
+                    unreachable = True
                 won = False
             if not won:
                 if not waiting:
@@ -78,16 +82,18 @@ async def take_turns(
                     standing_by()
                 await wait_event(stopping, interval)
                 continue
-            waiting = False
+            waiting = failed = False
             try:
                 await lead()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - give the lease up and try again
                 log.warning(f"{role}.lead_failed", error=repr(exc), **context)
-                await wait_event(stopping, interval)
+                failed = True
             finally:
                 await lease.release()
+            if failed:
+                await wait_event(stopping, interval)
     finally:
         await lease.release()  # a standby's connection, kept for its next try
 
