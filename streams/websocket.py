@@ -59,6 +59,8 @@ CLOSE_SLOW_CONSUMER = 4429
 
 # Events about credentials stay with operators, even those of the client's own owner.
 ADMIN_ONLY = ("api_key.", "installation.")
+# Closes every connection made with the key it names.
+KEY_REVOKED = "api_key.revoked"
 # How many aggregates a connection remembers it may follow, at least (see ``Hub.hidden``).
 FOLLOWABLE_KEPT = 512
 
@@ -230,6 +232,8 @@ class Listener:
     sent_through: int = 0
     queue: Mailbox[LiveEvent] = field(default_factory=Mailbox)
     overflowed: bool = False
+    # Its API key was revoked: the connection is closed (4401).
+    revoked: bool = False
     # When the connection was last sent a frame (time.monotonic()); heartbeats follow quiet.
     last_sent: float = field(default_factory=time.monotonic)
     # Ends the connection's session (it is then closed with the reason the session finds).
@@ -617,6 +621,8 @@ class Hub:
 
     def publish(self, event: LiveEvent) -> None:
         self.position = max(self.position, event.position)
+        if event.type == KEY_REVOKED:
+            self._revoked(event.aggregate_id)
         verdicts: dict[Topic, bool] = {}
         wire: bytes | None = None
         for listener in self._candidates(event.owner):
@@ -624,6 +630,16 @@ class Hub:
                 if wire is None:
                     wire = text_frame(event.frame.encode())
                 listener.offer(event, wire)
+
+    def _revoked(self, key_id: str) -> None:
+        """End every connection authenticated with the key ``key_id``: it was let in by a key
+        that no longer works, and would otherwise go on hearing events for as long as it
+        stays open."""
+        for listeners in (self._admins, *self._by_owner.values()):
+            for listener in tuple(listeners):
+                if listener.principal.key_id == key_id:
+                    listener.revoked = True
+                    listener.interrupt()
 
     async def _beat(self) -> None:
         # One timer for the process, not one a connection: it looks four times an interval,
@@ -981,7 +997,7 @@ class Session:
             reporter = asyncio.ensure_future(self._report(listener, self.progress))
         try:
             # Overflowed or stopped while the welcome went out: straight to the close.
-            if not (listener.overflowed or self.hub.stopping):
+            if not (listener.overflowed or listener.revoked or self.hub.stopping):
                 await self._receive(listener)
         except asyncio.CancelledError:
             # Ours (``_interrupt``) is taken back; one from outside as well goes on.
@@ -1003,6 +1019,9 @@ class Session:
             failure, self._failure = self._failure, None
         if failure is not None:
             raise failure  # closed as ``run`` decides, and never without a word
+        if listener.revoked:
+            log.info("websocket.key_revoked", owner=listener.principal.owner)
+            raise Closed(CLOSE_UNAUTHORIZED, "the API key was revoked")
         if listener.overflowed:
             log.warning("websocket.slow_consumer", owner=listener.principal.owner)
             raise Closed(CLOSE_SLOW_CONSUMER, "too far behind: reconnect with after=<position>")

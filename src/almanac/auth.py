@@ -141,7 +141,10 @@ class KeyRing:
         if key is None or key.revoked:
             return key
         key.revoke(EventMeta.for_request(key.owner))
-        self._store.append_sync(key)
+        try:
+            self._store.append_sync(key)
+        except ConcurrencyConflict:
+            return self.revoke(key_id)  # revoked (or changed) meanwhile: look again
         self._cache.clear()
         return key
 

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import websockets
 
+from almanac.domain.access import key_id_for
 from almanac.errors import Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.settings import Settings
@@ -163,6 +164,19 @@ async def test_no_valid_key_closes_with_4401(server: LiveServer, first: Any) -> 
             await socket.send(json.dumps(first))
         close = await close_of(socket)
     assert close.code == 4401
+
+
+async def test_revoking_a_key_closes_the_connections_it_opened(server: LiveServer) -> None:
+    async with (
+        server.connect("/ws", server.alice) as revoked,
+        server.connect("/ws", server.bob) as kept,
+    ):
+        assert (await next_frame(revoked))["type"] == (await next_frame(kept))["type"] == "welcome"
+        await asyncio.to_thread(server.container.keyring.revoke, key_id_for(server.alice))
+        close = await close_of(revoked)
+        assert (close.code, close.reason) == (4401, "the API key was revoked")
+        await kept.send(json.dumps({"type": "ping"}))
+        assert (await next_frame(kept))["type"] == "pong"
 
 
 async def test_a_bad_message_gets_an_error_frame_and_the_connection_stays(

@@ -367,6 +367,52 @@ class RecordingSocket:
         return [f.get("type", "event") for f in self.sent[:count]]
 
 
+class ClosableSocket(RecordingSocket):
+    """A recording client that notes how it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: tuple[int, str | None] | None = None
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed = (code, reason)
+
+
+async def test_a_revoked_key_closes_the_connections_it_opened_and_no_other() -> None:
+    h = hub()
+    keys = {
+        "revoked": principal("alice"),
+        "kept": principal("alice"),
+        "admin": principal("admin", "admin"),
+    }
+
+    async def by_name(key: str | None) -> Principal:
+        assert key is not None
+        return keys[key]
+
+    sockets = {name: ClosableSocket() for name in keys}
+    tasks = {
+        name: asyncio.create_task(
+            Session(sockets[name], h, h.settings, by_name, {Topic("all")}, key=name).run()
+        )
+        for name in keys
+    }
+    try:
+        for socket in sockets.values():
+            await socket.frames(1)  # the welcome: each is attached
+        revoked = keys["revoked"].key_id
+        h.publish(LiveEvent(1, "api_key.revoked", revoked, "alice", json.dumps({"position": 1})))
+        await asyncio.wait_for(tasks["revoked"], timeout=5)
+        assert sockets["revoked"].closed == (CLOSE_UNAUTHORIZED, "the API key was revoked")
+        assert await sockets["admin"].frames(2) == ["welcome", "event"]  # it hears of it
+        assert sockets["kept"].closed is None and sockets["admin"].closed is None
+        assert h.connections == 2
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
 async def test_a_quiet_session_gets_heartbeats_and_a_busy_one_does_not() -> None:
     h = hub(heartbeat=60)  # beats are given by hand below, with their clock
     socket = RecordingSocket()
