@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import uuid
@@ -20,6 +21,7 @@ import nats
 import psycopg
 import pytest
 import stamina
+import structlog
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from psycopg import sql
@@ -47,6 +49,18 @@ hypothesis_settings.register_profile(
     "almanac", suppress_health_check=[HealthCheck.too_slow], deadline=None
 )
 hypothesis_settings.load_profile("almanac")
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    """Logging as it was, after a test (or a command it runs) configured it its own way."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(autouse=True, scope="session")

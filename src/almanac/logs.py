@@ -21,15 +21,14 @@ def redact_keys(text: str) -> str:
 
 
 class _RedactKeys(logging.Filter):
-    """Blanks ``key=`` query values in library records (structlog's are dicts, left alone)."""
+    """Blanks ``key=`` query values in library records (structlog's are dicts, left alone),
+    in the message as formatted: a key may come in any argument, of any type."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "key=" in record.msg:
-            record.msg = redact_keys(record.msg)
-        if isinstance(record.args, tuple) and record.args:
-            record.args = tuple(
-                redact_keys(a) if isinstance(a, str) and "key=" in a else a for a in record.args
-            )
+        if isinstance(record.msg, str):
+            text = record.getMessage()
+            if "key=" in text:
+                record.msg, record.args = redact_keys(text), None
         return True
 
 

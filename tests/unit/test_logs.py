@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 import structlog
 
 from almanac.logs import configure_logging
 from almanac.settings import LogSettings
-
-
-@pytest.fixture
-def restored() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], root.level = handlers, level
 
 
 def lines(out: str) -> list[dict[str, object]]:
@@ -72,6 +60,16 @@ def test_an_exception_is_logged_with_its_traceback(
     assert "ZeroDivisionError: boom" in str(line["exception"])
 
 
+class URL:
+    """A URL object, as some libraries log one."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def test_an_api_key_in_a_websocket_url_never_reaches_the_log(
     restored: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,8 +80,15 @@ def test_an_api_key_in_a_websocket_url_never_reaches_the_log(
         '%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", "/ws?after=3&key=alm_secret1&topics=x"
     )
     handshakes.info('%s - "WebSocket %s" 403', "127.0.0.1:5001", "/ws/readings/r-1?key=alm_secret2")
-    said = [str(line["event"]) for line in lines(capsys.readouterr().out)]
+    # The key in the format string, or in an argument that is no string.
+    handshakes.info("%s?key=%s", "/ws", "alm_secret3")
+    handshakes.info("GET %s", URL("/ws?key=alm_secret4"))
+    out = capsys.readouterr()
+    said = [str(line["event"]) for line in lines(out.out)]
     assert said == [
         '127.0.0.1:5000 - "WebSocket /ws?after=3&key=[redacted]&topics=x" [accepted]',
         '127.0.0.1:5001 - "WebSocket /ws/readings/r-1?key=[redacted]" 403',
+        "/ws?key=[redacted]",
+        "GET /ws?key=[redacted]",
     ]
+    assert "alm_secret" not in out.out + out.err

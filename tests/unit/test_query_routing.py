@@ -4,6 +4,7 @@ source reflects."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 from uuid import UUID, uuid4
@@ -14,6 +15,7 @@ from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.errors import NotYetVisible, Unavailable, ValidationFailed
 from almanac.readmodels import PositionWatch, ReadDatabase, Row
+from queries import routing
 from queries.batches import download_results, list_batches
 from queries.jobs import JobKind, list_jobs
 from queries.paging import decode_cursor, scope_of
@@ -258,18 +260,29 @@ async def test_the_next_jobs_page_is_held_to_the_readings_shown_when_no_batch_is
 
 @pytest.mark.parametrize(
     ("head", "raised"),
-    [(20, NotYetVisible), (19, ValidationFailed), (None, NotYetVisible)],
-    ids=["stored, not yet read", "never given out", "store away"],
+    [
+        (20, NotYetVisible),
+        (19, ValidationFailed),
+        (Unavailable("the event store is not answering"), NotYetVisible),
+        (RuntimeError("the pool is closed"), NotYetVisible),
+        (None, NotYetVisible),
+    ],
+    ids=["stored, not yet read", "never given out", "store away", "store failing", "stalled"],
 )
 async def test_a_position_not_reached_in_time_is_told_apart_from_one_never_given_out(
-    head: int | None, raised: type[Exception]
+    head: int | Exception | None, raised: type[Exception], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The read models are at 5 and the wait runs out: a 503 for a position the store has
-    (or when the store cannot say), a 422 naming ``min_position`` for one past its last."""
+    (or when the store cannot say, soon), a 422 naming ``min_position`` for one past its
+    last."""
+    monkeypatch.setattr(routing, "HEAD_TIMEOUT", 0.05)
 
     async def last_stored() -> int:
+        if isinstance(head, Exception):
+            raise head
         if head is None:
-            raise Unavailable("the event store is not answering")
+            await asyncio.Event().wait()  # a store that does not answer
+        assert head is not None
         return head
 
     source = cast("ReadDatabase", ReadingsOnly(count=1, updated=5))
