@@ -12,6 +12,7 @@ settings, when a worker opens the feed.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from uuid import UUID
 
@@ -24,6 +25,7 @@ from almanac.adapters.nats import NatsConnection
 from almanac.domain.events import EventMeta
 from almanac.feed import Delivery, FeedNotReady
 from almanac.settings import RelaySettings, WorkerSettings
+from almanac.timeouts import SETTLED_AFTER
 from streams.relay import (
     AGGREGATE_ID,
     CAUSATION_ID,
@@ -129,7 +131,24 @@ class JetStreamWorkFeed:
         self.event_type = event_type
         self._client: Any = None
         self._subscription: Any = None
-        self._waiting_logged = False
+        # Since when the stream has been missing (None: it was there at the last open).
+        self._missing_since: float | None = None
+        self._missing_warned = False
+
+    def _stream_missing(self) -> None:
+        """Said once as a deployment starts; a warning once it has lasted (no relay?)."""
+        now = time.monotonic()
+        if self._missing_since is None:
+            self._missing_since = now
+            log.info("workfeed.waiting_for_stream", stream=self.relay.stream)
+        elif not self._missing_warned and now - self._missing_since > SETTLED_AFTER:
+            self._missing_warned = True
+            log.warning(
+                "workfeed.stream_missing",
+                stream=self.relay.stream,
+                seconds=round(now - self._missing_since),
+                hint="a relay creates it: is one running on this stream?",
+            )
 
     async def open(self) -> None:
         client = await self.nats.connect()
@@ -140,9 +159,7 @@ class JetStreamWorkFeed:
             info = await js.add_consumer(self.relay.stream, config)
         except nats.js.errors.NotFoundError as exc:
             # The relay creates the stream; a worker may well start first.
-            if not self._waiting_logged:
-                log.info("workfeed.waiting_for_stream", stream=self.relay.stream)
-                self._waiting_logged = True
+            self._stream_missing()
             raise FeedNotReady(
                 f"stream {self.relay.stream} does not exist yet (a relay creates it)"
             ) from exc
@@ -154,6 +171,7 @@ class JetStreamWorkFeed:
             durable=self.worker.consumer, stream=self.relay.stream
         )
         self._client = client
+        self._missing_since, self._missing_warned = None, False
         log.info(
             "workfeed.consumer_ready",
             stream=self.relay.stream,

@@ -381,8 +381,10 @@ class TwoLevelCache:
         self._hot_ttl_ms = max(1, int(2 * hot_window * 1000))
         self._entry_prefix = f"{prefix}{ENTRY_NAMESPACE}"
         # Per database, as the keys are: deployments sharing a Redis server in databases of
-        # their own must not drop each other's L1 entries.
-        self._channel = f"{prefix}{INVALIDATE_CHANNEL}:{redis.db if redis else 0}"
+        # their own must not drop each other's L1 entries. Database 0 keeps the name it has
+        # always had, so that processes of an earlier release hear this one's in a rollout.
+        db = redis.db if redis else 0
+        self._channel = f"{prefix}{INVALIDATE_CHANNEL}" + (f":{db}" if db else "")
         self._hot = f"{prefix}{HOT_KEYS}"
         self._origin = uuid4().hex
         self._backoff_initial = backoff_initial

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from almanac.auth import KeyRing
-from almanac.cli import main
 from almanac.domain.access import ApiKey, key_id_for
 from almanac.errors import Unauthorized
 from almanac.eventstore import EventStore
@@ -18,18 +19,29 @@ from tests.conftest import embedded_settings
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The embedded profile under ``tmp_path``, as ``almanac`` reads it from the environment."""
-    for name in ("ALMANAC_POSTGRES_URL", "ALMANAC_REDIS_URL", "ALMANAC_NATS_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ALMANAC_DATA_DIR", str(tmp_path / "var"))
+def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "var"
 
 
-def create_key(name: str) -> tuple[str, str]:
+def almanac(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``almanac *args`` on the embedded profile in ``data_dir``, in a process of its own (it
+    sets logging up for itself, as a command does)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALMANAC_")}
+    env.update(ALMANAC_DATA_DIR=str(data_dir), COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "almanac", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def create_key(data_dir: Path, name: str) -> tuple[str, str]:
     """The printed key and the id ``keys create`` names beside it."""
-    result = CliRunner().invoke(main, ["keys", "create", "--name", name])
-    assert result.exit_code == 0, result.output + result.stderr
+    result = almanac(data_dir, "keys", "create", "--name", name)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert re.fullmatch(r"alm_\S+\n", result.stdout), "stdout is the key alone"
     named = re.search(r"key ([0-9a-f-]{36}) for owner", result.stderr)
     assert named is not None, result.stderr
@@ -48,18 +60,18 @@ def taken(data_dir: Path, secret: str) -> bool:
     return True
 
 
-def revoke(key: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["keys", "revoke", key])
-    return result.exit_code, " ".join((result.stdout + result.stderr).split())
+def revoke(data_dir: Path, key: str) -> tuple[int, str]:
+    result = almanac(data_dir, "keys", "revoke", key)
+    return result.returncode, " ".join((result.stdout + result.stderr).split())
 
 
 def test_a_key_revoked_by_itself_or_by_its_id_is_refused(data_dir: Path) -> None:
-    by_secret, by_id = create_key("mobile app"), create_key("batch job")
+    by_secret, by_id = create_key(data_dir, "mobile app"), create_key(data_dir, "batch job")
     assert by_id[1] == str(key_id_for(by_id[0]))
     assert taken(data_dir, by_secret[0]) and taken(data_dir, by_id[0])
-    code, said = revoke(by_secret[0])
+    code, said = revoke(data_dir, by_secret[0])
     assert code == 0 and f"key {by_secret[1]} ('mobile app'" in said and "is revoked" in said
-    code, said = revoke(by_id[1])
+    code, said = revoke(data_dir, by_id[1])
     assert code == 0 and f"key {by_id[1]} ('batch job'" in said
     assert not taken(data_dir, by_secret[0]) and not taken(data_dir, by_id[0])
     store = EventStore(embedded_settings(data_dir))
@@ -67,7 +79,7 @@ def test_a_key_revoked_by_itself_or_by_its_id_is_refused(data_dir: Path) -> None
         revoked = store.load_sync(ApiKey, key_id_for(by_secret[0]))
         assert revoked is not None and revoked.revoked and revoked.version == 2
         # Again: nothing more is appended.
-        assert revoke(by_secret[0])[0] == 0
+        assert revoke(data_dir, by_secret[0])[0] == 0
         again = store.load_sync(ApiKey, key_id_for(by_secret[0]))
         assert again is not None and again.version == 2
     finally:
@@ -75,7 +87,7 @@ def test_a_key_revoked_by_itself_or_by_its_id_is_refused(data_dir: Path) -> None
 
 
 def test_revoking_names_what_is_wrong_with_the_key_given(data_dir: Path) -> None:
-    code, said = revoke("00000000-0000-4000-8000-000000000000")
+    code, said = revoke(data_dir, "00000000-0000-4000-8000-000000000000")
     assert code == 1 and "there is no API key 00000000-0000-4000-8000-000000000000" in said
-    code, said = revoke("not-a-key")
+    code, said = revoke(data_dir, "not-a-key")
     assert code == 2 and "expected an API key (alm_...) or a key id (a UUID)" in said

@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 import msgspec
 import pytest
+import structlog
 
+import streams.jetstream
 from almanac.adapters.nats import NatsConnection
 from almanac.domain.chart import calculate_chart
 from almanac.eventstore import EventStore
@@ -363,15 +365,26 @@ async def opened_when_the_stream_exists(feed: WorkFeed) -> None:
     await eventually(opened, within=30, what="the work feed opens on the relay's stream")
 
 
-async def test_a_feed_on_a_stream_no_relay_has_created_is_not_ready(postgres_url: str) -> None:
-    """Its consumers wait for it without warning (see the worker's tests)."""
+async def test_a_feed_on_a_stream_no_relay_has_created_is_not_ready(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its consumers wait for it without warning (see the worker's tests): the feed says so
+    once, and warns once when the wait has lasted."""
+    monkeypatch.setattr(streams.jetstream, "SETTLED_AFTER", 0.0)
     settings: Settings = services_settings(postgres_url)
     assert settings.feed.nats_url is not None
     relay = msgspec.structs.replace(settings.relay, stream=f"NEVER_{uuid.uuid4().hex[:8]}")
     nats = NatsConnection(settings.feed.nats_url)
     try:
         feed = JetStreamWorkFeed(nats, relay, WORKER, event_type=REQUESTED)
-        with pytest.raises(FeedNotReady, match=f"stream {relay.stream} does not exist yet"):
-            await feed.open()
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                with pytest.raises(FeedNotReady, match=f"stream {relay.stream} does not exist"):
+                    await feed.open()
+        said = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("workfeed.")]
+        assert said == [
+            ("workfeed.waiting_for_stream", "info"),
+            ("workfeed.stream_missing", "warning"),
+        ]
     finally:
         await nats.close()

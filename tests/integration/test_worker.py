@@ -561,4 +561,5 @@ async def test_a_worker_started_before_the_stream_waits_for_it_without_warning(
             [done] = await settled(container, [reading.id])
     assert done.status == "generated"
     assert feed.opens == 3
+    assert "worker.started" in [e["event"] for e in logs]  # the capture saw the worker
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == []
