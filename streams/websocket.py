@@ -560,10 +560,18 @@ class NatsSource:
 class Hub:
     name = "websocket-hub"
 
-    def __init__(self, store: EventStore, source: LiveSource, settings: WebSocketSettings) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        source: LiveSource,
+        settings: WebSocketSettings,
+        on_key_revoked: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.source = source
         self.settings = settings
+        # Told each revoked key's id (the process's key ring forgets the key at once).
+        self.on_key_revoked = on_key_revoked
         self.position = 0
         self._by_owner: dict[str, set[Listener]] = {}
         self._admins: set[Listener] = set()
@@ -635,6 +643,8 @@ class Hub:
         """End every connection authenticated with the key ``key_id``: it was let in by a key
         that no longer works, and would otherwise go on hearing events for as long as it
         stays open."""
+        if self.on_key_revoked is not None:
+            self.on_key_revoked(key_id)
         for listeners in (self._admins, *self._by_owner.values()):
             for listener in tuple(listeners):
                 if listener.principal.key_id == key_id:

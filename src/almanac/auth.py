@@ -86,6 +86,8 @@ class KeyRing:
         self._ttl = cache_ttl
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._loading: dict[str, asyncio.Future[Principal | None]] = {}
+        # Moves on with each ``forget``: a load begun before it is not kept.
+        self._generation = 0
 
     async def authenticate(self, secret: str | None) -> Principal:
         if not secret:
@@ -115,10 +117,21 @@ class KeyRing:
         if self._loading.get(secret) is done:
             del self._loading[secret]
 
+    def forget(self, key_id: str) -> None:
+        """Drop what is remembered of the key ``key_id`` (it was revoked): its next use is
+        checked against the store, not taken on the strength of an earlier check."""
+        self._generation += 1
+        for secret, (_, principal) in list(self._cache.items()):
+            if principal is not None and principal.key_id == key_id:
+                del self._cache[secret]
+
     async def _load(self, secret: str) -> Principal | None:
+        generation = self._generation
         key = await self._store.load(ApiKey, key_id_for(secret))
         valid = key is not None and not key.revoked and key.matches(secret)
         principal = _principal(key) if valid and key is not None else None
+        if generation != self._generation:
+            return principal  # a key was revoked meanwhile: this answer may predate it
         if len(self._cache) > 10_000:
             self._cache.clear()
         # A refusal is remembered only briefly: the key may be issued a moment later.

@@ -143,6 +143,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
     endpoints_projector = runner(WebhookEndpointsProjection(), endpoints_lease)
     dead_letters_projector = runner(DeadLettersProjection(), dead_letters_lease)
     deliverer = _deliverer(settings, store, feed, nats, read_db, watch, overrides)
+    keyring = KeyRing(store, settings.access.key_cache_ttl)
     # Every API process sees every event: through NATS on services, from the log in-process.
     live: LiveSource = (
         NatsSource(nats, settings.relay.subject_prefix)
@@ -150,7 +151,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         else LogSource(feed, settings.feed.batch_size)
     )
     background: dict[str, list[BackgroundRole]] = {
-        "api": [Hub(store, live, settings.websocket)],
+        "api": [Hub(store, live, settings.websocket, on_key_revoked=keyring.forget)],
         "worker": [worker, manager],
         "projector": [projector, batches_projector, endpoints_projector, dead_letters_projector],
         "deliver": [deliverer],
@@ -175,7 +176,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         read_db=read_db,
         watch=watch,
         feed=feed,
-        keyring=KeyRing(store, settings.access.key_cache_ttl),
+        keyring=keyring,
         generator=generator,
         cache=cache,
         redis=redis,

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import websockets
 
+from almanac.auth import KeyRing
 from almanac.domain.access import key_id_for
 from almanac.errors import Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
@@ -167,16 +168,23 @@ async def test_no_valid_key_closes_with_4401(server: LiveServer, first: Any) -> 
 
 
 async def test_revoking_a_key_closes_the_connections_it_opened(server: LiveServer) -> None:
+    taken = await server.http.get("/api/v1/readings", headers=server.auth(server.alice))
+    assert taken.status_code == 200  # and remembered by the key ring for 30 s
     async with (
         server.connect("/ws", server.alice) as revoked,
         server.connect("/ws", server.bob) as kept,
     ):
         assert (await next_frame(revoked))["type"] == (await next_frame(kept))["type"] == "welcome"
-        await asyncio.to_thread(server.container.keyring.revoke, key_id_for(server.alice))
+        # As ``almanac keys revoke`` does, from a key ring of its own.
+        elsewhere = KeyRing(server.container.store, cache_ttl=30)
+        await asyncio.to_thread(elsewhere.revoke, key_id_for(server.alice))
         close = await close_of(revoked)
         assert (close.code, close.reason) == (4401, "the API key was revoked")
         await kept.send(json.dumps({"type": "ping"}))
         assert (await next_frame(kept))["type"] == "pong"
+    # The process that heard of it refuses the key at once, not when its check expires.
+    refused = await server.http.get("/api/v1/readings", headers=server.auth(server.alice))
+    assert refused.status_code == 401
 
 
 async def test_a_bad_message_gets_an_error_frame_and_the_connection_stays(

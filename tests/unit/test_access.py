@@ -268,3 +268,43 @@ def test_principals_see_their_own_owner_and_admins_see_all() -> None:
     admin.require_admin()
     with pytest.raises(Forbidden):
         client.require_admin()
+
+
+def revoke_elsewhere(store: InMemoryStore, secret: str) -> None:
+    """As ``almanac keys revoke`` does, in another process."""
+    assert keyring(store).revoke(key_id_for(secret)) is not None
+
+
+async def test_a_revoked_key_is_refused_once_forgotten_and_not_before(
+    store: InMemoryStore,
+) -> None:
+    ring = keyring(store, ttl=30)
+    revoked, kept = (ring.issue(name=n, role="client", owner="o") for n in ("a", "b"))
+    for new in (revoked, kept):
+        assert await ring.authenticate(new.secret) == new.principal
+    revoke_elsewhere(store, revoked.secret)
+    assert await ring.authenticate(revoked.secret) == revoked.principal  # remembered
+    ring.forget(revoked.principal.key_id)
+    with pytest.raises(Unauthorized):
+        await ring.authenticate(revoked.secret)
+    assert await ring.authenticate(kept.secret) == kept.principal
+
+
+async def test_a_check_begun_before_a_revocation_is_not_remembered() -> None:
+    """Its answer may have been read before the revocation was stored."""
+    store = GatedStore()
+    ring = keyring(store, ttl=30)
+    new = ring.issue(name="racing", role="client", owner="o")
+    early = asyncio.ensure_future(ring.authenticate(new.secret))
+    for _ in range(100):  # until the load has begun (it then waits at the gate)
+        if store.loads:
+            break
+        await asyncio.sleep(0)
+    assert store.loads == 1
+    ring.forget(new.principal.key_id)
+    store.gate.set()
+    assert await early == new.principal
+    revoke_elsewhere(store, new.secret)
+    with pytest.raises(Unauthorized):
+        await ring.authenticate(new.secret)
+    assert store.loads == 2
