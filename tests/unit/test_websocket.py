@@ -69,10 +69,12 @@ class NoSource:
         yield []
 
 
-def hub(**settings: Any) -> Hub:
-    hub = Hub(NoStore(), NoSource(), WebSocketSettings(**settings))  # type: ignore[arg-type]
-    hub._started.set()
-    return hub
+def hub(store: Any = None, **settings: Any) -> Hub:
+    """A started hub on ``store`` (by default one that holds nothing), fed by no live source."""
+    held: Any = NoStore() if store is None else store
+    started = Hub(held, NoSource(), WebSocketSettings(**settings))  # type: ignore[arg-type]
+    started._started.set()
+    return started
 
 
 def nats_message(consumer_sequence: int) -> Any:
@@ -688,7 +690,7 @@ async def test_a_resume_sends_what_the_live_stream_would_and_frames_only_that(
     event that is not sent is never decoded whole and framed (the loop's time per position
     of a resume)."""
     store = mixed_store()
-    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    h = hub(store)
     framed = frames_built(monkeypatch)
     replayed = [e.position async for e in h.missed(listener, 0, len(store.events))]
     live_would = [e.position for e in store.events if listener.wants(live_event(e))]
@@ -701,7 +703,7 @@ async def test_a_resume_follows_one_aggregate_without_framing_the_rest(
 ) -> None:
     store = mixed_store()
     one = store.events[3]  # bob's second reading
-    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    h = hub(store)
     framed = frames_built(monkeypatch)
     listener = Listener(principal("bob"), 10, topics={Topic("aggregate", one.aggregate_key)})
     assert [e.position async for e in h.missed(listener, 0, len(store.events))] == [4]
@@ -712,7 +714,7 @@ async def test_only_an_aggregate_of_the_keys_own_owner_may_be_followed_and_any_b
     None
 ):
     store = mixed_store()
-    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
+    h = hub(store)
     alices, bobs, key = (store.events[i].aggregate_key for i in (0, 2, 12))
     alice, admin = principal("alice"), principal("root", "admin")
 
@@ -777,8 +779,7 @@ async def test_subscribing_again_to_the_keys_own_aggregates_asks_the_store_once_
         {"type": "subscribe", "topics": [f"reading:{missing}"]},
         {"type": "subscribe", "topics": [f"reading:{missing}"]},
     ]
-    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
-    h._started.set()
+    h = hub(store)
     socket = TalkingSocket(messages)
     session = Session(socket, h, h.settings, allow, {Topic("all")}, key="good")
     task = asyncio.create_task(session.run())
@@ -799,7 +800,7 @@ async def test_a_connection_remembers_a_bounded_number_of_followable_aggregates(
 ) -> None:
     store = CountingStore()
     own = [store.add(new_reading(owner="alice").pending_events[0]).aggregate_id for _ in range(3)]
-    h = Hub(store, NoSource(), WebSocketSettings(max_topics=1))  # type: ignore[arg-type]
+    h = hub(store, max_topics=1)
     monkeypatch.setattr(websocket, "FOLLOWABLE_KEPT", 2)
     followable: dict[str, None] = {}
     for aggregate in (*own, own[1]):
@@ -818,7 +819,7 @@ async def test_an_aggregate_found_followable_stays_so_when_a_new_one_pushes_it_o
     first, second, third = sorted(
         store.add(new_reading(owner="alice").pending_events[0]).aggregate_id for _ in range(3)
     )
-    h = Hub(store, NoSource(), WebSocketSettings(max_topics=1))  # type: ignore[arg-type]
+    h = hub(store, max_topics=1)
     monkeypatch.setattr(websocket, "FOLLOWABLE_KEPT", 2)
     followable: dict[str, None] = {}
     alice = principal("alice")
@@ -859,8 +860,7 @@ async def test_a_resume_that_fails_is_logged_and_closed_with_a_code_never_droppe
 ) -> None:
     store = FailingStore(error)
     store.append(3)
-    h = Hub(store, NoSource(), WebSocketSettings())  # type: ignore[arg-type]
-    h._started.set()
+    h = hub(store)
     socket = WelcomeGate()
     socket.gate.set()
     session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
@@ -909,8 +909,7 @@ async def test_live_events_overflowing_the_queue_during_a_resume_are_replayed_no
     during its replay than its queue holds: it gets every event once, in order."""
     store = GrowingStore()
     store.append(30)
-    h = Hub(store, NoSource(), WebSocketSettings(queue_size=5, max_replay=1000))  # type: ignore[arg-type]
-    h._started.set()
+    h = hub(store, queue_size=5, max_replay=1000)
     socket = resuming(h, store, at=10, burst=20)  # 20 live events, 9 frames into the replay
     session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
     task = asyncio.create_task(session.run())
@@ -931,8 +930,7 @@ async def test_live_events_overflowing_the_queue_during_a_resume_are_replayed_no
 async def test_a_resuming_client_falling_further_behind_than_max_replay_is_closed_4429() -> None:
     store = GrowingStore()
     store.append(10)
-    h = Hub(store, NoSource(), WebSocketSettings(queue_size=5, max_replay=20))  # type: ignore[arg-type]
-    h._started.set()
+    h = hub(store, queue_size=5, max_replay=20)
     socket = resuming(h, store, at=3, burst=30)
     session = Session(socket, h, h.settings, allow, {Topic("all")}, after=0, key="good")
     await asyncio.wait_for(session.run(), timeout=5)
@@ -945,8 +943,7 @@ async def test_replies_during_a_resume_keep_their_place_among_the_events() -> No
     it overflowed the queue and were replayed from the store."""
     store = GrowingStore()
     store.append(30)
-    h = Hub(store, NoSource(), WebSocketSettings(queue_size=5, max_replay=1000))  # type: ignore[arg-type]
-    h._started.set()
+    h = hub(store, queue_size=5, max_replay=1000)
     sessions: list[Session] = []
 
     def meanwhile() -> None:
@@ -979,8 +976,7 @@ async def test_replies_are_not_held_back_while_a_resume_takes_pass_after_pass() 
     after the event it followed, while live events keep coming one per frame sent."""
     store = GrowingStore()
     store.append(10)
-    h = Hub(store, NoSource(), WebSocketSettings(queue_size=3, max_replay=1000))  # type: ignore[arg-type]
-    h._started.set()
+    h = hub(store, queue_size=3, max_replay=1000)
     sessions: list[Session] = []
 
     class Steady(ResumingSocket):
