@@ -90,6 +90,7 @@ class Reads:
             return
         try:
             # Briefly: the wait has run its course, and a stalled store must not hold the 503.
+            # (The store's thread goes on with the query after a timeout; it is one query.)
             head = await within(self.head(), HEAD_TIMEOUT)
         except Exception:  # noqa: BLE001 - the store cannot say: the 503 stands
             return

@@ -572,6 +572,9 @@ class Hub:
         self.settings = settings
         # Told each revoked key's id (the process's key ring forgets the key at once).
         self.on_key_revoked = on_key_revoked
+        # Keys revoked since the hub started: a connection that was being let in with one
+        # as the revocation came is closed as it attaches (one id a revocation).
+        self._revoked_keys: set[str] = set()
         self.position = 0
         self._by_owner: dict[str, set[Listener]] = {}
         self._admins: set[Listener] = set()
@@ -643,8 +646,12 @@ class Hub:
         """End every connection authenticated with the key ``key_id``: it was let in by a key
         that no longer works, and would otherwise go on hearing events for as long as it
         stays open."""
+        self._revoked_keys.add(key_id)
         if self.on_key_revoked is not None:
-            self.on_key_revoked(key_id)
+            try:
+                self.on_key_revoked(key_id)
+            except Exception:  # the connections below are closed whatever befell the ring
+                log.exception("websocket.key_forget_failed", key_id=key_id)
         for listeners in (self._admins, *self._by_owner.values()):
             for listener in tuple(listeners):
                 if listener.principal.key_id == key_id:
@@ -690,6 +697,8 @@ class Hub:
         return self.position
 
     def attach(self, listener: Listener) -> None:
+        if listener.principal.key_id in self._revoked_keys:
+            listener.revoked = True  # closed by its session, after the welcome
         if listener.principal.is_admin:
             self._admins.add(listener)
         else:

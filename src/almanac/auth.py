@@ -121,6 +121,8 @@ class KeyRing:
         """Drop what is remembered of the key ``key_id`` (it was revoked): its next use is
         checked against the store, not taken on the strength of an earlier check."""
         self._generation += 1
+        # Loads in flight may have read the key before: later checks must not share them.
+        self._loading.clear()
         for secret, (_, principal) in list(self._cache.items()):
             if principal is not None and principal.key_id == key_id:
                 del self._cache[secret]
@@ -157,7 +159,11 @@ class KeyRing:
         try:
             self._store.append_sync(key)
         except ConcurrencyConflict:
-            return self.revoke(key_id)  # revoked (or changed) meanwhile: look again
+            # Revoked by another at the same moment: so it is now (else this raises again).
+            again = self._store.load_sync(ApiKey, key_id)
+            if again is None or not again.revoked:
+                raise
+            return again
         self._cache.clear()
         return key
 

@@ -25,10 +25,18 @@ class _RedactKeys(logging.Filter):
     in the message as formatted: a key may come in any argument, of any type."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
+        if not isinstance(record.msg, str):
+            return True
+        try:
             text = record.getMessage()
-            if "key=" in text:
-                record.msg, record.args = redact_keys(text), None
+        except Exception:  # noqa: BLE001 - a bad call is logging's to report, keys blanked
+            record.msg = redact_keys(record.msg)
+            if isinstance(record.args, tuple):
+                args = record.args
+                record.args = tuple(redact_keys(a) if isinstance(a, str) else a for a in args)
+            return True
+        if "key=" in text:
+            record.msg, record.args = redact_keys(text), None
         return True
 
 

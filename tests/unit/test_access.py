@@ -308,3 +308,52 @@ async def test_a_check_begun_before_a_revocation_is_not_remembered() -> None:
     with pytest.raises(Unauthorized):
         await ring.authenticate(new.secret)
     assert store.loads == 2
+
+
+class ReadThenGatedStore(GatedStore):
+    """Loads read the key at once, then wait for the gate to hand it over."""
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        self.loads += 1
+        read = self.load_sync(cls, aggregate_id)
+        await self.gate.wait()
+        return read
+
+
+async def test_a_check_after_a_revocation_does_not_share_a_load_begun_before_it() -> None:
+    store = ReadThenGatedStore()
+    ring = keyring(store, ttl=30)
+    new = ring.issue(name="racing", role="client", owner="o")
+    early = asyncio.ensure_future(ring.authenticate(new.secret))
+    for _ in range(100):  # until the load has begun (it then waits at the gate)
+        if store.loads:
+            break
+        await asyncio.sleep(0)
+    revoke_elsewhere(store, new.secret)
+    ring.forget(new.principal.key_id)
+    later = asyncio.ensure_future(ring.authenticate(new.secret))
+    await asyncio.sleep(0)
+    store.gate.set()
+    assert await early == new.principal  # it was asked before the revocation
+    with pytest.raises(Unauthorized):
+        await later
+    assert store.loads == 2
+
+
+def test_revoking_a_key_revoked_by_another_at_the_same_moment_succeeds(
+    store: InMemoryStore,
+) -> None:
+    ring = keyring(store)
+    new = ring.issue(name="twice", role="client", owner="o")
+    loaded = store.load_sync
+
+    def raced(cls: type[A], aggregate_id: UUID) -> A | None:
+        key = loaded(cls, aggregate_id)
+        store.load_sync = loaded  # type: ignore[method-assign]
+        revoke_elsewhere(store, new.secret)  # between this load and the append
+        return key
+
+    store.load_sync = raced  # type: ignore[method-assign]
+    revoked = ring.revoke(key_id_for(new.secret))
+    assert revoked is not None and revoked.revoked
+    assert len(store.events[key_id_for(new.secret)]) == 2

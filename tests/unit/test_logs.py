@@ -92,3 +92,16 @@ def test_an_api_key_in_a_websocket_url_never_reaches_the_log(
         "GET /ws?key=[redacted]",
     ]
     assert "alm_secret" not in out.out + out.err
+
+
+def test_a_bad_logging_call_is_reported_by_logging_with_its_key_blanked(
+    restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not raised into the library that made it, as logging never does."""
+    configure_logging(LogSettings(level="INFO", format="json"))
+    secret = "alm_" + "secret5"  # not in this file as one string: the report shows the call
+    logging.getLogger("lib").warning("bad %s %s", f"/ws?key={secret}")  # noqa: PLE1206
+    out = capsys.readouterr()
+    assert "Logging error" in out.err
+    assert "key=[redacted]" in out.err
+    assert secret not in out.out + out.err

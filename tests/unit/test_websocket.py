@@ -415,6 +415,21 @@ async def test_a_revoked_key_closes_the_connections_it_opened_and_no_other() -> 
         await asyncio.gather(*tasks.values(), return_exceptions=True)
 
 
+async def test_a_connection_let_in_as_its_key_is_revoked_is_closed_once_attached() -> None:
+    """The key was checked, then revoked before the connection joined the hub."""
+    h = hub()
+    alice = principal("alice")
+    h.publish(LiveEvent(1, "api_key.revoked", alice.key_id, "alice", json.dumps({})))
+
+    async def late(key: str | None) -> Principal:
+        return alice
+
+    socket = ClosableSocket()
+    await asyncio.wait_for(Session(socket, h, h.settings, late, {Topic("all")}, key="k").run(), 5)
+    assert socket.closed == (CLOSE_UNAUTHORIZED, "the API key was revoked")
+    assert h.connections == 0
+
+
 async def test_a_quiet_session_gets_heartbeats_and_a_busy_one_does_not() -> None:
     h = hub(heartbeat=60)  # beats are given by hand below, with their clock
     socket = RecordingSocket()
