@@ -290,17 +290,23 @@ async def test_a_revoked_key_is_refused_once_forgotten_and_not_before(
     assert await ring.authenticate(kept.secret) == kept.principal
 
 
+async def checking(ring: KeyRing, store: GatedStore, secret: str) -> asyncio.Future[Any]:
+    """A check of ``secret`` whose load has begun, and waits at the gate."""
+    check = asyncio.ensure_future(ring.authenticate(secret))
+    for _ in range(100):
+        if store.loads:
+            break
+        await asyncio.sleep(0)
+    assert store.loads == 1
+    return check
+
+
 async def test_a_check_begun_before_a_revocation_is_not_remembered() -> None:
     """Its answer may have been read before the revocation was stored."""
     store = GatedStore()
     ring = keyring(store, ttl=30)
     new = ring.issue(name="racing", role="client", owner="o")
-    early = asyncio.ensure_future(ring.authenticate(new.secret))
-    for _ in range(100):  # until the load has begun (it then waits at the gate)
-        if store.loads:
-            break
-        await asyncio.sleep(0)
-    assert store.loads == 1
+    early = await checking(ring, store, new.secret)
     ring.forget(new.principal.key_id)
     store.gate.set()
     assert await early == new.principal
@@ -324,11 +330,7 @@ async def test_a_check_after_a_revocation_does_not_share_a_load_begun_before_it(
     store = ReadThenGatedStore()
     ring = keyring(store, ttl=30)
     new = ring.issue(name="racing", role="client", owner="o")
-    early = asyncio.ensure_future(ring.authenticate(new.secret))
-    for _ in range(100):  # until the load has begun (it then waits at the gate)
-        if store.loads:
-            break
-        await asyncio.sleep(0)
+    early = await checking(ring, store, new.secret)
     revoke_elsewhere(store, new.secret)
     ring.forget(new.principal.key_id)
     later = asyncio.ensure_future(ring.authenticate(new.secret))
