@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
@@ -12,7 +13,7 @@ from litestar.di import NamedDependency
 from almanac.adapters.redis import RedisConnection
 from almanac.adapters.replicas import SourceStats
 from almanac.auth import Principal
-from almanac.cache import CacheStats, ReadCache
+from almanac.cache import CacheStats, CacheTotals, ProcessCacheStats, ReadCache
 from almanac.container import Container
 from almanac.errors import Unavailable
 from almanac.timeouts import within
@@ -28,12 +29,27 @@ class RedisStatus(msgspec.Struct, frozen=True):
 
 
 class CacheMonitoring(msgspec.Struct, frozen=True):
+    # This process's counters.
     cache: CacheStats
     redis: RedisStatus
+    # Every process's, as each shared them in the last seconds (this one's as of now), and
+    # their sum; null without Redis, or while it does not answer.
+    processes: list[ProcessCacheStats] | None = None
+    total: CacheTotals | None = None
 
 
 async def get_cache_monitoring(cache: ReadCache, redis: RedisConnection | None) -> CacheMonitoring:
-    return CacheMonitoring(cache=cache.stats(), redis=await _redis_status(redis))
+    status = await _redis_status(redis)
+    shared = None
+    if status.status == "ok":
+        with contextlib.suppress(TimeoutError):
+            shared = await within(cache.shared_stats(), PING_TIMEOUT)
+    return CacheMonitoring(
+        cache=cache.stats(),
+        redis=status,
+        processes=shared,
+        total=None if shared is None else CacheTotals.of(shared),
+    )
 
 
 async def _redis_status(redis: RedisConnection | None) -> RedisStatus:

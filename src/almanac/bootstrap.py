@@ -98,6 +98,7 @@ def bootstrap(settings: Settings, roles: tuple[str, ...] = ROLES, **overrides: A
         prefix=overrides.get("cache_prefix", ""),
         # Warming reads what Redis lacks from the primary, as the refresher does.
         load=functools.partial(read_entries, read_db),
+        roles=roles,
     )
     watch = PositionWatch(lambda name: projection_position(read_db, name))
     generator: ReadingGenerator = overrides.get("generator") or BuiltinGenerator()

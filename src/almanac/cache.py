@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -61,6 +63,8 @@ ENTRY_NAMESPACE = "almanac:"
 INVALIDATE_CHANNEL = "almanac:cache:invalidate"
 # Read counts of one window, named by its number (``hot_window``): ``almanac:cache:hot:<n>``.
 HOT_KEYS = "almanac:cache:hot"
+# Each process's latest ``CacheStats``, a field a process (``ProcessCacheStats`` as JSON).
+SHARED_STATS = "almanac:cache:stats"
 READING_PREFIX = "reading:"
 CHART_PREFIX = "chart:"
 
@@ -198,6 +202,47 @@ class CacheStats(msgspec.Struct, frozen=True):
     warmed: int
 
 
+class ProcessCacheStats(msgspec.Struct, frozen=True):
+    """One process's counters, as it last shared them (about once a second)."""
+
+    process: str  # host:pid
+    roles: list[str]
+    at: float  # when, in seconds since the epoch
+    stats: CacheStats
+
+
+class CacheTotals(msgspec.Struct, frozen=True):
+    """The counters of every process that shared them of late, added up."""
+
+    processes: int
+    l1_hits: int
+    l1_misses: int
+    l2_hits: int
+    l2_misses: int
+    l2_errors: int
+    l2_skipped: int
+    invalidations_sent: int
+    invalidations_received: int
+    # How many of the processes see Redis failing or their invalidations lost.
+    degraded: int
+
+    @classmethod
+    def of(cls, shared: Sequence[ProcessCacheStats]) -> CacheTotals:
+        every = [p.stats for p in shared]
+        return cls(
+            processes=len(every),
+            l1_hits=sum(s.l1_hits for s in every),
+            l1_misses=sum(s.l1_misses for s in every),
+            l2_hits=sum(s.l2_hits for s in every),
+            l2_misses=sum(s.l2_misses for s in every),
+            l2_errors=sum(s.l2_errors for s in every),
+            l2_skipped=sum(s.l2_skipped for s in every),
+            invalidations_sent=sum(s.invalidations_sent for s in every),
+            invalidations_received=sum(s.invalidations_received for s in every),
+            degraded=sum(s.degraded for s in every),
+        )
+
+
 class ReadCache(Protocol):
     """Copies of read-model values by key (``reading_key``, ``chart_key``)."""
 
@@ -256,6 +301,10 @@ class ReadCache(Protocol):
     async def stop(self) -> None: ...
 
     def stats(self) -> CacheStats: ...
+
+    async def shared_stats(self) -> list[ProcessCacheStats] | None:
+        """Every process's latest counters (this one's as of now); None without Redis."""
+        ...
 
 
 class L1Cache:
@@ -320,6 +369,8 @@ _KEYS_PER_COMMAND = 1000
 # Keys per run of the refresh's script: Redis runs nothing else meanwhile, and 1,000 entries
 # of 6.5 kB held it for 32 to 46 ms (the API processes' reads waiting behind it).
 _KEYS_PER_SCRIPT = 64
+# The shared counters outlive the last process that shared them by an hour.
+_SHARED_STATS_TTL_MS = 3_600_000
 
 # A refresh's write to Redis: each entry is set unless Redis holds a later state of it.
 # KEYS are the entries; ARGV[1] the TTL in ms, then each entry's value and its position
@@ -366,6 +417,7 @@ class TwoLevelCache:
         flush_interval: float = 1.0,
         fill_ttl: float = 60.0,
         hot_window: float = 3600.0,
+        roles: Sequence[str] = (),
     ) -> None:
         self._l1 = L1Cache(settings.l1_size, settings.l1_ttl, clock)
         self._redis = redis
@@ -386,7 +438,10 @@ class TwoLevelCache:
         db = redis.db if redis else 0
         self._channel = f"{prefix}{INVALIDATE_CHANNEL}" + (f":{db}" if db else "")
         self._hot = f"{prefix}{HOT_KEYS}"
+        self._shared = f"{prefix}{SHARED_STATS}"
         self._origin = uuid4().hex
+        self._process = f"{socket.gethostname()}:{os.getpid()}"
+        self._roles = list(roles)
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._log_interval = log_interval
@@ -664,6 +719,8 @@ class TwoLevelCache:
                 await task
         self._tasks.clear()
         await self._flush_reads()
+        if self._redis is not None:
+            await self._pipeline(lambda pipe: pipe.hdel(self._shared, self._origin))
         self._running = self._subscriber_failing = False
 
     async def _listen(self) -> None:
@@ -704,6 +761,45 @@ class TwoLevelCache:
         while not self._stopping.is_set():
             await self._pause(self._flush_interval)
             await self._flush_reads()
+            await self._share_stats()
+
+    def _own_stats(self) -> ProcessCacheStats:
+        return ProcessCacheStats(self._process, self._roles, self._wall_clock(), self.stats())
+
+    async def _share_stats(self) -> None:
+        entry = msgspec.json.encode(self._own_stats())
+        await self._pipeline(
+            lambda pipe: (
+                pipe.hset(self._shared, self._origin, entry),
+                # Gone in an hour once no process shares any more.
+                pipe.pexpire(self._shared, _SHARED_STATS_TTL_MS),
+            )
+        )
+
+    async def shared_stats(self) -> list[ProcessCacheStats] | None:
+        if self._redis is None:
+            return None
+        answer = await self._pipeline(lambda pipe: pipe.hgetall(self._shared))
+        if answer is None:
+            return None
+        # A process that shared nothing for a while has stopped, or lost Redis: left out.
+        oldest = self._wall_clock() - max(10.0, 5 * self._flush_interval)
+        shared, stale = {self._origin: self._own_stats()}, []
+        for origin, raw in answer[0].items():
+            name = origin.decode()
+            if name == self._origin:
+                continue
+            try:
+                entry = msgspec.json.decode(raw, type=ProcessCacheStats)
+            except msgspec.ValidationError:
+                continue  # another release's shape: its own processes report it
+            if entry.at < oldest:
+                stale.append(origin)
+                continue
+            shared[name] = entry
+        if stale:
+            await self._pipeline(lambda pipe: pipe.hdel(self._shared, *stale))
+        return sorted(shared.values(), key=lambda p: p.process)
 
     def _count_read(self, key: str) -> None:
         # Counted here and sent to Redis about once a second, not once per read.

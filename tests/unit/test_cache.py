@@ -292,6 +292,7 @@ class FakeRedis:
     published: list[tuple[str, bytes]] = field(default_factory=list)
     ttls_ms: dict[str, int] = field(default_factory=dict)
     sorted_sets: dict[str, dict[bytes, float]] = field(default_factory=dict)
+    hashes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     executed: int = 0
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
@@ -314,12 +315,14 @@ class FakePipeline:
         self.server.executed += 1
         if self.server.down:
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
-        return [
-            self._refresh(args[2 : 2 + args[1]], args[2 + args[1] :])
-            if name == "eval"  # only the refresh's script is evaluated
-            else self._run(name, args, kwargs)
-            for name, args, kwargs in self.commands
-        ]
+        return [self._one(name, args, kwargs) for name, args, kwargs in self.commands]
+
+    def _one(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name == "eval":  # only the refresh's script is evaluated
+            return self._refresh(args[2 : 2 + args[1]], args[2 + args[1] :])
+        if name.startswith("h"):
+            return self._run_hash(name, args)
+        return self._run(name, args, kwargs)
 
     def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         data = self.server.data
@@ -337,6 +340,17 @@ class FakePipeline:
         if name == "delete":
             return sum(data.pop(key, None) is not None for key in args)
         return self._run_sorted_set(name, args)
+
+    def _run_hash(self, name: str, args: tuple[Any, ...]) -> Any:
+        fields = self.server.hashes.setdefault(args[0], {})
+        if name == "hset":
+            fields[args[1]] = args[2]
+            return 1
+        if name == "hdel":
+            return sum(fields.pop(f, None) is not None for f in args[1:])
+        if name == "hgetall":
+            return {f.encode(): v for f, v in fields.items()}
+        raise AssertionError(f"FakeRedis has no {name}")
 
     def _refresh(self, keys: tuple[str, ...], argv: tuple[Any, ...]) -> list[int]:
         """The refresh's script: set each entry unless a later state is held; the (1-based)
