@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Literal
 
 import msgspec
+import structlog
 from litestar import Router, get
 from litestar.di import NamedDependency
 
@@ -17,6 +17,8 @@ from almanac.cache import CacheStats, CacheTotals, ProcessCacheStats, ReadCache
 from almanac.container import Container
 from almanac.errors import Unavailable
 from almanac.timeouts import within
+
+log = structlog.get_logger("almanac.monitoring")
 
 # A monitoring request waits at most this long for Redis to answer.
 PING_TIMEOUT = 1.0
@@ -33,7 +35,7 @@ class CacheMonitoring(msgspec.Struct, frozen=True):
     cache: CacheStats
     redis: RedisStatus
     # Every process's, as each shared them in the last seconds (this one's as of now), and
-    # their sum; null without Redis, or while it does not answer.
+    # their sum; null without Redis, or while this process leaves it alone after a failure.
     processes: list[ProcessCacheStats] | None = None
     total: CacheTotals | None = None
 
@@ -42,8 +44,10 @@ async def get_cache_monitoring(cache: ReadCache, redis: RedisConnection | None) 
     status = await _redis_status(redis)
     shared = None
     if status.status == "ok":
-        with contextlib.suppress(TimeoutError):
+        try:
             shared = await within(cache.shared_stats(), PING_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - this process's own counters still answer
+            log.warning("monitoring.shared_stats_failed", error=str(exc) or repr(exc))
     return CacheMonitoring(
         cache=cache.stats(),
         redis=status,

@@ -63,8 +63,10 @@ ENTRY_NAMESPACE = "almanac:"
 INVALIDATE_CHANNEL = "almanac:cache:invalidate"
 # Read counts of one window, named by its number (``hot_window``): ``almanac:cache:hot:<n>``.
 HOT_KEYS = "almanac:cache:hot"
-# Each process's latest ``CacheStats``, a field a process (``ProcessCacheStats`` as JSON).
-SHARED_STATS = "almanac:cache:stats"
+# Each process's latest counters (``ProcessCacheStats`` as JSON) under ``<this>:<origin>``,
+# gone a few seconds after the process stops sharing, and the set of those origins.
+# Versioned: a release that changes the shape shares under a name of its own.
+SHARED_STATS = "almanac:cache:stats:1"
 READING_PREFIX = "reading:"
 CHART_PREFIX = "chart:"
 
@@ -369,8 +371,8 @@ _KEYS_PER_COMMAND = 1000
 # Keys per run of the refresh's script: Redis runs nothing else meanwhile, and 1,000 entries
 # of 6.5 kB held it for 32 to 46 ms (the API processes' reads waiting behind it).
 _KEYS_PER_SCRIPT = 64
-# The shared counters outlive the last process that shared them by an hour.
-_SHARED_STATS_TTL_MS = 3_600_000
+# The set of sharing processes outlives the last one that shared by an hour.
+_SHARED_INDEX_TTL_MS = 3_600_000
 
 # A refresh's write to Redis: each entry is set unless Redis holds a later state of it.
 # KEYS are the entries; ARGV[1] the TTL in ms, then each entry's value and its position
@@ -720,7 +722,11 @@ class TwoLevelCache:
         self._tasks.clear()
         await self._flush_reads()
         if self._redis is not None:
-            await self._pipeline(lambda pipe: pipe.hdel(self._shared, self._origin))
+            own = self._shared_key(self._origin)
+            await self._pipeline(
+                lambda pipe: (pipe.delete(own), pipe.srem(self._shared, self._origin)),
+                counted=False,
+            )
         self._running = self._subscriber_failing = False
 
     async def _listen(self) -> None:
@@ -766,40 +772,50 @@ class TwoLevelCache:
     def _own_stats(self) -> ProcessCacheStats:
         return ProcessCacheStats(self._process, self._roles, self._wall_clock(), self.stats())
 
+    def _shared_key(self, origin: str) -> str:
+        return f"{self._shared}:{origin}"
+
     async def _share_stats(self) -> None:
         entry = msgspec.json.encode(self._own_stats())
+        # Redis forgets it a few flushes after the last (its clock, not the processes').
+        ttl_ms = int(max(10.0, 5 * self._flush_interval) * 1000)
         await self._pipeline(
             lambda pipe: (
-                pipe.hset(self._shared, self._origin, entry),
-                # Gone in an hour once no process shares any more.
-                pipe.pexpire(self._shared, _SHARED_STATS_TTL_MS),
-            )
+                pipe.set(self._shared_key(self._origin), entry, px=ttl_ms),
+                pipe.sadd(self._shared, self._origin),
+                pipe.pexpire(self._shared, _SHARED_INDEX_TTL_MS),
+            ),
+            counted=False,
         )
 
     async def shared_stats(self) -> list[ProcessCacheStats] | None:
         if self._redis is None:
             return None
-        answer = await self._pipeline(lambda pipe: pipe.hgetall(self._shared))
-        if answer is None:
+        members = await self._pipeline(lambda pipe: pipe.smembers(self._shared), counted=False)
+        if members is None:
             return None
-        # A process that shared nothing for a while has stopped, or lost Redis: left out.
-        oldest = self._wall_clock() - max(10.0, 5 * self._flush_interval)
-        shared, stale = {self._origin: self._own_stats()}, []
-        for origin, raw in answer[0].items():
-            name = origin.decode()
-            if name == self._origin:
+        origins = (m.decode(errors="replace") for m in members[0])
+        others = sorted(o for o in origins if o != self._origin)
+        values: list[bytes | None] = []
+        if others:
+            keys = [self._shared_key(o) for o in others]
+            answer = await self._pipeline(lambda pipe: pipe.mget(keys), counted=False)
+            if answer is None:
+                return None
+            values = answer[0]
+        shared, gone = [self._own_stats()], []
+        for origin, raw in zip(others, values, strict=True):
+            if raw is None:
+                gone.append(origin)  # its entry expired: stopped, or cut off from Redis
                 continue
             try:
-                entry = msgspec.json.decode(raw, type=ProcessCacheStats)
-            except msgspec.ValidationError:
-                continue  # another release's shape: its own processes report it
-            if entry.at < oldest:
-                stale.append(origin)
-                continue
-            shared[name] = entry
-        if stale:
-            await self._pipeline(lambda pipe: pipe.hdel(self._shared, *stale))
-        return sorted(shared.values(), key=lambda p: p.process)
+                shared.append(msgspec.json.decode(raw, type=ProcessCacheStats))
+            except msgspec.DecodeError:
+                continue  # not this release's shape: left for its own to expire
+        if gone:
+            # A process sharing again at this moment is gone from the set until its next share.
+            await self._pipeline(lambda pipe: pipe.srem(self._shared, *gone), counted=False)
+        return sorted(shared, key=lambda p: p.process)
 
     def _count_read(self, key: str) -> None:
         # Counted here and sent to Redis about once a second, not once per read.
@@ -902,18 +918,26 @@ class TwoLevelCache:
     def _entry(self, key: str) -> str:
         return self._entry_prefix + key
 
-    async def _pipeline(self, build: Callable[[Any], object]) -> list[Any] | None:
-        """Run one pipeline; None when Redis failed or is being left alone for a while."""
+    async def _pipeline(
+        self, build: Callable[[Any], object], *, counted: bool = True
+    ) -> list[Any] | None:
+        """Run one pipeline; None when Redis failed or is being left alone for a while.
+
+        ``counted=False``: the cache's bookkeeping (its shared counters), which neither
+        counts in the L2 counters nor moves the backoff when it fails: those tell how the
+        reads and writes of entries fare."""
         if self._redis is None:
             return None
         if self._failing and self._clock() < self._skip_until:
-            self._l2_skipped += 1
+            self._l2_skipped += counted
             return None
         try:
             pipe = self._redis.client.pipeline(transaction=False)
             build(pipe)
             result: list[Any] = await pipe.execute()
         except REDIS_ERRORS as exc:
+            if not counted:
+                return None
             now = self._clock()
             if not self._failing or now >= self._skip_until:
                 self._skip_until = now + self._backoff.next()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from typing import TextIO
 
 import structlog
@@ -20,6 +21,13 @@ def redact_keys(text: str) -> str:
     return _KEY_IN_QUERY.sub(r"\1[redacted]", text)
 
 
+def _blanked(value: object) -> str:
+    try:
+        return redact_keys(value if isinstance(value, str) else repr(value))
+    except Exception:  # noqa: BLE001 - a repr that fails shows nothing of the value
+        return "<unprintable>"
+
+
 class _RedactKeys(logging.Filter):
     """Blanks ``key=`` query values in library records (structlog's are dicts, left alone),
     in the message as formatted: a key may come in any argument, of any type."""
@@ -30,10 +38,13 @@ class _RedactKeys(logging.Filter):
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad call is logging's to report, keys blanked
+            # Its report shows the arguments as they are: each as the text it would give.
             record.msg = redact_keys(record.msg)
-            if isinstance(record.args, tuple):
-                args = record.args
-                record.args = tuple(redact_keys(a) if isinstance(a, str) else a for a in args)
+            args = record.args
+            if isinstance(args, Mapping):
+                record.args = {k: _blanked(v) for k, v in args.items()}
+            elif isinstance(args, tuple):
+                record.args = tuple(_blanked(a) for a in args)
             return True
         if "key=" in text:
             record.msg, record.args = redact_keys(text), None

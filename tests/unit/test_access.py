@@ -359,3 +359,18 @@ def test_revoking_a_key_revoked_by_another_at_the_same_moment_succeeds(
     revoked = ring.revoke(key_id_for(new.secret))
     assert revoked is not None and revoked.revoked
     assert len(store.events[key_id_for(new.secret)]) == 2
+
+
+def test_a_revocation_that_keeps_conflicting_is_an_error_not_a_loop(
+    store: InMemoryStore,
+) -> None:
+    """A conflict that is no other revocation (an integrity error the store reports as one)."""
+    ring = keyring(store)
+    new = ring.issue(name="stuck", role="client", owner="o")
+
+    def refusing(*aggregates: Aggregate) -> int:
+        raise ConcurrencyConflict("the aggregate was changed by another command")
+
+    store.append_sync = refusing  # type: ignore[method-assign]
+    with pytest.raises(ConcurrencyConflict):
+        ring.revoke(key_id_for(new.secret))

@@ -292,7 +292,7 @@ class FakeRedis:
     published: list[tuple[str, bytes]] = field(default_factory=list)
     ttls_ms: dict[str, int] = field(default_factory=dict)
     sorted_sets: dict[str, dict[bytes, float]] = field(default_factory=dict)
-    hashes: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    sets: dict[str, set[bytes]] = field(default_factory=dict)
     executed: int = 0
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
@@ -320,8 +320,8 @@ class FakePipeline:
     def _one(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name == "eval":  # only the refresh's script is evaluated
             return self._refresh(args[2 : 2 + args[1]], args[2 + args[1] :])
-        if name.startswith("h"):
-            return self._run_hash(name, args)
+        if name in ("sadd", "srem", "smembers"):
+            return self._run_set(name, args)
         return self._run(name, args, kwargs)
 
     def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -341,16 +341,13 @@ class FakePipeline:
             return sum(data.pop(key, None) is not None for key in args)
         return self._run_sorted_set(name, args)
 
-    def _run_hash(self, name: str, args: tuple[Any, ...]) -> Any:
-        fields = self.server.hashes.setdefault(args[0], {})
-        if name == "hset":
-            fields[args[1]] = args[2]
-            return 1
-        if name == "hdel":
-            return sum(fields.pop(f, None) is not None for f in args[1:])
-        if name == "hgetall":
-            return {f.encode(): v for f, v in fields.items()}
-        raise AssertionError(f"FakeRedis has no {name}")
+    def _run_set(self, name: str, args: tuple[Any, ...]) -> Any:
+        members = self.server.sets.setdefault(args[0], set())
+        if name == "sadd":
+            members.update(m.encode() for m in args[1:])
+        elif name == "srem":
+            members.difference_update(m.encode() for m in args[1:])
+        return set(members)
 
     def _refresh(self, keys: tuple[str, ...], argv: tuple[Any, ...]) -> list[int]:
         """The refresh's script: set each entry unless a later state is held; the (1-based)
@@ -1379,3 +1376,35 @@ async def test_an_l1_only_cache_needs_no_mark() -> None:
     await refresher.take_over(1)
     assert (db.migrated, db.marks, log.reads) == ([], {}, [])
     await refresher.aclose()
+
+
+async def test_sharing_counters_while_redis_is_down_counts_no_l2_error_or_skip(
+    clock: FakeClock,
+) -> None:
+    """The L2 counters tell how reads and writes of entries fare, not the bookkeeping."""
+    server = FakeRedis()
+    cache = two_level(clock, server)
+    server.down = True
+    await cache.get("reading:1")  # a read: one error, and Redis is left alone a while
+    before = cache.stats()
+    assert before.l2_errors == 1
+    for _ in range(5):
+        await cache._share_stats()
+        assert await cache.shared_stats() is None
+        clock.advance(5.0)  # past the backoff: each share tries Redis again
+    after = cache.stats()
+    assert (after.l2_errors, after.l2_skipped) == (before.l2_errors, before.l2_skipped)
+
+
+async def test_shared_counters_leave_out_expired_and_unreadable_entries(clock: FakeClock) -> None:
+    server = FakeRedis()
+    cache = two_level(clock, server, roles=("api",))
+    await cache.get("reading:1")
+    index = "almanac:cache:stats:1"
+    server.sets[index] = {b"gone", b"newer", b"\xff"}
+    server.data[f"{index}:newer"] = b"{not json"
+    server.data[f"{index}:\ufffd"] = b'{"process": "x"}'
+    shared = await cache.shared_stats()
+    assert shared is not None
+    assert [(p.roles, p.stats) for p in shared] == [(["api"], cache.stats())]
+    assert server.sets[index] == {b"newer", b"\xff"}  # the expired one went from the set
