@@ -35,7 +35,7 @@ class CacheMonitoring(msgspec.Struct, frozen=True):
     cache: CacheStats
     redis: RedisStatus
     # Every process's, as each shared them in the last seconds (this one's as of now), and
-    # their sum; null without Redis, or while this process leaves it alone after a failure.
+    # their sum; null without Redis, or when reading them failed or took over a second.
     processes: list[ProcessCacheStats] | None = None
     total: CacheTotals | None = None
 

@@ -458,6 +458,7 @@ class TwoLevelCache:
         self._backoff = Backoff(backoff_initial, backoff_max)
         self._unlogged_errors = 0
         self._logged_at: float | None = None
+        self._bookkeeping_logged_at: float | None = None
         # Invalidation sequence: fill() refuses values read before a newer invalidation.
         self._seq = 0
         self._floor = 0
@@ -772,7 +773,9 @@ class TwoLevelCache:
     def _own_stats(self) -> ProcessCacheStats:
         return ProcessCacheStats(self._process, self._roles, self._wall_clock(), self.stats())
 
-    def _shared_key(self, origin: str) -> str:
+    def _shared_key(self, origin: str | bytes) -> str | bytes:
+        if isinstance(origin, bytes):
+            return self._shared.encode() + b":" + origin
         return f"{self._shared}:{origin}"
 
     async def _share_stats(self) -> None:
@@ -794,8 +797,8 @@ class TwoLevelCache:
         members = await self._pipeline(lambda pipe: pipe.smembers(self._shared), counted=False)
         if members is None:
             return None
-        origins = (m.decode(errors="replace") for m in members[0])
-        others = sorted(o for o in origins if o != self._origin)
+        # As Redis holds them, bytes: a member that is no UTF-8 can still be removed.
+        others = sorted(m for m in members[0] if m != self._origin.encode())
         values: list[bytes | None] = []
         if others:
             keys = [self._shared_key(o) for o in others]
@@ -937,6 +940,7 @@ class TwoLevelCache:
             result: list[Any] = await pipe.execute()
         except REDIS_ERRORS as exc:
             if not counted:
+                self._report_bookkeeping(exc)
                 return None
             now = self._clock()
             if not self._failing or now >= self._skip_until:
@@ -944,12 +948,21 @@ class TwoLevelCache:
             self._failing = True
             self._report_error(exc, "command", retry_in=self._skip_until - now)
             return None
-        if self._failing:
+        if self._failing and counted:  # the entries' own calls tell when Redis is back
             self._failing = False
             self._backoff.reset()
             self._logged_at = None
             log.info("cache.redis_recovered")
         return result
+
+    def _report_bookkeeping(self, exc: BaseException) -> None:
+        """A failed call of the shared counters: logged at most once per ``log_interval``."""
+        now = self._clock()
+        if self._bookkeeping_logged_at is None or (
+            now - self._bookkeeping_logged_at >= self._log_interval
+        ):
+            log.warning("cache.shared_stats_unavailable", error=str(exc) or type(exc).__name__)
+            self._bookkeeping_logged_at = now
 
     def _report_error(self, exc: BaseException, operation: str, *, retry_in: float) -> None:
         """Count every error; log the first, then at most one line per ``log_interval``."""

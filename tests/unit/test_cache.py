@@ -51,6 +51,7 @@ from almanac.timeouts import Backoff
 from almanac.views import CachedReading, ReadingView, reading_from_row
 from projections import cache_refresher
 from projections.cache_refresher import CacheRefresher
+from queries.monitoring import get_cache_monitoring
 from queries.readings import get_reading
 from queries.routing import Reads
 from tests.factories import birth
@@ -326,8 +327,10 @@ class FakePipeline:
 
     def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         data = self.server.data
-        if name == "mget":
-            return [data.get(key) for key in args[0]]
+        if name == "mget":  # keys as str or bytes, as Redis takes them
+            return [
+                data.get(k.decode(errors="replace") if isinstance(k, bytes) else k) for k in args[0]
+            ]
         if name == "set":
             if kwargs.get("nx") and args[0] in data:
                 return None
@@ -343,10 +346,11 @@ class FakePipeline:
 
     def _run_set(self, name: str, args: tuple[Any, ...]) -> Any:
         members = self.server.sets.setdefault(args[0], set())
+        given = {m if isinstance(m, bytes) else m.encode() for m in args[1:]}
         if name == "sadd":
-            members.update(m.encode() for m in args[1:])
+            members.update(given)
         elif name == "srem":
-            members.difference_update(m.encode() for m in args[1:])
+            members.difference_update(given)
         return set(members)
 
     def _refresh(self, keys: tuple[str, ...], argv: tuple[Any, ...]) -> list[int]:
@@ -1403,8 +1407,41 @@ async def test_shared_counters_leave_out_expired_and_unreadable_entries(clock: F
     index = "almanac:cache:stats:1"
     server.sets[index] = {b"gone", b"newer", b"\xff"}
     server.data[f"{index}:newer"] = b"{not json"
-    server.data[f"{index}:\ufffd"] = b'{"process": "x"}'
     shared = await cache.shared_stats()
     assert shared is not None
     assert [(p.roles, p.stats) for p in shared] == [(["api"], cache.stats())]
-    assert server.sets[index] == {b"newer", b"\xff"}  # the expired one went from the set
+    assert server.sets[index] == {b"newer"}  # the expired ones went from the set
+
+
+async def test_the_shared_counters_answering_does_not_tell_redis_is_back(
+    clock: FakeClock,
+) -> None:
+    """Only the entries' own calls do: bookkeeping that works may not make reads work."""
+    server = FakeRedis()
+    cache = two_level(clock, server)
+    server.down = True
+    await cache.get("reading:1")
+    server.down = False
+    clock.advance(5.0)  # past the backoff
+    await cache._share_stats()
+    assert cache.degraded
+    await cache.get("reading:1")
+    assert not cache.degraded
+
+
+async def test_cache_monitoring_answers_when_the_shared_counters_cannot_be_read(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = two_level(clock, FakeRedis())
+
+    async def broken() -> None:
+        raise RuntimeError("a reply of an unexpected shape")
+
+    class Answering:
+        async def ping(self) -> None:
+            return None
+
+    monkeypatch.setattr(cache, "shared_stats", broken)
+    report = await get_cache_monitoring(cache, cast("RedisConnection", Answering()))
+    assert (report.redis.status, report.processes, report.total) == ("ok", None, None)
+    assert report.cache == cache.stats()
