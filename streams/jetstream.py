@@ -25,7 +25,6 @@ from almanac.adapters.nats import NatsConnection
 from almanac.domain.events import EventMeta
 from almanac.feed import Delivery, FeedNotReady
 from almanac.settings import RelaySettings, WorkerSettings
-from almanac.timeouts import SETTLED_AFTER
 from streams.relay import (
     AGGREGATE_ID,
     CAUSATION_ID,
@@ -37,6 +36,9 @@ from streams.relay import (
 )
 
 log = structlog.get_logger("almanac.jetstream")
+
+# A stream still missing after this long is no longer a deployment starting: a warning.
+MISSING_WARNING_AFTER = 30.0
 
 # How long a JetStream API call (creating the consumer, a synchronous ack) may take.
 API_TIMEOUT = 5.0
@@ -141,7 +143,7 @@ class JetStreamWorkFeed:
         if self._missing_since is None:
             self._missing_since = now
             log.info("workfeed.waiting_for_stream", stream=self.relay.stream)
-        elif not self._missing_warned and now - self._missing_since > SETTLED_AFTER:
+        elif not self._missing_warned and now - self._missing_since > MISSING_WARNING_AFTER:
             self._missing_warned = True
             log.warning(
                 "workfeed.stream_missing",

@@ -26,7 +26,7 @@ import structlog
 
 from almanac.eventstore import EventStore, RecordedEvent, running_on
 from almanac.feed import Prepare
-from almanac.timeouts import SETTLED_AFTER, Backoff, Pulse, wait_event
+from almanac.timeouts import Backoff, Pulse, wait_event
 
 log = structlog.get_logger("almanac.feed")
 
@@ -315,9 +315,7 @@ class LogFeed:
                 log.warning("feed.listen_lost", error=str(exc))
             # Lost connections are retried inside ``_listen_once``; what comes here again and
             # again at once (a LISTEN refused, say) waits longer each time, up to 5 s.
-            if time.monotonic() - started > SETTLED_AFTER:
-                backoff.reset()
-            await asyncio.sleep(backoff.next())
+            await asyncio.sleep(backoff.after(time.monotonic() - started))
 
     @stamina.retry(on=psycopg.OperationalError, attempts=None, timeout=None, wait_max=5.0)
     async def _listen_once(self, channel: str) -> None:

@@ -39,7 +39,7 @@ from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import EventStore, RecordedEvent
 from almanac.feed import EventFeed
 from almanac.settings import WebSocketSettings
-from almanac.timeouts import SETTLED_AFTER, Backoff, cancel_and_wait, wait_event, within
+from almanac.timeouts import Backoff, cancel_and_wait, wait_event, within
 from streams.envelope import encode_event
 from streams.mailbox import Mailbox
 from streams.relay import AGGREGATE_ID, EVENT_TYPE, OWNER, POSITION
@@ -597,9 +597,8 @@ class Hub:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the source dropped; resume there
                     log.warning("websocket.source_failed", position=self.position, error=repr(exc))
-                    if time.monotonic() - started > SETTLED_AFTER:
-                        backoff.reset()  # it had been following: a new failure, not the same
-                    await wait_event(self._stopping, backoff.next())
+                    # Following for a while before, it is a new failure, not the same one.
+                    await wait_event(self._stopping, backoff.after(time.monotonic() - started))
         finally:
             await cancel_and_wait(beats)
         log.info("websocket.hub_stopped", position=self.position, connections=self.connections)
@@ -652,11 +651,14 @@ class Hub:
                 self.on_key_revoked(key_id)
             except Exception:  # the connections below are closed whatever befell the ring
                 log.exception("websocket.key_forget_failed", key_id=key_id)
-        for listeners in (self._admins, *self._by_owner.values()):
-            for listener in tuple(listeners):
-                if listener.principal.key_id == key_id:
-                    listener.revoked = True
-                    listener.interrupt()
+        for listener in self._every_listener():
+            if listener.principal.key_id == key_id:
+                listener.revoked = True
+                listener.interrupt()
+
+    def _every_listener(self) -> list[Listener]:
+        """Every connection's listener as of now (ending one's session may detach it)."""
+        return [one for group in (self._admins, *self._by_owner.values()) for one in group]
 
     async def _beat(self) -> None:
         # One timer for the process, not one a connection: it looks four times an interval,
@@ -771,9 +773,8 @@ class Hub:
 
     def stop(self) -> None:
         self._stopping.set()
-        for listeners in (self._admins, *self._by_owner.values()):
-            for listener in tuple(listeners):
-                listener.interrupt()
+        for listener in self._every_listener():
+            listener.interrupt()
 
     @property
     def stopping(self) -> bool:

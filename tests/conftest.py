@@ -54,13 +54,14 @@ hypothesis_settings.load_profile("almanac")
 @pytest.fixture
 def restored() -> Iterator[None]:
     """Logging as it was, after a test (or a command it runs) configured it its own way."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, access = logging.getLogger(), logging.getLogger("uvicorn.access")
+    handlers, level, access_level = root.handlers[:], root.level, access.level
     try:
         yield
     finally:
         structlog.reset_defaults()
         root.handlers[:], root.level = handlers, level
+        access.setLevel(access_level)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -150,8 +150,9 @@ class KeyRing:
 
     def revoke(self, key_id: UUID) -> ApiKey | None:
         """Revoke a key (blocking; for the command line): the key, revoked (now or before),
-        or None if there is no such key. A process that took the key within the last
-        ``cache_ttl`` seconds may still take it until then."""
+        or None if there is no such key. Other processes ``forget`` it as the revocation
+        reaches their WebSocket hub; one it does not reach may take the key for up to
+        ``cache_ttl`` seconds more."""
         key = self._store.load_sync(ApiKey, key_id)
         if key is None or key.revoked:
             return key
@@ -164,7 +165,7 @@ class KeyRing:
             if again is None or not again.revoked:
                 raise
             return again
-        self._cache.clear()
+        self.forget(str(key_id))
         return key
 
     def issue_first_admin(self) -> IssuedKey | None:

@@ -458,7 +458,6 @@ class TwoLevelCache:
         self._backoff = Backoff(backoff_initial, backoff_max)
         self._unlogged_errors = 0
         self._logged_at: float | None = None
-        self._bookkeeping_logged_at: float | None = None
         # Invalidation sequence: fill() refuses values read before a newer invalidation.
         self._seq = 0
         self._floor = 0
@@ -723,7 +722,7 @@ class TwoLevelCache:
         self._tasks.clear()
         await self._flush_reads()
         if self._redis is not None:
-            own = self._shared_key(self._origin)
+            own = self._shared_key(self._origin.encode())
             await self._pipeline(
                 lambda pipe: (pipe.delete(own), pipe.srem(self._shared, self._origin)),
                 counted=False,
@@ -773,10 +772,9 @@ class TwoLevelCache:
     def _own_stats(self) -> ProcessCacheStats:
         return ProcessCacheStats(self._process, self._roles, self._wall_clock(), self.stats())
 
-    def _shared_key(self, origin: str | bytes) -> str | bytes:
-        if isinstance(origin, bytes):
-            return self._shared.encode() + b":" + origin
-        return f"{self._shared}:{origin}"
+    def _shared_key(self, origin: bytes) -> bytes:
+        # Bytes, as Redis holds the set's members: one that is no UTF-8 still names its key.
+        return self._shared.encode() + b":" + origin
 
     async def _share_stats(self) -> None:
         entry = msgspec.json.encode(self._own_stats())
@@ -784,7 +782,7 @@ class TwoLevelCache:
         ttl_ms = int(max(10.0, 5 * self._flush_interval) * 1000)
         await self._pipeline(
             lambda pipe: (
-                pipe.set(self._shared_key(self._origin), entry, px=ttl_ms),
+                pipe.set(self._shared_key(self._origin.encode()), entry, px=ttl_ms),
                 pipe.sadd(self._shared, self._origin),
                 pipe.pexpire(self._shared, _SHARED_INDEX_TTL_MS),
             ),
@@ -797,7 +795,6 @@ class TwoLevelCache:
         members = await self._pipeline(lambda pipe: pipe.smembers(self._shared), counted=False)
         if members is None:
             return None
-        # As Redis holds them, bytes: a member that is no UTF-8 can still be removed.
         others = sorted(m for m in members[0] if m != self._origin.encode())
         values: list[bytes | None] = []
         if others:
@@ -940,7 +937,10 @@ class TwoLevelCache:
             result: list[Any] = await pipe.execute()
         except REDIS_ERRORS as exc:
             if not counted:
-                self._report_bookkeeping(exc)
+                # Tried again at the next flush; the backoff is the entries' calls' to move.
+                self._report_error(
+                    exc, "shared counters", retry_in=self._flush_interval, counted=False
+                )
                 return None
             now = self._clock()
             if not self._failing or now >= self._skip_until:
@@ -955,18 +955,12 @@ class TwoLevelCache:
             log.info("cache.redis_recovered")
         return result
 
-    def _report_bookkeeping(self, exc: BaseException) -> None:
-        """A failed call of the shared counters: logged at most once per ``log_interval``."""
-        now = self._clock()
-        if self._bookkeeping_logged_at is None or (
-            now - self._bookkeeping_logged_at >= self._log_interval
-        ):
-            log.warning("cache.shared_stats_unavailable", error=str(exc) or type(exc).__name__)
-            self._bookkeeping_logged_at = now
-
-    def _report_error(self, exc: BaseException, operation: str, *, retry_in: float) -> None:
-        """Count every error; log the first, then at most one line per ``log_interval``."""
-        self._l2_errors += 1
+    def _report_error(
+        self, exc: BaseException, operation: str, *, retry_in: float, counted: bool = True
+    ) -> None:
+        """Count every error (in ``l2_errors`` unless not ``counted``: the bookkeeping's); log
+        the first, then at most one line per ``log_interval``."""
+        self._l2_errors += counted
         self._unlogged_errors += 1
         now = self._clock()
         if self._logged_at is None or now - self._logged_at >= self._log_interval:

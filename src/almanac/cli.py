@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
@@ -14,6 +15,9 @@ from rich.panel import Panel
 
 from almanac.container import ROLES, SERVICES_ROLES
 from almanac.settings import Profile, Settings, SettingsError
+
+if TYPE_CHECKING:
+    from almanac.auth import KeyRing
 
 console = Console()
 
@@ -157,6 +161,22 @@ def keys() -> None:
     """Manage API keys."""
 
 
+@contextlib.contextmanager
+def _key_ring() -> Iterator[KeyRing]:
+    """The installation's key ring, for a key command; its log lines go to stderr, so that
+    what the command prints on stdout can be captured (``KEY=$(almanac keys create ...)``)."""
+    from almanac.bootstrap import bootstrap
+    from almanac.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log, stream=sys.stderr)
+    container = bootstrap(settings, roles=())
+    try:
+        yield container.keyring
+    finally:
+        container.store.close()
+
+
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for, e.g. 'mobile app'.")
 @click.option("--role", type=click.Choice(["admin", "client"]), default="client", show_default=True)
@@ -167,20 +187,12 @@ def keys_create(name: str, role: str, owner: str | None) -> None:
     """Create an API key and print it once; only its hash is stored."""
     from uuid import uuid4
 
-    from almanac.bootstrap import bootstrap
-    from almanac.logs import configure_logging
-
-    settings = load_settings()
-    configure_logging(settings.log, stream=sys.stderr)  # stdout is the key alone
-    container = bootstrap(settings, roles=())
-    try:
-        issued = container.keyring.issue(
+    with _key_ring() as ring:
+        issued = ring.issue(
             name=name,
             role="admin" if role == "admin" else "client",
             owner=owner or f"own_{uuid4().hex[:16]}",
         )
-    finally:
-        container.store.close()
     console.print(f"[bold]{issued.secret}[/]", highlight=False)
     Console(stderr=True).print(
         f"key {issued.principal.key_id} for owner {issued.principal.owner} (role {role}); "
@@ -194,14 +206,13 @@ def keys_create(name: str, role: str, owner: str | None) -> None:
 def keys_revoke(key: str) -> None:
     """Revoke KEY, given as the key itself (alm_...) or as its id.
 
-    Running servers refuse it once their check of it has expired: within
-    ALMANAC_KEY_CACHE_TTL seconds (30 by default).
+    Running API processes refuse it, and close the WebSockets it opened, as they hear of
+    the revocation; one that does not (NATS away, no relay running) once its check of the
+    key expires, within ALMANAC_KEY_CACHE_TTL seconds (30 by default).
     """
     from uuid import UUID
 
-    from almanac.bootstrap import bootstrap
     from almanac.domain.access import KEY_PREFIX, key_id_for
-    from almanac.logs import configure_logging
 
     if key.startswith(KEY_PREFIX):
         key_id = key_id_for(key)
@@ -213,13 +224,8 @@ def keys_revoke(key: str) -> None:
                 f"expected an API key ({KEY_PREFIX}...) or a key id (a UUID), got {key!r}",
                 param_hint="KEY",
             ) from None
-    settings = load_settings()
-    configure_logging(settings.log, stream=sys.stderr)
-    container = bootstrap(settings, roles=())
-    try:
-        revoked = container.keyring.revoke(key_id)
-    finally:
-        container.store.close()
+    with _key_ring() as ring:
+        revoked = ring.revoke(key_id)
     if revoked is None:
         raise click.ClickException(f"there is no API key {key_id}")
     console.print(

@@ -31,7 +31,7 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-# A loop that ran this long before failing had recovered: its backoff starts again.
+# A try that ran this long before failing had recovered: the backoff starts again.
 SETTLED_AFTER = 30.0
 
 
@@ -53,6 +53,13 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial
+
+    def after(self, ran: float) -> float:
+        """The pause after a try that ran ``ran`` seconds before failing: from ``initial``
+        again if it ran long enough to have recovered (``SETTLED_AFTER``)."""
+        if ran > SETTLED_AFTER:
+            self.reset()
+        return self.next()
 
 
 class Pulse:

@@ -419,6 +419,7 @@ async def test_a_deliverer_with_every_slot_waiting_on_an_endpoint_stops_without_
             # The app runs on a loop of its own (the test client's).
             running.get_loop().call_soon_threadsafe(deliverer.stop)
             await eventually(lambda: _async(running.done()), within=30, what="the stop")
+            assert running.exception() is None  # stopped, not crashed
         finally:
             answering.set()
 

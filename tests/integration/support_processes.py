@@ -18,9 +18,17 @@ SERVE = [sys.executable, "-m", "almanac", "serve"]
 REAP_TIMEOUT = 10.0
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without its ``ALMANAC_`` settings (so that a child process is
+    configured by ``extra`` alone), and with ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALMANAC_")}
+    env.update(extra)
+    return env
+
+
 def role_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a process that uses the same data as ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALMANAC_")}
+    env = clean_env()
     if settings.store.postgres_url is None:
         env["ALMANAC_DATA_DIR"] = str(settings.store.data_dir)
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from almanac.domain.access import ApiKey, key_id_for
 from almanac.errors import Unauthorized
 from almanac.eventstore import EventStore
 from tests.conftest import embedded_settings
+from tests.integration.support_processes import clean_env
 
 
 @pytest.fixture
@@ -26,11 +26,9 @@ def data_dir(tmp_path: Path) -> Path:
 def almanac(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``almanac *args`` on the embedded profile in ``data_dir``, in a process of its own (it
     sets logging up for itself, as a command does)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALMANAC_")}
-    env.update(ALMANAC_DATA_DIR=str(data_dir), COLUMNS="200")
     return subprocess.run(
         [sys.executable, "-m", "almanac", *args],
-        env=env,
+        env=clean_env(ALMANAC_DATA_DIR=str(data_dir), COLUMNS="200"),
         capture_output=True,
         text=True,
         timeout=60,

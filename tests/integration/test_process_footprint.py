@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.integration.support_processes import clean_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,7 +17,8 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "ALMANAC_DATA_DIR": str(tmp_path)},
+        # This checkout's code, whatever the environment's install points at.
+        env=clean_env(ALMANAC_DATA_DIR=str(tmp_path), PYTHONPATH=f"{ROOT / 'src'}:{ROOT}"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -26,7 +29,7 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 def test_an_api_process_does_not_load_aiohttp_until_it_delivers_webhooks(
     tmp_path: Path,
 ) -> None:
-    """aiohttp (~14 MB of RSS) is loaded by the deliverer when it runs, not by bootstrap,
+    """aiohttp (~9 MB of RSS) is loaded by the deliverer when it runs, not by bootstrap,
     the app or nats-py; nats-py gets it only for a server reached over WebSocket."""
     done = run_python(
         """

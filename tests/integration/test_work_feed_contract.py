@@ -370,7 +370,7 @@ async def test_a_feed_on_a_stream_no_relay_has_created_is_not_ready(
 ) -> None:
     """Its consumers wait for it without warning (see the worker's tests): the feed says so
     once, and warns once when the wait has lasted."""
-    monkeypatch.setattr(streams.jetstream, "SETTLED_AFTER", 0.0)
+    monkeypatch.setattr(streams.jetstream, "MISSING_WARNING_AFTER", 0.0)
     settings: Settings = services_settings(postgres_url)
     assert settings.feed.nats_url is not None
     relay = msgspec.structs.replace(settings.relay, stream=f"NEVER_{uuid.uuid4().hex[:8]}")

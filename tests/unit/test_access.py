@@ -275,9 +275,9 @@ def revoke_elsewhere(store: InMemoryStore, secret: str) -> None:
     assert keyring(store).revoke(key_id_for(secret)) is not None
 
 
-async def test_a_revoked_key_is_refused_once_forgotten_and_not_before(
-    store: InMemoryStore,
-) -> None:
+async def test_a_revoked_key_is_refused_once_forgotten_and_not_before() -> None:
+    store = GatedStore()
+    store.gate.set()
     ring = keyring(store, ttl=30)
     revoked, kept = (ring.issue(name=n, role="client", owner="o") for n in ("a", "b"))
     for new in (revoked, kept):
@@ -287,7 +287,9 @@ async def test_a_revoked_key_is_refused_once_forgotten_and_not_before(
     ring.forget(revoked.principal.key_id)
     with pytest.raises(Unauthorized):
         await ring.authenticate(revoked.secret)
+    loads = store.loads
     assert await ring.authenticate(kept.secret) == kept.principal
+    assert store.loads == loads  # another key's check is still remembered
 
 
 async def checking(ring: KeyRing, store: GatedStore, secret: str) -> asyncio.Future[Any]:

@@ -31,6 +31,7 @@ from almanac.adapters.replicas import ReadRouter
 from almanac.auth import Principal
 from almanac.cache import (
     CacheStats,
+    CacheTotals,
     L1Cache,
     TwoLevelCache,
     chart_key,
@@ -47,7 +48,7 @@ from almanac.errors import Unavailable
 from almanac.eventstore import MsgspecMapper, RecordedEvent
 from almanac.readmodels import PositionWatch, ReadDatabase
 from almanac.settings import CacheSettings
-from almanac.timeouts import Backoff
+from almanac.timeouts import SETTLED_AFTER, Backoff
 from almanac.views import CachedReading, ReadingView, reading_from_row
 from projections import cache_refresher
 from projections.cache_refresher import CacheRefresher
@@ -282,6 +283,10 @@ def test_backoff_doubles_up_to_its_maximum_and_starts_again_after_reset() -> Non
     assert [backoff.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     backoff.reset()
     assert backoff.next() == 1.0
+    # After a try that failed at once it goes on growing; after one that had run a while
+    # (had recovered), it starts again.
+    assert [backoff.after(0.1), backoff.after(0.1)] == [2.0, 4.0]
+    assert backoff.after(SETTLED_AFTER + 1) == 1.0
 
 
 @dataclass
@@ -298,6 +303,10 @@ class FakeRedis:
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self)
+
+
+def _text(key: str | bytes) -> str:
+    return key.decode(errors="surrogateescape") if isinstance(key, bytes) else key
 
 
 class FakePipeline:
@@ -323,14 +332,19 @@ class FakePipeline:
             return self._refresh(args[2 : 2 + args[1]], args[2 + args[1] :])
         if name in ("sadd", "srem", "smembers"):
             return self._run_set(name, args)
+        # Keys as str or bytes, one key as Redis takes them.
+        if name == "mget":
+            args = ([_text(k) for k in args[0]], *args[1:])
+        elif name in ("set", "pexpire"):
+            args = (_text(args[0]), *args[1:])
+        elif name == "delete":
+            args = tuple(_text(k) for k in args)
         return self._run(name, args, kwargs)
 
     def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         data = self.server.data
-        if name == "mget":  # keys as str or bytes, as Redis takes them
-            return [
-                data.get(k.decode(errors="replace") if isinstance(k, bytes) else k) for k in args[0]
-            ]
+        if name == "mget":
+            return [data.get(key) for key in args[0]]
         if name == "set":
             if kwargs.get("nx") and args[0] in data:
                 return None
@@ -1445,3 +1459,14 @@ async def test_cache_monitoring_answers_when_the_shared_counters_cannot_be_read(
     report = await get_cache_monitoring(cache, cast("RedisConnection", Answering()))
     assert (report.redis.status, report.processes, report.total) == ("ok", None, None)
     assert report.cache == cache.stats()
+
+
+async def test_each_process_s_shared_counters_are_read_back_by_another(clock: FakeClock) -> None:
+    server = FakeRedis()
+    one, other = two_level(clock, server, roles=("api",)), two_level(clock, server)
+    await one.get("reading:1")
+    await one._share_stats()
+    shared = await other.shared_stats()
+    assert shared is not None
+    assert sorted(p.roles for p in shared) == [[], ["api"]]
+    assert CacheTotals.of(shared).l1_misses == 1

@@ -291,3 +291,5 @@ async def test_a_position_not_reached_in_time_is_told_apart_from_one_never_given
         await reads.route(("readings",), 20)
     if isinstance(caught.value, ValidationFailed):
         assert [e.field for e in caught.value.errors] == ["min_position"]
+    else:
+        assert (caught.value.wanted, caught.value.current) == (20, 5)  # type: ignore[attr-defined]

@@ -345,6 +345,7 @@ class RecordingSocket:
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.closed: tuple[int, str | None] | None = None
         self._changed = asyncio.Event()
         self._never = asyncio.Event()
 
@@ -357,7 +358,7 @@ class RecordingSocket:
         raise AssertionError("unreachable")
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        del code, reason
+        self.closed = (code, reason)
 
     async def frames(self, count: int) -> list[str]:
         """The types of the first ``count`` frames, once that many were sent (5 s at most)."""
@@ -367,17 +368,6 @@ class RecordingSocket:
                 await self._changed.wait()
         # The events of ``live`` are bare ``{"position": n}`` frames.
         return [f.get("type", "event") for f in self.sent[:count]]
-
-
-class ClosableSocket(RecordingSocket):
-    """A recording client that notes how it was closed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed: tuple[int, str | None] | None = None
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        self.closed = (code, reason)
 
 
 async def test_a_revoked_key_closes_the_connections_it_opened_and_no_other() -> None:
@@ -392,7 +382,7 @@ async def test_a_revoked_key_closes_the_connections_it_opened_and_no_other() -> 
         assert key is not None
         return keys[key]
 
-    sockets = {name: ClosableSocket() for name in keys}
+    sockets = {name: RecordingSocket() for name in keys}
     tasks = {
         name: asyncio.create_task(
             Session(sockets[name], h, h.settings, by_name, {Topic("all")}, key=name).run()
@@ -424,7 +414,7 @@ async def test_a_connection_let_in_as_its_key_is_revoked_is_closed_once_attached
     async def late(key: str | None) -> Principal:
         return alice
 
-    socket = ClosableSocket()
+    socket = RecordingSocket()
     await asyncio.wait_for(Session(socket, h, h.settings, late, {Topic("all")}, key="k").run(), 5)
     assert socket.closed == (CLOSE_UNAUTHORIZED, "the API key was revoked")
     assert h.connections == 0
