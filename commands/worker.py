@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import stamina
 import structlog
 
 from almanac.container import Stoppable
@@ -30,6 +29,7 @@ from almanac.domain.reading import DeadLetter, Reading
 from almanac.errors import AlmanacError, Unavailable
 from almanac.eventstore import ConcurrencyConflict, EventStore
 from almanac.feed import Delivery, EventRef, FeedNotReady, WorkFeed
+from almanac.retries import retried
 from almanac.settings import WorkerSettings
 from almanac.timeouts import Backoff, unless
 
@@ -322,9 +322,10 @@ class ReadingWorker(Stoppable):
         return chart
 
     async def _generate(self, reading: Reading, chart: Chart) -> ReadingText:
-        async for attempt in stamina.retry_context(
-            on=_retryable, attempts=self.settings.attempts, wait_initial=0.2, wait_max=5.0
-        ):
-            with attempt:
-                return await self.generator.generate(chart, reading.kind, reading.label)
-        raise AssertionError("unreachable: stamina re-raises the last failure")
+        return await retried(
+            lambda: self.generator.generate(chart, reading.kind, reading.label),
+            on=_retryable,
+            attempts=self.settings.attempts,
+            wait_initial=0.2,
+            wait_max=5.0,
+        )

@@ -22,7 +22,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol, cast
 
-import stamina
 import structlog
 
 from almanac.adapters.leadership import Lease, take_turns
@@ -39,6 +38,7 @@ from almanac.readmodels import (
     Write,
     projection_position,
 )
+from almanac.retries import retried
 from almanac.settings import ProjectionSettings
 from projections.status import (
     PARK,
@@ -334,15 +334,14 @@ class ProjectionRunner(Stoppable):
                 raise Parked from exc
 
     async def _attempts(self, events: list[RecordedEvent]) -> None:
-        async for attempt in stamina.retry_context(
+        await retried(
+            lambda: self._commit(events),
             on=Exception,
             attempts=self.settings.attempts,
             wait_initial=0.05,
             wait_max=2.0,
             timeout=None,
-        ):
-            with attempt:
-                await self._commit(events)
+        )
 
     def _writes(self, events: list[RecordedEvent]) -> list[Write]:
         """The projection's writes for a batch, folded and merged. Pure: the follower runs

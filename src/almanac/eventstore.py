@@ -57,6 +57,7 @@ from psycopg.sql import SQL, Identifier
 from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck
 from almanac.domain.events import EventMeta
 from almanac.errors import Conflict, FieldError, Unavailable, ValidationFailed
+from almanac.retries import retried, retried_sync
 from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.eventstore")
@@ -64,6 +65,13 @@ log = structlog.get_logger("almanac.eventstore")
 A = TypeVar("A", bound=Aggregate)
 T = TypeVar("T")
 _ENVELOPE_FIELDS = ("originator_id", "originator_version")
+# How both writers retry a batch that surely did not land (their ``retryable`` decides).
+APPEND_RETRIES: dict[str, Any] = {
+    "attempts": 10,
+    "wait_initial": 0.1,
+    "wait_max": 1.0,
+    "timeout": 30.0,
+}
 
 
 class ConcurrencyConflict(Conflict):
@@ -250,15 +258,15 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
             cause = exc.__cause__
             return not sent or (isinstance(cause, psycopg.Error) and cause.sqlstate is not None)
 
-        for attempt in stamina.retry_context(
-            on=retryable, attempts=10, wait_initial=0.1, wait_max=1.0, timeout=30.0
-        ):
+        def insert() -> list[int]:
+            nonlocal sent
             sent = False
-            with attempt, self.datastore.get_connection() as conn, conn.cursor() as curs:
+            with self.datastore.get_connection() as conn, conn.cursor() as curs:
                 sent = True
                 curs.execute(self.append_statement, columns)
-                ids = [row["notification_id"] for row in curs.fetchall()]
-        return ids
+                return [row["notification_id"] for row in curs.fetchall()]
+
+        return retried_sync(insert, on=retryable, **APPEND_RETRIES)
 
 
 class AlmanacApplication(Application[UUID]):
@@ -975,20 +983,20 @@ class LoopWriter(_BatchOutcomes):
                 return False
             return not sent or exc.sqlstate is not None
 
+        async def insert() -> list[tuple[Any, ...]]:
+            nonlocal sent
+            sent = False
+            cursor = await self.connection.cursor()
+            sent = True
+            try:
+                await cursor.execute(self._sql, columns)
+                return await cursor.fetchall()
+            except psycopg.Error:
+                self.connection.failed()
+                raise
+
         try:
-            async for attempt in stamina.retry_context(
-                on=retryable, attempts=10, wait_initial=0.1, wait_max=1.0, timeout=30.0
-            ):
-                with attempt:
-                    sent = False
-                    cursor = await self.connection.cursor()
-                    sent = True
-                    try:
-                        await cursor.execute(self._sql, columns)
-                        rows = await cursor.fetchall()
-                    except psycopg.Error:
-                        self.connection.failed()
-                        raise
+            rows = await retried(insert, on=retryable, **APPEND_RETRIES)
         except psycopg.Error as exc:
             return _write_error(exc)
         except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
