@@ -57,7 +57,7 @@ from psycopg.sql import SQL, Identifier
 from almanac.adapters.postgres import BlockingIdleCheck, IdleCheck
 from almanac.domain.events import EventMeta
 from almanac.errors import Conflict, FieldError, Unavailable, ValidationFailed
-from almanac.retries import retried, retried_sync
+from almanac.retries import RetryPolicy, retried, retried_sync
 from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.eventstore")
@@ -66,7 +66,7 @@ A = TypeVar("A", bound=Aggregate)
 T = TypeVar("T")
 _ENVELOPE_FIELDS = ("originator_id", "originator_version")
 # How both writers retry a batch that surely did not land (their ``retryable`` decides).
-APPEND_RETRIES: dict[str, Any] = {
+APPEND_RETRIES: RetryPolicy = {
     "attempts": 10,
     "wait_initial": 0.1,
     "wait_max": 1.0,
