@@ -254,16 +254,10 @@ class Listener:
     skipped: bool = False
     held: list[LiveEvent] = field(default_factory=list)
 
-    def may_see(self, event: LiveEvent) -> bool:
-        return visible(self.principal, event.type, event.owner)
-
-    def wants(self, event: LiveEvent, verdicts: dict[Topic, bool] | None = None) -> bool:
-        """Whether a topic matches and the key may see it; ``verdicts`` remembers each topic's
-        match for this event across listeners (a broadcast asks the same of thousands)."""
-        return self.follows(event, verdicts) and self.may_see(event)
-
     def follows(self, event: LiveEvent, verdicts: dict[Topic, bool] | None = None) -> bool:
-        """Whether one of its topics matches ``event``, whoever may see it."""
+        """Whether one of its topics matches ``event``, whoever may see it; ``verdicts``
+        remembers each topic's match for this event across listeners (a broadcast asks the
+        same of thousands)."""
         if verdicts is None:
             verdicts = {}
         for topic in self.topics:
