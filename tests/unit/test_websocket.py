@@ -499,6 +499,28 @@ async def test_an_idle_connection_is_written_at_once_a_busy_one_in_order_through
             await task
 
 
+def test_a_frame_written_directly_keeps_its_connection_from_a_heartbeat() -> None:
+    h = hub(heartbeat=10)
+    written: list[bytes] = []
+
+    def direct(wire: bytes) -> bool:
+        written.append(wire)
+        return True
+
+    listener = Listener(principal("alice"), 10, topics={Topic("all")}, sending=False)
+    listener.direct, listener.last_sent = direct, time.monotonic() - 60  # quiet for a minute
+    h.attach(listener)
+
+    def kinds() -> list[str]:
+        return ["heartbeat" if b'"type":"heartbeat"' in w else "event" for w in written]
+
+    h.publish(live(1))
+    h.beat(time.monotonic() + 5)  # half an interval after the frame: not quiet
+    assert kinds() == ["event"]
+    h.beat(time.monotonic() + 11)
+    assert kinds() == ["event", "heartbeat"]
+
+
 def test_frames_wait_in_the_queue_without_a_direct_path_or_until_the_session_begins() -> None:
     h = hub()
     plain = Listener(principal("alice"), 10, topics={Topic("all")}, sending=False)
