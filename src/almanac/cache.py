@@ -230,19 +230,14 @@ class CacheTotals(msgspec.Struct, frozen=True):
 
     @classmethod
     def of(cls, shared: Sequence[ProcessCacheStats]) -> CacheTotals:
+        """Each counter but ``processes`` is the sum of ``CacheStats``' field of its name."""
         every = [p.stats for p in shared]
-        return cls(
-            processes=len(every),
-            l1_hits=sum(s.l1_hits for s in every),
-            l1_misses=sum(s.l1_misses for s in every),
-            l2_hits=sum(s.l2_hits for s in every),
-            l2_misses=sum(s.l2_misses for s in every),
-            l2_errors=sum(s.l2_errors for s in every),
-            l2_skipped=sum(s.l2_skipped for s in every),
-            invalidations_sent=sum(s.invalidations_sent for s in every),
-            invalidations_received=sum(s.invalidations_received for s in every),
-            degraded=sum(s.degraded for s in every),
-        )
+        sums = {
+            name: sum(getattr(s, name) for s in every)
+            for name in cls.__struct_fields__
+            if name != "processes"
+        }
+        return cls(processes=len(every), **sums)
 
 
 class ReadCache(Protocol):
