@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 # The collector's thresholds for a serving process (CPython's defaults: 700, 10, 10).
-GC_THRESHOLDS = (700, 10, 100)
+GC_THRESHOLDS = (10_000, 10, 100)
 
 
 def settle_heap() -> None:
@@ -32,6 +32,12 @@ def settle_heap() -> None:
     collections of the middle generation instead of 10 (and, as always, for the objects
     awaiting one to be a quarter of those that survived the last); the young generations
     are collected as before, and reference counting frees what holds no cycle at once.
+
+    The young generation is collected after 10,000 allocations instead of 700. A command
+    waits for its group commit with everything of its request alive, so 64 requests in
+    flight kept the young generation full of live objects that each collection walked and
+    promoted: ~6 % of a POST's instructions (callgrind, 617k against 582k a POST), for
+    nothing freed. A collection of 10,000 young objects takes well under a millisecond.
     """
     gc.collect()
     gc.freeze()
