@@ -24,6 +24,7 @@ from almanac.auth import PRINCIPAL, Principal, bearer_token, principal_of, raw_h
 from almanac.bootstrap import bootstrap
 from almanac.container import CONTAINER, ROLES, Container
 from almanac.ids import new_request_id
+from almanac.logs import REQUEST_ID
 from almanac.settings import Settings
 
 log = structlog.get_logger("almanac.http")
@@ -193,11 +194,11 @@ class RequestIdMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        structlog.contextvars.bind_contextvars(request_id=request_id_of(scope))
+        token = REQUEST_ID.set(request_id_of(scope))
         try:
             await self.app(scope, receive, send)
         finally:
-            structlog.contextvars.unbind_contextvars("request_id")
+            REQUEST_ID.reset(token)
 
 
 class AuthMiddleware:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
-from typing import TextIO
+from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
+from typing import Any, TextIO
 
 import structlog
 
@@ -15,6 +16,21 @@ from almanac.settings import LogSettings
 # A browser's WebSocket carries its API key in the URL (``?key=``), and uvicorn logs every
 # handshake with the path and its query: the key must not reach the log.
 _KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s\"']+")
+
+
+# The id of the HTTP request being served, for every log line written while it is. One
+# variable set and reset by the request-id middleware: structlog's bind and unbind cost a
+# request ~4 µs (a context variable per key, looked up by name, and a copy of the context).
+REQUEST_ID: ContextVar[str | None] = ContextVar("almanac_request_id", default=None)
+
+
+def add_request_id(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+    return event_dict
 
 
 def redact_keys(text: str) -> str:
@@ -57,6 +73,7 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     level = getattr(logging, settings.level)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_request_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.add_logger_name,

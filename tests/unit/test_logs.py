@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import pytest
 import structlog
+from litestar.types import Receive, Scope, Send
 
+from almanac.app import RequestIdMiddleware
 from almanac.logs import configure_logging
 from almanac.settings import LogSettings
 
@@ -108,3 +111,28 @@ def test_a_bad_logging_call_is_reported_by_logging_with_its_key_blanked(
     assert out.err.count("Logging error") == 3
     assert "key=[redacted]" in out.err
     assert secret not in out.out + out.err
+
+
+def test_every_line_written_while_a_request_is_served_names_its_request_id(
+    restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Almanac's lines and libraries' alike; none after the request, and a line that names
+    its own ``request_id`` keeps it."""
+    configure_logging(LogSettings(level="INFO", format="json"))
+    log = structlog.get_logger("almanac.test")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        log.info("test.inside")
+        logging.getLogger("lib").warning("library line")
+        log.info("test.own", request_id="other")
+
+    scope = {"type": "http", "headers": [(b"x-request-id", b"trace-9")], "state": {}}
+    asyncio.run(RequestIdMiddleware(app)(scope, None, None))  # type: ignore[arg-type]
+    log.info("test.after")
+    said = {str(line["event"]): line.get("request_id") for line in lines(capsys.readouterr().out)}
+    assert said == {
+        "test.inside": "trace-9",
+        "library line": "trace-9",
+        "test.own": "other",
+        "test.after": None,
+    }
