@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 from uuid import uuid4
 
@@ -90,6 +91,30 @@ def test_a_requested_reading_equals_the_one_its_stored_event_rebuilds(
     assert state(requested) == state(rebuilt)
     assert event.originator_topic == get_topic(Reading)
     assert (requested.created_on, requested.modified_on) == (event.timestamp, event.timestamp)
+
+
+@pytest.mark.parametrize("batch", [None, BatchLink(uuid4(), index=1, attempt=1)])
+def test_a_requested_event_equals_the_one_its_dataclass_builds(batch: BatchLink | None) -> None:
+    """``Reading.request`` sets the event's fields without the dataclass's ``__init__``:
+    every field, with the values the dataclass would hold, in the same order."""
+    requested = Reading.request(
+        reading_id=uuid4(),
+        meta=meta("owner-d"),
+        birth=birth(),
+        options=CHART_OPTIONS,
+        kind="career",
+        label=None,
+        request_hash="d" * 64,
+        batch=batch,
+    )
+    (event,) = requested.pending_events
+    names = [f.name for f in dataclasses.fields(Reading.Requested)]
+    assert list(vars(event)) == names
+    built = Reading.Requested(**{name: getattr(event, name) for name in names})
+    assert event == built
+    assert MsgspecMapper().to_stored_event(event) == MsgspecMapper().to_stored_event(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.label = "changed"  # type: ignore[misc]
 
 
 def test_a_chart_moves_a_requested_reading_on() -> None:
