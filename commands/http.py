@@ -7,12 +7,13 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from litestar import MediaType, Request, Response, delete, patch, post
+from litestar import Request, Response, delete, patch, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response.base import ASGIResponse
+from litestar.types import Receive, Scope, Send
 
 from almanac.auth import Principal, principal_of
 from almanac.container import Container, serving
@@ -47,6 +48,32 @@ from queries.routing import reads_of
 from queries.webhooks import get_delivery
 
 
+class AcceptedResponse(ASGIResponse):
+    """A 202 with a JSON body and headers encoded by the handler, sent as they are.
+
+    ``ASGIResponse`` parses its headers into a mutable header list, looks each default
+    (content type, length) up in it and encodes them again: ~5 µs of the busiest command's
+    CPU. A subclass, so that Litestar sends it as a response of its own (by the handler's
+    return annotation), and with none of the features the command does not use (cookies,
+    background tasks, HEAD).
+    """
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        # Not the parent's: its attributes are not used by ``__call__`` here.
+        self.body = body
+        self.status_code = 202
+        self._headers = headers
+
+    def encode_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 202, "headers": self._headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
 @post(
     "/readings",
     status_code=202,
@@ -76,7 +103,7 @@ async def post_reading(
             description="Makes a retry safe: the same key and body return the first response.",
         ),
     ] = None,
-) -> ASGIResponse:
+) -> AcceptedResponse:
     # The busiest command: the container and principal come from the scope rather than as
     # dependencies, and the body is encoded here rather than by a Response, which together
     # saved ~12 µs of the ~125 µs of CPU it costs in-process (benchmarks/README.md, cpu).
@@ -89,18 +116,16 @@ async def post_reading(
         meta=meta,
         idempotency_key=idempotency_key,
     )
-    headers = {
-        "Location": f"/api/v1/readings/{accepted.id}",
-        "Almanac-Position": str(accepted.position),
-    }
+    body = msgspec.json.encode(accepted)
+    headers = [
+        (b"location", f"/api/v1/readings/{accepted.id}".encode()),
+        (b"almanac-position", str(accepted.position).encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
     if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return ASGIResponse(
-        body=msgspec.json.encode(accepted),
-        status_code=202,
-        media_type=MediaType.JSON,
-        headers=headers,
-    )
+        headers.append((b"idempotent-replayed", b"true"))
+    return AcceptedResponse(body, headers)
 
 
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")

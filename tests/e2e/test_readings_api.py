@@ -23,6 +23,10 @@ async def test_generates_a_reading_end_to_end(api: Api) -> None:
     assert accepted["status"] == "requested"
     assert response.headers["location"] == f"/api/v1/readings/{accepted['id']}"
     assert int(response.headers["almanac-position"]) == accepted["position"]
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.headers["x-request-id"]
+    assert "idempotent-replayed" not in response.headers
 
     reading = await api.wait_for_status(api.alice, response, {"generated"})
     assert reading["id"] == accepted["id"]
