@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 import msgspec
 import pytest
@@ -800,6 +801,35 @@ def test_rejects_local_time_skipped_by_a_clock_change(day: str, clock: str, zone
     assert list(errors) == ["time"]
     assert "did not happen" in errors["time"]
     assert zone in errors["time"]
+
+
+@pytest.mark.parametrize(
+    ("day", "zone"),
+    [
+        ("2021-03-28", "Europe/London"),
+        ("2021-10-31", "Europe/London"),
+        ("2021-10-03", "Australia/Lord_Howe"),
+        ("2021-04-04", "Australia/Lord_Howe"),
+        ("2011-12-29", "Pacific/Apia"),
+        ("2011-12-31", "Pacific/Apia"),
+    ],
+)
+def test_a_wall_time_is_refused_exactly_when_its_zone_skipped_it(day: str, zone: str) -> None:
+    """Every minute of a change day, against the definition: a skipped wall time has a
+    smaller offset at fold=0 (before the change) than at fold=1 (after it)."""
+    tz = zoneinfo.ZoneInfo(zone)
+    for minute in range(24 * 60):
+        clock = f"{minute // 60:02d}:{minute % 60:02d}"
+        local = datetime.combine(date.fromisoformat(day), time.fromisoformat(clock), tz)
+        before, after = local.utcoffset(), local.replace(fold=1).utcoffset()
+        assert before is not None and after is not None
+        try:
+            utc = resolve_birth(london(date=day, time=clock, timezone=zone))
+        except ValidationFailed:
+            assert before < after, clock
+        else:
+            assert before >= after, clock
+            assert utc == local.astimezone(UTC)
 
 
 @pytest.mark.parametrize(
