@@ -119,18 +119,36 @@ class MsgspecMapper(Mapper[UUID]):
         self.max_state_bytes = max_state_bytes
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        originator_id, originator_version, topic, state = self._stored_fields(domain_event)
+        return StoredEvent(
+            originator_id=originator_id,
+            originator_version=originator_version,
+            topic=topic,
+            state=state,
+        )
+
+    def columns_of(self, events: Sequence[Any]) -> tuple[list[Any], ...]:
+        """``append_columns`` of the events' stored forms, without building them: the loop
+        writer sends these, and a ``StoredEvent`` (a frozen dataclass) built only to be
+        taken apart again cost a command a quarter of its encoding (callgrind)."""
+        columns: tuple[list[Any], ...] = ([], [], [], [])
+        ids, versions, topics, states = columns
+        for event in events:
+            originator_id, originator_version, topic, state = self._stored_fields(event)
+            ids.append(originator_id)
+            versions.append(originator_version)
+            topics.append(topic)
+            states.append(state)
+        return columns
+
+    def _stored_fields(self, domain_event: Any) -> tuple[Any, int, str, bytes]:
         state = dict(vars(domain_event))
         originator_id = state.pop("originator_id")
         originator_version = state.pop("originator_version")
         encoded = self._encoder.encode(state)
         if self.max_state_bytes is not None and len(encoded) > self.max_state_bytes:
             raise EventTooLarge(domain_event, len(encoded), self.max_state_bytes)
-        return StoredEvent(
-            originator_id=originator_id,
-            originator_version=originator_version,
-            topic=get_topic(type(domain_event)),
-            state=encoded,
-        )
+        return originator_id, originator_version, get_topic(type(domain_event)), encoded
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
         cls = resolve_topic(stored_event.topic)
@@ -883,7 +901,7 @@ class LoopWriter(_BatchOutcomes):
         super().__init__(on_commit)
         recorder: Any = app.recorder
         self.connection = LoopConnection(app)
-        self._mapper = app.mapper
+        self._mapper = typing.cast("MsgspecMapper", app.mapper)
         self._sql: str = recorder.append_statement
         self._max_batch = max_batch
         self._pending: list[_Job] = []
@@ -971,10 +989,9 @@ class LoopWriter(_BatchOutcomes):
 
     async def _record(self, events: list[Any]) -> list[int] | BaseException:
         try:
-            stored = [self._mapper.to_stored_event(event) for event in events]
+            columns = self._mapper.columns_of(events)
         except EventTooLarge as exc:
             return exc
-        columns = append_columns(stored)
         sent = False
 
         def retryable(exc: Exception) -> bool:
@@ -1002,8 +1019,8 @@ class LoopWriter(_BatchOutcomes):
         except Exception as exc:  # noqa: BLE001 - every caller must hear how its save ended
             return exc
         ids = [int(row[0]) for row in rows]
-        if len(ids) != len(stored):
-            return ProgrammingError(f"the append returned {ids!r} for {len(stored)} events")
+        if len(ids) != len(events):
+            return ProgrammingError(f"the append returned {ids!r} for {len(events)} events")
         return ids
 
 
