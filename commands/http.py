@@ -52,10 +52,10 @@ class AcceptedResponse(ASGIResponse):
     """A 202 with a JSON body and headers encoded by the handler, sent as they are.
 
     ``ASGIResponse`` parses its headers into a mutable header list, looks each default
-    (content type, length) up in it and encodes them again: ~5 µs of the busiest command's
-    CPU. A subclass, so that Litestar sends it as a response of its own (by the handler's
-    return annotation), and with none of the features the command does not use (cookies,
-    background tasks, HEAD).
+    (content type, length) up in it and encodes them again: 61k of the busiest command's
+    554k instructions (callgrind), more than its birth validation. A subclass, so that
+    Litestar sends it as a response of its own (by the handler's return annotation), and
+    with none of the features the command does not use (cookies, background tasks, HEAD).
     """
 
     __slots__ = ("_headers",)
