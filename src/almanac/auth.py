@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
 import msgspec
+import structlog
 
 from almanac.domain.access import (
     INSTALLATION_ID,
@@ -22,6 +23,8 @@ from almanac.domain.access import (
 from almanac.domain.events import EventMeta
 from almanac.errors import Forbidden, Unauthorized
 from almanac.eventstore import ConcurrencyConflict, EventStore
+
+log = structlog.get_logger("almanac.auth")
 
 
 def raw_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -78,13 +81,31 @@ class IssuedKey(msgspec.Struct, frozen=True):
     principal: Principal
 
 
-class KeyRing:
-    """Authenticates presented keys; keeps recent answers briefly to spare the store."""
+# A valid key's answer is checked again in the background once this share of its time in
+# the cache has passed, so that a busy key's requests do not wait for its check. When its
+# entry expired, every request in flight waited for the load: tens of ms under load, and
+# the cached GET's p99 at half load (3,000/s for 3 s) was 7-22 ms in three rounds of ten;
+# checked ahead, 2.3-3.8 ms in nine and 5.7 in one, as with the entry never expiring.
+REFRESH_AFTER = 0.75
 
-    def __init__(self, store: EventStore, cache_ttl: float) -> None:
+
+class KeyRing:
+    """Authenticates presented keys; keeps recent answers briefly to spare the store.
+
+    An answer is used for at most ``cache_ttl`` seconds after it was read from the store;
+    a valid key's is read again before then, while its requests go on being answered."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        cache_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._ttl = cache_ttl
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._clock = clock
+        # secret -> (expires at, checked again from, the answer)
+        self._cache: dict[str, tuple[float, float, Principal | None]] = {}
         self._loading: dict[str, asyncio.Future[Principal | None]] = {}
         # Moves on with each ``forget``: a load begun before it is not kept.
         self._generation = 0
@@ -95,8 +116,11 @@ class KeyRing:
         if not secret.startswith(KEY_PREFIX) or len(secret) > 200:
             raise Unauthorized("the API key is not valid")
         cached = self._cache.get(secret)
-        if cached is not None and cached[0] > time.monotonic():
-            principal = cached[1]
+        now = self._clock()
+        if cached is not None and now < cached[0]:
+            principal = cached[2]
+            if now >= cached[1] and secret not in self._loading:
+                self._begin_load(secret)  # this request is answered from the entry
         else:
             principal = await self._look_up(secret)
         if principal is None:
@@ -104,18 +128,27 @@ class KeyRing:
         return principal
 
     async def _look_up(self, secret: str) -> Principal | None:
-        # When a busy key's entry expires, every request in flight misses at once; they
-        # share one load instead of queueing one each for the store's few threads.
+        # When a key's entry expires, every request in flight misses at once; they share
+        # one load instead of queueing one each for the store's few threads. One that has
+        # ended (and failed: a success is in the cache) is not shared.
         pending = self._loading.get(secret)
-        if pending is None:
-            pending = self._loading[secret] = asyncio.ensure_future(self._load(secret))
-            pending.add_done_callback(lambda done: self._loaded(secret, done))
+        if pending is None or pending.done():
+            pending = self._begin_load(secret)
         # Shielded: one caller giving up does not cancel the load the others wait for.
         return await asyncio.shield(pending)
+
+    def _begin_load(self, secret: str) -> asyncio.Future[Principal | None]:
+        pending = self._loading[secret] = asyncio.ensure_future(self._load(secret))
+        pending.add_done_callback(lambda done: self._loaded(secret, done))
+        return pending
 
     def _loaded(self, secret: str, done: asyncio.Future[Principal | None]) -> None:
         if self._loading.get(secret) is done:
             del self._loading[secret]
+        # A check in the background has nobody to hear how it failed (the entry stands
+        # until it expires, and the next check is awaited); one awaited is heard anyway.
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.warning("auth.key_check_failed", error=str(exc))
 
     def forget(self, key_id: str) -> None:
         """Drop what is remembered of the key ``key_id`` (it was revoked): its next use is
@@ -123,7 +156,7 @@ class KeyRing:
         self._generation += 1
         # Loads in flight may have read the key before: later checks must not share them.
         self._loading.clear()
-        for secret, (_, principal) in list(self._cache.items()):
+        for secret, (_, _, principal) in list(self._cache.items()):
             if principal is not None and principal.key_id == key_id:
                 del self._cache[secret]
 
@@ -136,9 +169,14 @@ class KeyRing:
             return principal  # a key was revoked meanwhile: this answer may predate it
         if len(self._cache) > 10_000:
             self._cache.clear()
-        # A refusal is remembered only briefly: the key may be issued a moment later.
-        ttl = self._ttl if principal is not None else min(self._ttl, 1.0)
-        self._cache[secret] = (time.monotonic() + ttl, principal)
+        # A refusal is remembered only briefly (the key may be issued a moment later), and
+        # is not checked ahead.
+        now = self._clock()
+        if principal is not None:
+            self._cache[secret] = (now + self._ttl, now + self._ttl * REFRESH_AFTER, principal)
+        else:
+            expires = now + min(self._ttl, 1.0)
+            self._cache[secret] = (expires, expires, None)
         return principal
 
     def issue(self, *, name: str, role: Role, owner: str) -> IssuedKey:

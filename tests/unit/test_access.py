@@ -292,6 +292,119 @@ async def test_a_revoked_key_is_refused_once_forgotten_and_not_before() -> None:
     assert store.loads == loads  # another key's check is still remembered
 
 
+class Clock:
+    """Monotonic time that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LoadedStore(GatedStore):
+    """A gated store that also counts the loads it has finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = 0
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        try:
+            return await super().load(cls, aggregate_id)
+        finally:
+            self.finished += 1
+
+
+async def settled(store: LoadedStore, loads: int) -> None:
+    """Until ``loads`` loads have finished, turn by turn of the loop (a bounded number)."""
+    for _ in range(100):
+        if store.finished >= loads:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{store.finished} loads finished, not {loads}")
+
+
+async def test_a_valid_keys_answer_is_checked_again_before_it_expires_and_nobody_waits() -> None:
+    store, clock = LoadedStore(), Clock()
+    store.gate.set()
+    ring = KeyRing(cast("Any", store), 30, clock=clock)
+    new = ring.issue(name="busy", role="client", owner="o")
+    assert await ring.authenticate(new.secret) == new.principal
+    clock.now += 20  # two thirds of its time: answered from the cache
+    assert await ring.authenticate(new.secret) == new.principal
+    assert store.loads == 1
+    store.gate.clear()  # a check from now on waits at the gate
+    clock.now += 3  # past three quarters: checked again, in the background
+    answers = [await ring.authenticate(new.secret) for _ in range(5)]
+    assert answers == [new.principal] * 5
+    for _ in range(10):  # the check's task starts on a later turn of the loop
+        await asyncio.sleep(0)
+    assert store.loads == 2  # one check for the five
+    store.gate.set()
+    await settled(store, 2)
+    clock.now += 29  # 52 s after the first check, 29 after the second: still cached
+    assert await ring.authenticate(new.secret) == new.principal
+    assert store.loads == 2
+
+
+async def test_a_revocation_found_by_the_check_ahead_refuses_the_key_from_then_on() -> None:
+    store, clock = LoadedStore(), Clock()
+    store.gate.set()
+    ring = KeyRing(cast("Any", store), 30, clock=clock)
+    new = ring.issue(name="soon-revoked", role="client", owner="o")
+    assert await ring.authenticate(new.secret) == new.principal
+    revoke_elsewhere(store, new.secret)
+    clock.now += 25
+    assert await ring.authenticate(new.secret) == new.principal  # the entry, still in time
+    await settled(store, 2)
+    with pytest.raises(Unauthorized):
+        await ring.authenticate(new.secret)
+
+
+async def test_an_answer_is_never_used_past_its_time_in_the_cache() -> None:
+    """Not even while a check ahead has not come back: requests then wait for it."""
+    store, clock = LoadedStore(), Clock()
+    store.gate.set()
+    ring = KeyRing(cast("Any", store), 30, clock=clock)
+    new = ring.issue(name="slow", role="client", owner="o")
+    assert await ring.authenticate(new.secret) == new.principal
+    store.gate.clear()
+    clock.now += 25
+    assert await ring.authenticate(new.secret) == new.principal  # begins the check ahead
+    clock.now += 5  # expired, with the check still at the gate
+    waiting = asyncio.ensure_future(ring.authenticate(new.secret))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    store.gate.set()
+    assert await waiting == new.principal
+    assert store.loads == 2  # the waiting request shared the check ahead
+
+
+async def test_a_check_ahead_that_fails_leaves_the_entry_until_it_expires() -> None:
+    store, clock = LoadedStore(), Clock()
+    store.gate.set()
+    ring = KeyRing(cast("Any", store), 30, clock=clock)
+    new = ring.issue(name="flaky", role="client", owner="o")
+    assert await ring.authenticate(new.secret) == new.principal
+    failing = store.load_sync
+
+    def broken(cls: Any, aggregate_id: UUID) -> Any:
+        raise OSError("the store is away")
+
+    store.load_sync = broken  # type: ignore[method-assign]
+    clock.now += 25
+    assert await ring.authenticate(new.secret) == new.principal
+    await settled(store, 2)
+    assert await ring.authenticate(new.secret) == new.principal  # the entry stands
+    clock.now += 6  # expired: the next request waits for a check of its own, and hears it
+    with pytest.raises(OSError, match="away"):
+        await ring.authenticate(new.secret)
+    store.load_sync = failing  # type: ignore[method-assign]
+    assert await ring.authenticate(new.secret) == new.principal
+
+
 async def checking(ring: KeyRing, store: GatedStore, secret: str) -> asyncio.Future[Any]:
     """A check of ``secret`` whose load has begun, and waits at the gate."""
     check = asyncio.ensure_future(ring.authenticate(secret))
