@@ -15,7 +15,7 @@ from eventsourcing.domain import Aggregate
 from hypothesis import given
 from hypothesis import strategies as st
 
-from almanac.auth import KeyRing, Principal
+from almanac.auth import IssuedKey, KeyRing, Principal
 from almanac.domain.access import (
     INSTALLATION_ID,
     KEY_PREFIX,
@@ -325,12 +325,18 @@ async def settled(store: LoadedStore, loads: int) -> None:
     raise AssertionError(f"{store.finished} loads finished, not {loads}")
 
 
-async def test_a_valid_keys_answer_is_checked_again_before_it_expires_and_nobody_waits() -> None:
+async def checked_once(name: str) -> tuple[LoadedStore, Clock, KeyRing, IssuedKey]:
+    """A key issued and checked once, on a ring with a 30 s cache and a hand-moved clock."""
     store, clock = LoadedStore(), Clock()
     store.gate.set()
     ring = KeyRing(cast("Any", store), 30, clock=clock)
-    new = ring.issue(name="busy", role="client", owner="o")
+    new = ring.issue(name=name, role="client", owner="o")
     assert await ring.authenticate(new.secret) == new.principal
+    return store, clock, ring, new
+
+
+async def test_a_valid_keys_answer_is_checked_again_before_it_expires_and_nobody_waits() -> None:
+    store, clock, ring, new = await checked_once("busy")
     clock.now += 20  # two thirds of its time: answered from the cache
     assert await ring.authenticate(new.secret) == new.principal
     assert store.loads == 1
@@ -349,11 +355,7 @@ async def test_a_valid_keys_answer_is_checked_again_before_it_expires_and_nobody
 
 
 async def test_a_revocation_found_by_the_check_ahead_refuses_the_key_from_then_on() -> None:
-    store, clock = LoadedStore(), Clock()
-    store.gate.set()
-    ring = KeyRing(cast("Any", store), 30, clock=clock)
-    new = ring.issue(name="soon-revoked", role="client", owner="o")
-    assert await ring.authenticate(new.secret) == new.principal
+    store, clock, ring, new = await checked_once("soon-revoked")
     revoke_elsewhere(store, new.secret)
     clock.now += 25
     assert await ring.authenticate(new.secret) == new.principal  # the entry, still in time
@@ -364,11 +366,7 @@ async def test_a_revocation_found_by_the_check_ahead_refuses_the_key_from_then_o
 
 async def test_an_answer_is_never_used_past_its_time_in_the_cache() -> None:
     """Not even while a check ahead has not come back: requests then wait for it."""
-    store, clock = LoadedStore(), Clock()
-    store.gate.set()
-    ring = KeyRing(cast("Any", store), 30, clock=clock)
-    new = ring.issue(name="slow", role="client", owner="o")
-    assert await ring.authenticate(new.secret) == new.principal
+    store, clock, ring, new = await checked_once("slow")
     store.gate.clear()
     clock.now += 25
     assert await ring.authenticate(new.secret) == new.principal  # begins the check ahead
@@ -383,11 +381,7 @@ async def test_an_answer_is_never_used_past_its_time_in_the_cache() -> None:
 
 
 async def test_a_check_ahead_that_fails_leaves_the_entry_until_it_expires() -> None:
-    store, clock = LoadedStore(), Clock()
-    store.gate.set()
-    ring = KeyRing(cast("Any", store), 30, clock=clock)
-    new = ring.issue(name="flaky", role="client", owner="o")
-    assert await ring.authenticate(new.secret) == new.principal
+    store, clock, ring, new = await checked_once("flaky")
     failing = store.load_sync
 
     def broken(cls: Any, aggregate_id: UUID) -> Any:
