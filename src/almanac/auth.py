@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -87,6 +88,9 @@ class IssuedKey(msgspec.Struct, frozen=True):
 # the cached GET's p99 at half load (3,000/s for 3 s) was 7-22 ms in three rounds of ten;
 # checked ahead, 2.3-3.8 ms in nine and 5.7 in one, as with the entry never expiring.
 REFRESH_AFTER = 0.75
+# After a check ahead failed, the next one waits this long (or for the entry to expire):
+# with the store away, one check a second for a busy key rather than one each request.
+RETRY_CHECK_AFTER = 1.0
 
 
 class KeyRing:
@@ -107,6 +111,7 @@ class KeyRing:
         # secret -> (expires at, checked again from, the answer)
         self._cache: dict[str, tuple[float, float, Principal | None]] = {}
         self._loading: dict[str, asyncio.Future[Principal | None]] = {}
+        self._running: set[asyncio.Task[Principal | None]] = set()  # for ``stop``
         # Moves on with each ``forget``: a load begun before it is not kept.
         self._generation = 0
 
@@ -138,17 +143,38 @@ class KeyRing:
         return await asyncio.shield(pending)
 
     def _begin_load(self, secret: str) -> asyncio.Future[Principal | None]:
-        pending = self._loading[secret] = asyncio.ensure_future(self._load(secret))
-        pending.add_done_callback(lambda done: self._loaded(secret, done))
-        return pending
+        # In a context of its own: it serves every request that shares it (or none), and
+        # its log lines must not name the request that happened to start it.
+        task = asyncio.get_running_loop().create_task(
+            self._load(secret), context=contextvars.Context()
+        )
+        self._loading[secret] = task
+        self._running.add(task)
+        task.add_done_callback(lambda done: self._loaded(secret, done))
+        return task
 
-    def _loaded(self, secret: str, done: asyncio.Future[Principal | None]) -> None:
+    def _loaded(self, secret: str, done: asyncio.Task[Principal | None]) -> None:
+        self._running.discard(done)
         if self._loading.get(secret) is done:
             del self._loading[secret]
-        # A check in the background has nobody to hear how it failed (the entry stands
-        # until it expires, and the next check is awaited); one awaited is heard anyway.
-        if not done.cancelled() and (exc := done.exception()) is not None:
-            log.warning("auth.key_check_failed", error=str(exc))
+        if done.cancelled() or (exc := done.exception()) is None:
+            return
+        # Logged once per check, however many requests waited for it: a check ahead has
+        # nobody else to tell. Its entry stands until it expires, checked again no sooner
+        # than ``RETRY_CHECK_AFTER``.
+        log.warning("auth.key_check_failed", key_id=str(key_id_for(secret)), error=repr(exc))
+        entry = self._cache.get(secret)
+        if entry is not None and entry[2] is not None:
+            expires = entry[0]
+            retry = min(expires, self._clock() + RETRY_CHECK_AFTER)
+            self._cache[secret] = (expires, retry, entry[2])
+
+    async def stop(self) -> None:
+        """Cancel the checks still running (at shutdown, before the store closes)."""
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def forget(self, key_id: str) -> None:
         """Drop what is remembered of the key ``key_id`` (it was revoked): its next use is

@@ -143,6 +143,7 @@ class Container:
                 for task in stuck:
                     log.error("almanac.role_not_stopped", role=task.get_name())
         self._tasks.clear()
+        await self.keyring.stop()
         await self.feed.stop()
         await self.cache.stop()
         if self.read_router is not None:

@@ -14,6 +14,7 @@ import pytest
 from eventsourcing.domain import Aggregate
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from almanac.auth import IssuedKey, KeyRing, Principal
 from almanac.domain.access import (
@@ -27,6 +28,7 @@ from almanac.domain.access import (
 )
 from almanac.errors import Forbidden, Unauthorized
 from almanac.eventstore import ConcurrencyConflict
+from almanac.logs import REQUEST_ID
 from tests.factories import meta
 
 A = TypeVar("A", bound=Aggregate)
@@ -308,8 +310,10 @@ class LoadedStore(GatedStore):
     def __init__(self) -> None:
         super().__init__()
         self.finished = 0
+        self.request_ids: list[str | None] = []  # the request id each load ran under
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        self.request_ids.append(REQUEST_ID.get())
         try:
             return await super().load(cls, aggregate_id)
         finally:
@@ -337,8 +341,10 @@ async def checked_once(name: str) -> tuple[LoadedStore, Clock, KeyRing, IssuedKe
 
 async def test_a_valid_keys_answer_is_checked_again_before_it_expires_and_nobody_waits() -> None:
     store, clock, ring, new = await checked_once("busy")
-    clock.now += 20  # two thirds of its time: answered from the cache
+    clock.now += 20  # two thirds of its time: answered from the cache, no check begun
     assert await ring.authenticate(new.secret) == new.principal
+    for _ in range(10):
+        await asyncio.sleep(0)
     assert store.loads == 1
     store.gate.clear()  # a check from now on waits at the gate
     clock.now += 3  # past three quarters: checked again, in the background
@@ -381,6 +387,7 @@ async def test_an_answer_is_never_used_past_its_time_in_the_cache() -> None:
 
 
 async def test_a_check_ahead_that_fails_leaves_the_entry_until_it_expires() -> None:
+    """And is tried again a second later at the soonest, not on every request."""
     store, clock, ring, new = await checked_once("flaky")
     failing = store.load_sync
 
@@ -389,14 +396,42 @@ async def test_a_check_ahead_that_fails_leaves_the_entry_until_it_expires() -> N
 
     store.load_sync = broken  # type: ignore[method-assign]
     clock.now += 25
-    assert await ring.authenticate(new.secret) == new.principal
-    await settled(store, 2)
-    assert await ring.authenticate(new.secret) == new.principal  # the entry stands
-    clock.now += 6  # expired: the next request waits for a check of its own, and hears it
+    with capture_logs() as logged:
+        token = REQUEST_ID.set("trace-started-it")
+        assert await ring.authenticate(new.secret) == new.principal
+        REQUEST_ID.reset(token)
+        await settled(store, 2)
+        assert store.request_ids[-1] is None  # not the id of the request that started it
+        for _ in range(20):  # within the second: the entry stands, nothing is checked
+            assert await ring.authenticate(new.secret) == new.principal
+            await asyncio.sleep(0)
+        assert store.loads == 2
+        clock.now += 1  # a second on: checked again, once
+        for _ in range(20):
+            assert await ring.authenticate(new.secret) == new.principal
+            await asyncio.sleep(0)
+        await settled(store, 3)
+        assert store.loads == 3
+    assert [e["event"] for e in logged] == ["auth.key_check_failed"] * 2
+    assert logged[0]["key_id"] == str(new.principal.key_id)
+    assert "the store is away" in logged[0]["error"]
+    clock.now += 5  # expired: the next request waits for a check of its own, and hears it
     with pytest.raises(OSError, match="away"):
         await ring.authenticate(new.secret)
     store.load_sync = failing  # type: ignore[method-assign]
     assert await ring.authenticate(new.secret) == new.principal
+
+
+async def test_stopping_cancels_the_checks_still_running() -> None:
+    store, clock, ring, new = await checked_once("stopping")
+    store.gate.clear()
+    clock.now += 25
+    assert await ring.authenticate(new.secret) == new.principal  # begins a check ahead
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert store.loads == 2
+    await asyncio.wait_for(ring.stop(), timeout=5)  # a deadline: the gate stays shut
+    assert store.finished == 2  # ended, at the gate, by its cancellation
 
 
 async def checking(ring: KeyRing, store: GatedStore, secret: str) -> asyncio.Future[Any]:
