@@ -56,6 +56,8 @@ class AcceptedResponse(ASGIResponse):
     554k instructions (callgrind), more than its birth validation. A subclass, so that
     Litestar sends it as a response of its own (by the handler's return annotation), and
     with none of the features the command does not use (cookies, background tasks, HEAD).
+    The parent's other attributes are left unset: an ``after_request`` hook or the response
+    cache on this route would need them.
     """
 
     __slots__ = ("_headers",)

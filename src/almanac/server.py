@@ -38,7 +38,8 @@ def settle_heap() -> None:
     flight kept the young generation full of live objects that each collection walked and
     promoted: ~6 % of a POST's instructions (callgrind, 617k against 582k a POST), for
     nothing freed. Under wrk a young collection then took 0.10 ms on average (0.14 with
-    700), the longest 3 ms.
+    700), the longest 3 ms; one of the middle generation, ten times rarer now, 0.9-1.0 ms
+    (0.4 with 700), the longest 1.9 ms (2.3).
     """
     gc.collect()
     gc.freeze()

@@ -811,6 +811,7 @@ def test_rejects_local_time_skipped_by_a_clock_change(day: str, clock: str, zone
         ("2021-10-03", "Australia/Lord_Howe"),
         ("2021-04-04", "Australia/Lord_Howe"),
         ("2011-12-29", "Pacific/Apia"),
+        ("2011-12-30", "Pacific/Apia"),  # the day skipped whole
         ("2011-12-31", "Pacific/Apia"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
@@ -97,20 +98,29 @@ def test_a_requested_reading_equals_the_one_its_stored_event_rebuilds(
 def test_a_requested_event_equals_the_one_its_dataclass_builds(batch: BatchLink | None) -> None:
     """``Reading.request`` sets the event's fields without the dataclass's ``__init__``:
     every field, with the values the dataclass would hold, in the same order."""
-    requested = Reading.request(
-        reading_id=uuid4(),
-        meta=meta("owner-d"),
-        birth=birth(),
-        options=CHART_OPTIONS,
-        kind="career",
-        label=None,
-        request_hash="d" * 64,
-        batch=batch,
-    )
+    inputs: dict[str, Any] = {
+        "meta": meta("owner-d"),
+        "birth": birth(),
+        "options": CHART_OPTIONS,
+        "kind": "career",
+        "label": None,
+        "request_hash": "d" * 64,
+        "batch": batch,
+    }
+    reading_id = uuid4()
+    before = datetime.now(UTC)
+    requested = Reading.request(reading_id=reading_id, **inputs)
     (event,) = requested.pending_events
     names = [f.name for f in dataclasses.fields(Reading.Requested)]
     assert list(vars(event)) == names
-    built = Reading.Requested(**{name: getattr(event, name) for name in names})
+    assert before <= event.timestamp <= datetime.now(UTC)  # aware, and taken now
+    built = Reading.Requested(  # type: ignore[call-arg]
+        originator_id=reading_id,
+        originator_version=1,
+        timestamp=event.timestamp,
+        originator_topic=get_topic(Reading),
+        **inputs,
+    )
     assert event == built
     assert MsgspecMapper().to_stored_event(event) == MsgspecMapper().to_stored_event(built)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -12,7 +12,14 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 
 from almanac import eventstore
 from almanac.errors import Unavailable
-from almanac.eventstore import ConcurrencyConflict, EventStore, EventTooLarge, GroupCommitWriter
+from almanac.eventstore import (
+    ConcurrencyConflict,
+    EventStore,
+    EventTooLarge,
+    GroupCommitWriter,
+    MsgspecMapper,
+    append_columns,
+)
 from almanac.settings import Settings
 from tests.factories import new_reading
 
@@ -215,3 +222,14 @@ async def test_an_append_past_its_deadline_hears_unavailable_and_is_dropped_unsa
         release.set()
         store.close()
     assert app.saves == [1, 1], "the caller told 'unavailable' before its turn was not saved"
+
+
+def test_the_loop_writers_columns_are_those_of_the_stored_events() -> None:
+    """The loop writer encodes straight into columns; the thread writer's recorder takes
+    them from ``StoredEvent`` objects. Both must store the same rows."""
+    events = [e for r in (new_reading(), new_reading()) for e in r.collect_events()]
+    mapper = MsgspecMapper(max_state_bytes=64 * 1024)
+    stored = [mapper.to_stored_event(e) for e in events]
+    assert mapper.columns_of(events) == append_columns(stored)
+    with pytest.raises(EventTooLarge):
+        MsgspecMapper(max_state_bytes=16).columns_of(events)
