@@ -68,11 +68,9 @@ class AcceptedResponse(ASGIResponse):
         self.status_code = 202
         self._headers = headers
 
-    def encode_headers(self) -> list[tuple[bytes, bytes]]:
-        return self._headers
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 202, "headers": self._headers})
+        headers = self._headers
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": self.body, "more_body": False})
 
 

@@ -1,4 +1,4 @@
-"""Small builders of valid inputs for tests."""
+"""Small builders of valid inputs for tests, and a clock they move by hand."""
 
 from __future__ import annotations
 
@@ -51,3 +51,20 @@ def new_reading(
         label=label,
         request_hash="0" * 64,
     )
+
+
+class Clock:
+    """Monotonic time that moves only when a test moves it: called, or as the
+    ``monotonic`` of a stand-in for the ``time`` module."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -29,7 +29,7 @@ from almanac.domain.access import (
 from almanac.errors import Forbidden, Unauthorized
 from almanac.eventstore import ConcurrencyConflict
 from almanac.logs import REQUEST_ID
-from tests.factories import meta
+from tests.factories import Clock, meta
 
 A = TypeVar("A", bound=Aggregate)
 URLSAFE = set(string.ascii_letters + string.digits + "-_")
@@ -292,16 +292,6 @@ async def test_a_revoked_key_is_refused_once_forgotten_and_not_before() -> None:
     loads = store.loads
     assert await ring.authenticate(kept.secret) == kept.principal
     assert store.loads == loads  # another key's check is still remembered
-
-
-class Clock:
-    """Monotonic time that moves only when a test moves it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class LoadedStore(GatedStore):

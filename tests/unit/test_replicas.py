@@ -14,23 +14,11 @@ from hypothesis import strategies as st
 from almanac.adapters.replicas import ReadRouter, ReplicaReadDatabase
 from almanac.errors import Unavailable
 from almanac.readmodels import Row, Write
+from tests.factories import Clock
 
 MAX_LAG = 10
 # Long enough for an answering fake, short enough to keep a hung one from slowing the suite.
 TIMEOUT = 0.05
-
-
-class Clock:
-    """Time that moves only when a test moves it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeSource:

@@ -12,6 +12,7 @@ from stamina.instrumentation import RetryDetails, get_on_retry_hooks, set_on_ret
 
 from almanac import retries
 from almanac.retries import retried, retried_sync
+from tests.factories import Clock
 
 
 class Flaky:
@@ -66,16 +67,6 @@ def scheduled(real_stamina: None) -> Iterator[list[RetryDetails]]:
         yield seen
     finally:
         set_on_retry_hooks(hooks)
-
-
-class Clock:
-    """``time.monotonic`` for ``almanac.retries``, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 async def _in_stamina_context(flaky: Flaky, **policy: Any) -> int:
